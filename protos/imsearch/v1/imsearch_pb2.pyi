@@ -1,0 +1,179 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("id", "uri", "score", "shard")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    uri: str
+    score: float
+    shard: int
+    def __init__(self, id: _Optional[int] = ..., uri: _Optional[str] = ..., score: _Optional[float] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class HitList(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("vectors", "model", "dim")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[Vector]
+    model: str
+    dim: int
+    def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "dim", "fingerprint", "image_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    fingerprint: str
+    image_size: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
+
+class ShardSearchRequest(_message.Message):
+    __slots__ = ("queries", "k", "nprobe", "index_version")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[Vector]
+    k: int
+    nprobe: int
+    index_version: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
+
+class ShardSearchResponse(_message.Message):
+    __slots__ = ("results", "index_version", "shard")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[HitList]
+    index_version: str
+    shard: int
+    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("shard", "count", "sha256", "index_version", "file")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    count: int
+    sha256: str
+    index_version: str
+    file: str
+    def __init__(self, shard: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[str] = ..., index_version: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+
+class Query(_message.Message):
+    __slots__ = ("image", "vector", "id")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    vector: Vector
+    id: int
+    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., id: _Optional[int] = ...) -> None: ...
+
+class Feedback(_message.Message):
+    __slots__ = ("relevant", "not_relevant")
+    RELEVANT_FIELD_NUMBER: _ClassVar[int]
+    NOT_RELEVANT_FIELD_NUMBER: _ClassVar[int]
+    relevant: _containers.RepeatedScalarFieldContainer[int]
+    not_relevant: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, relevant: _Optional[_Iterable[int]] = ..., not_relevant: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("query", "k", "nprobe", "feedback")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    query: Query
+    k: int
+    nprobe: int
+    feedback: Feedback
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "index_version", "coverage", "missing_shards", "cached")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    index_version: str
+    coverage: float
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    cached: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("queries", "k", "nprobe")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[Query]
+    k: int
+    nprobe: int
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
+
+class IndexInfo(_message.Message):
+    __slots__ = ("index_version", "model", "metric", "factory", "count", "nprobe", "shards", "created_at")
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    FACTORY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    index_version: str
+    model: ModelInfo
+    metric: str
+    factory: str
+    count: int
+    nprobe: int
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    created_at: str
+    def __init__(self, index_version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., nprobe: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[str] = ...) -> None: ...

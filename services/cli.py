@@ -1,0 +1,207 @@
+"""`imsearch <subcommand>`: every stage is a plain function; this module only parses and prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.common.errors import ImsearchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distributed image search: embed a catalogue, build a sharded index, search it.")
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+def cli_errors(fn):
+    """A domain error becomes one line on stderr and exit code 2 — never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ImsearchError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _settings(**overrides):
+    from services.common.config import Settings, get_settings
+
+    base = get_settings()
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**{**base.model_dump(), **clean}) if clean else base
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+@cli_errors
+def embed(
+    source: Optional[str] = typer.Argument(None, help="folder, s3://bucket/prefix, or a manifest (.parquet/.csv/.txt)"),
+    out_: str = typer.Option(..., "--out", "-o", help="where to write embeddings (folder or s3://)"),
+    manifest: Optional[str] = typer.Option(None, help="a manifest of image uris instead of SOURCE"),
+    model: Optional[str] = typer.Option(None, help="registry name, timm:<arch>, or a checkpoint .pt"),
+    weights: Optional[str] = typer.Option(None, help="weights file for timm:<arch> models"),
+    engine: str = typer.Option("auto", help="auto | local | ray"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --engine ray)"),
+    batch_size: Optional[int] = typer.Option(None, help="images per model batch"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Embed every image of a catalogue into parquet parts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from services.embedder.pipeline import embed_catalogue
+
+    if bool(source) == bool(manifest):
+        raise typer.BadParameter("give either SOURCE or --manifest")
+    settings = _settings(ray_address=ray_address, batch_size=batch_size)
+    with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[errors]} errors"),
+                  TimeRemainingColumn(), console=err, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("embed", total=None, errors=0)
+
+        def progress(done: int, total: int, errors: int) -> None:
+            bar.update(task, completed=done, total=total, errors=errors)
+
+        summary = embed_catalogue(source or manifest, out_, model=model, weights=weights,
+                                  engine="ray" if ray_address else engine, settings=settings, progress=progress)
+    if as_json:
+        print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
+                          "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine}))
+    else:
+        out.print(summary.line(), highlight=False)
+    if summary.embedded == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+@cli_errors
+def index(
+    embeddings: str = typer.Argument(..., help="embeddings folder or s3:// prefix (from `imsearch embed`)"),
+    out_: str = typer.Option(..., "--out", "-o", help="index root (folder or s3://)"),
+    shards: int = typer.Option(1, help="number of shards"),
+    index_factory: Optional[str] = typer.Option(None, help="faiss factory string; default: chosen from N"),
+    whiten_dim: Optional[int] = typer.Option(None, help="learn PCA-whitening to this dimension"),
+    nprobe: Optional[int] = typer.Option(None, help="default nprobe; default: tuned to the target recall"),
+    memory_budget_gb: Optional[float] = typer.Option(None, help="RAM budget for all shards together"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Build a sharded index from embeddings and publish it."""
+    from services.indexer.build import build_index
+
+    settings = _settings(memory_budget_gb=memory_budget_gb)
+    step = (lambda m: None) if as_json else (lambda m: err.print(f"• {m}", highlight=False))
+    manifest = build_index(embeddings, out_, shards, index_factory, whiten_dim, nprobe, settings, step)
+    if as_json:
+        print(manifest.model_dump_json(indent=1))
+    else:
+        out.print(f"indexed {manifest.count} vectors into {len(manifest.shards)} shard(s): {manifest.factory}, "
+                  f"nprobe {manifest.nprobe}, version {manifest.version}", highlight=False)
+
+
+@app.command()
+@cli_errors
+def search(
+    index_: str = typer.Argument(..., metavar="INDEX", help="index root (folder or s3://)"),
+    query: str = typer.Argument(..., help="query image: a file path or s3:// uri"),
+    k: int = typer.Option(10, "-k", help="number of results"),
+    nprobe: Optional[int] = typer.Option(None, help="lists probed per shard (default: the index's tuned value)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Search an index with a query image, in-process (no servers needed)."""
+    from services.common.store import read_uri
+    from services.searcher.local import IndexSearcher, check_k
+
+    settings = _settings()
+    check_k(k, settings.max_k)  # before the seconds spent loading the index and model
+    data = read_uri(query, settings)
+    searcher = IndexSearcher(index_, settings)
+    hits = searcher.search(searcher.embed_images([data]), k, nprobe)[0]
+    if as_json:
+        print(json.dumps({"query": query, "index_version": searcher.version, "k": k,
+                          "results": [h.as_dict() for h in hits]}))
+        return
+    table = Table(title=f"top {len(hits)} for {query}  (index {searcher.version})")
+    for col in ("rank", "score", "id", "shard", "uri"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), f"{h.score:.4f}", str(h.id), str(h.shard), h.uri)
+    out.print(table)
+
+
+@app.command()
+@cli_errors
+def info(
+    index_: str = typer.Argument(..., metavar="INDEX", help="index root (folder or s3://)"),
+    verify: bool = typer.Option(False, help="re-hash every shard file against the manifest"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Describe a published index: model, dims, N, shards, parameters, checksums."""
+    from services.common.store import open_store
+    from services.indexer.manifest import load_current
+
+    settings = _settings()
+    store = open_store(index_, settings)
+    m = load_current(store)
+    if verify:
+        from services.searcher.local import IndexSearcher
+
+        IndexSearcher(index_, settings).close()  # loading verifies every checksum
+    if as_json:
+        print(m.model_dump_json(indent=1))
+        return
+    lines = [
+        f"index     {store.url}", f"version   {m.version}  (created {m.created_at})",
+        f"model     {m.model['name']}  arch={m.model['arch']}  fingerprint={m.model['fingerprint']}",
+        f"vectors   {m.count}  dim={m.dim}  metric={m.metric}  duplicates dropped={m.duplicates_dropped}",
+        f"index     {m.factory}  ({m.params.get('kind')})  nprobe={m.nprobe}  k_factor={m.k_factor}",
+        f"tuning    recall@10={m.tuning.get('recall_at_10')} on {m.tuning.get('queries')} queries vs exact",
+    ]
+    for s in m.shards:
+        lines.append(f"shard {s.shard:<3} {s.count:>10} vectors  {s.bytes / 2**20:8.1f} MiB  sha256 {s.sha256[:16]}…")
+    if verify:
+        lines.append("checksums verified")
+    out.print("\n".join(lines), highlight=False)
+
+
+@app.command()
+@cli_errors
+def demo(
+    workdir: Path = typer.Option(Path(".imsearch/demo"), help="where the sample catalogue and index go"),
+    k: int = typer.Option(5, "-k"),
+) -> None:
+    """Index a sample catalogue (scikit-image photos + variants) and answer a query."""
+    from services.eval.datasets import write_demo_catalogue
+
+    files, query = write_demo_catalogue(workdir)
+    err.print(f"• sample catalogue: {len(files)} images in {workdir / 'catalogue'}", highlight=False)
+    embed(str(workdir / "catalogue"), out_=str(workdir / "emb"), manifest=None, model=None, weights=None,
+          engine="local", ray_address=None, batch_size=None, as_json=False)
+    index(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
+          nprobe=None, memory_budget_gb=None, as_json=False)
+    search(str(workdir / "idx"), str(query), k=k, nprobe=None, as_json=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

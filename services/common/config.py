@@ -1,0 +1,54 @@
+"""Settings, declared once. Every value can be set by env var `IMSEARCH_<NAME>`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMSEARCH_", env_file=None, extra="ignore")
+
+    # --- storage
+    home: Path = Field(Path(".imsearch"), description="local root for the embedded default")
+    s3_endpoint: str = Field("localhost:9000", description="host:port of the S3/MinIO server")
+    s3_access_key: SecretStr = SecretStr("minioadmin")
+    s3_secret_key: SecretStr = SecretStr("minioadmin")
+    s3_secure: bool = False
+    s3_region: str | None = None
+
+    # --- images
+    max_image_pixels: int = Field(64_000_000, gt=0, description="decompression-bomb limit")
+    max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
+
+    # --- embedding
+    model: str = "lite0-gem"
+    model_weights: Path | None = Field(None, description="weights file for non-default backbones")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    batch_size: int = Field(32, gt=0, le=4096)
+    ray_address: str | None = None
+    ray_min_images: int = Field(2000, ge=0, description="catalogues at least this big go through Ray")
+    ray_actors: int = Field(1, gt=0)
+    part_rows: int = Field(5000, gt=0, description="rows per embeddings parquet part")
+
+    # --- indexing / search
+    memory_budget_gb: float = Field(8.0, gt=0)
+    flat_max: int = Field(20_000, ge=0, description="below this N, shards are exact Flat indexes")
+    target_recall: float = Field(0.95, gt=0, le=1)
+    max_k: int = Field(1000, gt=0)
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _no_scheme(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError("s3_endpoint is host:port without a scheme; use IMSEARCH_S3_SECURE for https")
+        return v
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read and validated once per process (tests call get_settings.cache_clear())."""
+    return Settings()

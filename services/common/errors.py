@@ -1,0 +1,56 @@
+"""Domain errors. Each maps to one gRPC status code, here and nowhere else."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ImsearchError(Exception):
+    """Base class: a problem the user can act on; shown as one line, never a traceback."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(ImsearchError):
+    """Bad argument: undecodable image, wrong dimension, k out of range..."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ImsearchError):
+    """Unknown id, missing index, missing object."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class TooLarge(ImsearchError):
+    """Over a size limit (image bytes, pixels, message size, batch)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Incompatible(ImsearchError):
+    """Index and query disagree (model, dimension, format version)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Corrupt(ImsearchError):
+    """Stored data fails its checksum or cannot be parsed."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Unavailable(ImsearchError):
+    """A dependency (store, shard, embedder) cannot be reached."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ImsearchError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def grpc_status(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception: domain errors carry theirs, anything else is INTERNAL."""
+    return exc.code if isinstance(exc, ImsearchError) else grpc.StatusCode.INTERNAL

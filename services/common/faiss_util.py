@@ -1,0 +1,98 @@
+"""faiss helpers shared by the indexer and the searchers."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from services.common.errors import Corrupt, InvalidInput
+
+
+def gpu_count() -> int:
+    """The one faiss GPU check (0 with faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def make_index(dim: int, factory: str) -> faiss.Index:
+    """Inner-product index from a factory string, wrapped in IDMap when it lacks add_with_ids."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InvalidInput(f"bad index factory {factory!r}: {str(e).splitlines()[-1]}") from None
+    if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        index = faiss.IndexIDMap(index)
+    return index
+
+
+def find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def train(index: faiss.Index, sample: np.ndarray) -> None:
+    """Train once; k-means on the GPU(s) when there are any."""
+    if index.is_trained:
+        return
+    ivf = find_ivf(index)
+    if ivf is not None and gpu_count():
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
+def search_parameters(index: faiss.Index, nprobe: int, k_factor: float):
+    """Per-call parameters (thread-safe, unlike ParameterSpace which mutates the index).
+
+    Returns (params, keepalive): faiss holds raw pointers to nested params, so the Python
+    objects must outlive the search call.
+    """
+    keep: list = []
+
+    def build(ix):
+        ix = faiss.downcast_index(ix)
+        if isinstance(ix, faiss.IndexIDMap):
+            return build(ix.index)
+        if isinstance(ix, faiss.IndexRefine):
+            p = faiss.SearchParametersRefine()
+            p.k_factor = float(k_factor)
+            base = build(ix.base_index)
+            if base is not None:
+                p.base_index_params = base
+        elif isinstance(ix, faiss.IndexPreTransform):
+            inner = build(ix.index)
+            if inner is None:
+                return None
+            p = faiss.SearchParametersPreTransform()
+            p.index_params = inner
+        elif isinstance(ix, faiss.IndexIVF):
+            p = faiss.SearchParametersIVF()
+            p.nprobe = int(nprobe)
+        else:
+            return None
+        keep.append(p)
+        return p
+
+    return build(index), keep
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 1, k_factor: float = 1):
+    params, _keep = search_parameters(index, nprobe, k_factor)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+
+
+def to_bytes(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def read_index(path: str, mmap: bool = True) -> faiss.Index:
+    """Read a shard file, memory-mapped where the index type allows it."""
+    try:
+        if mmap:
+            try:
+                return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:
+                pass  # not every index type can be mapped
+        return faiss.read_index(path)
+    except RuntimeError as e:
+        raise Corrupt(f"cannot read index file {path}: {str(e).splitlines()[-1]}") from None

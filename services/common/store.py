@@ -1,0 +1,252 @@
+"""Object storage behind one small protocol: a local folder (the default) or S3/MinIO.
+
+Keys are '/'-separated paths relative to the store's root. Every write is atomic per key:
+locally temp file -> fsync -> rename; on S3 a PUT is atomic by itself. Multi-object
+publishes are made atomic by writing all objects first and flipping one pointer object last.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from services.common.config import Settings, get_settings
+from services.common.errors import InvalidInput, NotFound, Unavailable
+
+TMP_PREFIX = ".tmp-"
+
+
+@runtime_checkable
+class Store(Protocol):
+    url: str
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def get_file(self, key: str, dest: Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def local_path(self, key: str) -> Path | None: ...
+    def child(self, prefix: str) -> "Store": ...
+    def uri(self, key: str) -> str: ...
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | None = None, src: Path | None = None) -> None:
+    """Write bytes (or copy a file) to path so a crash leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            if src is not None:
+                with open(src, "rb") as s:
+                    shutil.copyfileobj(s, f, 1 << 20)
+            else:
+                f.write(data or b"")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+class LocalStore:
+    """A folder on the local filesystem."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise InvalidInput(f"key escapes the store root: {key!r}")
+        return p
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        atomic_write(self._path(key), data=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        atomic_write(self._path(key), src=Path(path))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(f"not found: {self.uri(key)}") from None
+
+    def get_file(self, key: str, dest: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"not found: {self.uri(key)}")
+        shutil.copyfile(src, dest)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.startswith(TMP_PREFIX):
+                    keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def child(self, prefix: str) -> "LocalStore":
+        return LocalStore(self._path(prefix))
+
+    def uri(self, key: str) -> str:
+        return str(self.root / key) if key else self.url
+
+
+class S3Store:
+    """A bucket prefix on any S3-compatible server, through the `minio` client."""
+
+    def __init__(self, bucket: str, prefix: str = "", settings: Settings | None = None, client=None):
+        self.settings = settings or get_settings()
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client or make_minio_client(self.settings)
+        self.url = f"s3://{_join(bucket, self.prefix)}"
+        self._bucket_checked = False
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def _call(self, fn, *args, **kwargs):
+        """Run one client call, turning transport failures into Unavailable and 404s into NotFound."""
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                raise NotFound(f"not found: s3://{self.bucket}/{e._object_name or ''} ({e.code})") from None
+            raise Unavailable(f"S3 error from {self.settings.s3_endpoint}: {e.code}: {e.message}") from None
+        except (HTTPError, OSError) as e:
+            raise Unavailable(f"cannot reach S3 server {self.settings.s3_endpoint}: {e}") from None
+
+    def _ensure_bucket(self) -> None:
+        if not self._bucket_checked:
+            if not self._call(self.client.bucket_exists, self.bucket):
+                self._call(self.client.make_bucket, self.bucket)
+            self._bucket_checked = True
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._ensure_bucket()
+        self._call(self.client.put_object, self.bucket, self._key(key), io.BytesIO(data), len(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._ensure_bucket()
+        self._call(self.client.fput_object, self.bucket, self._key(key), str(path))
+
+    def get_bytes(self, key: str) -> bytes:
+        resp = self._call(self.client.get_object, self.bucket, self._key(key))
+        try:
+            return self._call(resp.read)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def get_file(self, key: str, dest: Path) -> None:
+        self._call(self.client.fget_object, self.bucket, self._key(key), str(dest))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.client.stat_object, self.bucket, self._key(key))
+            return True
+        except NotFound:
+            return False
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        if full and not full.endswith("/") and not self.exists(prefix):
+            full += "/"
+        if not self._call(self.client.bucket_exists, self.bucket):
+            return []
+        objs = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=full, recursive=True)))
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(o.object_name[strip:] for o in objs if not o.is_dir)
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.remove_object, self.bucket, self._key(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def child(self, prefix: str) -> "S3Store":
+        return S3Store(self.bucket, _join(self.prefix, prefix), self.settings, self.client)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{_join(self.bucket, self._key(key))}"
+
+
+def make_minio_client(settings: Settings):
+    from minio import Minio
+
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key.get_secret_value(),
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+    )
+
+
+def open_store(url: str | Path, settings: Settings | None = None) -> Store:
+    """`s3://bucket/prefix` -> S3Store, anything else -> LocalStore (a folder path)."""
+    url = str(url)
+    if url.startswith("s3://"):
+        rest = url[len("s3://"):].strip("/")
+        if not rest:
+            raise InvalidInput(f"S3 url needs a bucket: {url!r}")
+        bucket, _, prefix = rest.partition("/")
+        return S3Store(bucket, prefix, settings)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        raise InvalidInput(f"unsupported url scheme: {url!r} (use a folder path or s3://bucket/prefix)")
+    return LocalStore(url)
+
+
+def read_uri(uri: str, settings: Settings | None = None) -> bytes:
+    """Bytes of one object named by a full uri (local path or s3://bucket/key)."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        return S3Store(bucket, "", settings).get_bytes(key)
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise NotFound(f"not found: {uri}") from None
+

@@ -1,0 +1,186 @@
+"""Batch embedding of a catalogue: list -> read + decode (CPU) -> model -> parquet parts.
+
+The same two stage functions run in-process (small catalogues: Ray start-up costs seconds)
+or as Ray Data `map_batches` stages: decode as CPU tasks, the model as an actor pool
+(one GPU per actor when there are GPUs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from services.common.config import Settings, get_settings
+from services.common.errors import ImsearchError, InvalidInput, NotFound
+from services.common.images import decode_image
+from services.common.store import open_store, read_uri
+from services.embedder.models import load_embedder, resolve_spec
+from services.common.embeddings import PartWriter
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
+Batch = dict[str, np.ndarray]
+Progress = Callable[[int, int, int], None]  # (rows done, total, errors so far)
+
+
+def list_images(source: str, settings: Settings | None = None) -> list[str]:
+    """Image uris of a folder, an s3://bucket/prefix, or a manifest file (parquet/csv/txt of uris)."""
+    if source.lower().endswith(MANIFEST_EXTENSIONS):
+        return read_manifest(source, settings)
+    store = open_store(source, settings)
+    uris = [store.uri(k) for k in store.list() if k.lower().endswith(IMAGE_EXTENSIONS)]
+    if not uris:
+        raise NotFound(f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return uris
+
+
+def read_manifest(path: str, settings: Settings | None = None) -> list[str]:
+    import io
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    data = read_uri(path, settings)
+    if path.lower().endswith(".txt"):
+        uris = [line.strip() for line in data.decode().splitlines() if line.strip() and not line.startswith("#")]
+    else:
+        table = pq.read_table(io.BytesIO(data)) if path.endswith(".parquet") else pcsv.read_csv(io.BytesIO(data))
+        if "uri" not in table.column_names:
+            raise InvalidInput(f"manifest {path} has no 'uri' column (columns: {table.column_names})")
+        uris = [u for u in table.column("uri").to_pylist() if u]
+    if not uris:
+        raise NotFound(f"manifest {path} lists no images")
+    return uris
+
+
+def decode_batch(batch: Batch, size: int, settings: Settings) -> Batch:
+    """CPU stage: read bytes, hash, decode. A bad image becomes an error row, never an exception."""
+    uris = [str(u) for u in batch["uri"]]
+    n = len(uris)
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    sha, err = [""] * n, [""] * n
+    width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i, uri in enumerate(uris):
+        try:
+            data = read_uri(uri, settings)
+            sha[i] = hashlib.sha256(data).hexdigest()
+            d = decode_image(data, size, settings.max_image_bytes, settings.max_image_pixels)
+            pixels[i], width[i], height[i] = d.pixels, d.width, d.height
+        except ImsearchError as e:
+            err[i] = str(e)
+    return {"uri": np.array(uris, dtype=object), "sha256": np.array(sha, dtype=object),
+            "width": width, "height": height, "error": np.array(err, dtype=object), "pixels": pixels}
+
+
+class EmbedStage:
+    """Model stage (a Ray actor in the Ray path): embeds the rows that decoded."""
+
+    def __init__(self, model: str, weights: str | None = None, device: str = "auto"):
+        self.embedder = load_embedder(model, weights, device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        dim = self.embedder.spec.dim
+        vectors = np.zeros((len(ok), dim), np.float32)
+        if ok.any():
+            vectors[ok] = self.embedder.embed(batch["pixels"][ok])
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["vector"] = vectors
+        return out
+
+
+@dataclass
+class EmbedSummary:
+    out: str
+    total: int = 0
+    embedded: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    engine: str = "local"
+
+    @property
+    def skipped(self) -> int:
+        return self.total - self.embedded
+
+    def line(self) -> str:
+        text = f"{self.embedded} embedded, {self.skipped} skipped"
+        if self.reasons:
+            text += ": " + "; ".join(f"{n}× {r}" for r, n in self.reasons.most_common(8))
+        return text
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _run_local(uris: list[str], model: str, weights: str | None, settings: Settings) -> Iterator[Batch]:
+    size = resolve_spec(model, weights).image_size
+    stage = EmbedStage(model, weights, settings.device)
+    # Decode the next batch in threads while the model runs on this one (Pillow releases the GIL).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batches = [{"uri": np.array(c, dtype=object)} for c in _chunks(uris, settings.batch_size)]
+        futures = [pool.submit(decode_batch, b, size, settings) for b in batches[:2]]
+        for i in range(len(batches)):
+            decoded = futures[i].result()
+            if i + 2 < len(batches):
+                futures.append(pool.submit(decode_batch, batches[i + 2], size, settings))
+            futures[i] = None  # free the decoded pixels
+            yield stage(decoded)
+
+
+def _run_ray(uris: list[str], model: str, weights: str | None, settings: Settings) -> Iterator[Batch]:
+    import ray
+
+    if not ray.is_initialized():
+        env = {k: v for k, v in __import__("os").environ.items() if k.startswith("IMSEARCH_")}
+        ray.init(address=settings.ray_address, runtime_env={"env_vars": env} if env else None,
+                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    import torch
+
+    gpus = 1 if settings.device != "cpu" and torch.cuda.is_available() else 0
+    size = resolve_spec(model, weights).image_size
+    ds = ray.data.from_items([{"uri": u} for u in uris])
+    ds = ds.map_batches(decode_batch, batch_size=settings.batch_size, batch_format="numpy",
+                        fn_kwargs={"size": size, "settings": settings}, num_cpus=1)
+    ds = ds.map_batches(EmbedStage, batch_size=settings.batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"model": model, "weights": weights, "device": settings.device},
+                        concurrency=settings.ray_actors, num_gpus=gpus, num_cpus=0 if gpus else 1)
+    yield from ds.iter_batches(batch_size=settings.batch_size, batch_format="numpy")
+
+
+def choose_engine(n: int, settings: Settings, engine: str = "auto") -> str:
+    if engine not in ("auto", "local", "ray"):
+        raise InvalidInput(f"engine must be auto, local or ray, not {engine!r}")
+    if engine == "auto":
+        return "ray" if settings.ray_address or n >= settings.ray_min_images else "local"
+    return engine
+
+
+def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = None,
+                    weights: str | None = None, engine: str = "auto",
+                    settings: Settings | None = None, progress: Progress | None = None) -> EmbedSummary:
+    """Embed every image of source into parquet parts under out; returns what happened."""
+    settings = settings or get_settings()
+    model = model or settings.model
+    weights = weights or (str(settings.model_weights) if settings.model_weights else None)
+    uris = list_images(source, settings) if isinstance(source, str) else list(source)
+    spec = resolve_spec(model, weights)
+    summary = EmbedSummary(out=out, total=len(uris), engine=choose_engine(len(uris), settings, engine))
+    writer = PartWriter(open_store(out, settings), spec, settings.part_rows)
+    run = _run_ray if summary.engine == "ray" else _run_local
+    log.info("embedding %d images with %s via %s into %s", len(uris), spec.name, summary.engine, out)
+    for batch in run(uris, model, weights, settings):
+        writer.add(batch)
+        if progress:
+            progress(writer.rows, summary.total, writer.errors)
+    stats = writer.close(source if isinstance(source, str) else "<list>")
+    summary.embedded, summary.reasons = stats["embedded"], Counter(stats["reasons"])
+    return summary

@@ -1,0 +1,161 @@
+"""Build a sharded index from embeddings: choose params, train once, add_with_ids per shard,
+tune nprobe against exact search, write shard files + manifest, publish atomically."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from services.common import faiss_util
+from services.common.config import Settings, get_settings
+from services.common.embeddings import Embeddings, read_embeddings, sha256_bytes
+from services.common.errors import InvalidInput
+from services.common.store import open_store
+from services.indexer.manifest import Manifest, ShardEntry, publish, version_prefix
+from services.indexer.params import PQ_TRAIN_POINTS, IndexParams, choose_params, params_from_factory
+from services.searcher.merge import merge_topk
+
+log = logging.getLogger(__name__)
+Step = Callable[[str], None]
+TUNE_QUERIES = 256
+TUNE_K = 10
+
+
+@dataclass
+class Shard:
+    number: int
+    index: faiss.Index
+    ids: np.ndarray
+    uris: list[str]
+
+
+def dedupe(emb: Embeddings) -> tuple[Embeddings, int]:
+    """Keep the first row of each id (the same image embedded twice in separate runs)."""
+    _, first = np.unique(emb.ids, return_index=True)
+    if len(first) == len(emb.ids):
+        return emb, 0
+    first.sort()
+    uris = [emb.uris[i] for i in first]
+    return Embeddings(emb.meta, emb.ids[first], emb.vectors[first], uris, emb.errors), len(emb.ids) - len(first)
+
+
+def train_sample(vectors: np.ndarray, params: IndexParams, rng: np.random.Generator) -> np.ndarray:
+    """Enough points for k-means (64 per list) and PQ codebooks, never more than needed."""
+    want = max(64 * max(params.nlist, 1), PQ_TRAIN_POINTS if params.pq_m else 0, 1000)
+    if len(vectors) <= want:
+        return vectors
+    return vectors[np.sort(rng.choice(len(vectors), want, replace=False))]
+
+
+def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int) -> list[Shard]:
+    """Shard = id mod S: deterministic, so later adds land on the same shard as their id."""
+    which = emb.ids % n_shards
+    shards = []
+    for s in range(n_shards):
+        rows = np.flatnonzero(which == s)
+        index = faiss.clone_index(trained)
+        if len(rows):
+            index.add_with_ids(emb.vectors[rows], emb.ids[rows])
+        shards.append(Shard(s, index, emb.ids[rows], [emb.uris[i] for i in rows]))
+    return shards
+
+
+def recall_at(shards: list[Shard], queries: np.ndarray, truth: np.ndarray, nprobe: int, k_factor: float) -> float:
+    k = truth.shape[1]
+    parts = [(s.number, *faiss_util.search(s.index, queries, k, nprobe, k_factor)) for s in shards]
+    got = merge_topk(parts, k)
+    hits = sum(len(set(t) & {i for _, i, _ in g}) for t, g in zip(truth.tolist(), got))
+    return hits / truth.size
+
+
+def tune_nprobe(shards: list[Shard], emb: Embeddings, params: IndexParams, target: float,
+                rng: np.random.Generator) -> tuple[int, dict]:
+    """Smallest nprobe whose recall@10 against exact search on a sample reaches target."""
+    k = min(TUNE_K, len(emb.ids))
+    qi = rng.choice(len(emb.ids), min(TUNE_QUERIES, len(emb.ids)), replace=False)
+    queries = emb.vectors[qi]
+    exact = faiss.IndexFlatIP(emb.vectors.shape[1])
+    exact.add(emb.vectors)
+    _, truth_rows = exact.search(queries, k)
+    truth = emb.ids[truth_rows]
+    if params.kind == "flat":
+        return 1, {"recall_at_10": recall_at(shards, queries, truth, 1, 1), "queries": len(qi)}
+    curve, nprobe = {}, 1
+    while True:
+        curve[nprobe] = round(recall_at(shards, queries, truth, nprobe, params.k_factor), 4)
+        if curve[nprobe] >= target or nprobe >= params.nlist:
+            break
+        nprobe = min(nprobe * 2, params.nlist)
+    return nprobe, {"recall_at_10": curve[nprobe], "queries": len(qi), "target": target,
+                    "curve": {str(p): r for p, r in curve.items()}}
+
+
+def _docs_bytes(shard: Shard) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": pa.array(shard.ids, pa.int64()), "uri": pa.array(shard.uris, pa.string())}), buf)
+    return buf.getvalue()
+
+
+def new_version() -> str:
+    return time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
+                whiten_dim: int | None = None, nprobe: int | None = None, settings: Settings | None = None,
+                step: Step | None = None) -> Manifest:
+    settings = settings or get_settings()
+    step = step or (lambda msg: log.info(msg))
+    if not 1 <= shards <= 1024:
+        raise InvalidInput(f"--shards must be between 1 and 1024, got {shards}")
+    emb_store = open_store(emb_url, settings)
+    step(f"reading embeddings from {emb_store.url}")
+    emb, dropped = dedupe(read_embeddings(emb_store))
+    n, dim = emb.vectors.shape
+    if n == 0:
+        raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): nothing to index")
+    params = choose_params(n, dim, settings.memory_budget_gb * 2**30, settings.flat_max, whiten_dim)
+    if factory:
+        params = params_from_factory(factory)
+    rng = np.random.default_rng(0)
+    trained = faiss_util.make_index(dim, params.factory)
+    sample = train_sample(emb.vectors, params, rng)
+    step(f"training {params.factory} on {len(sample)} of {n} vectors")
+    faiss_util.train(trained, sample)
+    del sample
+    step(f"adding {n} vectors to {shards} shard(s)")
+    parts = split_shards(trained, emb, shards)
+    tuned, tuning = tune_nprobe(parts, emb, params, settings.target_recall, rng)
+    nprobe = nprobe or tuned
+    step(f"nprobe {nprobe}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
+
+    out = open_store(out_url, settings)
+    version = new_version()
+    prefix = version_prefix(version)
+    entries = []
+    for s in parts:
+        blob, docs = faiss_util.to_bytes(s.index), _docs_bytes(s)
+        file, docs_file = f"shard-{s.number:05d}.faiss", f"shard-{s.number:05d}.docs.parquet"
+        out.put_bytes(f"{prefix}/{file}", blob)
+        out.put_bytes(f"{prefix}/{docs_file}", docs)
+        entries.append(ShardEntry(shard=s.number, file=file, sha256=sha256_bytes(blob), bytes=len(blob),
+                                  count=int(s.index.ntotal), docs_file=docs_file, docs_sha256=sha256_bytes(docs)))
+        step(f"wrote shard {s.number}: {s.index.ntotal} vectors, {len(blob) / 2**20:.1f} MiB")
+    manifest = Manifest(
+        version=version, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=emb.meta["model"], dim=dim, factory=params.factory, params=params.as_dict(), nprobe=nprobe,
+        k_factor=params.k_factor, count=n, duplicates_dropped=dropped, tuning=tuning, shards=entries,
+        source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
+                "error_rows": int(emb.errors.num_rows)})
+    publish(out, manifest)
+    step(f"published {version} at {out.url}")
+    return manifest
+

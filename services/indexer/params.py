@@ -1,0 +1,84 @@
+"""Index parameters chosen from the data size and a memory budget (autofaiss-style).
+
+Flat for small N (exact); IVF-Flat while the full vectors fit the budget; above that
+IVF-PQ with an SQ8 re-ranking stage (DESIGN.md: PQ alone never reaches recall 0.95);
+plain IVF-PQ only when even SQ8 codes do not fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from services.common.errors import InvalidInput
+
+ID_BYTES = 8
+MIN_POINTS_PER_CENTROID = 39  # faiss warns below this
+PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    factory: str
+    kind: str  # flat | ivf-flat | ivf-pq-sq8 | ivf-pq
+    nlist: int = 0
+    pq_m: int = 0
+    k_factor: int = 1  # re-ranking: candidates fetched per result
+    bytes_per_vector: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_nlist(n: int) -> int:
+    """A power of two near 8·sqrt(N), kept within [4, 16]·sqrt(N) and trainable from N points."""
+    target = 8 * math.sqrt(n)
+    nlist = 2 ** round(math.log2(target))
+    nlist = min(nlist, 2 ** math.floor(math.log2(16 * math.sqrt(n))))
+    trainable = max(1, n // MIN_POINTS_PER_CENTROID)
+    return max(1, min(nlist, 2 ** math.floor(math.log2(trainable))))
+
+
+def choose_pq_m(dim: int, max_bytes: float) -> int:
+    """Largest PQ sub-quantizer count dividing dim (at most 64 bytes) that fits max_bytes."""
+    for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
+        if dim % m == 0 and m <= max_bytes:
+            return m
+    raise InvalidInput(f"memory budget too small: not even 1 byte per vector for dim {dim}")
+
+
+def choose_params(n: int, dim: int, budget_bytes: float, flat_max: int = 20_000,
+                  whiten_dim: int | None = None) -> IndexParams:
+    if n <= 0:
+        raise InvalidInput("cannot choose index parameters for an empty catalogue")
+    if whiten_dim is not None and not 0 < whiten_dim <= dim:
+        raise InvalidInput(f"whitening dimension must be in 1..{dim}, got {whiten_dim}")
+    d = whiten_dim or dim
+    prefix = f"PCAW{d},L2norm," if whiten_dim else ""
+    if n <= flat_max:
+        return IndexParams(prefix + "Flat", "flat", bytes_per_vector=4 * d + ID_BYTES)
+    nlist = choose_nlist(n)
+    per_vector = budget_bytes / n
+    if 4 * d + ID_BYTES <= per_vector:
+        return IndexParams(f"{prefix}IVF{nlist},Flat", "ivf-flat", nlist, bytes_per_vector=4 * d + ID_BYTES)
+    if n < PQ_TRAIN_POINTS:
+        raise InvalidInput(f"budget too small for IVF-Flat and {n} vectors are too few to train PQ codes "
+                           f"(need {PQ_TRAIN_POINTS}); raise the memory budget")
+    overhead = 2 * ID_BYTES  # IVF list ids + the IDMap wrapper's ids (Refine has no add_with_ids)
+    if per_vector - overhead - d >= 1:
+        m = choose_pq_m(d, per_vector - overhead - d)
+        return IndexParams(f"{prefix}IVF{nlist},PQ{m},Refine(SQ8)", "ivf-pq-sq8", nlist, m, k_factor=8,
+                           bytes_per_vector=m + d + overhead)
+    m = choose_pq_m(d, per_vector - ID_BYTES)
+    return IndexParams(f"{prefix}IVF{nlist},PQ{m}", "ivf-pq", nlist, m, bytes_per_vector=m + ID_BYTES)
+
+
+def params_from_factory(factory: str) -> IndexParams:
+    """Params for a user-given factory string (--index-factory)."""
+    nlist = 0
+    for part in factory.split(","):
+        digits = part[3:].split("_")[0]
+        if part.startswith("IVF") and digits.isdigit():
+            nlist = int(digits)
+    refine = "Refine" in factory or "RFlat" in factory
+    return IndexParams(factory, "custom", nlist, k_factor=8 if refine else 1)

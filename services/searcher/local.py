@@ -1,0 +1,136 @@
+"""In-process search over every shard of a published index (no servers needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from services.common import faiss_util
+from services.common.config import Settings, get_settings
+from services.common.embeddings import sha256_bytes
+from services.common.errors import Corrupt, Incompatible, InvalidInput
+from services.common.images import decode_image
+from services.common.store import Store, atomic_write, open_store
+from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
+from services.searcher.merge import Hit, merge_topk
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedShard:
+    entry: ShardEntry
+    index: object  # faiss.Index
+    ids: np.ndarray  # sorted int64
+    uris: np.ndarray  # object, aligned with ids
+
+    def uri(self, id_: int) -> str:
+        i = int(np.searchsorted(self.ids, id_))
+        return str(self.uris[i]) if i < len(self.ids) and self.ids[i] == id_ else ""
+
+
+def _shard_file(store: Store, key: str, sha: str, cache: Path) -> Path:
+    """A local, checksum-verified path of a stored file (downloaded into the cache for S3)."""
+    local = store.local_path(key)
+    if local is None:
+        local = cache / f"{sha}{Path(key).suffix}"
+        if not local.is_file() or file_sha256(local) != sha:
+            atomic_write(local, data=store.get_bytes(key))
+    if not local.is_file():
+        raise Corrupt(f"shard file missing: {store.uri(key)}")
+    if file_sha256(local) != sha:
+        raise Corrupt(f"shard file {store.uri(key)}: checksum mismatch (damaged or replaced)")
+    return local
+
+
+def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path) -> LoadedShard:
+    prefix = version_prefix(manifest.version)
+    path = _shard_file(store, f"{prefix}/{entry.file}", entry.sha256, cache)
+    index = faiss_util.read_index(str(path))
+    if index.d != manifest.dim:
+        raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")
+    if index.ntotal != entry.count:
+        raise Corrupt(f"shard {entry.shard} holds {index.ntotal} vectors, manifest says {entry.count}")
+    docs_key = f"{prefix}/{entry.docs_file}"
+    data = store.get_bytes(docs_key)
+    if sha256_bytes(data) != entry.docs_sha256:
+        raise Corrupt(f"{store.uri(docs_key)}: checksum mismatch")
+    docs = pq.read_table(io.BytesIO(data))
+    ids = docs["id"].to_numpy()
+    order = np.argsort(ids)
+    return LoadedShard(entry, index, ids[order], np.asarray(docs["uri"].to_pylist(), dtype=object)[order])
+
+
+def check_k(k: int, max_k: int) -> None:
+    if not 1 <= k <= max_k:
+        raise InvalidInput(f"k must be between 1 and {max_k}, got {k}")
+
+
+class IndexSearcher:
+    """Loads the published version of an index root and searches all its shards."""
+
+    def __init__(self, url: str, settings: Settings | None = None):
+        self.settings = settings or get_settings()
+        self.store = open_store(url, self.settings)
+        self.manifest = load_current(self.store)
+        cache = self.settings.home / "cache"
+        self.shards = [load_shard(self.store, self.manifest, e, cache) for e in self.manifest.shards]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
+            raise InvalidInput(f"query vectors have shape {queries.shape}; this index takes "
+                               f"{self.manifest.dim}-d vectors ({self.manifest.model.get('name')})")
+        if not np.isfinite(queries).all():
+            raise InvalidInput("query vectors contain NaN or infinity")
+        check_k(k, self.settings.max_k)
+        nprobe = nprobe or self.manifest.nprobe
+        if nprobe < 1:
+            raise InvalidInput(f"nprobe must be >= 1, got {nprobe}")
+
+        def one(shard: LoadedShard):
+            D, I = faiss_util.search(shard.index, queries, k, nprobe, self.manifest.k_factor)
+            return shard.entry.shard, D, I
+
+        merged = merge_topk(list(self._pool.map(one, self.shards)), k)
+        by_shard = {s.entry.shard: s for s in self.shards}
+        return [[Hit(score, id_, shard, by_shard[shard].uri(id_)) for score, id_, shard in hits]
+                for hits in merged]
+
+    def embed_images(self, images: list[bytes], model: str | None = None) -> np.ndarray:
+        """Embed query images with the index's own model (refusing any other model)."""
+        from services.embedder.models import load_embedder
+
+        spec = self.manifest.model
+        if model is not None and model != spec["name"]:
+            raise Incompatible(f"index was built with model {spec['name']!r}, not {model!r}")
+        embedder = load_embedder(spec["name"], spec.get("weights"), self.settings.device)
+        if embedder.spec.fingerprint != spec["fingerprint"]:
+            raise Incompatible(f"model {spec['name']!r} here has fingerprint {embedder.spec.fingerprint}, "
+                               f"the index was built with {spec['fingerprint']} (different weights or settings)")
+        size = embedder.spec.image_size
+        pixels = np.stack([decode_image(b, size, self.settings.max_image_bytes,
+                                        self.settings.max_image_pixels).pixels for b in images])
+        return embedder.embed(pixels)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
