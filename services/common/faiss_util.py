@@ -19,6 +19,9 @@ def make_index(dim: int, factory: str) -> faiss.Index:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise InvalidInput(f"bad index factory {factory!r}: {str(e).splitlines()[-1]}") from None
+    ivf = find_ivf(index)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False  # we never search by Hamming distance; it costs seconds
     if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
         index = faiss.IndexIDMap(index)
     return index
@@ -26,7 +29,7 @@ def make_index(dim: int, factory: str) -> faiss.Index:
 
 def find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     try:
-        return faiss.extract_index_ivf(index)
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:
         return None
 
@@ -54,7 +57,7 @@ def search_parameters(index: faiss.Index, nprobe: int, k_factor: float):
         if isinstance(ix, faiss.IndexIDMap):
             return build(ix.index)
         if isinstance(ix, faiss.IndexRefine):
-            p = faiss.SearchParametersRefine()
+            p = faiss.IndexRefineSearchParameters()
             p.k_factor = float(k_factor)
             base = build(ix.base_index)
             if base is not None:

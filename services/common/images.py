@@ -17,6 +17,12 @@ from services.common.errors import InvalidInput, TooLarge
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP",
+         b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def _sniff(data: bytes) -> str | None:
+    return next((fmt for magic, fmt in MAGIC.items() if data.startswith(magic)), None)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ def _open(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        fmt = _sniff(data)
+        if fmt:
+            raise InvalidInput(f"corrupt image: starts like {fmt} but the header cannot be read") from None
         raise InvalidInput("not an image: unknown or unsupported format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooLarge("decompression bomb: pixel count over Pillow's safety limit") from None

@@ -31,12 +31,8 @@ class IndexParams:
 
 
 def choose_nlist(n: int) -> int:
-    """A power of two near 8·sqrt(N), kept within [4, 16]·sqrt(N) and trainable from N points."""
-    target = 8 * math.sqrt(n)
-    nlist = 2 ** round(math.log2(target))
-    nlist = min(nlist, 2 ** math.floor(math.log2(16 * math.sqrt(n))))
-    trainable = max(1, n // MIN_POINTS_PER_CENTROID)
-    return max(1, min(nlist, 2 ** math.floor(math.log2(trainable))))
+    """About 8·sqrt(N) lists, fewer when N is too small to train them (39 points per list)."""
+    return max(1, int(min(8 * math.sqrt(n), n / MIN_POINTS_PER_CENTROID)))
 
 
 def choose_pq_m(dim: int, max_bytes: float) -> int:

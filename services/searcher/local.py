@@ -123,13 +123,13 @@ class IndexSearcher:
         spec = self.manifest.model
         if model is not None and model != spec["name"]:
             raise Incompatible(f"index was built with model {spec['name']!r}, not {model!r}")
+        size = spec.get("image_size", 224)
+        pixels = np.stack([decode_image(b, size, self.settings.max_image_bytes,
+                                        self.settings.max_image_pixels).pixels for b in images])
         embedder = load_embedder(spec["name"], spec.get("weights"), self.settings.device)
         if embedder.spec.fingerprint != spec["fingerprint"]:
             raise Incompatible(f"model {spec['name']!r} here has fingerprint {embedder.spec.fingerprint}, "
                                f"the index was built with {spec['fingerprint']} (different weights or settings)")
-        size = embedder.spec.image_size
-        pixels = np.stack([decode_image(b, size, self.settings.max_image_bytes,
-                                        self.settings.max_image_pixels).pixels for b in images])
         return embedder.embed(pixels)
 
     def close(self) -> None:

@@ -1,0 +1,145 @@
+import faiss
+import numpy as np
+import pytest
+
+from services.common.config import Settings
+from services.common.embeddings import id_from_sha256, read_embeddings
+from services.common.errors import Corrupt, InvalidInput, NotFound
+from services.common.store import LocalStore
+from services.indexer.build import build_index
+from services.indexer.manifest import load_current
+from services.searcher.local import IndexSearcher
+from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    return Settings(home=tmp_path / "home")
+
+
+def exact_topk(vectors, ids, queries, k):
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    _, rows = flat.search(queries, k)
+    return ids[rows]
+
+
+def test_embeddings_round_trip_keeps_rows_and_errors(tmp_path):
+    x = random_unit_vectors(1200, 16)
+    write_fake_embeddings(tmp_path / "emb", x, error_rows=3)
+    emb = read_embeddings(LocalStore(tmp_path / "emb"))
+    assert emb.vectors.shape == (1200, 16) and np.allclose(emb.vectors, x)
+    assert emb.errors.num_rows == 3 and len(emb.meta["parts"]) == 3
+    assert len(set(emb.ids.tolist())) == 1200
+
+
+def test_sharded_flat_search_equals_one_flat_index(tmp_path, settings):
+    x = random_unit_vectors(3000, 32, seed=1)
+    write_fake_embeddings(tmp_path / "emb", x)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=4, settings=settings)
+    s = IndexSearcher(str(tmp_path / "idx"), settings)
+    assert s.manifest.factory == "Flat" and len(s.shards) == 4
+    assert sum(sh.entry.count for sh in s.shards) == 3000
+    emb = read_embeddings(LocalStore(tmp_path / "emb"))
+    queries = random_unit_vectors(50, 32, seed=2)
+    truth = exact_topk(emb.vectors, emb.ids, queries, 10)
+    got = s.search(queries, k=10)
+    assert [[h.id for h in hits] for hits in got] == truth.tolist()
+    assert all(h.uri.startswith("img/") for h in got[0])
+
+
+def test_sharded_ivf_agrees_with_exact_search(tmp_path):
+    settings = Settings(home=tmp_path / "home", flat_max=1000)
+    x = random_unit_vectors(20_200, 32, seed=3, clusters=50)
+    x, queries = x[:20_000], x[20_000:]  # held-out queries from the same distribution
+    write_fake_embeddings(tmp_path / "emb", x, part_rows=5000)
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=3, settings=settings)
+    assert m.params["kind"] == "ivf-flat" and m.tuning["recall_at_10"] >= 0.95
+    s = IndexSearcher(str(tmp_path / "idx"), settings)
+    emb = read_embeddings(LocalStore(tmp_path / "emb"))
+    truth = exact_topk(emb.vectors, emb.ids, queries, 10)
+    got = s.search(queries, k=10)
+    agree = np.mean([len(set(t) & {h.id for h in g}) / 10 for t, g in zip(truth.tolist(), got)])
+    assert agree >= 0.95
+    assert len({h.shard for hits in got for h in hits}) == 3
+
+
+def test_pq_with_reranking_reaches_the_target(tmp_path):
+    # 56 bytes per vector: no room for 32 floats (136 B with the id), room for SQ8 + PQ8 + ids.
+    settings = Settings(home=tmp_path / "home", flat_max=1000, memory_budget_gb=12_000 * 56 / 2**30)
+    x = random_unit_vectors(12_000, 32, seed=5, clusters=40)
+    write_fake_embeddings(tmp_path / "emb", x, part_rows=6000)
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    assert m.params["kind"] == "ivf-pq-sq8"
+    assert m.tuning["recall_at_10"] >= 0.95, m.tuning
+
+
+def test_ids_are_content_hashes_and_duplicates_are_dropped(tmp_path, settings):
+    x = random_unit_vectors(100, 8)
+    write_fake_embeddings(tmp_path / "a", x, name="same")
+    m = build_index(str(tmp_path / "a"), str(tmp_path / "idx"), settings=settings)
+    assert m.count == 100 and m.duplicates_dropped == 0
+    emb = read_embeddings(LocalStore(tmp_path / "a"))
+    import hashlib
+    assert emb.ids[0] == id_from_sha256(hashlib.sha256(b"same-0").hexdigest())
+
+
+def test_whitening_is_learned_in_the_index(tmp_path, settings):
+    x = random_unit_vectors(2000, 32, seed=6, clusters=10)
+    write_fake_embeddings(tmp_path / "emb", x)
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), whiten_dim=16, settings=settings)
+    assert m.factory.startswith("PCAW16,L2norm") and m.dim == 32
+    s = IndexSearcher(str(tmp_path / "idx"), settings)
+    emb = read_embeddings(LocalStore(tmp_path / "emb"))
+    assert s.search(emb.vectors[:5], k=1)[0][0].id == emb.ids[0]
+
+
+def test_user_factory_overrides_the_choice(tmp_path, settings):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(3000, 16))
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="IVF32,Flat", settings=settings)
+    assert m.factory == "IVF32,Flat" and m.params["nlist"] == 32 and 1 <= m.nprobe <= 32
+    with pytest.raises(InvalidInput, match="factory"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx2"), factory="IVFxyz,Nope", settings=settings)
+
+
+def test_bad_inputs(tmp_path, settings):
+    with pytest.raises(NotFound, match="embeddings.json"):
+        build_index(str(tmp_path / "nothing"), str(tmp_path / "idx"), settings=settings)
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(10, 8))
+    with pytest.raises(InvalidInput, match="shards"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=0, settings=settings)
+
+
+def test_wrong_dim_k_and_nprobe_are_refused(tmp_path, settings):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(50, 8))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), settings=settings)
+    s = IndexSearcher(str(tmp_path / "idx"), settings)
+    with pytest.raises(InvalidInput, match="8-d"):
+        s.search(np.zeros((1, 9), np.float32))
+    for k in (0, -1, settings.max_k + 1):
+        with pytest.raises(InvalidInput, match="k must be"):
+            s.search(random_unit_vectors(1, 8), k=k)
+    with pytest.raises(InvalidInput, match="NaN"):
+        s.search(np.full((1, 8), np.nan, np.float32))
+
+
+def test_damaged_shard_is_detected(tmp_path, settings):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(50, 8))
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    shard = tmp_path / "idx" / "versions" / m.version / m.shards[1].file
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Corrupt, match="checksum"):
+        IndexSearcher(str(tmp_path / "idx"), settings)
+    shard.unlink()
+    with pytest.raises(Corrupt, match="missing"):
+        IndexSearcher(str(tmp_path / "idx"), settings)
+
+
+def test_a_failed_build_leaves_the_published_version(tmp_path, settings):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(50, 8))
+    first = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), settings=settings)
+    with pytest.raises(InvalidInput):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="Bogus", settings=settings)
+    assert load_current(LocalStore(tmp_path / "idx")).version == first.version
