@@ -18,7 +18,7 @@ from services.common.errors import ImsearchError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distributed image search: embed a catalogue, build a sharded index, search it.")
 out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def cli_errors(fn):

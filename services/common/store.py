@@ -151,7 +151,7 @@ class S3Store:
             return fn(*args, **kwargs)
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
-                raise NotFound(f"not found: s3://{self.bucket}/{e._object_name or ''} ({e.code})") from None
+                raise NotFound(f"not found: s3://{self.bucket}/{getattr(e, 'object_name', '') or ''} ({e.code})") from None
             raise Unavailable(f"S3 error from {self.settings.s3_endpoint}: {e.code}: {e.message}") from None
         except (HTTPError, OSError) as e:
             raise Unavailable(f"cannot reach S3 server {self.settings.s3_endpoint}: {e}") from None
@@ -189,14 +189,16 @@ class S3Store:
             return False
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix)
-        if full and not full.endswith("/") and not self.exists(prefix):
-            full += "/"
         if not self._call(self.client.bucket_exists, self.bucket):
             return []
-        objs = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=full, recursive=True)))
+        full = self._key(prefix)
+        objs = self._call(lambda: list(self.client.list_objects(
+            self.bucket, prefix=f"{full}/" if full else None, recursive=True)))
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(o.object_name[strip:] for o in objs if not o.is_dir)
+        keys = sorted(o.object_name[strip:] for o in objs if not o.is_dir)
+        if not keys and prefix and self.exists(prefix):  # the prefix names one object
+            return [prefix]
+        return keys
 
     def delete(self, key: str) -> None:
         self._call(self.client.remove_object, self.bucket, self._key(key))

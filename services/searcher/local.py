@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from services.common import faiss_util
 from services.common.config import Settings, get_settings
 from services.common.embeddings import sha256_bytes
-from services.common.errors import Corrupt, Incompatible, InvalidInput
+from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import Store, atomic_write, open_store
 from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
@@ -126,7 +126,10 @@ class IndexSearcher:
         size = spec.get("image_size", 224)
         pixels = np.stack([decode_image(b, size, self.settings.max_image_bytes,
                                         self.settings.max_image_pixels).pixels for b in images])
-        embedder = load_embedder(spec["name"], spec.get("weights"), self.settings.device)
+        try:
+            embedder = load_embedder(spec["name"], spec.get("weights"), self.settings.device)
+        except (InvalidInput, NotFound) as e:
+            raise Incompatible(f"index was built with model {spec['name']!r}, which cannot be loaded here: {e}") from None
         if embedder.spec.fingerprint != spec["fingerprint"]:
             raise Incompatible(f"model {spec['name']!r} here has fingerprint {embedder.spec.fingerprint}, "
                                f"the index was built with {spec['fingerprint']} (different weights or settings)")

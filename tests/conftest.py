@@ -1,0 +1,86 @@
+"""Shared fixtures: settings isolated per test, and real servers (S3) on free ports."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from services.common.config import Settings, get_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    """Poll until the server answers HTTP at all (any status), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server at {url} did not come up in {timeout}s")
+            time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path, monkeypatch):
+    """Each test gets its own IMSEARCH_HOME and a fresh settings cache."""
+    monkeypatch.setenv("IMSEARCH_HOME", str(tmp_path / "imsearch-home"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+class S3Server:
+    """moto's S3-protocol server in a thread, on a free port."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.running = False
+
+    def start(self) -> "S3Server":
+        self.server.start()
+        wait_http(f"http://127.0.0.1:{self.port}/")
+        self.running = True
+        return self
+
+    def stop(self) -> None:
+        if self.running:
+            self.server.stop()
+            self.running = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    server = S3Server().start()
+    monkeypatch.setenv("IMSEARCH_S3_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("IMSEARCH_S3_ACCESS_KEY", "testing")
+    monkeypatch.setenv("IMSEARCH_S3_SECRET_KEY", "testing")
+    monkeypatch.setenv("IMSEARCH_S3_REGION", "us-east-1")
+    get_settings.cache_clear()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def settings() -> Settings:
+    return get_settings()
