@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,8 +140,11 @@ def _run_local(uris: list[str], model: str, weights: str | None, settings: Setti
 def _run_ray(uris: list[str], model: str, weights: str | None, settings: Settings) -> Iterator[Batch]:
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own bar
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
-        env = {k: v for k, v in __import__("os").environ.items() if k.startswith("IMSEARCH_")}
+        env = {k: v for k, v in os.environ.items() if k.startswith("IMSEARCH_")}  # settings reach the workers
         ray.init(address=settings.ray_address, runtime_env={"env_vars": env} if env else None,
                  include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     import torch

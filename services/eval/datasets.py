@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from services.common.errors import NotFound
 from services.common.images import BACKGROUND
-from services.eval.transforms import flip, grayscale, random_copy, crop
+from services.eval.transforms import crop, flip, grayscale, random_copy
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 # Synthetic patterns, and the right half of a stereo pair (a near-copy of motorcycle_left).
@@ -36,8 +37,12 @@ def tuxpaint_stamps(root: Path = TUXPAINT_STAMPS, min_per_class: int = 1) -> lis
     """Stamp photos (PNG cut-outs), label = category/subfolder, symbols left out."""
     if not root.is_dir():
         raise NotFound(f"{root} not found: apt-get install tuxpaint-stamps-default")
-    items = [LabelledImage(p, "/".join(p.relative_to(root).parts[:2]))
-             for p in sorted(root.rglob("*.png")) if p.relative_to(root).parts[0] != "symbols"]
+    items, seen = [], set()
+    for p in sorted(root.rglob("*.png")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.relative_to(root).parts[0] != "symbols" and digest not in seen:  # the package ships a few twice
+            seen.add(digest)
+            items.append(LabelledImage(p, "/".join(p.relative_to(root).parts[:2])))
     counts: dict[str, int] = {}
     for it in items:
         counts[it.label] = counts.get(it.label, 0) + 1
