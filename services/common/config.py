@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     flat_max: int = Field(20_000, ge=0, description="below this N, shards are exact Flat indexes")
     target_recall: float = Field(0.95, gt=0, le=1)
     max_k: int = Field(1000, gt=0)
+    mmap_index: bool = Field(False, description="memory-map shard files instead of loading them into RAM")
 
     @field_validator("s3_endpoint")
     @classmethod

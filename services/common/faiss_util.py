@@ -84,12 +84,28 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 1, k_f
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
 
 
+def search_preassigned(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray,
+                       params) -> tuple[np.ndarray, np.ndarray]:
+    """IVF search with the coarse lists already chosen. Calls the C++ method: the Python wrapper
+    reads nprobe from the index (shared mutable state), the C++ one from per-call params."""
+    n = len(queries)
+    D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    Iq, Dq = np.ascontiguousarray(Iq, np.int64), np.ascontiguousarray(Dq, np.float32)
+    ivf.search_preassigned_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
+                             faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+    return D, I
+
+
 def to_bytes(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def read_index(path: str, mmap: bool = True) -> faiss.Index:
-    """Read a shard file, memory-mapped where the index type allows it."""
+def read_index(path: str, mmap: bool = False) -> faiss.Index:
+    """Read a shard file; memory-mapped if asked and the index type allows it.
+
+    Mapped IVF lists cost ~4x per query here (measured), so RAM is the default; map when the
+    shards do not fit in memory.
+    """
     try:
         if mmap:
             try:

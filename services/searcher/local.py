@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -18,7 +19,7 @@ from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import Store, atomic_write, open_store
 from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
-from services.searcher.merge import Hit, merge_topk
+from services.searcher.merge import Hit, hit_lists, merge_topk
 
 
 def file_sha256(path: Path) -> str:
@@ -35,10 +36,21 @@ class LoadedShard:
     index: object  # faiss.Index
     ids: np.ndarray  # sorted int64
     uris: np.ndarray  # object, aligned with ids
+    _params: dict = field(default_factory=dict)
 
-    def uri(self, id_: int) -> str:
-        i = int(np.searchsorted(self.ids, id_))
-        return str(self.uris[i]) if i < len(self.ids) and self.ids[i] == id_ else ""
+    def params(self, nprobe: int, k_factor: float):
+        """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
+        key = (nprobe, k_factor)
+        if key not in self._params:
+            self._params[key] = faiss_util.search_parameters(self.index, nprobe, k_factor)
+        return self._params[key][0]
+
+    def uris_of(self, ids: np.ndarray) -> np.ndarray:
+        """Uris of ids held by this shard ("" for ids it does not hold)."""
+        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        if not len(self.ids):
+            return np.full(len(ids), "", dtype=object)
+        return np.where(self.ids[pos] == ids, self.uris[pos], "")
 
 
 def _shard_file(store: Store, key: str, sha: str, cache: Path) -> Path:
@@ -55,10 +67,10 @@ def _shard_file(store: Store, key: str, sha: str, cache: Path) -> Path:
     return local
 
 
-def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path) -> LoadedShard:
+def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False) -> LoadedShard:
     prefix = version_prefix(manifest.version)
     path = _shard_file(store, f"{prefix}/{entry.file}", entry.sha256, cache)
-    index = faiss_util.read_index(str(path))
+    index = faiss_util.read_index(str(path), mmap)
     if index.d != manifest.dim:
         raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")
     if index.ntotal != entry.count:
@@ -71,6 +83,20 @@ def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path)
     ids = docs["id"].to_numpy()
     order = np.argsort(ids)
     return LoadedShard(entry, index, ids[order], np.asarray(docs["uri"].to_pylist(), dtype=object)[order])
+
+
+def shared_quantizer(indexes: list) -> object | None:
+    """The common coarse quantizer of plain IVF shards trained together, else None."""
+    ivfs = [faiss.downcast_index(ix) for ix in indexes]
+    if not ivfs or not all(isinstance(ix, faiss.IndexIVF) for ix in ivfs):
+        return None
+    first = ivfs[0].quantizer
+    centroids = first.reconstruct_n(0, first.ntotal)
+    for ix in ivfs[1:]:
+        q = ix.quantizer
+        if q.ntotal != first.ntotal or not np.array_equal(q.reconstruct_n(0, q.ntotal), centroids):
+            return None
+    return first
 
 
 def check_k(k: int, max_k: int) -> None:
@@ -86,15 +112,17 @@ class IndexSearcher:
         self.store = open_store(url, self.settings)
         self.manifest = load_current(self.store)
         cache = self.settings.home / "cache"
-        self.shards = [load_shard(self.store, self.manifest, e, cache) for e in self.manifest.shards]
+        self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index)
+                       for e in self.manifest.shards]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
+        self.quantizer = shared_quantizer([s.index for s in self.shards])
 
     @property
     def version(self) -> str:
         return self.manifest.version
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
-        queries = np.asarray(queries, dtype=np.float32)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
@@ -107,14 +135,25 @@ class IndexSearcher:
         if nprobe < 1:
             raise InvalidInput(f"nprobe must be >= 1, got {nprobe}")
 
-        def one(shard: LoadedShard):
-            D, I = faiss_util.search(shard.index, queries, k, nprobe, self.manifest.k_factor)
-            return shard.entry.shard, D, I
+        if self.quantizer is not None:  # one coarse search serves every shard (as faiss IndexShardsIVF)
+            Dq, Iq = self.quantizer.search(queries, min(nprobe, self.quantizer.ntotal))
 
-        merged = merge_topk(list(self._pool.map(one, self.shards)), k)
-        by_shard = {s.entry.shard: s for s in self.shards}
-        return [[Hit(score, id_, shard, by_shard[shard].uri(id_)) for score, id_, shard in hits]
-                for hits in merged]
+            def one(shard: LoadedShard):
+                params = shard.params(nprobe, self.manifest.k_factor)
+                return (shard.entry.shard, *faiss_util.search_preassigned(shard.index, queries, k, Iq, Dq, params))
+        else:
+            def one(shard: LoadedShard):
+                D, I = shard.index.search(queries, k, params=shard.params(nprobe, self.manifest.k_factor))
+                return shard.entry.shard, D, I
+
+        # Threads pay off for batches; single queries are faster searched shard after shard.
+        per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 else map(one, self.shards))
+        D, I, S = merge_topk(per_shard, k)
+        uris = np.empty(I.shape, dtype=object)
+        for shard in self.shards:
+            mask = S == shard.entry.shard
+            uris[mask] = shard.uris_of(I[mask])
+        return hit_lists(D, I, S, uris)
 
     def embed_images(self, images: list[bytes], model: str | None = None) -> np.ndarray:
         """Embed query images with the index's own model (refusing any other model)."""

@@ -1,15 +1,13 @@
-"""Merging per-shard top-k lists into one top-k, with a heap (as faiss contrib's ResultHeap)."""
+"""Merging per-shard top-k lists into one top-k (vectorised, like faiss contrib's ResultHeap)."""
 
 from __future__ import annotations
 
-import heapq
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True, order=True)
-class Hit:
+class Hit(NamedTuple):  # a tuple: built for every result, so it must be cheap to make
     score: float
     id: int
     shard: int
@@ -19,18 +17,27 @@ class Hit:
         return {"id": self.id, "uri": self.uri, "score": self.score, "shard": self.shard}
 
 
-def merge_topk(per_shard: list[tuple[int, np.ndarray, np.ndarray]], k: int) -> list[list[tuple[float, int, int]]]:
-    """[(shard, D (nq, k), I (nq, k))] -> per query the best k (score, id, shard), best first.
+def merge_topk(per_shard: list[tuple[int, np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[(shard, D (nq, k_s), I (nq, k_s))] -> (D, I, S), each (nq, k): the best k per query, best first.
 
-    Higher score is better (inner product); faiss's -1 ids (fewer than k results) are dropped.
-    Ties break on the smaller id so the result does not depend on shard order.
+    Higher score is better (inner product). faiss's -1 ids (fewer than k results) sort last and
+    stay -1. Ties break on the smaller id, so the result does not depend on shard order.
     """
     if not per_shard:
-        return []
-    nq = per_shard[0][1].shape[0]
-    out = []
-    for q in range(nq):
-        candidates = ((float(D[q, j]), int(I[q, j]), shard)
-                      for shard, D, I in per_shard for j in range(I.shape[1]) if I[q, j] >= 0)
-        out.append(heapq.nsmallest(k, candidates, key=lambda c: (-c[0], c[1])))
-    return out
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32)
+    D = np.concatenate([d for _, d, _ in per_shard], axis=1).astype(np.float32, copy=False)
+    I = np.concatenate([i for _, _, i in per_shard], axis=1).astype(np.int64, copy=False)
+    S = np.concatenate([np.full(i.shape, s, np.int32) for s, _, i in per_shard], axis=1)
+    missing = I < 0
+    D = np.where(missing, -np.inf, D)
+    tie = np.where(missing, np.iinfo(np.int64).max, I)
+    order = np.lexsort((tie, -D), axis=-1)[:, :k]
+    return (np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1))
+
+
+def hit_lists(D: np.ndarray, I: np.ndarray, S: np.ndarray, uris: np.ndarray | None = None) -> list[list[Hit]]:
+    """Merged arrays -> per query a list of Hits (missing results dropped)."""
+    if uris is None:
+        uris = np.full(I.shape, "", dtype=object)
+    return [[Hit(d, i, s, u) for d, i, s, u in zip(dr, ir, sr, ur) if i >= 0]
+            for dr, ir, sr, ur in zip(D.tolist(), I.tolist(), S.tolist(), uris.tolist())]

@@ -22,7 +22,7 @@ def test_lite0_weights_load_in_order_and_classify_a_cat():
     embedder = load_embedder("lite0-gem", device="cpu")
     state = torch.load(embedder.spec.weights, map_location="cpu", weights_only=True)
     chelsea = next(i.path for i in skimage_photos() if i.label == "chelsea")
-    pixels = np.asarray(Image.open(chelsea).convert("RGB").resize((224, 224)))[None]
+    pixels = np.array(Image.open(chelsea).convert("RGB").resize((224, 224)))[None]
     with torch.inference_mode():
         x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - embedder.mean) / embedder.std
         features = embedder.backbone.forward_features(x).mean(dim=(2, 3))

@@ -1,6 +1,6 @@
 import numpy as np
 
-from services.searcher.merge import merge_topk
+from services.searcher.merge import hit_lists, merge_topk
 
 
 def test_merge_equals_sorting_the_union():
@@ -11,24 +11,29 @@ def test_merge_equals_sorting_the_union():
         D = -np.sort(-rng.random((nq, k)), axis=1).astype(np.float32)
         I = rng.integers(s * 1000, s * 1000 + 999, (nq, k))
         per_shard.append((s, D, I))
-    merged = merge_topk(per_shard, k)
+    D, I, S = merge_topk(per_shard, k)
     for q in range(nq):
-        union = sorted(((float(D[q, j]), int(I[q, j]), s) for s, D, I in per_shard for j in range(k)),
-                       key=lambda c: -c[0])
-        assert merged[q] == union[:k]
+        union = sorted(((float(d[q, j]), int(i[q, j]), s) for s, d, i in per_shard for j in range(k)),
+                       key=lambda c: -c[0])[:k]
+        assert [(float(D[q, j]), int(I[q, j]), int(S[q, j])) for j in range(k)] == union
 
 
 def test_missing_results_are_dropped_and_short_lists_allowed():
     D = np.array([[0.5, -np.inf]], np.float32)
     I = np.array([[7, -1]])
-    assert merge_topk([(0, D, I)], 3) == [[(0.5, 7, 0)]]
+    merged = merge_topk([(0, D, I)], 3)
+    hits = hit_lists(*merged)
+    assert [(h.score, h.id, h.shard) for h in hits[0]] == [(0.5, 7, 0)]
 
 
 def test_ties_break_on_id_independent_of_shard_order():
     a = (0, np.array([[0.5]], np.float32), np.array([[9]]))
     b = (1, np.array([[0.5]], np.float32), np.array([[3]]))
-    assert merge_topk([a, b], 1) == merge_topk([b, a], 1) == [[(0.5, 3, 1)]]
+    for shards in ([a, b], [b, a]):
+        D, I, S = merge_topk(shards, 1)
+        assert (I[0, 0], S[0, 0]) == (3, 1)
 
 
 def test_no_shards_no_results():
-    assert merge_topk([], 10) == []
+    D, I, S = merge_topk([], 10)
+    assert I.shape == (0, 10) and hit_lists(D, I, S) == []

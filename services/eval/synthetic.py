@@ -1,0 +1,49 @@
+"""Synthetic embeddings folders (for tests and benchmarks that need no model)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from services.common.embeddings import PartWriter
+from services.common.store import LocalStore
+from services.embedder.models import ModelSpec
+
+
+def clustered_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0, noise: float = 0.5) -> np.ndarray:
+    """Random unit vectors, optionally drawn around `clusters` centres (like real embeddings)."""
+    rng = np.random.default_rng(seed)
+    if clusters:
+        centres = rng.normal(size=(clusters, d)).astype(np.float32)
+        x = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, d)).astype(np.float32)
+    else:
+        x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthetic", error_rows: int = 0,
+                     part_rows: int = 50_000) -> ModelSpec:
+    """An embeddings folder laid out as `imsearch embed` writes it, from given vectors."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    weights = root / f"{name}.weights"
+    weights.write_bytes(name.encode())
+    spec = ModelSpec(name, "none", str(weights), vectors.shape[1])
+    writer = PartWriter(LocalStore(root), spec, part_rows)
+    for start in range(0, len(vectors), part_rows):
+        chunk = vectors[start:start + part_rows]
+        n = len(chunk)
+        sha = [hashlib.sha256(f"{name}-{start + i}".encode()).hexdigest() for i in range(n)]
+        writer.add({"uri": np.array([f"img/{start + i}.jpg" for i in range(n)], dtype=object),
+                    "sha256": np.array(sha, dtype=object), "width": np.full(n, 64), "height": np.full(n, 48),
+                    "error": np.array([""] * n, dtype=object), "vector": chunk})
+    if error_rows:
+        writer.add({"uri": np.array([f"bad/{i}.jpg" for i in range(error_rows)], dtype=object),
+                    "sha256": np.array([""] * error_rows, dtype=object), "width": np.zeros(error_rows),
+                    "height": np.zeros(error_rows),
+                    "error": np.array(["not an image: test"] * error_rows, dtype=object),
+                    "vector": np.zeros((error_rows, vectors.shape[1]), np.float32)})
+    writer.close("synthetic")
+    return spec
