@@ -1,0 +1,66 @@
+"""Embedding pipeline throughput vs the raw model forward pass (same model, batch, device, size).
+
+The pipeline reads files, hashes, decodes, resizes, embeds and writes parquet; the baseline
+embeds images already decoded in memory. Prints images/s of both and their ratio.
+Usage: python -m benchmarks.bench_embed [--images 256] [--batch 32] [--engine local|ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from services.common.config import Settings
+from services.embedder.models import load_embedder
+from services.embedder.pipeline import embed_catalogue
+from services.eval.datasets import flatten, skimage_photos
+from services.eval.transforms import random_copy
+
+
+def make_catalogue(folder: Path, n: int) -> None:
+    """n JPEGs (~640 px) made from scikit-image's photos by random edits."""
+    rng = np.random.default_rng(0)
+    photos = [flatten(p.path) for p in skimage_photos()]
+    folder.mkdir(parents=True)
+    for i in range(n):
+        img, _ = random_copy(photos[i % len(photos)], rng, n_edits=1)
+        img.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--engine", default="local")
+    args = ap.parse_args()
+    embedder = load_embedder("lite0-gem", device="auto")
+    size = embedder.spec.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_catalogue(tmp / "images", args.images)
+        rng = np.random.default_rng(1)
+        pixels = rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
+        embedder.embed(pixels)  # warm-up
+        start = time.perf_counter()
+        for _ in range(0, args.images, args.batch):
+            embedder.embed(pixels)
+        raw = args.images / (time.perf_counter() - start)
+
+        settings = Settings(home=tmp / "home", batch_size=args.batch)
+        start = time.perf_counter()
+        summary = embed_catalogue(str(tmp / "images"), str(tmp / "emb"), engine=args.engine, settings=settings)
+        pipe = summary.embedded / (time.perf_counter() - start)
+    cores = os.cpu_count() or 1
+    print(f"model lite0-gem, {size}px, batch {args.batch}, device {embedder.device}, {args.images} images, "
+          f"engine {args.engine}")
+    print(f"raw forward {raw:.1f} img/s; pipeline {pipe:.1f} img/s ({pipe / cores:.1f} img/s per core); "
+          f"ratio {pipe / raw:.2f}")
+
+
+if __name__ == "__main__":
+    main()
