@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,8 +47,18 @@ def _settings(**overrides):
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from services.common.config import get_settings
+    from services.common.logs import setup_logging
+
+    from pydantic import ValidationError
+
+    try:
+        settings = get_settings()
+    except ValidationError as e:  # bad IMSEARCH_* values stop the start, named one by one
+        bad = "; ".join(f"IMSEARCH_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors())
+        err.print(f"[red]error:[/red] invalid settings: {bad}", highlight=False)
+        raise typer.Exit(2)
+    setup_logging("debug" if verbose else settings.log_level, settings.log_format)
 
 
 @app.command()

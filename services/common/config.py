@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMSEARCH_", env_file=None, extra="ignore")
 
+    # --- logs
+    log_level: str = Field("warning", pattern="^(debug|info|warning|error)$")
+    log_format: str = Field("text", pattern="^(text|json)$")
+
     # --- storage
     home: Path = Field(Path(".imsearch"), description="local root for the embedded default")
     s3_endpoint: str = Field("localhost:9000", description="host:port of the S3/MinIO server")

@@ -18,8 +18,8 @@ from tests.helpers import encode, jpeg_with_orientation, pattern, random_unit_ve
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str, env_home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "IMSEARCH_HOME": str(env_home)}
+def run(*args: str, env_home: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMSEARCH_HOME": str(env_home), **env_vars}
     return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -146,3 +146,8 @@ def test_nothing_embedded_exits_non_zero(tmp_path):
                           "no images found")
     proc = run("index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), env_home=tmp_path)
     assert_one_line_error(proc, "no embedded images")
+
+
+def test_invalid_settings_stop_the_start(tmp_path):
+    proc = run("info", str(tmp_path), env_home=tmp_path, IMSEARCH_BATCH_SIZE="0", IMSEARCH_DEVICE="tpu")
+    assert_one_line_error(proc, "invalid settings", "IMSEARCH_BATCH_SIZE", "IMSEARCH_DEVICE")

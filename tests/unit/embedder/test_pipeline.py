@@ -1,0 +1,55 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from services.common.config import Settings
+from services.common.errors import InvalidInput, NotFound
+from services.embedder.pipeline import choose_engine, decode_batch, list_images
+from tests.helpers import encode, pattern
+
+
+def test_list_images_keeps_image_extensions_only(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "b.PNG", "sub/c.webp", "notes.txt", ".hidden/d.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [u.split("/")[-1] for u in list_images(str(tmp_path))] == ["a.jpg", "b.PNG", "c.webp"]
+
+
+def test_manifests_in_three_formats(tmp_path):
+    uris = [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    (tmp_path / "m.txt").write_text("# my images\n" + "\n".join(uris) + "\n\n")
+    (tmp_path / "m.csv").write_text("uri,label\n" + "\n".join(f"{u},x" for u in uris))
+    pq.write_table(pa.table({"uri": uris, "id": [1, 2, 3]}), tmp_path / "m.parquet")
+    for name in ("m.txt", "m.csv", "m.parquet"):
+        assert list_images(str(tmp_path / name)) == uris
+
+
+def test_bad_sources_are_clear(tmp_path):
+    with pytest.raises(NotFound, match="no images"):
+        list_images(str(tmp_path))
+    pq.write_table(pa.table({"path": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(InvalidInput, match="no 'uri' column"):
+        list_images(str(tmp_path / "bad.parquet"))
+    with pytest.raises(NotFound):
+        list_images(str(tmp_path / "missing.txt"))
+
+
+def test_decode_batch_turns_failures_into_error_rows(tmp_path):
+    (tmp_path / "ok.png").write_bytes(encode(pattern()))
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    out = decode_batch({"uri": np.array([str(tmp_path / "ok.png"), str(tmp_path / "bad.jpg"),
+                                         str(tmp_path / "gone.jpg")], dtype=object)}, 16, Settings())
+    assert list(out["error"][:1]) == [""] and "empty" in out["error"][1] and "not found" in out["error"][2]
+    assert out["pixels"].shape == (3, 16, 16, 3) and len(out["sha256"][0]) == 64
+    assert (out["width"][0], out["height"][0]) == (64, 48)
+
+
+def test_engine_choice():
+    s = Settings(ray_min_images=100)
+    assert choose_engine(99, s) == "local" and choose_engine(100, s) == "ray"
+    assert choose_engine(5, Settings(ray_address="auto")) == "ray"
+    assert choose_engine(10_000, s, "local") == "local"
+    with pytest.raises(InvalidInput):
+        choose_engine(1, s, "spark")
