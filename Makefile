@@ -19,6 +19,7 @@ demo: install
 	$(VENV)/bin/imsearch demo
 
 test: install
+	$(VENV)/bin/ruff check services tests benchmarks scripts
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 protos: install

@@ -20,9 +20,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path = ROOT, descriptor_out: Path | None = None) -> None:
     """Run protoc on every proto; write stubs under out_dir (and a descriptor set if asked)."""
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = ["protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={out_dir}",

@@ -48,10 +48,10 @@ def _settings(**overrides):
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs")) -> None:
+    from pydantic import ValidationError
+
     from services.common.config import get_settings
     from services.common.logs import setup_logging
-
-    from pydantic import ValidationError
 
     try:
         settings = get_settings()
@@ -83,8 +83,9 @@ def embed(
     if bool(source) == bool(manifest):
         raise typer.BadParameter("give either SOURCE or --manifest")
     settings = _settings(ray_address=ray_address, batch_size=batch_size)
-    with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[errors]} errors"),
-                  TimeRemainingColumn(), console=err, disable=as_json or not err.is_terminal) as bar:
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[errors]} errors"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("embed", total=None, errors=0)
 
         def progress(done: int, total: int, errors: int) -> None:

@@ -6,7 +6,6 @@ vector (fixed-size list of float32, null on error rows).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -17,15 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from services.common.checksums import sha256_bytes
 from services.common.errors import Corrupt, InvalidInput, NotFound
 from services.common.store import Store
 
 META_KEY = "embeddings.json"
 FORMAT = 1
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def schema(dim: int) -> pa.Schema:

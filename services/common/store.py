@@ -151,7 +151,8 @@ class S3Store:
             return fn(*args, **kwargs)
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
-                raise NotFound(f"not found: s3://{self.bucket}/{getattr(e, 'object_name', '') or ''} ({e.code})") from None
+                name = getattr(e, "object_name", "") or ""
+                raise NotFound(f"not found: s3://{self.bucket}/{name} ({e.code})") from None
             raise Unavailable(f"S3 error from {self.settings.s3_endpoint}: {e.code}: {e.message}") from None
         except (HTTPError, OSError) as e:
             raise Unavailable(f"cannot reach S3 server {self.settings.s3_endpoint}: {e}") from None

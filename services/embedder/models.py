@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.common.checksums import file_sha256
 from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.embedder.gem import GeM, l2n
 
@@ -38,7 +39,7 @@ class ModelSpec:
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(
-            [self.arch, file_sha256(self.weights), self.dim, self.image_size, round(self.gem_p, 4),
+            [self.arch, weights_sha256(self.weights), self.dim, self.image_size, round(self.gem_p, 4),
              self.mean, self.std], sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -47,12 +48,9 @@ class ModelSpec:
 
 
 @lru_cache(maxsize=16)
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def weights_sha256(path: str) -> str:
+    """Cached: weight files are hashed for every fingerprint and do not change under a process."""
+    return file_sha256(path)
 
 
 def _lite0_spec() -> ModelSpec:

@@ -7,7 +7,6 @@ or as Ray Data `map_batches` stages: decode as CPU tasks, the model as an actor 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -17,12 +16,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
+from services.common.embeddings import PartWriter
 from services.common.errors import ImsearchError, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import open_store, read_uri
 from services.embedder.models import load_embedder, resolve_spec
-from services.common.embeddings import PartWriter
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def decode_batch(batch: Batch, size: int, settings: Settings) -> Batch:
     for i, uri in enumerate(uris):
         try:
             data = read_uri(uri, settings)
-            sha[i] = hashlib.sha256(data).hexdigest()
+            sha[i] = sha256_bytes(data)
             d = decode_image(data, size, settings.max_image_bytes, settings.max_image_pixels)
             pixels[i], width[i], height[i] = d.pixels, d.width, d.height
         except ImsearchError as e:

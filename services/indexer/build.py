@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from services.common import faiss_util
+from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.embeddings import Embeddings, read_embeddings, sha256_bytes
+from services.common.embeddings import Embeddings, read_embeddings
 from services.common.errors import InvalidInput
 from services.common.store import open_store
 from services.indexer.manifest import Manifest, ShardEntry, publish, version_prefix
@@ -132,7 +133,8 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     emb, dropped = dedupe(read_embeddings(emb_store))
     n, dim = emb.vectors.shape
     if n == 0:
-        raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): nothing to index")
+        raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): "
+                           "nothing to index")
     params = choose_params(n, dim, settings.memory_budget_gb * 2**30, settings.flat_max, whiten_dim)
     if factory:
         params = params_from_factory(factory)

@@ -12,7 +12,7 @@ import json
 
 from pydantic import BaseModel, ValidationError
 
-from services.common.embeddings import sha256_bytes
+from services.common.checksums import sha256_bytes
 from services.common.errors import Corrupt, InvalidInput, NotFound
 from services.common.store import Store
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,21 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from services.common import faiss_util
+from services.common.checksums import file_sha256, sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.embeddings import sha256_bytes
 from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import Store, atomic_write, open_store
 from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
 from services.searcher.merge import Hit, hit_lists, merge_topk
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -168,7 +159,8 @@ class IndexSearcher:
         try:
             embedder = load_embedder(spec["name"], spec.get("weights"), self.settings.device)
         except (InvalidInput, NotFound) as e:
-            raise Incompatible(f"index was built with model {spec['name']!r}, which cannot be loaded here: {e}") from None
+            raise Incompatible(f"index was built with model {spec['name']!r}, "
+                               f"which cannot be loaded here: {e}") from None
         if embedder.spec.fingerprint != spec["fingerprint"]:
             raise Incompatible(f"model {spec['name']!r} here has fingerprint {embedder.spec.fingerprint}, "
                                f"the index was built with {spec['fingerprint']} (different weights or settings)")

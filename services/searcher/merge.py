@@ -17,7 +17,8 @@ class Hit(NamedTuple):  # a tuple: built for every result, so it must be cheap t
         return {"id": self.id, "uri": self.uri, "score": self.score, "shard": self.shard}
 
 
-def merge_topk(per_shard: list[tuple[int, np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def merge_topk(per_shard: list[tuple[int, np.ndarray, np.ndarray]],
+               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[(shard, D (nq, k_s), I (nq, k_s))] -> (D, I, S), each (nq, k): the best k per query, best first.
 
     Higher score is better (inner product). faiss's -1 ids (fewer than k results) sort last and
