@@ -8,7 +8,6 @@ or as Ray Data `map_batches` stages: decode as CPU tasks, the model as an actor 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from services.common.embeddings import PartWriter
 from services.common.errors import ImsearchError, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import open_store, read_uri
-from services.embedder.models import load_embedder, resolve_spec
+from services.embedder.models import load_embedder, pick_device, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +143,9 @@ def _run_ray(uris: list[str], model: str, weights: str | None, settings: Setting
     ctx.enable_progress_bars = False  # the CLI draws its own bar
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k.startswith("IMSEARCH_")}  # settings reach the workers
-        ray.init(address=settings.ray_address, runtime_env={"env_vars": env} if env else None,
-                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    import torch
-
-    gpus = 1 if settings.device != "cpu" and torch.cuda.is_available() else 0
+        # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
+        ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+    gpus = 1 if pick_device(settings.device).type == "cuda" else 0
     size = resolve_spec(model, weights).image_size
     ds = ray.data.from_items([{"uri": u} for u in uris])
     ds = ds.map_batches(decode_batch, batch_size=settings.batch_size, batch_format="numpy",

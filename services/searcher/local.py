@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from services.common.checksums import file_sha256, sha256_bytes
 from services.common.config import Settings, get_settings
 from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound
 from services.common.images import decode_image
-from services.common.store import Store, atomic_write, open_store
+from services.common.store import TMP_PREFIX, Store, open_store
 from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
 from services.searcher.merge import Hit, hit_lists, merge_topk
 
@@ -33,7 +34,9 @@ class LoadedShard:
         """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
         key = (nprobe, k_factor)
         if key not in self._params:
-            self._params[key] = faiss_util.search_parameters(self.index, nprobe, k_factor)
+            # setdefault is atomic: racing threads all use the one stored copy, whose nested
+            # params stay alive with it (faiss holds raw pointers to them).
+            self._params.setdefault(key, faiss_util.search_parameters(self.index, nprobe, k_factor))
         return self._params[key][0]
 
     def uris_of(self, ids: np.ndarray) -> np.ndarray:
@@ -47,10 +50,14 @@ class LoadedShard:
 def _shard_file(store: Store, key: str, sha: str, cache: Path) -> Path:
     """A local, checksum-verified path of a stored file (downloaded into the cache for S3)."""
     local = store.local_path(key)
-    if local is None:
+    if local is None:  # S3: download once into a cache named by the checksum
         local = cache / f"{sha}{Path(key).suffix}"
-        if not local.is_file() or file_sha256(local) != sha:
-            atomic_write(local, data=store.get_bytes(key))
+        if local.is_file() and file_sha256(local) == sha:
+            return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(f"{TMP_PREFIX}{local.name}")
+        store.get_file(key, part)  # streamed to disk: shards can be larger than RAM
+        os.replace(part, local)
     if not local.is_file():
         raise Corrupt(f"shard file missing: {store.uri(key)}")
     if file_sha256(local) != sha:
