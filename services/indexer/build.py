@@ -128,6 +128,8 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     step = step or (lambda msg: log.info(msg))
     if not 1 <= shards <= 1024:
         raise InvalidInput(f"--shards must be between 1 and 1024, got {shards}")
+    if nprobe is not None and nprobe < 1:
+        raise InvalidInput(f"--nprobe must be >= 1, got {nprobe}")
     emb_store = open_store(emb_url, settings)
     step(f"reading embeddings from {emb_store.url}")
     emb, dropped = dedupe(read_embeddings(emb_store))
@@ -137,7 +139,7 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
                            "nothing to index")
     params = choose_params(n, dim, settings.memory_budget_gb * 2**30, settings.flat_max, whiten_dim)
     if factory:
-        params = params_from_factory(factory)
+        params = params_from_factory(f"PCAW{whiten_dim},L2norm,{factory}" if whiten_dim else factory)
     rng = np.random.default_rng(0)
     trained = faiss_util.make_index(dim, params.factory)
     sample = train_sample(emb.vectors, params, rng)
@@ -147,8 +149,10 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     step(f"adding {n} vectors to {shards} shard(s)")
     parts = split_shards(trained, emb, shards)
     tuned, tuning = tune_nprobe(parts, emb, params, settings.target_recall, rng)
+    step(f"nprobe {tuned}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
+    if nprobe is not None:
+        tuning["nprobe_tuned"], tuning["nprobe_from"] = tuned, "user"
     nprobe = nprobe or tuned
-    step(f"nprobe {nprobe}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
 
     out = open_store(out_url, settings)
     version = new_version()

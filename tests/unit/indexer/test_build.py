@@ -98,6 +98,9 @@ def test_user_factory_overrides_the_choice(tmp_path, settings):
     write_fake_embeddings(tmp_path / "emb", random_unit_vectors(3000, 16))
     m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="IVF32,Flat", settings=settings)
     assert m.factory == "IVF32,Flat" and m.params["nlist"] == 32 and 1 <= m.nprobe <= 32
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "w"), factory="IVF32,Flat", whiten_dim=8, nprobe=5,
+                    settings=settings)
+    assert m.factory == "PCAW8,L2norm,IVF32,Flat" and m.nprobe == 5 and m.tuning["nprobe_from"] == "user"
     with pytest.raises(InvalidInput, match="factory"):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx2"), factory="IVFxyz,Nope", settings=settings)
 
@@ -108,6 +111,8 @@ def test_bad_inputs(tmp_path, settings):
     write_fake_embeddings(tmp_path / "emb", random_unit_vectors(10, 8))
     with pytest.raises(InvalidInput, match="shards"):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=0, settings=settings)
+    with pytest.raises(InvalidInput, match="nprobe"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), nprobe=0, settings=settings)
 
 
 def test_wrong_dim_k_and_nprobe_are_refused(tmp_path, settings):
