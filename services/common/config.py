@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     max_k: int = Field(1000, gt=0)
     mmap_index: bool = Field(False, description="memory-map shard files instead of loading them into RAM")
 
+    # --- serving
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=1024, description="gRPC message size limit")
+    max_batch: int = Field(256, gt=0, description="most queries in one SearchBatch / Embed call")
+    auth_token: SecretStr | None = Field(None, description="bearer token every call must carry")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
+
     @field_validator("s3_endpoint")
     @classmethod
     def _no_scheme(cls, v: str) -> str:

@@ -47,6 +47,12 @@ class Unavailable(ImsearchError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotSupported(ImsearchError):
+    """A valid request this deployment cannot serve (e.g. images sent to a router without embedder)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class DeadlineExceeded(ImsearchError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

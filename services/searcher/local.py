@@ -16,10 +16,11 @@ from services.common import faiss_util
 from services.common.checksums import file_sha256, sha256_bytes
 from services.common.config import Settings, get_settings
 from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound
+from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import TMP_PREFIX, Store, open_store
 from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
-from services.searcher.merge import Hit, hit_lists, merge_topk
+from services.searcher.merge import hit_lists, merge_topk
 
 
 @dataclass
@@ -105,13 +106,19 @@ def check_k(k: int, max_k: int) -> None:
 class IndexSearcher:
     """Loads the published version of an index root and searches all its shards."""
 
-    def __init__(self, url: str, settings: Settings | None = None):
+    def __init__(self, url: str, settings: Settings | None = None, only: list[int] | None = None):
+        """Load every shard of the published version, or `only` those numbers (a shard server)."""
         self.settings = settings or get_settings()
         self.store = open_store(url, self.settings)
         self.manifest = load_current(self.store)
         cache = self.settings.home / "cache"
-        self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index)
-                       for e in self.manifest.shards]
+        entries = self.manifest.shards
+        if only is not None:
+            known = {e.shard for e in entries}
+            if not set(only) <= known:
+                raise NotFound(f"index {self.store.url} has shards {sorted(known)}, not {sorted(set(only) - known)}")
+            entries = [e for e in entries if e.shard in only]
+        self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index) for e in entries]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
         self.quantizer = shared_quantizer([s.index for s in self.shards])
 

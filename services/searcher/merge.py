@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-
-class Hit(NamedTuple):  # a tuple: built for every result, so it must be cheap to make
-    score: float
-    id: int
-    shard: int
-    uri: str = ""
-
-    def as_dict(self) -> dict:
-        return {"id": self.id, "uri": self.uri, "score": self.score, "shard": self.shard}
+from services.common.hits import Hit
 
 
 def merge_topk(per_shard: list[tuple[int, np.ndarray, np.ndarray]],

@@ -11,6 +11,7 @@ def test_each_domain_error_has_its_status_code():
     assert errors.grpc_status(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
     assert errors.grpc_status(errors.Incompatible("x")) == grpc.StatusCode.FAILED_PRECONDITION
     assert errors.grpc_status(errors.Corrupt("x")) == grpc.StatusCode.DATA_LOSS
+    assert errors.grpc_status(errors.NotSupported("x")) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_unknown_exceptions_are_internal():

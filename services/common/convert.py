@@ -1,0 +1,34 @@
+"""Conversions between protobuf messages and numpy arrays / Hits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protos.imsearch.v1 import imsearch_pb2 as pb
+from services.common.errors import InvalidInput
+from services.common.hits import Hit
+
+
+def vectors_from_proto(vectors, dim: int | None = None) -> np.ndarray:
+    """Repeated Vector -> (n, d) float32; ragged, empty or wrong-dimension input is refused."""
+    if not vectors:
+        raise InvalidInput("no query vectors given")
+    lengths = {len(v.values) for v in vectors}
+    if len(lengths) != 1:
+        raise InvalidInput(f"query vectors have different lengths: {sorted(lengths)}")
+    d = lengths.pop()
+    if dim is not None and d != dim:
+        raise InvalidInput(f"query vectors have dim {d}, the index takes {dim}-d vectors")
+    return np.array([v.values for v in vectors], dtype=np.float32).reshape(len(vectors), d)
+
+
+def vectors_to_proto(x: np.ndarray) -> list[pb.Vector]:
+    return [pb.Vector(values=row) for row in np.asarray(x, np.float32).tolist()]
+
+
+def hits_to_proto(hits: list[Hit]) -> pb.HitList:
+    return pb.HitList(hits=[pb.Hit(id=h.id, uri=h.uri, score=h.score, shard=h.shard) for h in hits])
+
+
+def hits_from_proto(hit_list: pb.HitList) -> list[Hit]:
+    return [Hit(h.score, h.id, h.shard, h.uri) for h in hit_list.hits]

@@ -1,0 +1,115 @@
+"""gRPC server bootstrap shared by every service: limits, auth, health, reflection,
+domain errors -> status codes (the one place), graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import Settings
+from services.common.errors import ImsearchError
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def rpc(fn):
+    """Wrap an async servicer method: a domain error aborts with its status code and message."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except ImsearchError as e:
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error in %s", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
+
+    return wrapper
+
+
+def channel_options(settings: Settings) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes)]
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Calls must carry `authorization: Bearer <token>`; health checks stay open for probes."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self.deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        if dict(details.invocation_metadata or ()).get("authorization") != self.expected:
+            return self.deny
+        return await continuation(details)
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    names: list[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        for name in self.names + [""]:
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Refuse new calls (health NOT_SERVING), finish in-flight ones for up to `grace` seconds."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+async def start(add: list[tuple[Callable, object, str]], port: int, settings: Settings,
+                host: str = "127.0.0.1", serving: bool = True) -> Running:
+    """add: (add_XServicer_to_server, servicer, full service name). port 0 picks a free port."""
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    server = grpc.aio.server(options=channel_options(settings), interceptors=[BearerAuth(token)] if token else [])
+    for add_fn, servicer, _ in add:
+        add_fn(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [name for _, _, name in add]
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{host}:{port}"
+    if settings.tls_cert and settings.tls_key:
+        creds = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    running = Running(server, health_servicer, bound, names)
+    await running.set_serving(serving)
+    return running
+
+
+async def wait_for_signal(running: Running, grace: float = 5.0) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1fs", grace)
+    await running.stop(grace)

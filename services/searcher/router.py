@@ -1,0 +1,206 @@
+"""Router: embeds the query, fans out to every shard concurrently within the deadline, merges top-k.
+
+A shard that fails or times out (after trying its replicas) is left out and named: the answer
+carries coverage < 1 and the missing shards, never a silent partial result.
+
+    python -m services.searcher.router --shards h:50061,h:50062 --index idx/
+    (replicas of one shard are separated by '|': h1:50061|h2:50061,h1:50062|h2:50062)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import grpc
+import numpy as np
+
+from protos.imsearch.v1 import imsearch_pb2 as pb
+from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common import server
+from services.common.config import Settings, get_settings
+from services.common.convert import hits_to_proto, vectors_from_proto, vectors_to_proto
+from services.common.errors import DeadlineExceeded, ImsearchError, InvalidInput, NotSupported, TooLarge, Unavailable
+from services.common.hits import Hit
+from services.searcher.local import check_k
+from services.searcher.merge import merge_topk
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
+# Errors that mean "this replica cannot answer now": try the next one.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+Embed = Callable[[list[bytes]], Awaitable[np.ndarray]]
+
+
+@dataclass
+class Answer:
+    hits: list[list[Hit]]
+    version: str
+    coverage: float
+    missing: list[int]
+
+
+def parse_shards(spec: str) -> list[list[str]]:
+    """'a:1|b:1,a:2' -> [['a:1', 'b:1'], ['a:2']] (shard i = i-th comma group, '|' = replicas)."""
+    groups = [[a.strip() for a in group.split("|") if a.strip()] for group in spec.split(",")]
+    if not groups or any(not g for g in groups):
+        raise InvalidInput(f"bad --shards {spec!r}: expected host:port[|host:port],... one group per shard")
+    return groups
+
+
+def _to_arrays(results: list[pb.HitList], k: int) -> tuple[np.ndarray, np.ndarray]:
+    D = np.full((len(results), k), -np.inf, np.float32)
+    I = np.full((len(results), k), -1, np.int64)
+    for q, hit_list in enumerate(results):
+        for j, h in enumerate(hit_list.hits[:k]):
+            D[q, j], I[q, j] = h.score, h.id
+    return D, I
+
+
+class Router:
+    def __init__(self, shards: list[list[str]], settings: Settings, embed: Embed | None = None):
+        self.settings, self.embed = settings, embed
+        options = server.channel_options(settings)
+        self.channels = [[grpc.aio.insecure_channel(a, options=options) for a in replicas] for replicas in shards]
+        self.stubs = [[pb_grpc.ShardStub(c) for c in chans] for chans in self.channels]
+        self.turn = [itertools.count() for _ in shards]  # round-robin over replicas
+        token = settings.auth_token.get_secret_value() if settings.auth_token else None
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.dim: int | None = None
+
+    async def _ask(self, shard: int, request: pb.ShardSearchRequest, deadline: float) -> pb.ShardSearchResponse | None:
+        """Ask one replica after another until one answers or the deadline passes."""
+        loop = asyncio.get_running_loop()
+        replicas = self.stubs[shard]
+        start = next(self.turn[shard])
+        for i in range(len(replicas)):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                return await replicas[(start + i) % len(replicas)].Search(
+                    request, timeout=remaining, metadata=self.metadata)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise InvalidInput(f"shard {shard}: {e.details()}") from None
+                log.warning("shard %d replica %d failed: %s %s", shard, (start + i) % len(replicas),
+                            e.code().name, e.details())
+        return None
+
+    async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None) -> Answer:
+        check_k(k, self.settings.max_k)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.settings.shard_timeout_s)
+        request = pb.ShardSearchRequest(queries=vectors_to_proto(queries), k=k, nprobe=nprobe)
+        replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
+        answered = {s: r for s, r in enumerate(replies) if r is not None}
+        if not answered:
+            if loop.time() >= deadline:
+                raise DeadlineExceeded("no shard answered within the deadline")
+            raise Unavailable("no shard is reachable")
+        # One version per answer: during a publish, shards still on another version count as missing.
+        version = Counter(r.index_version for r in answered.values()).most_common(1)[0][0]
+        answered = {s: r for s, r in answered.items() if r.index_version == version}
+        per_shard = [(s, *_to_arrays(list(r.results), k)) for s, r in answered.items()]
+        D, I, S = merge_topk(per_shard, k)
+        uris = {(s, h.id): h.uri for s, r in answered.items() for hl in r.results for h in hl.hits}
+        hits = [[Hit(float(d), int(i), int(s), uris[(int(s), int(i))]) for d, i, s in zip(dr, ir, sr) if i >= 0]
+                for dr, ir, sr in zip(D, I, S)]
+        missing = sorted(set(range(len(self.stubs))) - set(answered))
+        return Answer(hits, version, len(answered) / len(self.stubs), missing)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for chans in self.channels for c in chans))
+
+
+class SearcherService(pb_grpc.SearcherServicer):
+    def __init__(self, router: Router, settings: Settings):
+        self.router, self.settings = router, settings
+
+    async def _vectors(self, queries: list[pb.Query]) -> np.ndarray:
+        kinds = {q.WhichOneof("query") for q in queries}
+        if None in kinds:
+            raise InvalidInput("a query needs an image, a vector or an id")
+        if kinds == {"vector"}:
+            return vectors_from_proto([q.vector for q in queries], self.router.dim)
+        if kinds == {"image"}:
+            if self.router.embed is None:
+                raise NotSupported("this router has no embedder: send vectors")
+            return await self.router.embed([q.image for q in queries])
+        if "id" in kinds:
+            raise NotSupported("search by catalogue id is not available yet")
+        raise InvalidInput("all queries of one batch must be of the same kind (images or vectors)")
+
+    @staticmethod
+    def _response(answer: Answer, q: int) -> pb.SearchResponse:
+        return pb.SearchResponse(hits=hits_to_proto(answer.hits[q]).hits, index_version=answer.version,
+                                 coverage=answer.coverage, missing_shards=answer.missing)
+
+    @server.rpc
+    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        vectors = await self._vectors([request.query])
+        answer = await self.router.search(vectors, request.k, request.nprobe, context.time_remaining())
+        return self._response(answer, 0)
+
+    @server.rpc
+    async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
+        if len(request.queries) > self.settings.max_batch:
+            raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
+        vectors = await self._vectors(list(request.queries))
+        answer = await self.router.search(vectors, request.k, request.nprobe, context.time_remaining())
+        return pb.SearchBatchResponse(results=[self._response(answer, q) for q in range(len(vectors))])
+
+
+def local_embedder(index: str, settings: Settings) -> tuple[Embed, int]:
+    """The embedded default: embed query images in this process with the index's own model."""
+    from services.searcher.local import IndexSearcher
+
+    searcher = IndexSearcher(index, settings, only=[])
+
+    async def embed(images: list[bytes]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(None, searcher.embed_images, images)
+
+    return embed, searcher.manifest.dim
+
+
+async def serve(shards: list[list[str]], port: int = 0, settings: Settings | None = None,
+                index: str | None = None, host: str = "127.0.0.1") -> tuple[server.Running, Router]:
+    settings = settings or get_settings()
+    embed, dim = local_embedder(index, settings) if index else (None, None)
+    router = Router(shards, settings, embed)
+    router.dim = dim
+    service = SearcherService(router, settings)
+    running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
+    log.info("router serving on %s:%d over %d shard(s)", host, running.port, len(shards))
+    return running, router
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
+    ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard")
+    ap.add_argument("--index", help="index root: lets the router embed query images with the index's model")
+    ap.add_argument("--port", type=int, default=50050)
+    ap.add_argument("--host", default="127.0.0.1")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+
+    async def run() -> None:
+        try:
+            running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host)
+        except ImsearchError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"router serving on {args.host}:{running.port}", flush=True)
+        await server.wait_for_signal(running)
+        await router.close()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Shard servers and the router as real processes: search, partial answers, bad input, auth."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from grpc import RpcError, StatusCode
+
+from services.common.config import Settings
+from services.indexer.build import build_index
+from services.searcher.client import SearchClient
+from services.searcher.local import IndexSearcher
+from tests.conftest import free_port
+from tests.helpers import random_unit_vectors, write_fake_embeddings
+from tests.procs import Service, wait_serving
+
+DIM, SHARDS = 16, 3
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    x = random_unit_vectors(3000, DIM, seed=7, clusters=20)
+    write_fake_embeddings(tmp / "emb", x)
+    build_index(str(tmp / "emb"), str(tmp / "idx"), shards=SHARDS, settings=Settings(home=tmp / "home"))
+    return tmp
+
+
+@pytest.fixture()
+def cluster(index, tmp_path):
+    """SHARDS shard servers + a router, each its own process; always stopped."""
+    env = {"IMSEARCH_HOME": str(tmp_path / "home")}
+    shards = [Service("services.searcher.shard", ["--index", str(index / "idx"), "--shard", str(i)], free_port(),
+                      env, tmp_path / f"shard{i}.log") for i in range(SHARDS)]
+    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
+                     env, tmp_path / "router.log")
+    try:
+        for s in shards:
+            s.start(wait=False)
+        for s in shards:
+            wait_serving(s.address, proc=s.proc)
+        router.start()
+        yield shards, router
+    finally:
+        for s in [router, *shards]:
+            s.stop()
+
+
+def code_of(fn) -> StatusCode:
+    with pytest.raises(RpcError) as e:
+        fn()
+    return e.value.code()
+
+
+def test_router_answers_like_the_in_process_searcher(index, cluster):
+    _, router = cluster
+    local = IndexSearcher(str(index / "idx"), Settings(home=index / "home"))
+    queries = random_unit_vectors(20, DIM, seed=8, clusters=20)
+    with SearchClient(router.address) as client:
+        results = client.search_batch(list(queries), k=10)
+        single = client.search(queries[0], k=10)
+    expected = local.search(queries, k=10)
+    assert [[h.id for h in r.hits] for r in results] == [[h.id for h in e] for e in expected]
+    assert all(r.coverage == 1.0 and not r.missing_shards and r.index_version == local.version for r in results)
+    assert [h.uri for h in single.hits] == [h.uri for h in expected[0]]
+
+
+def test_a_killed_shard_gives_a_flagged_partial_answer_then_recovers(cluster):
+    shards, router = cluster
+    query = random_unit_vectors(1, DIM, seed=9)[0]
+    with SearchClient(router.address) as client:
+        assert client.search(query).coverage == 1.0
+        shards[1].kill()
+        partial = client.search(query, k=10)
+        assert partial.partial and partial.missing_shards == [1] and partial.coverage == pytest.approx(2 / 3)
+        assert partial.hits and all(h.shard != 1 for h in partial.hits)
+        shards[1].start()  # waits until the new process reports SERVING
+        deadline = time.monotonic() + 30  # the router's channel reconnects with backoff: poll, bounded
+        while client.search(query).coverage < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.search(query).coverage == 1.0
+
+
+def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(cluster):
+    _, router = cluster
+    good = random_unit_vectors(1, DIM)[0]
+    with SearchClient(router.address) as client:
+        assert code_of(lambda: client.search(np.zeros(DIM + 3, np.float32))) == StatusCode.INVALID_ARGUMENT
+        assert code_of(lambda: client.search(good, k=0)) == StatusCode.INVALID_ARGUMENT
+        assert code_of(lambda: client.search(good, k=100_000)) == StatusCode.INVALID_ARGUMENT
+        assert code_of(lambda: client.search(b"\x89PNG not really")) == StatusCode.UNIMPLEMENTED  # no embedder
+        assert code_of(lambda: client.search_batch([good] * 1000)) == StatusCode.RESOURCE_EXHAUSTED
+        huge = np.zeros(5_000_000, np.float32)  # 20 MB > the 16 MiB message limit
+        assert code_of(lambda: client.search(huge)) == StatusCode.RESOURCE_EXHAUSTED
+        assert client.search(good).coverage == 1.0
+
+
+def test_all_shards_down_is_unavailable(cluster):
+    shards, router = cluster
+    for s in shards:
+        s.kill()
+    with SearchClient(router.address) as client:
+        assert code_of(lambda: client.search(random_unit_vectors(1, DIM)[0])) == StatusCode.UNAVAILABLE
+
+
+def test_bearer_token_is_required_when_configured(index, tmp_path):
+    env = {"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_AUTH_TOKEN": "s3cret"}
+    shard = Service("services.searcher.shard", ["--index", str(index / "idx"), "--shard", "0"], free_port(), env)
+    router = Service("services.searcher.router", ["--shards", shard.address], free_port(), env)
+    try:
+        shard.start()
+        router.start()
+        query = random_unit_vectors(1, DIM)[0]
+        with SearchClient(router.address) as client:
+            assert code_of(lambda: client.search(query)) == StatusCode.UNAUTHENTICATED
+        with SearchClient(router.address, token="wrong") as client:
+            assert code_of(lambda: client.search(query)) == StatusCode.UNAUTHENTICATED
+        with SearchClient(router.address, token="s3cret") as client:
+            assert client.search(query).coverage == 1.0  # the router passes the token on to the shard
+    finally:
+        router.stop()
+        shard.stop()

@@ -1,0 +1,70 @@
+"""Real service processes for integration tests: start, wait on gRPC health, kill, always stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_serving(address: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll the standard health service until SERVING (or fail, showing the process's output)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"service at {address} exited with {proc.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service at {address} not SERVING after {timeout}s")
+            time.sleep(0.05)
+
+
+class Service:
+    """`python -m <module> <args>` on a given port, as a real process."""
+
+    def __init__(self, module: str, args: list[str], port: int, env: dict | None = None, log: Path | None = None):
+        self.module, self.args, self.port = module, args, port
+        self.env = {**os.environ, **(env or {})}
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> "Service":
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
+                                     cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        if wait:
+            wait_serving(self.address, proc=self.proc)
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no goodbye."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
