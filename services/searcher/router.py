@@ -54,6 +54,14 @@ def parse_shards(spec: str) -> list[list[str]]:
     return groups
 
 
+def shard_budget(client_remaining: float | None, shard_timeout: float) -> float:
+    """Time the shards get: the router's own limit, cut to leave room to merge and reply
+    before the client's deadline."""
+    if client_remaining is None:
+        return shard_timeout
+    return max(0.001, min(shard_timeout, client_remaining * 0.9 - 0.01))
+
+
 def _to_arrays(results: list[pb.HitList], k: int) -> tuple[np.ndarray, np.ndarray]:
     D = np.full((len(results), k), -np.inf, np.float32)
     I = np.full((len(results), k), -1, np.int64)
@@ -96,7 +104,7 @@ class Router:
     async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None) -> Answer:
         check_k(k, self.settings.max_k)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.settings.shard_timeout_s)
+        deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.ShardSearchRequest(queries=vectors_to_proto(queries), k=k, nprobe=nprobe)
         replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
         answered = {s: r for s, r in enumerate(replies) if r is not None}

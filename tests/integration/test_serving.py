@@ -122,3 +122,22 @@ def test_bearer_token_is_required_when_configured(index, tmp_path):
     finally:
         router.stop()
         shard.stop()
+
+
+def test_a_frozen_shard_costs_only_the_deadline(cluster):
+    """SIGSTOP a shard: it accepts connections but never answers; the router must not wait past the deadline."""
+    import signal
+
+    shards, router = cluster
+    query = random_unit_vectors(1, DIM, seed=11)[0]
+    with SearchClient(router.address, timeout=10) as client:
+        assert client.search(query).coverage == 1.0
+        shards[2].proc.send_signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            partial = client.search(query)  # the router's default shard deadline is 2 s
+            elapsed = time.monotonic() - start
+        finally:
+            shards[2].proc.send_signal(signal.SIGCONT)
+    assert partial.missing_shards == [2] and partial.hits
+    assert elapsed < 4.0, elapsed

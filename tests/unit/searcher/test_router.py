@@ -1,0 +1,18 @@
+import pytest
+
+from services.common.errors import InvalidInput
+from services.searcher.router import parse_shards, shard_budget
+
+
+def test_parse_shards_groups_and_replicas():
+    assert parse_shards("a:1|b:1, a:2") == [["a:1", "b:1"], ["a:2"]]
+    for bad in ("", "a:1,,a:2", " | "):
+        with pytest.raises(InvalidInput):
+            parse_shards(bad)
+
+
+def test_shard_budget_leaves_room_before_the_client_deadline():
+    assert shard_budget(None, 2.0) == 2.0
+    assert shard_budget(10.0, 2.0) == 2.0
+    assert shard_budget(1.0, 2.0) == pytest.approx(0.89)
+    assert 0 < shard_budget(0.0, 2.0) < 0.01
