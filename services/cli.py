@@ -194,6 +194,47 @@ def info(
 
 @app.command()
 @cli_errors
+def serve(
+    index_: str = typer.Argument(..., metavar="INDEX", help="index root (folder or s3://)"),
+    port: int = typer.Option(50050, help="router port"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)"),
+    shard_ports: int = typer.Option(0, help="first shard server port (0: free ports)"),
+) -> None:
+    """Serve an index on one machine: a shard server process per shard plus the router."""
+    import asyncio
+
+    from services.common import server
+    from services.common.procs import Service, free_port, wait_serving
+    from services.common.store import open_store
+    from services.indexer.manifest import load_current
+    from services.searcher import router
+
+    settings = _settings()
+    manifest = load_current(open_store(index_, settings))
+    shards = [Service("services.searcher.shard", ["--index", index_, "--shard", str(e.shard), "--host", host],
+                      shard_ports + i if shard_ports else free_port()) for i, e in enumerate(manifest.shards)]
+    try:
+        for s in shards:
+            s.start(wait=False)
+        for s in shards:
+            wait_serving(s.address, proc=s.proc)
+        err.print(f"• {len(shards)} shard server(s) up: {', '.join(s.address for s in shards)}", highlight=False)
+
+        async def run() -> None:
+            running, r = await router.serve([[s.address] for s in shards], port, settings, index=index_, host=host)
+            out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{running.port}"
+                      " — Ctrl-C to stop", highlight=False)
+            await server.wait_for_signal(running)
+            await r.close()
+
+        asyncio.run(run())
+    finally:
+        for s in shards:
+            s.stop()
+
+
+@app.command()
+@cli_errors
 def demo(
     workdir: Path = typer.Option(Path(".imsearch/demo"), help="where the sample catalogue and index go"),
     k: int = typer.Option(5, "-k"),

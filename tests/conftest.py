@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
 import pytest
 
 from services.common.config import Settings, get_settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.common.procs import free_port
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:

@@ -9,12 +9,11 @@ import pytest
 from grpc import RpcError, StatusCode
 
 from services.common.config import Settings
+from services.common.procs import Service, free_port, wait_serving
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from services.searcher.local import IndexSearcher
-from tests.conftest import free_port
 from tests.helpers import random_unit_vectors, write_fake_embeddings
-from tests.procs import Service, wait_serving
 
 DIM, SHARDS = 16, 3
 

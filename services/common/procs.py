@@ -1,9 +1,12 @@
-"""Real service processes for integration tests: start, wait on gRPC health, kill, always stop."""
+"""Service processes: start `python -m <module>`, wait on gRPC health, stop (SIGTERM) or kill -9.
+
+Used by `imsearch serve` to run shard servers, and by the integration tests."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,10 +15,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def free_port() -> int:
+    """A port the OS says is free now (for local multi-process serving and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def wait_serving(address: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
     """Poll the standard health service until SERVING (or fail, showing the process's output)."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
@@ -50,7 +58,7 @@ class Service:
     def start(self, wait: bool = True) -> "Service":
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
-                                     cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+                                     env=self.env, stdout=out, stderr=subprocess.STDOUT)
         if wait:
             wait_serving(self.address, proc=self.proc)
         return self

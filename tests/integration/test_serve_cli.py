@@ -1,0 +1,48 @@
+"""`imsearch serve` on a real-model index: image queries from a client, then a clean SIGTERM stop."""
+
+from __future__ import annotations
+
+import pytest
+from grpc import RpcError, StatusCode
+from PIL import Image
+
+from services.common.config import Settings
+from services.common.procs import Service, free_port
+from services.embedder.pipeline import embed_catalogue
+from services.eval.datasets import flatten, skimage_photos
+from services.indexer.build import build_index
+from services.searcher.client import SearchClient
+from tests.helpers import encode
+
+
+@pytest.fixture()
+def real_index(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for item in skimage_photos()[:8]:
+        flatten(item.path, 320).save(tmp_path / "photos" / f"{item.label}.jpg")
+    settings = Settings(home=tmp_path / "home")
+    embed_catalogue(str(tmp_path / "photos"), str(tmp_path / "emb"), engine="local", settings=settings)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    return tmp_path
+
+
+def test_serve_answers_image_queries_and_stops_cleanly(real_index):
+    tmp = real_index
+    serve = Service("services.cli", ["serve", str(tmp / "idx")], free_port(),
+                    {"IMSEARCH_HOME": str(tmp / "home")}, tmp / "serve.log")
+    try:
+        serve.start()
+        target = sorted((tmp / "photos").iterdir())[5]
+        query = encode(Image.open(target).resize((150, 110)), "JPEG", quality=40)
+        with SearchClient(serve.address, timeout=30) as client:
+            result = client.search(query, k=3)
+            assert result.hits[0].uri == str(target) and result.coverage == 1.0
+            with pytest.raises(RpcError) as e:
+                client.search(b"\xff\xd8\xff broken jpeg")
+            assert e.value.code() == StatusCode.INVALID_ARGUMENT and "corrupt" in e.value.details()
+        serve.proc.terminate()
+        assert serve.proc.wait(30) == 0
+    finally:
+        serve.stop()
+    log = (tmp / "serve.log").read_text()
+    assert "2 shard server(s) up" in log and "router serving" in log
