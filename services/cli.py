@@ -212,7 +212,8 @@ def serve(
     settings = _settings()
     manifest = load_current(open_store(index_, settings))
     shards = [Service("services.searcher.shard", ["--index", index_, "--shard", str(e.shard), "--host", host],
-                      shard_ports + i if shard_ports else free_port()) for i, e in enumerate(manifest.shards)]
+                      shard_ports + i if shard_ports else free_port(), {"IMSEARCH_METRICS_PORT": "0"})
+              for i, e in enumerate(manifest.shards)]  # one metrics port can serve one process only
     try:
         for s in shards:
             s.start(wait=False)

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
+    redis_url: str | None = Field(None, description="query cache, e.g. redis://localhost:6379/0")
+    cache_ttl_s: int = Field(3600, gt=0)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
 
     @field_validator("s3_endpoint")
     @classmethod

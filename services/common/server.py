@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import metrics
 from services.common.config import Settings
 from services.common.errors import ImsearchError
 
@@ -27,15 +29,23 @@ def rpc(fn):
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        service, code = type(self).__name__, "OK"
+        start = time.perf_counter()
         try:
             return await fn(self, request, context)
         except ImsearchError as e:
+            code = e.code.name
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception:
+            code = "INTERNAL"
             log.exception("unhandled error in %s", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
+        finally:
+            metrics.REQUESTS.labels(service, fn.__name__, code).inc()
+            metrics.LATENCY.labels(service, fn.__name__).observe(time.perf_counter() - start)
 
     return wrapper
 

@@ -19,6 +19,7 @@ class Result:
     index_version: str
     coverage: float
     missing_shards: list[int]
+    cached: bool = False
 
     @property
     def partial(self) -> bool:
@@ -26,7 +27,8 @@ class Result:
 
     @classmethod
     def from_proto(cls, r: pb.SearchResponse) -> "Result":
-        return cls(hits_from_proto(pb.HitList(hits=r.hits)), r.index_version, r.coverage, list(r.missing_shards))
+        return cls(hits_from_proto(pb.HitList(hits=r.hits)), r.index_version, r.coverage, list(r.missing_shards),
+                   r.cached)
 
 
 def _query(item: bytes | np.ndarray | int) -> pb.Query:

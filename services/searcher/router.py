@@ -22,11 +22,12 @@ import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common import server
+from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import hits_to_proto, vectors_from_proto, vectors_to_proto
 from services.common.errors import DeadlineExceeded, ImsearchError, InvalidInput, NotSupported, TooLarge, Unavailable
 from services.common.hits import Hit
+from services.searcher.cache import QueryCache, SingleFlight, cache_key
 from services.searcher.local import check_k
 from services.searcher.merge import merge_topk
 
@@ -81,6 +82,7 @@ class Router:
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.dim: int | None = None
+        self.version = ""  # the index version of the last answer: part of every cache key
 
     async def _ask(self, shard: int, request: pb.ShardSearchRequest, deadline: float) -> pb.ShardSearchResponse | None:
         """Ask one replica after another until one answers or the deadline passes."""
@@ -95,6 +97,7 @@ class Router:
                 return await replicas[(start + i) % len(replicas)].Search(
                     request, timeout=remaining, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
+                metrics.SHARD_ERRORS.labels(str(shard), e.code().name).inc()
                 if e.code() not in RETRYABLE:
                     raise InvalidInput(f"shard {shard}: {e.details()}") from None
                 log.warning("shard %d replica %d failed: %s %s", shard, (start + i) % len(replicas),
@@ -106,6 +109,7 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.ShardSearchRequest(queries=vectors_to_proto(queries), k=k, nprobe=nprobe)
+        metrics.FANOUTS.inc()
         replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
         answered = {s: r for s, r in enumerate(replies) if r is not None}
         if not answered:
@@ -121,15 +125,33 @@ class Router:
         hits = [[Hit(float(d), int(i), int(s), uris[(int(s), int(i))]) for d, i, s in zip(dr, ir, sr) if i >= 0]
                 for dr, ir, sr in zip(D, I, S)]
         missing = sorted(set(range(len(self.stubs))) - set(answered))
+        if missing:
+            metrics.PARTIAL.inc()
+        self.version = version
         return Answer(hits, version, len(answered) / len(self.stubs), missing)
+
+    async def refresh_version(self, timeout: float = 2.0) -> str:
+        """Learn the served index version from the shards' Info (best effort: shards may be down)."""
+
+        async def info(stub):
+            try:
+                return (await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)).index_version
+            except grpc.aio.AioRpcError:
+                return None
+
+        versions = [v for v in await asyncio.gather(*(info(r[0]) for r in self.stubs)) if v]
+        if versions:
+            self.version = Counter(versions).most_common(1)[0][0]
+        return self.version
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for chans in self.channels for c in chans))
 
 
 class SearcherService(pb_grpc.SearcherServicer):
-    def __init__(self, router: Router, settings: Settings):
-        self.router, self.settings = router, settings
+    def __init__(self, router: Router, settings: Settings, cache: QueryCache | None = None):
+        self.router, self.settings, self.cache = router, settings, cache
+        self.flights = SingleFlight()
 
     async def _vectors(self, queries: list[pb.Query]) -> np.ndarray:
         kinds = {q.WhichOneof("query") for q in queries}
@@ -150,11 +172,30 @@ class SearcherService(pb_grpc.SearcherServicer):
         return pb.SearchResponse(hits=hits_to_proto(answer.hits[q]).hits, index_version=answer.version,
                                  coverage=answer.coverage, missing_shards=answer.missing)
 
+    async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
+        vectors = await self._vectors([request.query])
+        return self._response(await self.router.search(vectors, request.k, request.nprobe, timeout), 0)
+
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
-        vectors = await self._vectors([request.query])
-        answer = await self.router.search(vectors, request.k, request.nprobe, context.time_remaining())
-        return self._response(answer, 0)
+        check_k(request.k, self.settings.max_k)
+        if self.cache is None or not self.router.version:
+            return await self._search_one(request, context.time_remaining())
+        key = cache_key(self.router.version, request.k, request.nprobe, request.query.SerializeToString())
+        cached = await self.cache.get(key)
+        metrics.CACHE.labels("hit" if cached else "miss").inc()
+        if cached:
+            reply = pb.SearchResponse.FromString(cached)
+            reply.cached = True
+            return reply
+
+        async def fetch() -> pb.SearchResponse:
+            reply = await self._search_one(request, context.time_remaining())
+            if reply.coverage == 1.0 and reply.index_version == self.router.version:  # never cache partial answers
+                await self.cache.set(key, reply.SerializeToString())
+            return reply
+
+        return await self.flights.run(key, fetch)
 
     @server.rpc
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
@@ -183,7 +224,10 @@ async def serve(shards: list[list[str]], port: int = 0, settings: Settings | Non
     embed, dim = local_embedder(index, settings) if index else (None, None)
     router = Router(shards, settings, embed)
     router.dim = dim
-    service = SearcherService(router, settings)
+    cache = QueryCache(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
+    service = SearcherService(router, settings, cache)
+    await router.refresh_version()
+    metrics.serve_metrics(settings.metrics_port, host)
     running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
     log.info("router serving on %s:%d over %d shard(s)", host, running.port, len(shards))
     return running, router

@@ -11,7 +11,7 @@ import logging
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common import server
+from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import hits_to_proto, vectors_from_proto
 from services.common.errors import Incompatible, InvalidInput, TooLarge
@@ -56,6 +56,7 @@ async def serve(index: str, shard: int, port: int = 0, settings: Settings | None
         None, lambda: IndexSearcher(index, settings, only=[shard]))
     service = ShardService(searcher, settings)
     running = await server.start([(pb_grpc.add_ShardServicer_to_server, service, SERVICE)], port, settings, host)
+    metrics.serve_metrics(settings.metrics_port, host)
     log.info("shard %d of %s (version %s) serving on %s:%d", shard, index, searcher.version, host, running.port)
     return running
 

@@ -1,0 +1,19 @@
+"""Prometheus metrics of the search services (served on IMSEARCH_METRICS_PORT when set)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+REQUESTS = Counter("imsearch_requests_total", "requests by service, method and status", ["service", "method", "code"])
+LATENCY = Histogram("imsearch_request_seconds", "request latency", ["service", "method"],
+                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+CACHE = Counter("imsearch_cache_total", "router cache lookups", ["result"])  # hit | miss
+FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
+SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
+PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose /metrics over HTTP (no-op for port 0)."""
+    if port:
+        start_http_server(port, addr=host)

@@ -1,0 +1,75 @@
+"""Query cache in Redis, and single-flight for concurrent identical misses.
+
+Keys hash the query together with k, nprobe and the index version, so a newly published
+index never serves stale hits. Redis being down costs nothing but the cache: calls are
+skipped for a short while after a failure, then tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def cache_key(version: str, k: int, nprobe: int, query: bytes) -> str:
+    h = hashlib.sha256(f"{version}|{k}|{nprobe}|".encode() + query).hexdigest()
+    return f"imsearch:q:{h}"
+
+
+class QueryCache:
+    def __init__(self, url: str, ttl_s: int = 3600, retry_after_s: float = 1.0):
+        import redis.asyncio as redis
+
+        self.client = redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
+        self.ttl_s, self.retry_after_s = ttl_s, retry_after_s
+        self.down_until = 0.0
+
+    async def _call(self, fn, *args):
+        if time.monotonic() < self.down_until:
+            return None
+        from redis.exceptions import RedisError
+
+        try:
+            return await fn(*args)
+        except (RedisError, OSError) as e:
+            log.warning("redis unavailable (%s): serving uncached for %.1fs", e, self.retry_after_s)
+            self.down_until = time.monotonic() + self.retry_after_s
+            return None
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call(self.client.get, key)
+
+    async def set(self, key: str, value: bytes) -> None:
+        await self._call(self.client.setex, key, self.ttl_s, value)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class SingleFlight:
+    """Concurrent calls with the same key share one execution of fn."""
+
+    def __init__(self):
+        self.inflight: dict[str, asyncio.Future] = {}
+
+    async def run(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+        if key in self.inflight:
+            return await asyncio.shield(self.inflight[key])
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" noise
+        self.inflight[key] = future
+        try:
+            result = await fn()
+            future.set_result(result)
+            return result
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            del self.inflight[key]

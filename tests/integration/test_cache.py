@@ -1,0 +1,123 @@
+"""The router's Redis cache with a real redis-server: hits, single flight, Redis down and back."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import pytest
+import redis
+
+from protos.imsearch.v1 import imsearch_pb2 as pb
+from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common.config import Settings
+from services.common.procs import Service, free_port
+from services.indexer.build import build_index
+from services.searcher.client import SearchClient
+from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+DIM = 16
+
+
+class RedisServer:
+    def __init__(self, port: int):
+        self.port, self.proc = port, None
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 20
+        while True:  # wait on PING, not a sleep
+            try:
+                if client.ping():
+                    return self
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def fanouts(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return float(re.search(r"^imsearch_fanouts_total (\S+)$", text, re.M).group(1))
+
+
+@pytest.fixture()
+def cached_cluster(tmp_path):
+    x = random_unit_vectors(2000, DIM, seed=3, clusters=10)
+    write_fake_embeddings(tmp_path / "emb", x)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=Settings(home=tmp_path / "h"))
+    rds = RedisServer(free_port()).start()
+    metrics_port = free_port()
+    env = {"IMSEARCH_HOME": str(tmp_path / "h")}
+    shards = [Service("services.searcher.shard", ["--index", str(tmp_path / "idx"), "--shard", str(i)],
+                      free_port(), env) for i in range(2)]
+    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
+                     {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{rds.port}/0",
+                      "IMSEARCH_METRICS_PORT": str(metrics_port)}, tmp_path / "router.log")
+    try:
+        for s in shards:
+            s.start()
+        router.start()
+        yield router, rds, metrics_port
+    finally:
+        for s in [router, *shards]:
+            s.stop()
+        rds.stop()
+
+
+def test_repeated_query_is_served_from_the_cache(cached_cluster):
+    router, _, metrics_port = cached_cluster
+    q = random_unit_vectors(1, DIM, seed=1)[0]
+    with SearchClient(router.address) as client:
+        first = client.search(q, k=5)
+        before = fanouts(metrics_port)
+        second = client.search(q, k=5)
+        other_k = client.search(q, k=6)
+    assert first.hits and [h.id for h in second.hits] == [h.id for h in first.hits]
+    assert not first.cached and second.cached and not other_k.cached
+    assert fanouts(metrics_port) == before + 1  # the k=6 query is another key; the repeat is not
+    assert other_k.hits[:5] == first.hits
+
+
+def test_200_concurrent_identical_queries_make_one_fan_out(cached_cluster):
+    router, _, metrics_port = cached_cluster
+    q = random_unit_vectors(1, DIM, seed=2)[0].tolist()
+    before = fanouts(metrics_port)
+
+    async def storm():
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = pb_grpc.SearcherStub(channel)
+            req = pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=q)), k=10)
+            return await asyncio.gather(*(stub.Search(req, timeout=30) for _ in range(200)))
+
+    replies = asyncio.run(storm())
+    assert len({tuple(h.id for h in r.hits) for r in replies}) == 1
+    assert fanouts(metrics_port) == before + 1
+
+
+def test_redis_down_serves_uncached_and_recovers(cached_cluster):
+    router, rds, _ = cached_cluster
+    q = random_unit_vectors(1, DIM, seed=3)[0]
+    with SearchClient(router.address) as client:
+        client.search(q)
+        assert client.search(q).cached
+        rds.stop()
+        for _ in range(5):
+            reply = client.search(q)
+            assert reply.coverage == 1.0 and not reply.cached  # no errors to clients, just no cache
+        rds.start()
+        deadline = time.monotonic() + 30
+        while not (reply := client.search(q)).cached and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reply.cached  # the cache is used again once Redis is back (it came back empty)
