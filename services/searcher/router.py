@@ -182,20 +182,22 @@ class SearcherService(pb_grpc.SearcherServicer):
         if self.cache is None or not self.router.version:
             return await self._search_one(request, context.time_remaining())
         key = cache_key(self.router.version, request.k, request.nprobe, request.query.SerializeToString())
-        cached = await self.cache.get(key)
-        metrics.CACHE.labels("hit" if cached else "miss").inc()
-        if cached:
-            reply = pb.SearchResponse.FromString(cached)
-            reply.cached = True
-            return reply
 
-        async def fetch() -> pb.SearchResponse:
+        async def lookup_or_fetch() -> pb.SearchResponse:
+            # Inside the flight: concurrent identical requests share one Redis lookup and at most
+            # one fan-out, and the flight ends only after the answer is stored.
+            cached = await self.cache.get(key)
+            metrics.CACHE.labels("hit" if cached else "miss").inc()
+            if cached:
+                reply = pb.SearchResponse.FromString(cached)
+                reply.cached = True
+                return reply
             reply = await self._search_one(request, context.time_remaining())
             if reply.coverage == 1.0 and reply.index_version == self.router.version:  # never cache partial answers
                 await self.cache.set(key, reply.SerializeToString())
             return reply
 
-        return await self.flights.run(key, fetch)
+        return await self.flights.run(key, lookup_or_fetch)
 
     @server.rpc
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
