@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from services.common import faiss_util
 from services.common.checksums import file_sha256, sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound
+from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound, NotSupported
 from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import TMP_PREFIX, Store, open_store
@@ -30,6 +30,8 @@ class LoadedShard:
     ids: np.ndarray  # sorted int64
     uris: np.ndarray  # object, aligned with ids
     _params: dict = field(default_factory=dict)
+    _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
+    _sorted_ids: np.ndarray | None = None
 
     def params(self, nprobe: int, k_factor: float):
         """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
@@ -39,6 +41,36 @@ class LoadedShard:
             # params stay alive with it (faiss holds raw pointers to them).
             self._params.setdefault(key, faiss_util.search_parameters(self.index, nprobe, k_factor))
         return self._params[key][0]
+
+    def enable_fetch(self) -> None:
+        """Prepare id -> stored vector lookups (call before serving: it changes the index)."""
+        ix = faiss.downcast_index(self.index)
+        if isinstance(ix, faiss.IndexIDMap):
+            id_map = faiss.vector_to_array(ix.id_map)
+            self._order = np.argsort(id_map)
+            self._sorted_ids = id_map[self._order]
+        elif isinstance(ix, faiss.IndexIVF):
+            ix.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def fetch(self, ids: list[int]) -> list[np.ndarray | None]:
+        """Stored vectors of ids (None where this shard does not hold the id)."""
+        ix = faiss.downcast_index(self.index)
+        inner = faiss.downcast_index(ix.index) if isinstance(ix, faiss.IndexIDMap) else ix
+        if isinstance(inner, faiss.IndexPreTransform):
+            # Whitening + L2 normalisation cannot be inverted: the query vector is lost.
+            raise NotSupported("search by id is not available for indexes with in-index whitening")
+        out: list[np.ndarray | None] = []
+        for id_ in ids:
+            if isinstance(ix, faiss.IndexIDMap):
+                j = int(np.searchsorted(self._sorted_ids, id_))
+                hit = j < len(self._sorted_ids) and self._sorted_ids[j] == id_
+                out.append(ix.index.reconstruct(int(self._order[j])) if hit else None)
+            else:
+                try:
+                    out.append(ix.reconstruct(int(id_)))
+                except RuntimeError:  # faiss: "key not found"
+                    out.append(None)
+        return out
 
     def uris_of(self, ids: np.ndarray) -> np.ndarray:
         """Uris of ids held by this shard ("" for ids it does not hold)."""

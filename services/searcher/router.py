@@ -25,7 +25,15 @@ from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import hits_to_proto, vectors_from_proto, vectors_to_proto
-from services.common.errors import DeadlineExceeded, ImsearchError, InvalidInput, NotSupported, TooLarge, Unavailable
+from services.common.errors import (
+    DeadlineExceeded,
+    ImsearchError,
+    InvalidInput,
+    NotFound,
+    NotSupported,
+    TooLarge,
+    Unavailable,
+)
 from services.common.hits import Hit
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
 from services.searcher.local import check_k
@@ -82,6 +90,7 @@ class Router:
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.dim: int | None = None
+        self.fingerprint = ""
         self.version = ""  # the index version of the last answer: part of every cache key
 
     async def _ask(self, shard: int, request: pb.ShardSearchRequest, deadline: float) -> pb.ShardSearchResponse | None:
@@ -131,18 +140,41 @@ class Router:
         return Answer(hits, version, len(answered) / len(self.stubs), missing)
 
     async def refresh_version(self, timeout: float = 2.0) -> str:
-        """Learn the served index version from the shards' Info (best effort: shards may be down)."""
+        """Learn version, dim and model from the shards' Info (best effort: shards may be down)."""
 
         async def info(stub):
             try:
-                return (await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)).index_version
+                return await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
             except grpc.aio.AioRpcError:
                 return None
 
-        versions = [v for v in await asyncio.gather(*(info(r[0]) for r in self.stubs)) if v]
-        if versions:
-            self.version = Counter(versions).most_common(1)[0][0]
+        infos = [i for i in await asyncio.gather(*(info(r[0]) for r in self.stubs)) if i]
+        if infos:
+            self.version = Counter(i.index_version for i in infos).most_common(1)[0][0]
+            first = next(i for i in infos if i.index_version == self.version)
+            self.dim, self.fingerprint = first.dim or self.dim, first.model_fingerprint
         return self.version
+
+    async def fetch(self, ids: list[int], timeout: float | None = None) -> np.ndarray:
+        """Stored vectors of catalogue ids, asked of every shard at once (any sharding rule works)."""
+        budget = shard_budget(timeout, self.settings.shard_timeout_s)
+
+        async def ask(stubs):
+            try:
+                return await stubs[0].Fetch(pb.FetchRequest(ids=ids), timeout=budget, metadata=self.metadata)
+            except grpc.aio.AioRpcError as e:
+                log.warning("fetch failed on a shard: %s", e.code().name)
+                return None
+
+        vectors: list = [None] * len(ids)
+        for reply in await asyncio.gather(*(ask(s) for s in self.stubs)):
+            for i, (found, v) in enumerate(zip(reply.found if reply else [], reply.vectors if reply else [])):
+                if found:
+                    vectors[i] = v.values
+        unknown = [i for i, v in zip(ids, vectors) if v is None]
+        if unknown:
+            raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
+        return np.array(vectors, dtype=np.float32)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for chans in self.channels for c in chans))
@@ -163,9 +195,9 @@ class SearcherService(pb_grpc.SearcherServicer):
             if self.router.embed is None:
                 raise NotSupported("this router has no embedder: send vectors")
             return await self.router.embed([q.image for q in queries])
-        if "id" in kinds:
-            raise NotSupported("search by catalogue id is not available yet")
-        raise InvalidInput("all queries of one batch must be of the same kind (images or vectors)")
+        if kinds == {"id"}:
+            return await self.router.fetch([q.id for q in queries])
+        raise InvalidInput("all queries of one batch must be of the same kind (images, vectors or ids)")
 
     @staticmethod
     def _response(answer: Answer, q: int) -> pb.SearchResponse:

@@ -42,10 +42,20 @@ class ShardService(pb_grpc.ShardServicer):
                                       shard=self.number)
 
     @server.rpc
+    async def Fetch(self, request: pb.FetchRequest, context) -> pb.FetchResponse:
+        if len(request.ids) > self.settings.max_batch:
+            raise TooLarge(f"{len(request.ids)} ids in one call; the limit is {self.settings.max_batch}")
+        found = self.searcher.shards[0].fetch(list(request.ids))
+        return pb.FetchResponse(vectors=[pb.Vector(values=[] if v is None else v.tolist()) for v in found],
+                                found=[v is not None for v in found], index_version=self.searcher.version)
+
+    @server.rpc
     async def Info(self, request, context) -> pb.ShardInfo:
         entry = self.searcher.shards[0].entry
+        manifest = self.searcher.manifest
         return pb.ShardInfo(shard=entry.shard, count=entry.count, sha256=entry.sha256,
-                            index_version=self.searcher.version, file=entry.file)
+                            index_version=self.searcher.version, file=entry.file, dim=manifest.dim,
+                            model_fingerprint=manifest.model.get("fingerprint", ""))
 
 
 async def serve(index: str, shard: int, port: int = 0, settings: Settings | None = None,
@@ -54,6 +64,7 @@ async def serve(index: str, shard: int, port: int = 0, settings: Settings | None
     settings = settings or get_settings()
     searcher = await asyncio.get_running_loop().run_in_executor(
         None, lambda: IndexSearcher(index, settings, only=[shard]))
+    searcher.shards[0].enable_fetch()
     service = ShardService(searcher, settings)
     running = await server.start([(pb_grpc.add_ShardServicer_to_server, service, SERVICE)], port, settings, host)
     metrics.serve_metrics(settings.metrics_port, host)

@@ -140,3 +140,16 @@ def test_a_frozen_shard_costs_only_the_deadline(cluster):
             shards[2].proc.send_signal(signal.SIGCONT)
     assert partial.missing_shards == [2] and partial.hits
     assert elapsed < 4.0, elapsed
+
+
+def test_search_by_catalogue_id(index, cluster):
+    _, router = cluster
+    local = IndexSearcher(str(index / "idx"), Settings(home=index / "home"))
+    known = [int(local.shards[s].ids[5]) for s in range(SHARDS)]
+    with SearchClient(router.address) as client:
+        for id_ in known:
+            top = client.search(id_, k=3).hits[0]
+            assert top.id == id_ and top.score == pytest.approx(1.0, abs=1e-4)
+        batch = client.search_batch(known, k=1)
+        assert [r.hits[0].id for r in batch] == known
+        assert code_of(lambda: client.search(123456789)) == StatusCode.NOT_FOUND

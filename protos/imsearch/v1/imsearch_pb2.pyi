@@ -85,18 +85,38 @@ class ShardSearchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard", "count", "sha256", "index_version", "file")
+    __slots__ = ("shard", "count", "sha256", "index_version", "file", "dim", "model_fingerprint")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     shard: int
     count: int
     sha256: str
     index_version: str
     file: str
-    def __init__(self, shard: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[str] = ..., index_version: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+    dim: int
+    model_fingerprint: str
+    def __init__(self, shard: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[str] = ..., index_version: _Optional[str] = ..., file: _Optional[str] = ..., dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ("vectors", "found", "index_version")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[Vector]
+    found: _containers.RepeatedScalarFieldContainer[bool]
+    index_version: str
+    def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., found: _Optional[_Iterable[bool]] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class Query(_message.Message):
     __slots__ = ("image", "vector", "id")

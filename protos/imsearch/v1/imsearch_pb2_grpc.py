@@ -154,6 +154,11 @@ class ShardStub:
                 request_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchRequest.SerializeToString,
                 response_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchResponse.FromString,
                 _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/imsearch.v1.Shard/Fetch',
+                request_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchRequest.SerializeToString,
+                response_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/imsearch.v1.Shard/Info',
                 request_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.InfoRequest.SerializeToString,
@@ -165,6 +170,12 @@ class ShardServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Search(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +194,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchRequest.FromString,
                     response_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchResponse.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchRequest.FromString,
+                    response_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -217,6 +233,33 @@ class Shard:
             '/imsearch.v1.Shard/Search',
             protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchRequest.SerializeToString,
             protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imsearch.v1.Shard/Fetch',
+            protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchRequest.SerializeToString,
+            protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ import pytest
 
 from services.common.config import Settings
 from services.common.embeddings import id_from_sha256, read_embeddings
-from services.common.errors import Corrupt, InvalidInput, NotFound
+from services.common.errors import Corrupt, InvalidInput, NotFound, NotSupported
 from services.common.store import LocalStore
 from services.indexer.build import build_index
 from services.indexer.manifest import load_current
@@ -148,3 +148,24 @@ def test_a_failed_build_leaves_the_published_version(tmp_path, settings):
     with pytest.raises(InvalidInput):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="Bogus", settings=settings)
     assert load_current(LocalStore(tmp_path / "idx")).version == first.version
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "PCAW8,L2norm,Flat"])
+def test_stored_vectors_can_be_fetched_by_id(tmp_path, settings, factory):
+    """Whitened indexes cannot give back their input vectors: they say so."""
+    x = random_unit_vectors(1000, 16, seed=9, clusters=5)
+    write_fake_embeddings(tmp_path / "emb", x)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, factory=factory, settings=settings)
+    emb = read_embeddings(LocalStore(tmp_path / "emb"))
+    shard = IndexSearcher(str(tmp_path / "idx"), settings, only=[1]).shards[0]
+    shard.enable_fetch()
+    mine = [int(i) for i in shard.ids[:3]]
+    if factory.startswith("PCAW"):
+        with pytest.raises(NotSupported, match="whitening"):
+            shard.fetch(mine)
+        return
+    got = shard.fetch(mine + [12345])
+    assert got[-1] is None
+    row = {int(i): r for r, i in enumerate(emb.ids)}
+    for id_, v in zip(mine, got):
+        assert v is not None and np.allclose(v, emb.vectors[row[id_]], atol=1e-5)
