@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
+    embed_batch: int = Field(32, gt=0, description="online embedder: images per model batch")
+    embed_max_wait_ms: float = Field(5.0, ge=0, description="online embedder: wait this long to fill a batch")
+    embed_timeout_s: float = Field(10.0, gt=0, description="router -> embedder call deadline")
+    embed_queue: int = Field(64, gt=0, description="online embedder: requests queued before RESOURCE_EXHAUSTED")
     redis_url: str | None = Field(None, description="query cache, e.g. redis://localhost:6379/0")
     cache_ttl_s: int = Field(3600, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")

@@ -57,6 +57,14 @@ class DeadlineExceeded(ImsearchError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def from_status(code: grpc.StatusCode, details: str, who: str) -> ImsearchError:
+    """The domain error for a status a dependency returned (the inverse of grpc_status)."""
+    for cls in (InvalidInput, NotFound, TooLarge, Incompatible, Corrupt, NotSupported, DeadlineExceeded):
+        if cls.code == code:
+            return cls(f"{who}: {details}")
+    return Unavailable(f"{who} failed: {code.name} {details}")
+
+
 def grpc_status(exc: BaseException) -> grpc.StatusCode:
     """The status code for an exception: domain errors carry theirs, anything else is INTERNAL."""
     return exc.code if isinstance(exc, ImsearchError) else grpc.StatusCode.INTERNAL

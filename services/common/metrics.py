@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 REQUESTS = Counter("imsearch_requests_total", "requests by service, method and status", ["service", "method", "code"])
 LATENCY = Histogram("imsearch_request_seconds", "request latency", ["service", "method"],
@@ -11,6 +11,7 @@ CACHE = Counter("imsearch_cache_total", "router cache lookups", ["result"])  # h
 FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
+QUEUE_DEPTH = Gauge("imsearch_embed_queue_depth", "embed requests waiting for the model")
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

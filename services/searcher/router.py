@@ -28,11 +28,13 @@ from services.common.convert import hits_to_proto, vectors_from_proto, vectors_t
 from services.common.errors import (
     DeadlineExceeded,
     ImsearchError,
+    Incompatible,
     InvalidInput,
     NotFound,
     NotSupported,
     TooLarge,
     Unavailable,
+    from_status,
 )
 from services.common.hits import Hit
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
@@ -240,6 +242,21 @@ class SearcherService(pb_grpc.SearcherServicer):
         return pb.SearchBatchResponse(results=[self._response(answer, q) for q in range(len(vectors))])
 
 
+def remote_embedder(address: str, settings: Settings, metadata) -> tuple[Embed, pb_grpc.EmbedderStub]:
+    """Embed query images through the Embedder service (which batches across requests)."""
+    stub = pb_grpc.EmbedderStub(grpc.aio.insecure_channel(address, options=server.channel_options(settings)))
+
+    async def embed(images: list[bytes]) -> np.ndarray:
+        try:
+            reply = await stub.Embed(pb.EmbedRequest(images=images), timeout=settings.embed_timeout_s,
+                                     metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            raise from_status(e.code(), e.details(), f"embedder {address}") from None
+        return vectors_from_proto(reply.vectors)
+
+    return embed, stub
+
+
 def local_embedder(index: str, settings: Settings) -> tuple[Embed, int]:
     """The embedded default: embed query images in this process with the index's own model."""
     from services.searcher.local import IndexSearcher
@@ -253,14 +270,23 @@ def local_embedder(index: str, settings: Settings) -> tuple[Embed, int]:
 
 
 async def serve(shards: list[list[str]], port: int = 0, settings: Settings | None = None,
-                index: str | None = None, host: str = "127.0.0.1") -> tuple[server.Running, Router]:
+                index: str | None = None, host: str = "127.0.0.1",
+                embedder: str | None = None) -> tuple[server.Running, Router]:
+    """The router over `shards`; query images are embedded by the Embedder service at `embedder`,
+    else in-process with the model of `index`, else refused (vectors and ids only)."""
     settings = settings or get_settings()
-    embed, dim = local_embedder(index, settings) if index else (None, None)
+    embed, dim = local_embedder(index, settings) if index and not embedder else (None, None)
     router = Router(shards, settings, embed)
     router.dim = dim
+    await router.refresh_version()
+    if embedder:
+        router.embed, stub = remote_embedder(embedder, settings, router.metadata)
+        model = await stub.Info(pb.InfoRequest(), timeout=30, metadata=router.metadata)
+        if router.fingerprint and model.fingerprint != router.fingerprint:
+            raise Incompatible(f"embedder {embedder} runs model {model.name} ({model.fingerprint}); the index "
+                               f"was built with fingerprint {router.fingerprint}")
     cache = QueryCache(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
     service = SearcherService(router, settings, cache)
-    await router.refresh_version()
     metrics.serve_metrics(settings.metrics_port, host)
     running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
     log.info("router serving on %s:%d over %d shard(s)", host, running.port, len(shards))
@@ -271,6 +297,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
     ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard")
     ap.add_argument("--index", help="index root: lets the router embed query images with the index's model")
+    ap.add_argument("--embedder", help="host:port of an Embedder service for query images")
     ap.add_argument("--port", type=int, default=50050)
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
@@ -278,7 +305,8 @@ def main() -> None:
 
     async def run() -> None:
         try:
-            running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host)
+            running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host,
+                                          embedder=args.embedder)
         except ImsearchError as e:
             raise SystemExit(f"error: {e}") from None
         print(f"router serving on {args.host}:{running.port}", flush=True)

@@ -1,0 +1,31 @@
+"""python -m services.embedder --port 50051 --model lite0-gem"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from services.common import server
+from services.embedder.service import serve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="imsearch embedder: images -> vectors over gRPC")
+    ap.add_argument("--port", type=int, default=50051)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--model", default=None, help="registry name, timm:<arch> or checkpoint (default: settings)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+
+    async def run() -> None:
+        running, batcher = await serve(args.port, model=args.model, host=args.host)
+        print(f"embedder serving on {args.host}:{running.port}", flush=True)
+        await server.wait_for_signal(running)
+        await batcher.stop()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
