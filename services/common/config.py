@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(None, description="bearer token every call must carry")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    reload_interval_s: float = Field(2.0, gt=0, description="shard servers look for a new published version")
     shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
     embed_batch: int = Field(32, gt=0, description="online embedder: images per model batch")
     embed_max_wait_ms: float = Field(5.0, ge=0, description="online embedder: wait this long to fill a batch")

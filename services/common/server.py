@@ -8,7 +8,7 @@ import functools
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
@@ -80,6 +80,7 @@ class Running:
     health: health.aio.HealthServicer
     port: int
     names: list[str]
+    tasks: list[asyncio.Task] = field(default_factory=list)  # background work, cancelled on stop
 
     async def set_serving(self, serving: bool) -> None:
         for name in self.names + [""]:
@@ -88,6 +89,8 @@ class Running:
     async def stop(self, grace: float = 5.0) -> None:
         """Refuse new calls (health NOT_SERVING), finish in-flight ones for up to `grace` seconds."""
         await self.set_serving(False)
+        for task in self.tasks:
+            task.cancel()
         await self.server.stop(grace)
 
 

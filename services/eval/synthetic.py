@@ -24,7 +24,7 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0, noi
 
 
 def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthetic", error_rows: int = 0,
-                     part_rows: int = 50_000) -> ModelSpec:
+                     part_rows: int = 50_000, uri_prefix: str = "img") -> ModelSpec:
     """An embeddings folder laid out as `imsearch embed` writes it, from given vectors."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthet
         chunk = vectors[start:start + part_rows]
         n = len(chunk)
         sha = [hashlib.sha256(f"{name}-{start + i}".encode()).hexdigest() for i in range(n)]
-        writer.add({"uri": np.array([f"img/{start + i}.jpg" for i in range(n)], dtype=object),
+        writer.add({"uri": np.array([f"{uri_prefix}/{start + i}.jpg" for i in range(n)], dtype=object),
                     "sha256": np.array(sha, dtype=object), "width": np.full(n, 64), "height": np.full(n, 48),
                     "error": np.array([""] * n, dtype=object), "vector": chunk})
     if error_rows:

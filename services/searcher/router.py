@@ -120,14 +120,16 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.ShardSearchRequest(queries=vectors_to_proto(queries), k=k, nprobe=nprobe)
-        metrics.FANOUTS.inc()
-        replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
-        answered = {s: r for s, r in enumerate(replies) if r is not None}
+        answered = await self._fan_out(request, deadline)
+        if not answered and self.version and loop.time() < deadline:
+            # Every shard may have moved past our version (two publishes in a row): re-learn it once.
+            if self.version != await self.refresh_version():
+                answered = await self._fan_out(request, deadline)
         if not answered:
             if loop.time() >= deadline:
                 raise DeadlineExceeded("no shard answered within the deadline")
             raise Unavailable("no shard is reachable")
-        # One version per answer: during a publish, shards still on another version count as missing.
+        # One version per answer: a shard that answered from another version counts as missing.
         version = Counter(r.index_version for r in answered.values()).most_common(1)[0][0]
         answered = {s: r for s, r in answered.items() if r.index_version == version}
         per_shard = [(s, *_to_arrays(list(r.results), k)) for s, r in answered.items()]
@@ -138,8 +140,22 @@ class Router:
         missing = sorted(set(range(len(self.stubs))) - set(answered))
         if missing:
             metrics.PARTIAL.inc()
-        self.version = version
+        self._follow_rollout(answered, version)
         return Answer(hits, version, len(answered) / len(self.stubs), missing)
+
+    async def _fan_out(self, request: pb.ShardSearchRequest, deadline: float) -> dict[int, pb.ShardSearchResponse]:
+        request.index_version = self.version  # pinned: shards keep the previous version during a rollout
+        metrics.FANOUTS.inc()
+        replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
+        return {s: r for s, r in enumerate(replies) if r is not None}
+
+    def _follow_rollout(self, answered: dict[int, pb.ShardSearchResponse], version: str) -> None:
+        """Move to a new version once every shard has it loaded (the next request uses it)."""
+        latest = {r.latest_version for r in answered.values()}
+        if len(answered) == len(self.stubs) and len(latest) == 1:
+            self.version = latest.pop() or version
+        elif not self.version:
+            self.version = version
 
     async def refresh_version(self, timeout: float = 2.0) -> str:
         """Learn version, dim and model from the shards' Info (best effort: shards may be down)."""

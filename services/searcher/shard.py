@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
@@ -15,46 +16,81 @@ from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import hits_to_proto, vectors_from_proto
 from services.common.errors import Incompatible, InvalidInput, TooLarge
+from services.common.store import open_store
+from services.indexer.manifest import POINTER_KEY
 from services.searcher.local import IndexSearcher
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Shard"].full_name
 
 
+def load(index: str, shard: int, settings: Settings) -> IndexSearcher:
+    searcher = IndexSearcher(index, settings, only=[shard])
+    searcher.shards[0].enable_fetch()
+    return searcher
+
+
 class ShardService(pb_grpc.ShardServicer):
-    def __init__(self, searcher: IndexSearcher, settings: Settings):
-        self.searcher, self.settings = searcher, settings
-        self.number = searcher.shards[0].entry.shard
+    """Serves the newest published version of one shard and keeps the one before it, so a router
+    can finish a rollout without mixing versions in one answer."""
+
+    def __init__(self, searcher: IndexSearcher, index: str, shard: int, settings: Settings):
+        self.index, self.number, self.settings = index, shard, settings
+        self.versions: dict[str, IndexSearcher] = {searcher.version: searcher}
+        self.latest = searcher.version
+
+    def _searcher(self, version: str) -> IndexSearcher:
+        searcher = self.versions.get(version or self.latest)
+        if searcher is None:
+            raise Incompatible(f"shard {self.number} has versions {sorted(self.versions)}, not {version}")
+        return searcher
+
+    async def watch(self, interval: float) -> None:
+        """Poll the index's CURRENT pointer; load a new version beside the old, then switch."""
+        loop = asyncio.get_running_loop()
+        store = open_store(self.index, self.settings)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                version = json.loads(await loop.run_in_executor(None, store.get_bytes, POINTER_KEY))["version"]
+                if version == self.latest:
+                    continue
+                searcher = await loop.run_in_executor(None, load, self.index, self.number, self.settings)
+            except Exception as e:  # a half-published or broken version: keep serving what we have
+                log.warning("shard %d: cannot load the published version yet: %s", self.number, e)
+                continue
+            self.versions = {self.latest: self.versions[self.latest], searcher.version: searcher}
+            self.latest = searcher.version
+            log.info("shard %d now serves version %s", self.number, self.latest)
 
     @server.rpc
     async def Search(self, request: pb.ShardSearchRequest, context) -> pb.ShardSearchResponse:
-        version = self.searcher.version
-        if request.index_version and request.index_version != version:
-            raise Incompatible(f"shard {self.number} serves index version {version}, not {request.index_version}")
+        searcher = self._searcher(request.index_version)  # one reference for the whole call: swaps can't split it
         if len(request.queries) > self.settings.max_batch:
             raise TooLarge(f"{len(request.queries)} queries in one call; the limit is {self.settings.max_batch}")
         if request.k == 0:
             raise InvalidInput("k must be at least 1")
-        queries = vectors_from_proto(request.queries, self.searcher.manifest.dim)
+        queries = vectors_from_proto(request.queries, searcher.manifest.dim)
         hits = await asyncio.get_running_loop().run_in_executor(
-            None, self.searcher.search, queries, request.k, request.nprobe or None)
-        return pb.ShardSearchResponse(results=[hits_to_proto(h) for h in hits], index_version=version,
-                                      shard=self.number)
+            None, searcher.search, queries, request.k, request.nprobe or None)
+        return pb.ShardSearchResponse(results=[hits_to_proto(h) for h in hits], index_version=searcher.version,
+                                      shard=self.number, latest_version=self.latest)
 
     @server.rpc
     async def Fetch(self, request: pb.FetchRequest, context) -> pb.FetchResponse:
         if len(request.ids) > self.settings.max_batch:
             raise TooLarge(f"{len(request.ids)} ids in one call; the limit is {self.settings.max_batch}")
-        found = self.searcher.shards[0].fetch(list(request.ids))
+        searcher = self._searcher("")
+        found = searcher.shards[0].fetch(list(request.ids))
         return pb.FetchResponse(vectors=[pb.Vector(values=[] if v is None else v.tolist()) for v in found],
-                                found=[v is not None for v in found], index_version=self.searcher.version)
+                                found=[v is not None for v in found], index_version=searcher.version)
 
     @server.rpc
     async def Info(self, request, context) -> pb.ShardInfo:
-        entry = self.searcher.shards[0].entry
-        manifest = self.searcher.manifest
+        searcher = self._searcher("")
+        entry, manifest = searcher.shards[0].entry, searcher.manifest
         return pb.ShardInfo(shard=entry.shard, count=entry.count, sha256=entry.sha256,
-                            index_version=self.searcher.version, file=entry.file, dim=manifest.dim,
+                            index_version=searcher.version, file=entry.file, dim=manifest.dim,
                             model_fingerprint=manifest.model.get("fingerprint", ""))
 
 
@@ -62,11 +98,10 @@ async def serve(index: str, shard: int, port: int = 0, settings: Settings | None
                 host: str = "127.0.0.1") -> server.Running:
     """Load the shard, then start serving it; returns the running server (tests stop it)."""
     settings = settings or get_settings()
-    searcher = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: IndexSearcher(index, settings, only=[shard]))
-    searcher.shards[0].enable_fetch()
-    service = ShardService(searcher, settings)
+    searcher = await asyncio.get_running_loop().run_in_executor(None, load, index, shard, settings)
+    service = ShardService(searcher, index, shard, settings)
     running = await server.start([(pb_grpc.add_ShardServicer_to_server, service, SERVICE)], port, settings, host)
+    running.tasks.append(asyncio.get_running_loop().create_task(service.watch(settings.reload_interval_s)))
     metrics.serve_metrics(settings.metrics_port, host)
     log.info("shard %d of %s (version %s) serving on %s:%d", shard, index, searcher.version, host, running.port)
     return running

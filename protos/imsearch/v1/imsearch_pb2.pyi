@@ -75,14 +75,16 @@ class ShardSearchRequest(_message.Message):
     def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
-    __slots__ = ("results", "index_version", "shard")
+    __slots__ = ("results", "index_version", "shard", "latest_version")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[HitList]
     index_version: str
     shard: int
-    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ...) -> None: ...
+    latest_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ..., latest_version: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "count", "sha256", "index_version", "file", "dim", "model_fingerprint")
