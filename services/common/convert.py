@@ -32,3 +32,28 @@ def hits_to_proto(hits: list[Hit]) -> pb.HitList:
 
 def hits_from_proto(hit_list: pb.HitList) -> list[Hit]:
     return [Hit(h.score, h.id, h.shard, h.uri) for h in hit_list.hits]
+
+
+def pack_queries(x: np.ndarray) -> tuple[bytes, int]:
+    x = np.ascontiguousarray(x, dtype="<f4")
+    return x.tobytes(), x.shape[1]
+
+
+def unpack_queries(data: bytes, dim: int, expected_dim: int | None = None) -> np.ndarray:
+    if dim == 0 or not data or len(data) % (4 * dim):
+        raise InvalidInput(f"queries: {len(data)} bytes is not a whole number of {dim}-d float32 vectors")
+    if expected_dim is not None and dim != expected_dim:
+        raise InvalidInput(f"query vectors have dim {dim}, the index takes {expected_dim}-d vectors")
+    return np.frombuffer(data, dtype="<f4").reshape(-1, dim)
+
+
+def pack_results(D: np.ndarray, I: np.ndarray, uris: np.ndarray) -> dict:
+    return {"scores": np.ascontiguousarray(D, "<f4").tobytes(), "ids": np.ascontiguousarray(I, "<i8").tobytes(),
+            "uris": uris.ravel().tolist()}
+
+
+def unpack_results(reply, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    D = np.frombuffer(reply.scores, dtype="<f4").reshape(n, -1)
+    I = np.frombuffer(reply.ids, dtype="<i8").reshape(n, -1)
+    uris = np.array(reply.uris, dtype=object).reshape(I.shape)
+    return D, I, uris

@@ -75,7 +75,7 @@ def recall_at(shards: list[Shard], queries: np.ndarray, qids: np.ndarray, truth:
     """Mean recall@k of the merged sharded search, not counting each query's own vector."""
     k = truth.shape[1]
     parts = [(s.number, *faiss_util.search(s.index, queries, k + 1, nprobe, k_factor)) for s in shards]
-    _, got, _ = merge_topk(parts, k + 1)
+    _, got, _, _ = merge_topk(parts, k + 1)
     hits = 0
     for qid, t, g in zip(qids.tolist(), truth.tolist(), got.tolist()):
         found = [i for i in g if i != qid][:k]

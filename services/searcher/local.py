@@ -73,10 +73,10 @@ class LoadedShard:
         return out
 
     def uris_of(self, ids: np.ndarray) -> np.ndarray:
-        """Uris of ids held by this shard ("" for ids it does not hold)."""
-        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        """Uris of ids held by this shard ("" for ids it does not hold), same shape as ids."""
         if not len(self.ids):
-            return np.full(len(ids), "", dtype=object)
+            return np.full(ids.shape, "", dtype=object)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, self.uris[pos], "")
 
 
@@ -159,6 +159,10 @@ class IndexSearcher:
         return self.manifest.version
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+        return hit_lists(*self.search_arrays(queries, k, nprobe))
+
+    def search_arrays(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None):
+        """(D, I, S, uris), each (nq, k), best first; id -1 / uri "" where fewer than k results."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -177,20 +181,16 @@ class IndexSearcher:
 
             def one(shard: LoadedShard):
                 params = shard.params(nprobe, self.manifest.k_factor)
-                return (shard.entry.shard, *faiss_util.search_preassigned(shard.index, queries, k, Iq, Dq, params))
+                D, I = faiss_util.search_preassigned(shard.index, queries, k, Iq, Dq, params)
+                return shard.entry.shard, D, I, shard.uris_of(I)
         else:
             def one(shard: LoadedShard):
                 D, I = shard.index.search(queries, k, params=shard.params(nprobe, self.manifest.k_factor))
-                return shard.entry.shard, D, I
+                return shard.entry.shard, D, I, shard.uris_of(I)
 
         # Threads pay off for batches; single queries are faster searched shard after shard.
         per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 else map(one, self.shards))
-        D, I, S = merge_topk(per_shard, k)
-        uris = np.empty(I.shape, dtype=object)
-        for shard in self.shards:
-            mask = S == shard.entry.shard
-            uris[mask] = shard.uris_of(I[mask])
-        return hit_lists(D, I, S, uris)
+        return merge_topk(per_shard, k)
 
     def embed_images(self, images: list[bytes], model: str | None = None) -> np.ndarray:
         """Embed query images with the index's own model (refusing any other model)."""

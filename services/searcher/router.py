@@ -24,7 +24,7 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
 from services.common.config import Settings, get_settings
-from services.common.convert import hits_to_proto, vectors_from_proto, vectors_to_proto
+from services.common.convert import hits_to_proto, pack_queries, unpack_results, vectors_from_proto
 from services.common.errors import (
     DeadlineExceeded,
     ImsearchError,
@@ -39,7 +39,7 @@ from services.common.errors import (
 from services.common.hits import Hit
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
 from services.searcher.local import check_k
-from services.searcher.merge import merge_topk
+from services.searcher.merge import hit_lists, merge_topk
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
@@ -71,15 +71,6 @@ def shard_budget(client_remaining: float | None, shard_timeout: float) -> float:
     if client_remaining is None:
         return shard_timeout
     return max(0.001, min(shard_timeout, client_remaining * 0.9 - 0.01))
-
-
-def _to_arrays(results: list[pb.HitList], k: int) -> tuple[np.ndarray, np.ndarray]:
-    D = np.full((len(results), k), -np.inf, np.float32)
-    I = np.full((len(results), k), -1, np.int64)
-    for q, hit_list in enumerate(results):
-        for j, h in enumerate(hit_list.hits[:k]):
-            D[q, j], I[q, j] = h.score, h.id
-    return D, I
 
 
 class Router:
@@ -119,7 +110,8 @@ class Router:
         check_k(k, self.settings.max_k)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
-        request = pb.ShardSearchRequest(queries=vectors_to_proto(queries), k=k, nprobe=nprobe)
+        data, dim = pack_queries(queries)
+        request = pb.ShardSearchRequest(queries=data, dim=dim, k=k, nprobe=nprobe)
         answered = await self._fan_out(request, deadline)
         if not answered and self.version and loop.time() < deadline:
             # Every shard may have moved past our version (two publishes in a row): re-learn it once.
@@ -132,11 +124,8 @@ class Router:
         # One version per answer: a shard that answered from another version counts as missing.
         version = Counter(r.index_version for r in answered.values()).most_common(1)[0][0]
         answered = {s: r for s, r in answered.items() if r.index_version == version}
-        per_shard = [(s, *_to_arrays(list(r.results), k)) for s, r in answered.items()]
-        D, I, S = merge_topk(per_shard, k)
-        uris = {(s, h.id): h.uri for s, r in answered.items() for hl in r.results for h in hl.hits}
-        hits = [[Hit(float(d), int(i), int(s), uris[(int(s), int(i))]) for d, i, s in zip(dr, ir, sr) if i >= 0]
-                for dr, ir, sr in zip(D, I, S)]
+        per_shard = [(s, *unpack_results(r, len(queries))) for s, r in answered.items()]
+        hits = hit_lists(*merge_topk(per_shard, k))
         missing = sorted(set(range(len(self.stubs))) - set(answered))
         if missing:
             metrics.PARTIAL.inc()

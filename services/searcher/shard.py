@@ -14,7 +14,7 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
 from services.common.config import Settings, get_settings
-from services.common.convert import hits_to_proto, vectors_from_proto
+from services.common.convert import pack_results, unpack_queries
 from services.common.errors import Incompatible, InvalidInput, TooLarge
 from services.common.store import open_store
 from services.indexer.manifest import POINTER_KEY
@@ -66,14 +66,14 @@ class ShardService(pb_grpc.ShardServicer):
     @server.rpc
     async def Search(self, request: pb.ShardSearchRequest, context) -> pb.ShardSearchResponse:
         searcher = self._searcher(request.index_version)  # one reference for the whole call: swaps can't split it
-        if len(request.queries) > self.settings.max_batch:
-            raise TooLarge(f"{len(request.queries)} queries in one call; the limit is {self.settings.max_batch}")
         if request.k == 0:
             raise InvalidInput("k must be at least 1")
-        queries = vectors_from_proto(request.queries, searcher.manifest.dim)
-        hits = await asyncio.get_running_loop().run_in_executor(
-            None, searcher.search, queries, request.k, request.nprobe or None)
-        return pb.ShardSearchResponse(results=[hits_to_proto(h) for h in hits], index_version=searcher.version,
+        queries = unpack_queries(request.queries, request.dim, searcher.manifest.dim)
+        if len(queries) > self.settings.max_batch:
+            raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")
+        D, I, _, uris = await asyncio.get_running_loop().run_in_executor(
+            None, searcher.search_arrays, queries, request.k, request.nprobe or None)
+        return pb.ShardSearchResponse(**pack_results(D, I, uris), index_version=searcher.version,
                                       shard=self.number, latest_version=self.latest)
 
     @server.rpc

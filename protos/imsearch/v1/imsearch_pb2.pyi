@@ -63,28 +63,34 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe", "index_version")
+    __slots__ = ("queries", "dim", "k", "nprobe", "index_version")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
-    queries: _containers.RepeatedCompositeFieldContainer[Vector]
+    queries: bytes
+    dim: int
     k: int
     nprobe: int
     index_version: str
-    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, queries: _Optional[bytes] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
-    __slots__ = ("results", "index_version", "shard", "latest_version")
-    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("scores", "ids", "uris", "index_version", "shard", "latest_version")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    URIS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
-    results: _containers.RepeatedCompositeFieldContainer[HitList]
+    scores: bytes
+    ids: bytes
+    uris: _containers.RepeatedScalarFieldContainer[str]
     index_version: str
     shard: int
     latest_version: str
-    def __init__(self, results: _Optional[_Iterable[_Union[HitList, _Mapping]]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ..., latest_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, scores: _Optional[bytes] = ..., ids: _Optional[bytes] = ..., uris: _Optional[_Iterable[str]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ..., latest_version: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "count", "sha256", "index_version", "file", "dim", "model_fingerprint")

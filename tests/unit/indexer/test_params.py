@@ -14,7 +14,7 @@ def test_small_catalogues_are_exact():
 
 
 @pytest.mark.parametrize("n", [30_000, 100_000, 1_000_000, 50_000_000])
-def test_nlist_is_near_8_sqrt_n(n):
+def test_nlist_is_within_4_to_16_sqrt_n(n):
     nlist = choose_nlist(n)
     assert 4 * math.sqrt(n) <= nlist <= 16 * math.sqrt(n)
     assert n / nlist >= 39  # trainable

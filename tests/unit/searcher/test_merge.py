@@ -11,7 +11,7 @@ def test_merge_equals_sorting_the_union():
         D = -np.sort(-rng.random((nq, k)), axis=1).astype(np.float32)
         I = rng.integers(s * 1000, s * 1000 + 999, (nq, k))
         per_shard.append((s, D, I))
-    D, I, S = merge_topk(per_shard, k)
+    D, I, S, _ = merge_topk(per_shard, k)
     for q in range(nq):
         union = sorted(((float(d[q, j]), int(i[q, j]), s) for s, d, i in per_shard for j in range(k)),
                        key=lambda c: -c[0])[:k]
@@ -22,7 +22,7 @@ def test_missing_results_are_dropped_and_short_lists_allowed():
     D = np.array([[0.5, -np.inf]], np.float32)
     I = np.array([[7, -1]])
     merged = merge_topk([(0, D, I)], 3)
-    hits = hit_lists(*merged)
+    hits = hit_lists(*merged[:3])
     assert [(h.score, h.id, h.shard) for h in hits[0]] == [(0.5, 7, 0)]
 
 
@@ -30,10 +30,17 @@ def test_ties_break_on_id_independent_of_shard_order():
     a = (0, np.array([[0.5]], np.float32), np.array([[9]]))
     b = (1, np.array([[0.5]], np.float32), np.array([[3]]))
     for shards in ([a, b], [b, a]):
-        D, I, S = merge_topk(shards, 1)
+        D, I, S, _ = merge_topk(shards, 1)
         assert (I[0, 0], S[0, 0]) == (3, 1)
 
 
 def test_no_shards_no_results():
-    D, I, S = merge_topk([], 10)
-    assert I.shape == (0, 10) and hit_lists(D, I, S) == []
+    D, I, S, U = merge_topk([], 10)
+    assert I.shape == (0, 10) and hit_lists(D, I, S) == [] and U is None
+
+
+def test_uris_travel_with_their_hits():
+    a = (0, np.array([[0.9, 0.1]], np.float32), np.array([[1, 2]]), np.array([["a1", "a2"]], dtype=object))
+    b = (1, np.array([[0.5, 0.4]], np.float32), np.array([[3, 4]]), np.array([["b3", "b4"]], dtype=object))
+    D, I, S, U = merge_topk([a, b], 3)
+    assert I.tolist() == [[1, 3, 4]] and U.tolist() == [["a1", "b3", "b4"]] and S.tolist() == [[0, 1, 1]]

@@ -1,0 +1,181 @@
+"""Router over shard servers (real processes, gRPC) vs raw faiss in-process, same index and nprobe.
+
+Builds an index of N clustered vectors in S shards with the auto-chosen parameters, starts S shard
+servers and a router, and prints:
+  * recall@10 against exact search of raw faiss and of the router, and the recall/QPS curve
+    of raw faiss over nprobe;
+  * SearchBatch QPS through the router ÷ raw faiss QPS (same batches, same nprobe);
+  * single-query latency p50/p99 with C concurrent clients, and the cache-hit p50 with Redis.
+Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import grpc
+import numpy as np
+import pyarrow.parquet as pq
+
+from protos.imsearch.v1 import imsearch_pb2 as pb
+from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common import faiss_util
+from services.common.config import Settings
+from services.common.procs import Service, free_port, wait_serving
+from services.eval.synthetic import clustered_unit_vectors, write_embeddings
+from services.indexer.build import build_index
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
+
+
+def merged_raw_index(idx_root: Path, manifest) -> faiss.Index:
+    """The S shards merged back into one index: exactly the unsharded index, trained once."""
+    files = [idx_root / "versions" / manifest.version / s.file for s in manifest.shards]
+    raw = faiss.read_index(str(files[0]))
+    for f in files[1:]:
+        other = faiss.read_index(str(f))  # keep a reference: extract_index_ivf returns a borrowed pointer
+        faiss.extract_index_ivf(raw).merge_from(faiss.extract_index_ivf(other), 0)
+    return raw
+
+
+def timed_qps(fn, batches: list, min_seconds: float = 5.0) -> float:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for b in batches:
+            fn(b)
+            done += len(b)
+    return done / (time.perf_counter() - start)
+
+
+async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: int, concurrency: int,
+                     seconds: float = 5.0) -> float:
+    requests = [pb.SearchBatchRequest(queries=[pb.Query(vector=pb.Vector(values=q)) for q in b.tolist()],
+                                      k=k, nprobe=nprobe) for b in batches]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.SearcherStub(channel)
+        done, start = 0, time.perf_counter()
+
+        async def worker(offset: int):
+            nonlocal done
+            i = offset
+            while time.perf_counter() - start < seconds:
+                await stub.SearchBatch(requests[i % len(requests)], timeout=30)
+                done += len(batches[i % len(batches)])
+                i += 1
+
+        await asyncio.gather(*(worker(c) for c in range(concurrency)))
+        return done / (time.perf_counter() - start)
+
+
+async def latencies(address: str, queries: np.ndarray, k: int, clients: int, per_client: int,
+                    repeat: bool = False) -> np.ndarray:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.SearcherStub(channel)
+        out: list[float] = []
+
+        async def client(c: int):
+            for j in range(per_client):
+                q = queries[0 if repeat else (c * per_client + j) % len(queries)]
+                req = pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k)
+                t = time.perf_counter()
+                await stub.Search(req, timeout=30)
+                out.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return np.array(out) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=100)
+    args = ap.parse_args()
+    k = 10
+    x = clustered_unit_vectors(args.n + 2000, args.dim, seed=0, clusters=max(100, args.n // 1000), noise=0.6)
+    data, queries = x[:args.n], x[args.n:]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        settings = Settings(home=tmp / "home", flat_max=1000)
+        write_embeddings(tmp / "emb", data, part_rows=200_000)
+        t = time.perf_counter()
+        m = build_index(str(tmp / "emb"), str(tmp / "idx"), shards=args.shards, settings=settings,
+                        step=lambda s: print("  build:", s, flush=True))
+        print(f"index {m.factory}, nprobe {m.nprobe} (tuned to recall@10 {m.tuning['recall_at_10']}), "
+              f"{args.shards} shards, built in {time.perf_counter() - t:.0f}s")
+        raw = merged_raw_index(tmp / "idx", m)
+        exact = faiss.IndexFlatIP(args.dim)
+        exact.add(data)
+        _, truth = exact.search(queries[:1000], k)
+        del exact
+        row_of_id = {}  # raw index ids are content-hash ids: map them back to rows for recall
+        for s in m.shards:
+            docs = pq.read_table(tmp / "idx" / "versions" / m.version / s.docs_file).to_pydict()
+            row_of_id.update({i: int(u.split("/")[1].split(".")[0]) for i, u in zip(docs["id"], docs["uri"])})
+        to_rows = np.vectorize(lambda i: row_of_id.get(int(i), -1))
+
+        print("raw faiss recall/QPS over nprobe (batch %d):" % args.batch)
+        batches = [queries[i:i + args.batch] for i in range(0, 1000, args.batch)]
+        for nprobe in sorted({1, 2, 4, 8, 16, 32, 64, m.nprobe}):
+            _, I = faiss_util.search(raw, queries[:1000], k, nprobe)
+            qps = timed_qps(lambda b, p=nprobe: faiss_util.search(raw, b, k, p), batches, 2.0)
+            print(f"  nprobe {nprobe:>3}: recall@10 {recall(to_rows(I), truth):.4f}  {qps:8.0f} QPS")
+
+        env = {"IMSEARCH_HOME": str(tmp / "home"), "OMP_NUM_THREADS": os.environ.get("SHARD_OMP", "1")}
+        shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(),
+                          env) for i in range(args.shards)]
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                                      stdout=subprocess.DEVNULL)
+        router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
+                         {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+        try:
+            for s in shards:
+                s.start(wait=False)
+            for s in shards:
+                wait_serving(s.address, proc=s.proc)
+            router.start()
+            raw_qps = timed_qps(lambda b: faiss_util.search(raw, b, k, m.nprobe), batches)
+            r_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, concurrency=2))
+            _, I = faiss_util.search(raw, queries[:1000], k, m.nprobe)
+
+            async def router_ids():
+                async with grpc.aio.insecure_channel(router.address) as ch:
+                    stub = pb_grpc.SearcherStub(ch)
+                    out = []
+                    for b in batches:
+                        reply = await stub.SearchBatch(pb.SearchBatchRequest(
+                            queries=[pb.Query(vector=pb.Vector(values=q)) for q in b.tolist()], k=k), timeout=30)
+                        out += [[h.id for h in r.hits] for r in reply.results]
+                    return np.array(out)
+
+            routed = asyncio.run(router_ids())
+            print(f"recall@10: raw faiss {recall(to_rows(I), truth):.4f}, router {recall(to_rows(routed), truth):.4f}")
+            print(f"SearchBatch({args.batch}) QPS: router {r_qps:.0f}, raw faiss {raw_qps:.0f}, "
+                  f"ratio {r_qps / raw_qps:.2f}")
+            lat = asyncio.run(latencies(router.address, queries, k, args.clients, 20))
+            print(f"single query, {args.clients} clients: p50 {np.percentile(lat, 50):.2f} ms, "
+                  f"p99 {np.percentile(lat, 99):.2f} ms")
+            asyncio.run(latencies(router.address, queries, k, 1, 2, repeat=True))  # fill the cache
+            hit = asyncio.run(latencies(router.address, queries, k, 1, 200, repeat=True))
+            print(f"cache hit, 1 client: p50 {np.percentile(hit, 50):.2f} ms, p99 {np.percentile(hit, 99):.2f} ms")
+        finally:
+            router.stop()
+            for s in shards:
+                s.stop()
+            redis_proc.terminate()
+
+
+if __name__ == "__main__":
+    main()
