@@ -11,7 +11,7 @@ CACHE = Counter("imsearch_cache_total", "router cache lookups", ["result"])  # h
 FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
-QUEUE_DEPTH = Gauge("imsearch_embed_queue_depth", "embed requests waiting for the model")
+QUEUE_DEPTH = Gauge("imsearch_queue_depth", "requests waiting for a batch", ["queue"])  # embed | fanout
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

@@ -1,22 +1,21 @@
 """Online embedding over gRPC with dynamic batching.
 
-Requests are decoded on arrival (thread pool), then queued; one worker collects queued images up
-to `embed_batch` or `embed_max_wait_ms` and runs them as one model batch. The queue is bounded:
-when it is full, callers get RESOURCE_EXHAUSTED at once instead of unbounded memory.
+Requests are decoded on arrival (thread pool), then queued; a DynamicBatcher collects queued
+images up to `embed_batch` or `embed_max_wait_ms` and runs them as one model batch. The queue is
+bounded: when it is full, callers get RESOURCE_EXHAUSTED at once instead of unbounded memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
+from services.common.batching import DynamicBatcher
 from services.common.config import Settings, get_settings
 from services.common.convert import vectors_to_proto
 from services.common.errors import InvalidInput, TooLarge
@@ -25,72 +24,6 @@ from services.embedder.models import Embedder, load_embedder
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
-
-
-@dataclass
-class _Job:
-    pixels: np.ndarray
-    future: asyncio.Future
-
-
-class DynamicBatcher:
-    """Coalesces concurrent requests into model batches (as Ray Serve's @serve.batch)."""
-
-    def __init__(self, embed: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float, max_queue: int):
-        self.embed, self.max_batch, self.max_wait_s = embed, max_batch, max_wait_s
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
-        self.task: asyncio.Task | None = None
-        self.batches = 0  # model calls made (for tests and metrics)
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def submit(self, pixels: np.ndarray) -> np.ndarray:
-        job = _Job(pixels, asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise TooLarge(f"embedder busy: {self.queue.qsize()} requests queued; retry later") from None
-        metrics.QUEUE_DEPTH.set(self.queue.qsize())
-        return await job.future
-
-    async def _collect(self) -> list[_Job]:
-        jobs = [await self.queue.get()]
-        size = len(jobs[0].pixels)
-        deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while size < self.max_batch:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            try:
-                job = await asyncio.wait_for(self.queue.get(), remaining)
-            except asyncio.TimeoutError:
-                break
-            jobs.append(job)
-            size += len(job.pixels)
-        return jobs
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._collect()
-            metrics.QUEUE_DEPTH.set(self.queue.qsize())
-            try:
-                vectors = await loop.run_in_executor(None, self.embed, np.concatenate([j.pixels for j in jobs]))
-                self.batches += 1
-                start = 0
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_result(vectors[start:start + len(job.pixels)])
-                    start += len(job.pixels)
-            except Exception as e:  # the model failed: every waiting caller hears it
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
@@ -132,7 +65,7 @@ async def serve(port: int = 0, settings: Settings | None = None, model: str | No
     embedder = await asyncio.get_running_loop().run_in_executor(
         None, load_embedder, name, weights, settings.device)
     batcher = DynamicBatcher(embedder.embed, settings.embed_batch, settings.embed_max_wait_ms / 1000,
-                             settings.embed_queue)
+                             settings.embed_queue, name="embed")
     batcher.start()
     service = EmbedderService(embedder, batcher, settings)
     running = await server.start([(pb_grpc.add_EmbedderServicer_to_server, service, SERVICE)], port, settings, host)

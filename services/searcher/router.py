@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import logging
 from collections import Counter
@@ -23,6 +24,7 @@ import numpy as np
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
+from services.common.batching import DynamicBatcher
 from services.common.config import Settings, get_settings
 from services.common.convert import hits_to_proto, pack_queries, unpack_results, vectors_from_proto
 from services.common.errors import (
@@ -84,6 +86,7 @@ class Router:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.dim: int | None = None
         self.fingerprint = ""
+        self.batchers: dict[tuple[int, int], DynamicBatcher] = {}
         self.version = ""  # the index version of the last answer: part of every cache key
 
     async def _ask(self, shard: int, request: pb.ShardSearchRequest, deadline: float) -> pb.ShardSearchResponse | None:
@@ -146,6 +149,23 @@ class Router:
         elif not self.version:
             self.version = version
 
+    async def search_one(self, vector: np.ndarray, k: int, nprobe: int = 0) -> Answer:
+        """One query, fanned out together with the other single queries in flight (one fan-out per
+        batch instead of one per query: per-call gRPC overhead dominates single-query cost)."""
+        check_k(k, self.settings.max_k)
+        batcher = self.batchers.get((k, nprobe))
+        if batcher is None:
+            batcher = DynamicBatcher(functools.partial(self._search_rows, k=k, nprobe=nprobe),
+                                     self.settings.max_batch, 0.0, self.settings.router_queue,
+                                     workers=self.settings.router_fanouts, name="fanout")
+            batcher.start()
+            self.batchers[(k, nprobe)] = batcher
+        return (await batcher.submit(np.asarray(vector, np.float32).reshape(1, -1)))[0]
+
+    async def _search_rows(self, rows: np.ndarray, k: int, nprobe: int) -> list[Answer]:
+        answer = await self.search(rows, k, nprobe)
+        return [Answer([hits], answer.version, answer.coverage, answer.missing) for hits in answer.hits]
+
     async def refresh_version(self, timeout: float = 2.0) -> str:
         """Learn version, dim and model from the shards' Info (best effort: shards may be down)."""
 
@@ -184,6 +204,8 @@ class Router:
         return np.array(vectors, dtype=np.float32)
 
     async def close(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.stop()
         await asyncio.gather(*(c.close() for chans in self.channels for c in chans))
 
 
@@ -211,15 +233,15 @@ class SearcherService(pb_grpc.SearcherServicer):
         return pb.SearchResponse(hits=hits_to_proto(answer.hits[q]).hits, index_version=answer.version,
                                  coverage=answer.coverage, missing_shards=answer.missing)
 
-    async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
+    async def _search_one(self, request: pb.SearchRequest) -> pb.SearchResponse:
         vectors = await self._vectors([request.query])
-        return self._response(await self.router.search(vectors, request.k, request.nprobe, timeout), 0)
+        return self._response(await self.router.search_one(vectors[0], request.k, request.nprobe), 0)
 
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         check_k(request.k, self.settings.max_k)
         if self.cache is None or not self.router.version:
-            return await self._search_one(request, context.time_remaining())
+            return await self._search_one(request)
         key = cache_key(self.router.version, request.k, request.nprobe, request.query.SerializeToString())
 
         async def lookup_or_fetch() -> pb.SearchResponse:
@@ -231,7 +253,7 @@ class SearcherService(pb_grpc.SearcherServicer):
                 reply = pb.SearchResponse.FromString(cached)
                 reply.cached = True
                 return reply
-            reply = await self._search_one(request, context.time_remaining())
+            reply = await self._search_one(request)
             if reply.coverage == 1.0 and reply.index_version == self.router.version:  # never cache partial answers
                 await self.cache.set(key, reply.SerializeToString())
             return reply

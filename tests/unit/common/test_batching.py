@@ -4,8 +4,8 @@ import threading
 import numpy as np
 import pytest
 
+from services.common.batching import DynamicBatcher
 from services.common.errors import TooLarge
-from services.embedder.service import DynamicBatcher
 
 
 def fake_embed(calls: list):
@@ -69,3 +69,33 @@ def test_a_model_failure_reaches_every_waiting_caller():
         return results
 
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+def test_zero_wait_still_takes_everything_already_queued():
+    calls: list[int] = []
+
+    async def main():
+        b = DynamicBatcher(fake_embed(calls), max_batch=64, max_wait_s=0.0, max_queue=100)
+        futures = [asyncio.ensure_future(b.submit(np.zeros((1, 2, 2, 3), np.uint8))) for _ in range(10)]
+        await asyncio.sleep(0)  # all ten are queued before the worker starts
+        b.start()
+        await asyncio.gather(*futures)
+        await b.stop()
+
+    asyncio.run(main())
+    assert calls == [10]
+
+
+def test_async_batch_functions_run_on_the_loop():
+    async def double(rows):
+        await asyncio.sleep(0)
+        return rows * 2
+
+    async def main():
+        b = DynamicBatcher(double, max_batch=8, max_wait_s=0.01, max_queue=10, workers=2, name="test")
+        b.start()
+        out = await asyncio.gather(*(b.submit(np.full((1, 1), i)) for i in range(5)))
+        await b.stop()
+        return [int(o[0, 0]) for o in out]
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8]

@@ -1,0 +1,97 @@
+"""Dynamic batching: concurrent requests coalesced into one call of a batch function."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from services.common import metrics
+from services.common.errors import TooLarge
+
+
+@dataclass
+class _Job:
+    rows: np.ndarray
+    future: asyncio.Future
+
+
+class DynamicBatcher:
+    """Coalesces concurrent requests into batches (as Ray Serve's @serve.batch).
+
+    fn takes the rows of all collected requests stacked, and returns one result row per input row
+    (anything sliceable); a sync fn runs in the thread pool, an async one on the loop.
+    """
+
+    def __init__(self, fn: Callable, max_batch: int, max_wait_s: float, max_queue: int, workers: int = 1,
+                 name: str = "embed"):
+        self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
+        self.workers, self.tasks = workers, []
+        self.depth = metrics.QUEUE_DEPTH.labels(name)
+        self.batches = 0  # batch calls made (for tests and metrics)
+
+    def start(self) -> None:
+        """workers > 1 keeps several batches in flight (e.g. fan-outs waiting on the network)."""
+        self.tasks = [asyncio.get_running_loop().create_task(self._run()) for _ in range(self.workers)]
+
+    async def submit(self, rows: np.ndarray):
+        job = _Job(rows, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise TooLarge(f"busy: {self.queue.qsize()} requests queued; retry later") from None
+        self.depth.set(self.queue.qsize())
+        return await job.future
+
+    async def _collect(self) -> list[_Job]:
+        """The first waiting job, everything already queued behind it, and what arrives within
+        max_wait_s, up to max_batch rows."""
+        loop = asyncio.get_running_loop()
+        jobs = [await self.queue.get()]
+        size = len(jobs[0].rows)
+        deadline = loop.time() + self.max_wait_s
+        while size < self.max_batch:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            jobs.append(job)
+            size += len(job.rows)
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            self.depth.set(self.queue.qsize())
+            try:
+                rows = np.concatenate([j.rows for j in jobs])
+                if self.is_async:
+                    out = await self.fn(rows)
+                else:
+                    out = await loop.run_in_executor(None, self.fn, rows)
+                self.batches += 1
+                start = 0
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_result(out[start:start + len(job.rows)])
+                    start += len(job.rows)
+            except Exception as e:  # the batch failed: every waiting caller hears it
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
