@@ -121,3 +121,19 @@ def test_redis_down_serves_uncached_and_recovers(cached_cluster):
         while not (reply := client.search(q)).cached and time.monotonic() < deadline:
             time.sleep(0.1)
         assert reply.cached  # the cache is used again once Redis is back (it came back empty)
+
+
+def test_concurrent_distinct_queries_share_fan_outs(cached_cluster):
+    router, _, metrics_port = cached_cluster
+    queries = random_unit_vectors(100, DIM, seed=5)
+    before = fanouts(metrics_port)
+
+    async def burst():
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = pb_grpc.SearcherStub(channel)
+            reqs = [pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=5) for q in queries]
+            return await asyncio.gather(*(stub.Search(r, timeout=30) for r in reqs))
+
+    replies = asyncio.run(burst())
+    assert all(r.coverage == 1.0 and len(r.hits) == 5 for r in replies)
+    assert fanouts(metrics_port) - before < len(queries)  # batched: fewer fan-outs than queries
