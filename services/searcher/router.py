@@ -149,10 +149,13 @@ class Router:
         elif not self.version:
             self.version = version
 
-    async def search_one(self, vector: np.ndarray, k: int, nprobe: int = 0) -> Answer:
+    async def search_one(self, vector: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None) -> Answer:
         """One query, fanned out together with the other single queries in flight (one fan-out per
-        batch instead of one per query: per-call gRPC overhead dominates single-query cost)."""
+        batch instead of one per query: per-call gRPC overhead dominates single-query cost).
+        A caller whose deadline is tighter than the shard budget goes alone, with its own deadline."""
         check_k(k, self.settings.max_k)
+        if timeout is not None and timeout < self.settings.shard_timeout_s:
+            return await self.search(np.asarray(vector, np.float32).reshape(1, -1), k, nprobe, timeout)
         batcher = self.batchers.get((k, nprobe))
         if batcher is None:
             batcher = DynamicBatcher(functools.partial(self._search_rows, k=k, nprobe=nprobe),
@@ -233,15 +236,15 @@ class SearcherService(pb_grpc.SearcherServicer):
         return pb.SearchResponse(hits=hits_to_proto(answer.hits[q]).hits, index_version=answer.version,
                                  coverage=answer.coverage, missing_shards=answer.missing)
 
-    async def _search_one(self, request: pb.SearchRequest) -> pb.SearchResponse:
+    async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
         vectors = await self._vectors([request.query])
-        return self._response(await self.router.search_one(vectors[0], request.k, request.nprobe), 0)
+        return self._response(await self.router.search_one(vectors[0], request.k, request.nprobe, timeout), 0)
 
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         check_k(request.k, self.settings.max_k)
         if self.cache is None or not self.router.version:
-            return await self._search_one(request)
+            return await self._search_one(request, context.time_remaining())
         key = cache_key(self.router.version, request.k, request.nprobe, request.query.SerializeToString())
 
         async def lookup_or_fetch() -> pb.SearchResponse:
@@ -253,7 +256,7 @@ class SearcherService(pb_grpc.SearcherServicer):
                 reply = pb.SearchResponse.FromString(cached)
                 reply.cached = True
                 return reply
-            reply = await self._search_one(request)
+            reply = await self._search_one(request, context.time_remaining())
             if reply.coverage == 1.0 and reply.index_version == self.router.version:  # never cache partial answers
                 await self.cache.set(key, reply.SerializeToString())
             return reply

@@ -129,17 +129,21 @@ def test_a_frozen_shard_costs_only_the_deadline(cluster):
 
     shards, router = cluster
     query = random_unit_vectors(1, DIM, seed=11)[0]
-    with SearchClient(router.address, timeout=10) as client:
+    with SearchClient(router.address, timeout=10) as client, SearchClient(router.address, timeout=1.0) as hurried:
         assert client.search(query).coverage == 1.0
         shards[2].proc.send_signal(signal.SIGSTOP)
         try:
             start = time.monotonic()
             partial = client.search(query)  # the router's default shard deadline is 2 s
             elapsed = time.monotonic() - start
+            start = time.monotonic()
+            quick = hurried.search(query)  # a 1 s client deadline: the router answers within it
+            quick_elapsed = time.monotonic() - start
         finally:
             shards[2].proc.send_signal(signal.SIGCONT)
     assert partial.missing_shards == [2] and partial.hits
     assert elapsed < 4.0, elapsed
+    assert quick.missing_shards == [2] and quick.hits and quick_elapsed < 1.0
 
 
 def test_search_by_catalogue_id(index, cluster):
