@@ -28,7 +28,7 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import faiss_util
 from services.common.config import Settings
-from services.common.procs import Service, free_port, wait_serving
+from services.common.procs import Service, free_port, start_all
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.indexer.build import build_index
 
@@ -141,10 +141,7 @@ def main() -> None:
         router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
                          {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
         try:
-            for s in shards:
-                s.start(wait=False)
-            for s in shards:
-                wait_serving(s.address, proc=s.proc)
+            start_all(shards)
             router.start()
             raw_qps = timed_qps(lambda b: faiss_util.search(raw, b, k, m.nprobe), batches)
             r_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, concurrency=2))

@@ -204,7 +204,7 @@ def serve(
     import asyncio
 
     from services.common import server
-    from services.common.procs import Service, free_port, wait_serving
+    from services.common.procs import Service, free_port, start_all
     from services.common.store import open_store
     from services.indexer.manifest import load_current
     from services.searcher import router
@@ -215,10 +215,7 @@ def serve(
                       shard_ports + i if shard_ports else free_port(), {"IMSEARCH_METRICS_PORT": "0"})
               for i, e in enumerate(manifest.shards)]  # one metrics port can serve one process only
     try:
-        for s in shards:
-            s.start(wait=False)
-        for s in shards:
-            wait_serving(s.address, proc=s.proc)
+        start_all(shards)
         err.print(f"• {len(shards)} shard server(s) up: {', '.join(s.address for s in shards)}", highlight=False)
 
         async def run() -> None:

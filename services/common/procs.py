@@ -42,6 +42,14 @@ def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | 
             time.sleep(0.05)
 
 
+def start_all(services: list["Service"]) -> None:
+    """Start every process first (they load in parallel), then wait until each is SERVING."""
+    for s in services:
+        s.start(wait=False)
+    for s in services:
+        wait_serving(s.address, proc=s.proc)
+
+
 class Service:
     """`python -m <module> <args>` on a given port, as a real process."""
 

@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -115,6 +115,28 @@ async def start(add: list[tuple[Callable, object, str]], port: int, settings: Se
     running = Running(server, health_servicer, bound, names)
     await running.set_serving(serving)
     return running
+
+
+def run_service(start: Callable[[], Awaitable[tuple[Running, Callable[[], Awaitable[None]] | None]]],
+                what: str, host: str) -> None:
+    """The body of every service's main(): logs from settings, start, serve until SIGTERM, clean up."""
+    from services.common.config import get_settings
+    from services.common.logs import setup_logging
+
+    settings = get_settings()
+    setup_logging("info" if settings.log_level == "warning" else settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        try:
+            running, cleanup = await start()
+        except ImsearchError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"{what} serving on {host}:{running.port}", flush=True)
+        await wait_for_signal(running)
+        if cleanup is not None:
+            await cleanup()
+
+    asyncio.run(run())
 
 
 async def wait_for_signal(running: Running, grace: float = 5.0) -> None:

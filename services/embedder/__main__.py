@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 
 from services.common import server
 from services.embedder.service import serve
@@ -16,15 +14,12 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--model", default=None, help="registry name, timm:<arch> or checkpoint (default: settings)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
 
-    async def run() -> None:
+    async def start():
         running, batcher = await serve(args.port, model=args.model, host=args.host)
-        print(f"embedder serving on {args.host}:{running.port}", flush=True)
-        await server.wait_for_signal(running)
-        await batcher.stop()
+        return running, batcher.stop
 
-    asyncio.run(run())
+    server.run_service(start, "embedder", args.host)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from services.common.config import Settings, get_settings
 from services.common.convert import hits_to_proto, pack_queries, unpack_results, vectors_from_proto
 from services.common.errors import (
     DeadlineExceeded,
-    ImsearchError,
     Incompatible,
     InvalidInput,
     NotFound,
@@ -331,19 +330,13 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=50050)
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
 
-    async def run() -> None:
-        try:
-            running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host,
-                                          embedder=args.embedder)
-        except ImsearchError as e:
-            raise SystemExit(f"error: {e}") from None
-        print(f"router serving on {args.host}:{running.port}", flush=True)
-        await server.wait_for_signal(running)
-        await router.close()
+    async def start():
+        running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host,
+                                      embedder=args.embedder)
+        return running, router.close
 
-    asyncio.run(run())
+    server.run_service(start, "router", args.host)
 
 
 if __name__ == "__main__":

@@ -114,14 +114,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=50061)
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
 
-    async def run() -> None:
-        running = await serve(args.index, args.shard, args.port, host=args.host)
-        print(f"shard {args.shard} serving on {args.host}:{running.port}", flush=True)
-        await server.wait_for_signal(running)
+    async def start():
+        return await serve(args.index, args.shard, args.port, host=args.host), None
 
-    asyncio.run(run())
+    server.run_service(start, f"shard {args.shard}", args.host)
 
 
 if __name__ == "__main__":

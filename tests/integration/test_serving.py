@@ -9,7 +9,7 @@ import pytest
 from grpc import RpcError, StatusCode
 
 from services.common.config import Settings
-from services.common.procs import Service, free_port, wait_serving
+from services.common.procs import Service, free_port, start_all
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from services.searcher.local import IndexSearcher
@@ -36,10 +36,7 @@ def cluster(index, tmp_path):
     router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
                      env, tmp_path / "router.log")
     try:
-        for s in shards:
-            s.start(wait=False)
-        for s in shards:
-            wait_serving(s.address, proc=s.proc)
+        start_all(shards)
         router.start()
         yield shards, router
     finally:
