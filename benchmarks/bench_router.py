@@ -138,7 +138,8 @@ def main() -> None:
         redis_port = free_port()
         redis_proc = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
                                       stdout=subprocess.DEVNULL)
-        router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
+        router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards),
+                                                      "--index", str(tmp / "idx")], free_port(),
                          {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
         try:
             start_all(shards)

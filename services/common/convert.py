@@ -57,3 +57,18 @@ def unpack_results(reply, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     I = np.frombuffer(reply.ids, dtype="<i8").reshape(n, -1)
     uris = np.array(reply.uris, dtype=object).reshape(I.shape)
     return D, I, uris
+
+
+def pack_assign(Dq: np.ndarray, Iq: np.ndarray) -> dict:
+    return {"assign": np.ascontiguousarray(Iq, "<i8").tobytes(),
+            "assign_scores": np.ascontiguousarray(Dq, "<f4").tobytes()}
+
+
+def unpack_assign(request, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The router's coarse assignment carried by a ShardSearchRequest, or None."""
+    if not request.assign:
+        return None
+    if len(request.assign) % (8 * n) or len(request.assign_scores) * 2 != len(request.assign):
+        raise InvalidInput("coarse assignment does not match the number of queries")
+    Iq = np.frombuffer(request.assign, dtype="<i8").reshape(n, -1)
+    return np.frombuffer(request.assign_scores, dtype="<f4").reshape(n, -1), Iq

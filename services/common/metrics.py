@@ -9,6 +9,7 @@ LATENCY = Histogram("imsearch_request_seconds", "request latency", ["service", "
                     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 CACHE = Counter("imsearch_cache_total", "router cache lookups", ["result"])  # hit | miss
 FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
+ASSIGNED = Counter("imsearch_router_assigned_total", "fan-outs whose IVF lists the router chose once for all shards")
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
 QUEUE_DEPTH = Gauge("imsearch_queue_depth", "requests waiting for a batch", ["queue"])  # embed | fanout

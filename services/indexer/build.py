@@ -21,7 +21,7 @@ from services.common.config import Settings, get_settings
 from services.common.embeddings import Embeddings, read_embeddings
 from services.common.errors import InvalidInput
 from services.common.store import open_store
-from services.indexer.manifest import Manifest, ShardEntry, publish, version_prefix
+from services.indexer.manifest import FileEntry, Manifest, ShardEntry, publish, version_prefix
 from services.indexer.params import PQ_TRAIN_POINTS, IndexParams, choose_params, params_from_factory
 from services.searcher.merge import merge_topk
 
@@ -166,10 +166,16 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         entries.append(ShardEntry(shard=s.number, file=file, sha256=sha256_bytes(blob), bytes=len(blob),
                                   count=int(s.index.ntotal), docs_file=docs_file, docs_sha256=sha256_bytes(docs)))
         step(f"wrote shard {s.number}: {s.index.ntotal} vectors, {len(blob) / 2**20:.1f} MiB")
+    quantizer = None
+    if isinstance(faiss.downcast_index(trained), faiss.IndexIVF):  # routers can assign lists once for all shards
+        blob = faiss_util.to_bytes(faiss.downcast_index(trained).quantizer)
+        out.put_bytes(f"{prefix}/quantizer.faiss", blob)
+        quantizer = FileEntry(file="quantizer.faiss", sha256=sha256_bytes(blob))
     manifest = Manifest(
         version=version, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=emb.meta["model"], dim=dim, factory=params.factory, params=params.as_dict(), nprobe=nprobe,
         k_factor=params.k_factor, count=n, duplicates_dropped=dropped, tuning=tuning, shards=entries,
+        quantizer=quantizer,
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
     publish(out, manifest)

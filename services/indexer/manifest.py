@@ -30,6 +30,11 @@ class ShardEntry(BaseModel):
     docs_sha256: str
 
 
+class FileEntry(BaseModel):
+    file: str
+    sha256: str
+
+
 class Manifest(BaseModel):
     format: int = FORMAT
     version: str
@@ -46,6 +51,7 @@ class Manifest(BaseModel):
     source: dict = {}
     tuning: dict = {}
     shards: list[ShardEntry]
+    quantizer: FileEntry | None = None  # plain IVF: the coarse quantizer alone, for routers
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(indent=1).encode()

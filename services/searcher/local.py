@@ -130,6 +130,17 @@ def shared_quantizer(indexes: list) -> object | None:
     return first
 
 
+def check_assign(assign: tuple[np.ndarray, np.ndarray], nq: int, quantizer) -> tuple[np.ndarray, np.ndarray]:
+    Dq, Iq = assign
+    if quantizer is None:
+        raise InvalidInput("a coarse assignment was sent, but this index is not a plain IVF index")
+    if Iq.shape != Dq.shape or Iq.ndim != 2 or len(Iq) != nq:
+        raise InvalidInput(f"coarse assignment has shape {Iq.shape} for {nq} queries")
+    if Iq.size and (Iq.min() < -1 or Iq.max() >= quantizer.ntotal):
+        raise InvalidInput(f"coarse assignment names lists outside 0..{quantizer.ntotal - 1}")
+    return Dq, Iq
+
+
 def check_k(k: int, max_k: int) -> None:
     if not 1 <= k <= max_k:
         raise InvalidInput(f"k must be between 1 and {max_k}, got {k}")
@@ -161,8 +172,12 @@ class IndexSearcher:
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
         return hit_lists(*self.search_arrays(queries, k, nprobe))
 
-    def search_arrays(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None):
-        """(D, I, S, uris), each (nq, k), best first; id -1 / uri "" where fewer than k results."""
+    def search_arrays(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
+                      assign: tuple[np.ndarray, np.ndarray] | None = None):
+        """(D, I, S, uris), each (nq, k), best first; id -1 / uri "" where fewer than k results.
+
+        assign = (scores, lists), each (nq, nprobe): a coarse assignment made elsewhere (the router)
+        for plain IVF shards; then nprobe is its width."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -176,8 +191,12 @@ class IndexSearcher:
         if nprobe < 1:
             raise InvalidInput(f"nprobe must be >= 1, got {nprobe}")
 
-        if self.quantizer is not None:  # one coarse search serves every shard (as faiss IndexShardsIVF)
+        if assign is not None:
+            Dq, Iq = check_assign(assign, len(queries), self.quantizer)
+        elif self.quantizer is not None:  # one coarse search serves every shard (as faiss IndexShardsIVF)
             Dq, Iq = self.quantizer.search(queries, min(nprobe, self.quantizer.ntotal))
+        if self.quantizer is not None:
+            nprobe = Iq.shape[1]  # faiss reads nprobe entries per query from the assignment
 
             def one(shard: LoadedShard):
                 params = shard.params(nprobe, self.manifest.k_factor)

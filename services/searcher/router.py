@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import faiss
 import grpc
 import numpy as np
 
@@ -25,10 +26,13 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
 from services.common.batching import DynamicBatcher
+from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.convert import hits_to_proto, pack_queries, unpack_results, vectors_from_proto
+from services.common.convert import hits_to_proto, pack_assign, pack_queries, unpack_results, vectors_from_proto
 from services.common.errors import (
+    Corrupt,
     DeadlineExceeded,
+    ImsearchError,
     Incompatible,
     InvalidInput,
     NotFound,
@@ -38,6 +42,8 @@ from services.common.errors import (
     from_status,
 )
 from services.common.hits import Hit
+from services.common.store import open_store
+from services.indexer.manifest import Manifest, version_prefix
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
 from services.searcher.local import check_k
 from services.searcher.merge import hit_lists, merge_topk
@@ -86,6 +92,8 @@ class Router:
         self.dim: int | None = None
         self.fingerprint = ""
         self.batchers: dict[tuple[int, int], DynamicBatcher] = {}
+        self.index_url: str | None = None  # lets the router assign IVF lists once for all shards
+        self.coarse: dict[str, tuple | None] = {}
         self.version = ""  # the index version of the last answer: part of every cache key
 
     async def _ask(self, shard: int, request: pb.ShardSearchRequest, deadline: float) -> pb.ShardSearchResponse | None:
@@ -114,11 +122,11 @@ class Router:
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         data, dim = pack_queries(queries)
         request = pb.ShardSearchRequest(queries=data, dim=dim, k=k, nprobe=nprobe)
-        answered = await self._fan_out(request, deadline)
+        answered = await self._fan_out(request, queries, deadline)
         if not answered and self.version and loop.time() < deadline:
             # Every shard may have moved past our version (two publishes in a row): re-learn it once.
             if self.version != await self.refresh_version():
-                answered = await self._fan_out(request, deadline)
+                answered = await self._fan_out(request, queries, deadline)
         if not answered:
             if loop.time() >= deadline:
                 raise DeadlineExceeded("no shard answered within the deadline")
@@ -134,8 +142,18 @@ class Router:
         self._follow_rollout(answered, version)
         return Answer(hits, version, len(answered) / len(self.stubs), missing)
 
-    async def _fan_out(self, request: pb.ShardSearchRequest, deadline: float) -> dict[int, pb.ShardSearchResponse]:
+    async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray,
+                       deadline: float) -> dict[int, pb.ShardSearchResponse]:
         request.index_version = self.version  # pinned: shards keep the previous version during a rollout
+        request.ClearField("assign")
+        request.ClearField("assign_scores")
+        coarse = self._coarse_for(self.version)
+        if coarse is not None:  # choose the inverted lists once here instead of once per shard
+            quantizer, default_nprobe = coarse
+            nprobe = min(request.nprobe or default_nprobe, quantizer.ntotal)
+            Dq, Iq = await asyncio.get_running_loop().run_in_executor(None, quantizer.search, queries, nprobe)
+            request.MergeFrom(pb.ShardSearchRequest(**pack_assign(Dq, Iq)))
+            metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
         replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
         return {s: r for s, r in enumerate(replies) if r is not None}
@@ -167,6 +185,32 @@ class Router:
     async def _search_rows(self, rows: np.ndarray, k: int, nprobe: int) -> list[Answer]:
         answer = await self.search(rows, k, nprobe)
         return [Answer([hits], answer.version, answer.coverage, answer.missing) for hits in answer.hits]
+
+    def _coarse_for(self, version: str) -> tuple | None:
+        """(quantizer, default nprobe) of a version once loaded; starts loading it on first sight."""
+        if not self.index_url or not version:
+            return None
+        if version not in self.coarse:
+            self.coarse[version] = None
+            asyncio.get_running_loop().run_in_executor(None, self._load_coarse, version)
+        return self.coarse[version]
+
+    def _load_coarse(self, version: str) -> None:
+        try:
+            store = open_store(self.index_url, self.settings)
+            prefix = version_prefix(version)
+            manifest = Manifest.from_bytes(store.get_bytes(f"{prefix}/manifest.json"))
+            if manifest.quantizer is None:
+                return
+            blob = store.get_bytes(f"{prefix}/{manifest.quantizer.file}")
+            if sha256_bytes(blob) != manifest.quantizer.sha256:
+                raise Corrupt(f"{prefix}/{manifest.quantizer.file}: checksum mismatch")
+            quantizer = faiss.deserialize_index(np.frombuffer(blob, np.uint8))
+            self.coarse[version] = (quantizer, manifest.nprobe)
+            for old in [v for v in list(self.coarse) if v not in (version, self.version)]:
+                self.coarse.pop(old, None)  # this runs in a worker thread: no iteration over the live dict
+        except ImsearchError as e:  # shards will assign lists themselves
+            log.warning("cannot load the coarse quantizer of %s: %s", version, e)
 
     async def refresh_version(self, timeout: float = 2.0) -> str:
         """Learn version, dim and model from the shards' Info (best effort: shards may be down)."""
@@ -306,7 +350,7 @@ async def serve(shards: list[list[str]], port: int = 0, settings: Settings | Non
     settings = settings or get_settings()
     embed, dim = local_embedder(index, settings) if index and not embedder else (None, None)
     router = Router(shards, settings, embed)
-    router.dim = dim
+    router.dim, router.index_url = dim, index
     await router.refresh_version()
     if embedder:
         router.embed, stub = remote_embedder(embedder, settings, router.metadata)
@@ -325,7 +369,8 @@ async def serve(shards: list[list[str]], port: int = 0, settings: Settings | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
     ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard")
-    ap.add_argument("--index", help="index root: lets the router embed query images with the index's model")
+    ap.add_argument("--index", help="index root: the router then assigns IVF lists once for all shards, and "
+                                    "embeds query images with the index's model (unless --embedder)")
     ap.add_argument("--embedder", help="host:port of an Embedder service for query images")
     ap.add_argument("--port", type=int, default=50050)
     ap.add_argument("--host", default="127.0.0.1")

@@ -14,7 +14,7 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
 from services.common.config import Settings, get_settings
-from services.common.convert import pack_results, unpack_queries
+from services.common.convert import pack_results, unpack_assign, unpack_queries
 from services.common.errors import Incompatible, InvalidInput, TooLarge
 from services.common.store import open_store
 from services.indexer.manifest import POINTER_KEY
@@ -71,8 +71,9 @@ class ShardService(pb_grpc.ShardServicer):
         queries = unpack_queries(request.queries, request.dim, searcher.manifest.dim)
         if len(queries) > self.settings.max_batch:
             raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")
+        assign = unpack_assign(request, len(queries))
         D, I, _, uris = await asyncio.get_running_loop().run_in_executor(
-            None, searcher.search_arrays, queries, request.k, request.nprobe or None)
+            None, searcher.search_arrays, queries, request.k, request.nprobe or None, assign)
         return pb.ShardSearchResponse(**pack_results(D, I, uris), index_version=searcher.version,
                                       shard=self.number, latest_version=self.latest)
 

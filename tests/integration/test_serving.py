@@ -154,3 +154,41 @@ def test_search_by_catalogue_id(index, cluster):
         batch = client.search_batch(known, k=1)
         assert [r.hits[0].id for r in batch] == known
         assert code_of(lambda: client.search(123456789)) == StatusCode.NOT_FOUND
+
+
+def test_router_assigns_ivf_lists_once_for_all_shards(tmp_path):
+    import re
+    import urllib.request
+
+    settings = Settings(home=tmp_path / "home")
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(6000, DIM, seed=21, clusters=30))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, factory="IVF48,Flat", settings=settings)
+    env = {"IMSEARCH_HOME": str(tmp_path / "home")}
+    shards = [Service("services.searcher.shard", ["--index", str(tmp_path / "idx"), "--shard", str(i)], free_port(),
+                      env) for i in range(2)]
+    metrics_port = free_port()
+    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards),
+                                                  "--index", str(tmp_path / "idx")], free_port(),
+                     {**env, "IMSEARCH_METRICS_PORT": str(metrics_port)}, tmp_path / "router.log")
+
+    def assigned() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        return float(re.search(r"^imsearch_router_assigned_total (\S+)$", text, re.M).group(1))
+
+    local = IndexSearcher(str(tmp_path / "idx"), settings)
+    queries = random_unit_vectors(40, DIM, seed=22, clusters=30)
+    try:
+        start_all(shards)
+        router.start()
+        with SearchClient(router.address) as client:
+            deadline = time.monotonic() + 30  # the router loads the quantizer on first sight of a version
+            while assigned() == 0 and time.monotonic() < deadline:
+                client.search(queries[0])
+            before = assigned()
+            results = client.search_batch(list(queries), k=10, nprobe=3)
+        assert before > 0 and assigned() > before
+        expected = local.search(queries, k=10, nprobe=3)
+        assert [[h.id for h in r.hits] for r in results] == [[h.id for h in e] for e in expected]
+    finally:
+        for s in [router, *shards]:
+            s.stop()

@@ -63,18 +63,22 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("queries", "dim", "k", "nprobe", "index_version")
+    __slots__ = ("queries", "dim", "k", "nprobe", "index_version", "assign", "assign_scores")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_SCORES_FIELD_NUMBER: _ClassVar[int]
     queries: bytes
     dim: int
     k: int
     nprobe: int
     index_version: str
-    def __init__(self, queries: _Optional[bytes] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
+    assign: bytes
+    assign_scores: bytes
+    def __init__(self, queries: _Optional[bytes] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ..., assign: _Optional[bytes] = ..., assign_scores: _Optional[bytes] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("scores", "ids", "uris", "index_version", "shard", "latest_version")

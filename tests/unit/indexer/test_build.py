@@ -169,3 +169,31 @@ def test_stored_vectors_can_be_fetched_by_id(tmp_path, settings, factory):
     row = {int(i): r for r, i in enumerate(emb.ids)}
     for id_, v in zip(mine, got):
         assert v is not None and np.allclose(v, emb.vectors[row[id_]], atol=1e-5)
+
+
+def test_a_coarse_assignment_made_elsewhere_gives_the_same_results(tmp_path, settings):
+    x = random_unit_vectors(4000, 16, seed=12, clusters=20)
+    write_fake_embeddings(tmp_path / "emb", x)
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, factory="IVF32,Flat", settings=settings)
+    assert m.quantizer is not None
+    quantizer = faiss.read_index(str(tmp_path / "idx" / "versions" / m.version / m.quantizer.file))
+    searcher = IndexSearcher(str(tmp_path / "idx"), settings)
+    queries = random_unit_vectors(30, 16, seed=13, clusters=20)
+    Dq, Iq = quantizer.search(queries, 4)
+    own = searcher.search_arrays(queries, 10, nprobe=4)
+    given = searcher.search_arrays(queries, 10, assign=(Dq, Iq))
+    assert (own[1] == given[1]).all()
+    with pytest.raises(InvalidInput, match="outside"):
+        searcher.search_arrays(queries, 10, assign=(Dq, Iq + 1000))
+    with pytest.raises(InvalidInput, match="shape"):
+        searcher.search_arrays(queries, 10, assign=(Dq[:5], Iq[:5]))
+
+
+def test_only_plain_ivf_indexes_publish_a_quantizer(tmp_path, settings):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(500, 8))
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), settings=settings)
+    assert m.factory == "Flat" and m.quantizer is None
+    s = IndexSearcher(str(tmp_path / "idx"), settings)
+    Dq, Iq = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int64)
+    with pytest.raises(InvalidInput, match="not a plain IVF"):
+        s.search_arrays(random_unit_vectors(1, 8), 5, assign=(Dq, Iq))
