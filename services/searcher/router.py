@@ -110,8 +110,8 @@ class Router:
                     request, timeout=remaining, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
                 metrics.SHARD_ERRORS.labels(str(shard), e.code().name).inc()
-                if e.code() not in RETRYABLE:
-                    raise InvalidInput(f"shard {shard}: {e.details()}") from None
+                if e.code() not in RETRYABLE:  # the request itself is wrong: every replica would say so
+                    raise from_status(e.code(), e.details(), f"shard {shard}") from None
                 log.warning("shard %d replica %d failed: %s %s", shard, (start + i) % len(replicas),
                             e.code().name, e.details())
         return None
