@@ -212,16 +212,22 @@ class Router:
         except ImsearchError as e:  # shards will assign lists themselves
             log.warning("cannot load the coarse quantizer of %s: %s", version, e)
 
+    async def shard_infos(self, timeout: float = 2.0) -> list[pb.ShardInfo | None]:
+        """Each shard's Info from the first replica that answers (None for a shard with none)."""
+
+        async def info(replicas):
+            for stub in replicas:
+                try:
+                    return await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
+                except grpc.aio.AioRpcError:
+                    continue
+            return None
+
+        return list(await asyncio.gather(*(info(r) for r in self.stubs)))
+
     async def refresh_version(self, timeout: float = 2.0) -> str:
         """Learn version, dim and model from the shards' Info (best effort: shards may be down)."""
-
-        async def info(stub):
-            try:
-                return await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
-            except grpc.aio.AioRpcError:
-                return None
-
-        infos = [i for i in await asyncio.gather(*(info(r[0]) for r in self.stubs)) if i]
+        infos = [i for i in await self.shard_infos(timeout) if i]
         if infos:
             self.version = Counter(i.index_version for i in infos).most_common(1)[0][0]
             first = next(i for i in infos if i.index_version == self.version)
@@ -305,6 +311,26 @@ class SearcherService(pb_grpc.SearcherServicer):
             return reply
 
         return await self.flights.run(key, lookup_or_fetch)
+
+    @server.rpc
+    async def Info(self, request, context) -> pb.IndexInfo:
+        infos = await self.router.shard_infos()
+        answered = [i for i in infos if i is not None]
+        if not answered:
+            raise Unavailable("no shard is reachable")
+        version = Counter(i.index_version for i in answered).most_common(1)[0][0]
+        reply = pb.IndexInfo(index_version=version, count=sum(i.count for i in answered), shards=answered,
+                             model=pb.ModelInfo(dim=answered[0].dim, fingerprint=answered[0].model_fingerprint),
+                             metric="inner_product")
+        if self.router.index_url:  # the manifest knows the rest
+            m = await asyncio.get_running_loop().run_in_executor(None, self._manifest, version)
+            reply.factory, reply.nprobe, reply.created_at = m.factory, m.nprobe, m.created_at
+            reply.model.name, reply.model.image_size = m.model.get("name", ""), m.model.get("image_size", 0)
+        return reply
+
+    def _manifest(self, version: str) -> Manifest:
+        store = open_store(self.router.index_url, self.settings)
+        return Manifest.from_bytes(store.get_bytes(f"{version_prefix(version)}/manifest.json"))
 
     @server.rpc
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:

@@ -6,6 +6,7 @@ import pytest
 from grpc import RpcError, StatusCode
 from PIL import Image
 
+from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.config import Settings
 from services.common.procs import Service, free_port
 from services.embedder.pipeline import embed_catalogue
@@ -40,6 +41,8 @@ def test_serve_answers_image_queries_and_stops_cleanly(real_index):
             with pytest.raises(RpcError) as e:
                 client.search(b"\xff\xd8\xff broken jpeg")
             assert e.value.code() == StatusCode.INVALID_ARGUMENT and "corrupt" in e.value.details()
+            info = client.stub.Info(pb.InfoRequest(), timeout=10)
+            assert (info.model.name, info.factory, info.count, len(info.shards)) == ("lite0-gem", "Flat", 8, 2)
         serve.proc.terminate()
         assert serve.proc.wait(30) == 0
     finally:

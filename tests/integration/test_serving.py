@@ -192,3 +192,20 @@ def test_router_assigns_ivf_lists_once_for_all_shards(tmp_path):
     finally:
         for s in [router, *shards]:
             s.stop()
+
+
+def test_router_info_describes_the_served_index(index, cluster):
+    import grpc
+
+    from protos.imsearch.v1 import imsearch_pb2 as pb
+    from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+
+    shards, router = cluster
+    local = IndexSearcher(str(index / "idx"), Settings(home=index / "home"))
+    with grpc.insecure_channel(router.address) as channel:
+        info = pb_grpc.SearcherStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert info.index_version == local.version and info.count == local.manifest.count
+        assert sorted(s.shard for s in info.shards) == list(range(SHARDS)) and info.model.dim == DIM
+        shards[0].kill()
+        partial = pb_grpc.SearcherStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert sorted(s.shard for s in partial.shards) == list(range(1, SHARDS))
