@@ -195,11 +195,16 @@ class Router:
             asyncio.get_running_loop().run_in_executor(None, self._load_coarse, version)
         return self.coarse[version]
 
+    def manifest(self, version: str) -> Manifest:
+        """The manifest of one published version of the index (blocking I/O: run in a thread)."""
+        store = open_store(self.index_url, self.settings)
+        return Manifest.from_bytes(store.get_bytes(f"{version_prefix(version)}/manifest.json"))
+
     def _load_coarse(self, version: str) -> None:
         try:
             store = open_store(self.index_url, self.settings)
             prefix = version_prefix(version)
-            manifest = Manifest.from_bytes(store.get_bytes(f"{prefix}/manifest.json"))
+            manifest = self.manifest(version)
             if manifest.quantizer is None:
                 return
             blob = store.get_bytes(f"{prefix}/{manifest.quantizer.file}")
@@ -323,14 +328,10 @@ class SearcherService(pb_grpc.SearcherServicer):
                              model=pb.ModelInfo(dim=answered[0].dim, fingerprint=answered[0].model_fingerprint),
                              metric="inner_product")
         if self.router.index_url:  # the manifest knows the rest
-            m = await asyncio.get_running_loop().run_in_executor(None, self._manifest, version)
+            m = await asyncio.get_running_loop().run_in_executor(None, self.router.manifest, version)
             reply.factory, reply.nprobe, reply.created_at = m.factory, m.nprobe, m.created_at
             reply.model.name, reply.model.image_size = m.model.get("name", ""), m.model.get("image_size", 0)
         return reply
-
-    def _manifest(self, version: str) -> Manifest:
-        store = open_store(self.router.index_url, self.settings)
-        return Manifest.from_bytes(store.get_bytes(f"{version_prefix(version)}/manifest.json"))
 
     @server.rpc
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
