@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import faiss_util
 from services.common.config import Settings
-from services.common.procs import Service, free_port, start_all
+from services.common.procs import RedisServer, Service, free_port, start_all
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.indexer.build import build_index
 
@@ -135,12 +134,10 @@ def main() -> None:
         env = {"IMSEARCH_HOME": str(tmp / "home"), "OMP_NUM_THREADS": os.environ.get("SHARD_OMP", "1")}
         shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(),
                           env) for i in range(args.shards)]
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                                      stdout=subprocess.DEVNULL)
+        redis_server = RedisServer(free_port()).start()
         router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards),
                                                       "--index", str(tmp / "idx")], free_port(),
-                         {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+                         {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0"})
         try:
             start_all(shards)
             router.start()
@@ -172,7 +169,7 @@ def main() -> None:
             router.stop()
             for s in shards:
                 s.stop()
-            redis_proc.terminate()
+            redis_server.stop()
 
 
 if __name__ == "__main__":

@@ -84,3 +84,31 @@ class Service:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class RedisServer:
+    """A real redis-server on loopback (no persistence), ready once it answers PING."""
+
+    def __init__(self, port: int):
+        self.port, self.proc = port, None
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 20
+        while True:  # wait on PING, not a sleep
+            try:
+                if client.ping():
+                    return self
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

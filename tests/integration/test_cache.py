@@ -4,47 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import time
 import urllib.request
 
 import grpc
 import pytest
-import redis
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common.config import Settings
-from services.common.procs import Service, free_port
+from services.common.procs import RedisServer, Service, free_port
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
 DIM = 16
-
-
-class RedisServer:
-    def __init__(self, port: int):
-        self.port, self.proc = port, None
-
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 20
-        while True:  # wait on PING, not a sleep
-            try:
-                if client.ping():
-                    return self
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 def fanouts(metrics_port: int) -> float:
