@@ -4,9 +4,11 @@ Builds an index of N clustered vectors in S shards with the auto-chosen paramete
 servers and a router, and prints:
   * recall@10 against exact search of raw faiss and of the router, and the recall/QPS curve
     of raw faiss over nprobe;
-  * SearchBatch QPS through the router ÷ raw faiss QPS (same batches, same nprobe);
+  * SearchBatch QPS through the router ÷ raw faiss QPS (same batches, same nprobe), for the
+    columnar answer (bulk callers) and the per-query Hit messages;
   * single-query latency p50/p99 with C concurrent clients, and the cache-hit p50 with Redis.
-Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32]
+Everything (load client, router, shard servers) shares this machine's cores, as raw faiss does.
+Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32] [--concurrency 8]
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def timed_qps(fn, batches: list, min_seconds: float = 5.0) -> float:
 
 
 async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: int, concurrency: int,
-                     seconds: float = 5.0) -> float:
+                     seconds: float = 5.0, columnar: bool = False) -> float:
     requests = [pb.SearchBatchRequest(queries=[pb.Query(vector=pb.Vector(values=q)) for q in b.tolist()],
-                                      k=k, nprobe=nprobe) for b in batches]
+                                      k=k, nprobe=nprobe, columnar=columnar) for b in batches]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.SearcherStub(channel)
         done, start = 0, time.perf_counter()
@@ -100,6 +102,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=8, help="SearchBatch calls in flight")
+    ap.add_argument("--fanouts", type=int, default=2, help="router fan-outs in flight (IMSEARCH_ROUTER_FANOUTS); "
+                                                          "requests beyond share a fan-out")
     args = ap.parse_args()
     k = 10
     x = clustered_unit_vectors(args.n + 2000, args.dim, seed=0, clusters=max(100, args.n // 1000), noise=0.6)
@@ -131,7 +136,8 @@ def main() -> None:
             qps = timed_qps(lambda b, p=nprobe: faiss_util.search(raw, b, k, p), batches, 2.0)
             print(f"  nprobe {nprobe:>3}: recall@10 {recall(to_rows(I), truth):.4f}  {qps:8.0f} QPS")
 
-        env = {"IMSEARCH_HOME": str(tmp / "home"), "OMP_NUM_THREADS": os.environ.get("SHARD_OMP", "1")}
+        env = {"IMSEARCH_HOME": str(tmp / "home"), "OMP_NUM_THREADS": os.environ.get("SHARD_OMP", "1"),
+               "IMSEARCH_ROUTER_FANOUTS": str(args.fanouts)}
         shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(),
                           env) for i in range(args.shards)]
         redis_server = RedisServer(free_port()).start()
@@ -142,7 +148,8 @@ def main() -> None:
             start_all(shards)
             router.start()
             raw_qps = timed_qps(lambda b: faiss_util.search(raw, b, k, m.nprobe), batches)
-            r_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, concurrency=2))
+            col_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency, columnar=True))
+            hit_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency))
             _, I = faiss_util.search(raw, queries[:1000], k, m.nprobe)
 
             async def router_ids():
@@ -157,8 +164,9 @@ def main() -> None:
 
             routed = asyncio.run(router_ids())
             print(f"recall@10: raw faiss {recall(to_rows(I), truth):.4f}, router {recall(to_rows(routed), truth):.4f}")
-            print(f"SearchBatch({args.batch}) QPS: router {r_qps:.0f}, raw faiss {raw_qps:.0f}, "
-                  f"ratio {r_qps / raw_qps:.2f}")
+            print(f"SearchBatch({args.batch}) x {args.concurrency} in flight, raw faiss {raw_qps:.0f} QPS:")
+            print(f"  router, columnar answer: {col_qps:.0f} QPS, ratio {col_qps / raw_qps:.2f}")
+            print(f"  router, Hit messages:    {hit_qps:.0f} QPS, ratio {hit_qps / raw_qps:.2f}")
             lat = asyncio.run(latencies(router.address, queries, k, args.clients, 20))
             print(f"single query, {args.clients} clients: p50 {np.percentile(lat, 50):.2f} ms, "
                   f"p99 {np.percentile(lat, 99):.2f} ms")

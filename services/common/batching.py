@@ -48,11 +48,12 @@ class DynamicBatcher:
         self.depth.set(self.queue.qsize())
         return await job.future
 
-    async def _collect(self) -> list[_Job]:
-        """The first waiting job, everything already queued behind it, and what arrives within
-        max_wait_s, up to max_batch rows."""
+    async def _collect(self, first: _Job | None) -> tuple[list[_Job], _Job | None]:
+        """`first` (or the first waiting job), everything already queued behind it, and what arrives
+        within max_wait_s, up to max_batch rows. A job that would overflow the batch is handed back
+        to lead this worker's next batch (a lone job bigger than max_batch goes alone)."""
         loop = asyncio.get_running_loop()
-        jobs = [await self.queue.get()]
+        jobs = [first or await self.queue.get()]
         size = len(jobs[0].rows)
         deadline = loop.time() + self.max_wait_s
         while size < self.max_batch:
@@ -66,14 +67,17 @@ class DynamicBatcher:
                     job = await asyncio.wait_for(self.queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
+            if size + len(job.rows) > self.max_batch:
+                return jobs, job
             jobs.append(job)
             size += len(job.rows)
-        return jobs
+        return jobs, None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        leftover = None
         while True:
-            jobs = await self._collect()
+            jobs, leftover = await self._collect(leftover)
             self.depth.set(self.queue.qsize())
             try:
                 rows = np.concatenate([j.rows for j in jobs])

@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(None, description="bearer token every call must carry")
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    router_fanouts: int = Field(4, gt=0, description="single-query fan-outs in flight at once (each batches)")
-    router_queue: int = Field(4096, gt=0, description="single queries waiting for a fan-out")
+    router_fanouts: int = Field(4, gt=0, description="fan-outs in flight at once; requests arriving while all "
+                                                     "are busy share the next one")
+    router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")
     reload_interval_s: float = Field(2.0, gt=0, description="shard servers look for a new published version")
     shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
     embed_batch: int = Field(32, gt=0, description="online embedder: images per model batch")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
-from services.common.errors import InvalidInput
+from services.common.errors import Corrupt, InvalidInput
 from services.common.hits import Hit
 
 
@@ -19,15 +19,41 @@ def vectors_from_proto(vectors, dim: int | None = None) -> np.ndarray:
     d = lengths.pop()
     if dim is not None and d != dim:
         raise InvalidInput(f"query vectors have dim {d}, the index takes {dim}-d vectors")
-    return np.array([v.values for v in vectors], dtype=np.float32).reshape(len(vectors), d)
+    # A Vector's wire form is its packed float32 values behind a tag+length header: joining those
+    # bytes is ~10x faster than converting each repeated field element by element.
+    raw = b"".join(v.SerializeToString()[-4 * d:] if d else b"" for v in vectors)
+    return np.frombuffer(raw, dtype="<f4").reshape(len(vectors), d).copy()
 
 
 def vectors_to_proto(x: np.ndarray) -> list[pb.Vector]:
     return [pb.Vector(values=row) for row in np.asarray(x, np.float32).tolist()]
 
 
-def hits_to_proto(hits: list[Hit]) -> pb.HitList:
-    return pb.HitList(hits=[pb.Hit(id=h.id, uri=h.uri, score=h.score, shard=h.shard) for h in hits])
+def add_hits(container, D: np.ndarray, I: np.ndarray, S: np.ndarray, U: np.ndarray | None) -> None:
+    """Append one query's merged row (scores, ids, shards, uris) to a repeated Hit field, skipping
+    missing results. add() in place is ~3x faster than building Hit messages and copying them in."""
+    uris = U.tolist() if U is not None else [""] * len(I)
+    for d, i, s, u in zip(D.tolist(), I.tolist(), S.tolist(), uris):
+        if i >= 0:
+            container.add(id=i, uri=u, score=d, shard=s)
+
+
+def fill_columns(columns: pb.HitColumns, D: np.ndarray, I: np.ndarray, S: np.ndarray, U: np.ndarray | None) -> None:
+    """Merged (nq, k) arrays -> HitColumns (missing results keep id -1 and uri "")."""
+    columns.k = I.shape[1]
+    columns.ids.extend(I.ravel().tolist())
+    columns.scores.extend(np.where(I >= 0, D, 0).ravel().tolist())  # no -inf on the wire for missing hits
+    columns.shards.extend(np.where(I >= 0, S, 0).ravel().tolist())
+    columns.uris.extend([""] * I.size if U is None else U.ravel().tolist())
+
+
+def columns_from_proto(columns: pb.HitColumns) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """HitColumns -> (scores, ids, shards, uris), each (nq, k)."""
+    k = max(columns.k, 1)
+    I = np.array(columns.ids, dtype=np.int64).reshape(-1, k)
+    return (np.array(columns.scores, dtype=np.float32).reshape(I.shape), I,
+            np.array(columns.shards, dtype=np.int32).reshape(I.shape),
+            np.array(columns.uris, dtype=object).reshape(I.shape))
 
 
 def hits_from_proto(hit_list: pb.HitList) -> list[Hit]:
@@ -52,11 +78,13 @@ def pack_results(D: np.ndarray, I: np.ndarray, uris: np.ndarray) -> dict:
             "uris": uris.ravel().tolist()}
 
 
-def unpack_results(reply, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unpack_results(reply, n: int) -> tuple[np.ndarray, np.ndarray, object]:
+    """(D, I, uris): uris stay the flat repeated field (merge_topk reads only the winners)."""
     D = np.frombuffer(reply.scores, dtype="<f4").reshape(n, -1)
     I = np.frombuffer(reply.ids, dtype="<i8").reshape(n, -1)
-    uris = np.array(reply.uris, dtype=object).reshape(I.shape)
-    return D, I, uris
+    if len(reply.uris) != I.size:
+        raise Corrupt(f"shard {reply.shard} sent {len(reply.uris)} uris for {I.size} results")
+    return D, I, reply.uris
 
 
 def pack_assign(Dq: np.ndarray, Iq: np.ndarray) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common.convert import hits_from_proto
+from services.common.convert import columns_from_proto, hits_from_proto
 from services.common.hits import Hit
 
 
@@ -29,6 +29,18 @@ class Result:
     def from_proto(cls, r: pb.SearchResponse) -> "Result":
         return cls(hits_from_proto(pb.HitList(hits=r.hits)), r.index_version, r.coverage, list(r.missing_shards),
                    r.cached)
+
+
+@dataclass
+class Columns:
+    """A batch's hits as (nq, k) arrays, best first; id -1 and uri "" where fewer than k results."""
+    scores: np.ndarray
+    ids: np.ndarray
+    shards: np.ndarray
+    uris: np.ndarray
+    index_version: str
+    coverage: float
+    missing_shards: list[int]
 
 
 def _query(item: bytes | np.ndarray | int) -> pb.Query:
@@ -60,6 +72,14 @@ class SearchClient:
         reply = self.stub.SearchBatch(pb.SearchBatchRequest(queries=[_query(q) for q in queries], k=k, nprobe=nprobe),
                                       timeout=self.timeout, metadata=self.metadata)
         return [Result.from_proto(r) for r in reply.results]
+
+    def search_columns(self, queries: list, k: int = 10, nprobe: int = 0) -> Columns:
+        """Like search_batch, answered as arrays: the cheap form for bulk work."""
+        reply = self.stub.SearchBatch(pb.SearchBatchRequest(queries=[_query(q) for q in queries], k=k,
+                                                            nprobe=nprobe, columnar=True),
+                                      timeout=self.timeout, metadata=self.metadata)
+        return Columns(*columns_from_proto(reply.columns), reply.index_version, reply.coverage,
+                       list(reply.missing_shards))
 
     def close(self) -> None:
         self.channel.close()

@@ -208,7 +208,8 @@ class IndexSearcher:
                 return shard.entry.shard, D, I, shard.uris_of(I)
 
         # Threads pay off for batches; single queries are faster searched shard after shard.
-        per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 else map(one, self.shards))
+        per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 and len(self.shards) > 1
+                         else map(one, self.shards))
         return merge_topk(per_shard, k)
 
     def embed_images(self, images: list[bytes], model: str | None = None) -> np.ndarray:

@@ -8,25 +8,41 @@ from services.common.hits import Hit
 
 
 def merge_topk(per_shard: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """[(shard, D (nq, k_s), I (nq, k_s)[, uris (nq, k_s)])] -> (D, I, S, uris), each (nq, k):
-    the best k per query, best first (uris is None unless every shard gave them).
+    """[(shard, D (nq, k_s), I (nq, k_s)[, uris])] -> (D, I, S, uris), each (nq, k): the best k per
+    query, best first (uris is None unless every shard gave them). A shard's uris are (nq, k_s) or
+    any flat row-major sequence of them, such as a protobuf repeated field: only the winners' uris
+    are read, not every shard's k.
 
     Higher score is better (inner product). faiss's -1 ids (fewer than k results) sort last and
     stay -1. Ties break on the smaller id, so the result does not depend on shard order.
     """
     if not per_shard:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32), None
+    if len(per_shard) == 1 and per_shard[0][2].shape[1] <= k:  # a shard server: faiss already sorted it
+        shard, D, I, *uris = per_shard[0]
+        U = None if not uris else np.asarray(uris[0], dtype=object).reshape(I.shape)
+        return np.where(I < 0, -np.inf, D).astype(np.float32), I, np.full(I.shape, shard, np.int32), U
     D = np.concatenate([p[1] for p in per_shard], axis=1).astype(np.float32, copy=False)
     I = np.concatenate([p[2] for p in per_shard], axis=1).astype(np.int64, copy=False)
-    S = np.concatenate([np.full(p[2].shape, p[0], np.int32) for p in per_shard], axis=1)
+    widths = [p[2].shape[1] for p in per_shard]
+    S = np.repeat(np.array([p[0] for p in per_shard], np.int32), widths)[None, :].repeat(len(I), 0)
     missing = I < 0
     D = np.where(missing, -np.inf, D)
     tie = np.where(missing, np.iinfo(np.int64).max, I)
     order = np.lexsort((tie, -D), axis=-1)[:, :k]
-    U = None
-    if all(len(p) > 3 for p in per_shard):
-        U = np.take_along_axis(np.concatenate([p[3] for p in per_shard], axis=1), order, 1)
+    U = _pick_uris([p[3] for p in per_shard], widths, order) if all(len(p) > 3 for p in per_shard) else None
     return (np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1), U)
+
+
+def _pick_uris(uris: list, widths: list[int], order: np.ndarray) -> np.ndarray:
+    """The uris at the chosen columns of the shard-concatenated (nq, sum(widths)) result."""
+    starts = np.cumsum([0, *widths[:-1]])
+    shard = np.searchsorted(starts, order, side="right") - 1
+    flat = np.arange(len(order))[:, None] * np.asarray(widths)[shard] + order - starts[shard]
+    flat_uris = [u.ravel() if isinstance(u, np.ndarray) else u for u in uris]
+    out = np.empty(order.shape, dtype=object)
+    out.ravel()[:] = [flat_uris[j][f] for j, f in zip(shard.ravel().tolist(), flat.ravel().tolist())]
+    return out
 
 
 def hit_lists(D: np.ndarray, I: np.ndarray, S: np.ndarray, uris: np.ndarray | None = None) -> list[list[Hit]]:

@@ -28,7 +28,14 @@ from services.common import metrics, server
 from services.common.batching import DynamicBatcher
 from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.convert import hits_to_proto, pack_assign, pack_queries, unpack_results, vectors_from_proto
+from services.common.convert import (
+    add_hits,
+    fill_columns,
+    pack_assign,
+    pack_queries,
+    unpack_results,
+    vectors_from_proto,
+)
 from services.common.errors import (
     Corrupt,
     DeadlineExceeded,
@@ -41,12 +48,11 @@ from services.common.errors import (
     Unavailable,
     from_status,
 )
-from services.common.hits import Hit
 from services.common.store import open_store
 from services.indexer.manifest import Manifest, version_prefix
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
 from services.searcher.local import check_k
-from services.searcher.merge import hit_lists, merge_topk
+from services.searcher.merge import merge_topk
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
@@ -58,10 +64,19 @@ Embed = Callable[[list[bytes]], Awaitable[np.ndarray]]
 
 @dataclass
 class Answer:
-    hits: list[list[Hit]]
+    """Merged results, each array (nq, k) best first (id -1 where fewer than k), and how complete."""
+    scores: np.ndarray
+    ids: np.ndarray
+    shards: np.ndarray
+    uris: np.ndarray | None
     version: str
     coverage: float
     missing: list[int]
+
+    def __getitem__(self, rows: slice) -> "Answer":
+        """The answer of some queries (a DynamicBatcher hands each caller its own rows)."""
+        return Answer(self.scores[rows], self.ids[rows], self.shards[rows],
+                      None if self.uris is None else self.uris[rows], self.version, self.coverage, self.missing)
 
 
 def parse_shards(spec: str) -> list[list[str]]:
@@ -135,12 +150,12 @@ class Router:
         version = Counter(r.index_version for r in answered.values()).most_common(1)[0][0]
         answered = {s: r for s, r in answered.items() if r.index_version == version}
         per_shard = [(s, *unpack_results(r, len(queries))) for s, r in answered.items()]
-        hits = hit_lists(*merge_topk(per_shard, k))
+        merged = merge_topk(per_shard, k)
         missing = sorted(set(range(len(self.stubs))) - set(answered))
         if missing:
             metrics.PARTIAL.inc()
         self._follow_rollout(answered, version)
-        return Answer(hits, version, len(answered) / len(self.stubs), missing)
+        return Answer(*merged, version, len(answered) / len(self.stubs), missing)
 
     async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray,
                        deadline: float) -> dict[int, pb.ShardSearchResponse]:
@@ -166,25 +181,24 @@ class Router:
         elif not self.version:
             self.version = version
 
-    async def search_one(self, vector: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None) -> Answer:
-        """One query, fanned out together with the other single queries in flight (one fan-out per
-        batch instead of one per query: per-call gRPC overhead dominates single-query cost).
+    async def search_shared(self, queries: np.ndarray, k: int, nprobe: int = 0,
+                            timeout: float | None = None) -> Answer:
+        """Like search, but fanned out together with the other requests waiting when every fan-out
+        slot is busy: one fan-out for many requests (per-call gRPC cost dominates small requests).
         A caller whose deadline is tighter than the shard budget goes alone, with its own deadline."""
         check_k(k, self.settings.max_k)
+        queries = np.asarray(queries, np.float32)
         if timeout is not None and timeout < self.settings.shard_timeout_s:
-            return await self.search(np.asarray(vector, np.float32).reshape(1, -1), k, nprobe, timeout)
-        batcher = self.batchers.get((k, nprobe))
+            return await self.search(queries, k, nprobe, timeout)
+        key = (k, nprobe, queries.shape[1])  # only alike requests share a fan-out
+        batcher = self.batchers.get(key)
         if batcher is None:
-            batcher = DynamicBatcher(functools.partial(self._search_rows, k=k, nprobe=nprobe),
+            batcher = DynamicBatcher(functools.partial(self.search, k=k, nprobe=nprobe),
                                      self.settings.max_batch, 0.0, self.settings.router_queue,
                                      workers=self.settings.router_fanouts, name="fanout")
             batcher.start()
-            self.batchers[(k, nprobe)] = batcher
-        return (await batcher.submit(np.asarray(vector, np.float32).reshape(1, -1)))[0]
-
-    async def _search_rows(self, rows: np.ndarray, k: int, nprobe: int) -> list[Answer]:
-        answer = await self.search(rows, k, nprobe)
-        return [Answer([hits], answer.version, answer.coverage, answer.missing) for hits in answer.hits]
+            self.batchers[key] = batcher
+        return await batcher.submit(queries)
 
     def _coarse_for(self, version: str) -> tuple | None:
         """(quantizer, default nprobe) of a version once loaded; starts loading it on first sight."""
@@ -286,13 +300,17 @@ class SearcherService(pb_grpc.SearcherServicer):
         raise InvalidInput("all queries of one batch must be of the same kind (images, vectors or ids)")
 
     @staticmethod
-    def _response(answer: Answer, q: int) -> pb.SearchResponse:
-        return pb.SearchResponse(hits=hits_to_proto(answer.hits[q]).hits, index_version=answer.version,
-                                 coverage=answer.coverage, missing_shards=answer.missing)
+    def _fill(reply: pb.SearchResponse, answer: Answer, q: int) -> pb.SearchResponse:
+        add_hits(reply.hits, answer.scores[q], answer.ids[q], answer.shards[q],
+                 None if answer.uris is None else answer.uris[q])
+        reply.index_version, reply.coverage = answer.version, answer.coverage
+        reply.missing_shards.extend(answer.missing)
+        return reply
 
     async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
         vectors = await self._vectors([request.query])
-        return self._response(await self.router.search_one(vectors[0], request.k, request.nprobe, timeout), 0)
+        answer = await self.router.search_shared(vectors[:1], request.k, request.nprobe, timeout)
+        return self._fill(pb.SearchResponse(), answer, 0)
 
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -338,8 +356,16 @@ class SearcherService(pb_grpc.SearcherServicer):
         if len(request.queries) > self.settings.max_batch:
             raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
         vectors = await self._vectors(list(request.queries))
-        answer = await self.router.search(vectors, request.k, request.nprobe, context.time_remaining())
-        return pb.SearchBatchResponse(results=[self._response(answer, q) for q in range(len(vectors))])
+        answer = await self.router.search_shared(vectors, request.k, request.nprobe, context.time_remaining())
+        reply = pb.SearchBatchResponse()
+        if request.columnar:
+            fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
+            reply.index_version, reply.coverage = answer.version, answer.coverage
+            reply.missing_shards.extend(answer.missing)
+            return reply
+        for q in range(len(vectors)):
+            self._fill(reply.results.add(), answer, q)
+        return reply
 
 
 def remote_embedder(address: str, settings: Settings, metadata) -> tuple[Embed, pb_grpc.EmbedderStub]:

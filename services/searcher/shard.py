@@ -72,8 +72,7 @@ class ShardService(pb_grpc.ShardServicer):
         if len(queries) > self.settings.max_batch:
             raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")
         assign = unpack_assign(request, len(queries))
-        D, I, _, uris = await asyncio.get_running_loop().run_in_executor(
-            None, searcher.search_arrays, queries, request.k, request.nprobe or None, assign)
+        D, I, _, uris = searcher.search_arrays(queries, request.k, request.nprobe or None, assign)
         return pb.ShardSearchResponse(**pack_results(D, I, uris), index_version=searcher.version,
                                       shard=self.number, latest_version=self.latest)
 

@@ -63,6 +63,23 @@ def test_router_answers_like_the_in_process_searcher(index, cluster):
     assert [h.uri for h in single.hits] == [h.uri for h in expected[0]]
 
 
+def test_columnar_batch_answers_match_per_query_results(index, cluster):
+    _, router = cluster
+    local = IndexSearcher(str(index / "idx"), Settings(home=index / "home"))
+    queries = random_unit_vectors(12, DIM, seed=10, clusters=20)
+    with SearchClient(router.address) as client:
+        cols = client.search_columns(list(queries), k=50)
+        rows = client.search_batch(list(queries), k=50)
+    D, I, S, U = local.search_arrays(queries, k=50)
+    assert cols.ids.shape == (12, 50)
+    np.testing.assert_array_equal(cols.ids, I)
+    assert cols.uris.tolist() == U.tolist()
+    np.testing.assert_allclose(cols.scores[I >= 0], D[I >= 0], rtol=1e-5)
+    assert (cols.shards == S).all()
+    assert [[h.id for h in r.hits] for r in rows] == I.tolist()
+    assert cols.coverage == 1.0 and cols.index_version == local.version and not cols.missing_shards
+
+
 def test_a_killed_shard_gives_a_flagged_partial_answer_then_recovers(cluster):
     shards, router = cluster
     query = random_unit_vectors(1, DIM, seed=9)[0]

@@ -175,20 +175,44 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe")
+    __slots__ = ("queries", "k", "nprobe", "columnar")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNAR_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     k: int
     nprobe: int
-    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ...) -> None: ...
+    columnar: bool
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ...) -> None: ...
+
+class HitColumns(_message.Message):
+    __slots__ = ("k", "ids", "scores", "uris", "shards")
+    K_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    URIS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    uris: _containers.RepeatedScalarFieldContainer[str]
+    shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, k: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., uris: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchBatchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "columns", "index_version", "coverage", "missing_shards")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchResponse]
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
+    columns: HitColumns
+    index_version: str
+    coverage: float
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ..., columns: _Optional[_Union[HitColumns, _Mapping]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("index_version", "model", "metric", "factory", "count", "nprobe", "shards", "created_at")

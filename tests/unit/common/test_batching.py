@@ -31,6 +31,25 @@ def test_concurrent_requests_share_model_batches_and_get_their_own_rows():
     assert sum(calls) == 20 and len(calls) <= 5 and max(calls) <= 8  # batched, never over the limit
 
 
+def test_multi_row_requests_never_overflow_a_batch_and_keep_their_rows():
+    calls: list[int] = []
+
+    async def main():
+        b = DynamicBatcher(fake_embed(calls), max_batch=10, max_wait_s=0.05, max_queue=100)
+        b.start()
+        sizes = [6, 3, 5, 12, 1, 4, 4, 9]
+        inputs = [np.full((n, 2, 2, 3), i, np.uint8) for i, n in enumerate(sizes)]
+        outs = await asyncio.gather(*(b.submit(x) for x in inputs))
+        await b.stop()
+        return sizes, outs
+
+    sizes, outs = asyncio.run(main())
+    assert [len(o) for o in outs] == sizes
+    assert all((o[:, 0] == i).all() for i, o in enumerate(outs))
+    assert sum(calls) == sum(sizes) and 12 in calls  # the oversize request went alone
+    assert all(c <= 10 for c in calls if c != 12) and len(calls) < len(sizes)
+
+
 def test_a_full_queue_refuses_at_once_and_recovers():
     gate = threading.Event()
 

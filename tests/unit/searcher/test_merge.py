@@ -44,3 +44,24 @@ def test_uris_travel_with_their_hits():
     b = (1, np.array([[0.5, 0.4]], np.float32), np.array([[3, 4]]), np.array([["b3", "b4"]], dtype=object))
     D, I, S, U = merge_topk([a, b], 3)
     assert I.tolist() == [[1, 3, 4]] and U.tolist() == [["a1", "b3", "b4"]] and S.tolist() == [[0, 1, 1]]
+
+
+def test_uris_from_flat_sequences_of_unequal_shards_match_sorting_the_union():
+    rng = np.random.default_rng(1)
+    nq, widths = 3, [4, 2, 5]
+    per_shard = []
+    for s, w in enumerate(widths):
+        D = -np.sort(-rng.random((nq, w)), axis=1).astype(np.float32)
+        I = rng.integers(s * 1000, s * 1000 + 999, (nq, w))
+        per_shard.append((s, D, I, [f"u{i}" for i in I.ravel().tolist()]))  # flat, like a repeated field
+    D, I, S, U = merge_topk(per_shard, 6)
+    assert U.shape == (nq, 6)
+    assert U.tolist() == [[f"u{i}" for i in row] for row in I.tolist()]
+
+
+def test_one_shard_passes_through_with_missing_results_marked():
+    D = np.array([[0.8, 0.2, -3.4e38]], np.float32)
+    I = np.array([[5, 6, -1]])
+    d, i, s, u = merge_topk([(2, D, I, np.array([["a", "b", ""]], dtype=object))], 3)
+    assert i.tolist() == [[5, 6, -1]] and s.tolist() == [[2, 2, 2]] and u.tolist() == [["a", "b", ""]]
+    assert d[0, 2] == -np.inf and d[0, 0] == np.float32(0.8)
