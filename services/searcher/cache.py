@@ -22,6 +22,39 @@ def cache_key(version: str, k: int, nprobe: int, query: bytes) -> str:
     return f"imsearch:q:{h}"
 
 
+class Coalescer:
+    """Calls arriving while a round trip is in flight go together in the next one (natural
+    batching: no wait when idle, one MGET / one pipeline for many requests under load)."""
+
+    def __init__(self, fn: Callable[[list], Awaitable[list]]):
+        self.fn = fn
+        self.pending: list[tuple[object, asyncio.Future]] = []
+        self.running = False
+
+    async def submit(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                try:
+                    results = await self.fn([item for item, _ in batch])
+                except Exception as e:  # every caller of the batch hears it
+                    for _, future in batch:
+                        future.done() or future.set_exception(e)
+                    continue
+                for (_, future), result in zip(batch, results):
+                    future.done() or future.set_result(result)
+        finally:
+            self.running = False
+
+
 class QueryCache:
     def __init__(self, url: str, ttl_s: int = 3600, retry_after_s: float = 1.0):
         import redis.asyncio as redis
@@ -29,6 +62,7 @@ class QueryCache:
         self.client = redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
         self.ttl_s, self.retry_after_s = ttl_s, retry_after_s
         self.down_until = 0.0
+        self.gets, self.sets = Coalescer(self._mget), Coalescer(self._mset)
 
     async def _call(self, fn, *args):
         if time.monotonic() < self.down_until:
@@ -42,11 +76,24 @@ class QueryCache:
             self.down_until = time.monotonic() + self.retry_after_s
             return None
 
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        return await self._call(self.client.mget, keys) or [None] * len(keys)
+
+    async def _mset(self, items: list[tuple[str, bytes]]) -> list[None]:
+        async def write():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.setex(key, self.ttl_s, value)
+                return await pipe.execute()
+
+        await self._call(write)
+        return [None] * len(items)
+
     async def get(self, key: str) -> bytes | None:
-        return await self._call(self.client.get, key)
+        return await self.gets.submit(key)
 
     async def set(self, key: str, value: bytes) -> None:
-        await self._call(self.client.setex, key, self.ttl_s, value)
+        await self.sets.submit((key, value))
 
     async def close(self) -> None:
         await self.client.aclose()
