@@ -24,7 +24,7 @@ import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common import metrics, server
+from services.common import faiss_util, metrics, server
 from services.common.batching import DynamicBatcher
 from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
@@ -166,7 +166,8 @@ class Router:
         if coarse is not None:  # choose the inverted lists once here instead of once per shard
             quantizer, default_nprobe = coarse
             nprobe = min(request.nprobe or default_nprobe, quantizer.ntotal)
-            Dq, Iq = await asyncio.get_running_loop().run_in_executor(None, quantizer.search, queries, nprobe)
+            Dq, Iq = await asyncio.get_running_loop().run_in_executor(None, faiss_util.flat_search, quantizer,
+                                                                      queries, nprobe)
             request.MergeFrom(pb.ShardSearchRequest(**pack_assign(Dq, Iq)))
             metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
