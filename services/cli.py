@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -83,19 +84,24 @@ def embed(
     if bool(source) == bool(manifest):
         raise typer.BadParameter("give either SOURCE or --manifest")
     settings = _settings(ray_address=ray_address, batch_size=batch_size)
-    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[errors]} errors"),
-               TimeRemainingColumn())
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
+               TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
-        task = bar.add_task("embed", total=None, errors=0)
+        task = bar.add_task("embed", total=None, errors=0, rate="-")
+        start: list[float] = []  # (time, rows) of the first report: a resumed run's rate counts new rows only
 
         def progress(done: int, total: int, errors: int) -> None:
-            bar.update(task, completed=done, total=total, errors=errors)
+            now = time.monotonic()
+            start or start.extend((now, done))
+            rate = (done - start[1]) / (now - start[0]) if now > start[0] else 0.0
+            bar.update(task, completed=done, total=total, errors=errors, rate=f"{rate:.1f}")
 
         summary = embed_catalogue(source or manifest, out_, model=model, weights=weights,
                                   engine="ray" if ray_address else engine, settings=settings, progress=progress)
     if as_json:
         print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
-                          "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine}))
+                          "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,
+                          "resumed": summary.resumed, "duplicates": summary.duplicates}))
     else:
         out.print(summary.line(), highlight=False)
     if summary.embedded == 0:

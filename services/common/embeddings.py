@@ -1,11 +1,18 @@
 """The embeddings format: parquet parts plus `embeddings.json`, written last (run complete).
 
-Row columns: id (int64, content hash), uri, sha256, width, height, error (null when ok),
-vector (fixed-size list of float32, null on error rows).
+Row columns: id (int64: content hash, or the manifest's id), uri, sha256, width, height, error (null
+when ok), vector (fixed-size list of float32, null on error rows), metadata (JSON of the manifest's
+other columns, or null).
+
+Resumable runs: the catalogue is cut into chunks of part_rows images in a stable order; chunk i is
+written as `parts/part-<i>-<digest of its uris>.parquet`, then a `.done.json` marker beside it (rows,
+errors, checksum). A rerun skips every chunk whose marker exists, so a killed run loses at most the
+chunks in flight, and nothing is embedded twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -24,10 +31,45 @@ META_KEY = "embeddings.json"
 FORMAT = 1
 
 
+ERRORS_KEY = "errors.parquet"
+
+
 def schema(dim: int) -> pa.Schema:
     return pa.schema([("id", pa.int64()), ("uri", pa.string()), ("sha256", pa.string()),
                       ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
-                      ("vector", pa.list_(pa.float32(), dim))])
+                      ("vector", pa.list_(pa.float32(), dim)), ("metadata", pa.string())])
+
+
+@dataclass
+class Chunk:
+    """part_rows consecutive catalogue entries: the unit of writing and of resuming."""
+    number: int
+    uris: list[str]
+    ids: list[int] | None = None
+    metadata: list[str | None] | None = None
+
+    @property
+    def stem(self) -> str:
+        h = hashlib.sha256("\n".join(self.uris).encode())
+        h.update(json.dumps([self.ids, self.metadata]).encode())
+        return f"parts/part-{self.number:06d}-{h.hexdigest()[:12]}"
+
+
+def plan_chunks(uris: list[str], rows: int, ids: list[int] | None = None,
+                metadata: list[str | None] | None = None) -> list[Chunk]:
+    return [Chunk(n, uris[i:i + rows], None if ids is None else ids[i:i + rows],
+                  None if metadata is None else metadata[i:i + rows])
+            for n, i in enumerate(range(0, len(uris), rows))]
+
+
+def done_markers(store: Store, chunks: list[Chunk]) -> dict[int, dict]:
+    """The markers of chunks a previous run finished (one listing, not one request per chunk)."""
+    present = set(store.list("parts"))
+    out = {}
+    for c in chunks:
+        if f"{c.stem}.done.json" in present and f"{c.stem}.parquet" in present:
+            out[c.number] = json.loads(store.get_bytes(f"{c.stem}.done.json"))
+    return out
 
 
 def id_from_sha256(sha: str) -> int:
@@ -41,36 +83,72 @@ def reason_of(error: str) -> str:
 
 
 class PartWriter:
-    """Buffers embedded rows, drops duplicate images, writes parquet parts atomically."""
+    """Buffers embedded rows, drops duplicate images, writes parquet parts atomically.
 
-    def __init__(self, store: Store, spec, part_rows: int = 5000):
+    With a plan (the chunks still to embed, in order) parts are cut at chunk boundaries, named by
+    chunk and each followed by its done marker; `done` holds the markers of chunks finished earlier.
+    Without a plan, a part every part_rows rows (synthetic data)."""
+
+    def __init__(self, store: Store, spec, part_rows: int = 5000, plan: list[Chunk] | None = None,
+                 done: dict[int, dict] | None = None):
         self.store, self.spec, self.part_rows = store, spec, part_rows
+        self.plan = list(plan) if plan is not None else None
+        self.done = [done[n] for n in sorted(done or {})]
         self.buffer: list[dict] = []
         self.parts: list[dict] = []
         self.seen: dict[str, str] = {}  # sha256 -> first uri
-        self.rows = self.embedded = self.errors = 0
+        self.failed: list[tuple[str, str]] = []  # (uri, error) of this run
+        self.rows = self.embedded = self.errors = self.duplicates = 0
         self.reasons: dict[str, int] = {}
+        for marker in self.done:
+            self._resume(marker)
+
+    def _resume(self, marker: dict) -> None:
+        """Count a finished part and remember its images, so later duplicates are still caught."""
+        table = pq.read_table(io.BytesIO(self.store.get_bytes(marker["key"])), columns=["uri", "sha256", "error"])
+        for uri, sha, err in zip(*(table[c].to_pylist() for c in ("uri", "sha256", "error"))):
+            if err is None:
+                self.seen.setdefault(sha, uri)
+            else:
+                self.failed.append((uri, err))
+        self.rows += marker["rows"]
+        self.embedded += marker["embedded"]
+        self.errors += marker["rows"] - marker["embedded"]
+        for r, n in marker["reasons"].items():
+            self.reasons[r] = self.reasons.get(r, 0) + n
 
     def add(self, batch: dict) -> None:
         for i, uri in enumerate(batch["uri"]):
+            chunk, pos = (self.plan[0] if self.plan else None), len(self.buffer)
+            if chunk is not None and chunk.uris[pos] != uri:
+                raise Corrupt(f"embedding pipeline returned {uri} where {chunk.uris[pos]} was due")
+            user_id = chunk.ids[pos] if chunk is not None and chunk.ids is not None else None
             sha, err = str(batch["sha256"][i]), str(batch["error"][i])
             if not err and sha in self.seen:
-                err = f"duplicate: same content as {self.seen[sha]}"
-            row = {"id": id_from_sha256(sha) if sha else None, "uri": str(uri), "sha256": sha or None,
-                   "width": int(batch["width"][i]), "height": int(batch["height"][i]), "error": err or None,
-                   "vector": None if err else batch["vector"][i]}
+                self.duplicates += 1
+                if user_id is None:  # content ids: the same image twice is one catalogue entry
+                    err = f"duplicate: same content as {self.seen[sha]}"
+            row = {"id": user_id if user_id is not None else id_from_sha256(sha) if sha else None,
+                   "uri": str(uri), "sha256": sha or None, "width": int(batch["width"][i]),
+                   "height": int(batch["height"][i]), "error": err or None,
+                   "vector": None if err else batch["vector"][i],
+                   "metadata": chunk.metadata[pos] if chunk is not None and chunk.metadata else None}
             if err:
                 self.errors += 1
                 self.reasons[reason_of(err)] = self.reasons.get(reason_of(err), 0) + 1
+                self.failed.append((str(uri), err))
             else:
-                self.seen[sha] = str(uri)
+                self.seen.setdefault(sha, str(uri))
                 self.embedded += 1
             self.buffer.append(row)
             self.rows += 1
-            if len(self.buffer) >= self.part_rows:
-                self._flush()
+            if chunk is not None and len(self.buffer) == len(chunk.uris):
+                self._flush(chunk.stem, marker=True)
+                self.plan.pop(0)
+            elif chunk is None and len(self.buffer) >= self.part_rows:
+                self._flush(f"parts/part-{len(self.parts):05d}")
 
-    def _flush(self) -> None:
+    def _flush(self, stem: str, marker: bool = False) -> None:
         if not self.buffer:
             return
         cols = {name: [r[name] for r in self.buffer] for name in schema(self.spec.dim).names}
@@ -78,17 +156,33 @@ class PartWriter:
         table = pa.Table.from_pydict(cols, schema=schema(self.spec.dim))
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        key = f"parts/part-{len(self.parts):05d}.parquet"
         data = buf.getvalue()
-        self.store.put_bytes(key, data)
-        self.parts.append({"key": key, "rows": table.num_rows, "sha256": sha256_bytes(data)})
+        self.store.put_bytes(f"{stem}.parquet", data)
+        reasons: dict[str, int] = {}
+        for e in cols["error"]:
+            if e:
+                reasons[reason_of(e)] = reasons.get(reason_of(e), 0) + 1
+        part = {"key": f"{stem}.parquet", "rows": table.num_rows, "embedded": sum(e is None for e in cols["error"]),
+                "reasons": reasons, "sha256": sha256_bytes(data)}
+        if marker:  # written after the part: a marker always names a complete part
+            self.store.put_bytes(f"{stem}.done.json", json.dumps(part).encode())
+        self.parts.append(part)
         self.buffer = []
 
     def close(self, source: str) -> dict:
-        self._flush()
+        if self.plan:
+            raise Corrupt(f"the embedding pipeline ended with {len(self.plan)} chunk(s) unwritten")
+        self._flush(f"parts/part-{len(self.parts):05d}")
+        uris, errors = zip(*self.failed) if self.failed else ((), ())
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"uri": pa.array(uris, pa.string()), "error": pa.array(errors, pa.string())}), buf)
+        self.store.put_bytes(ERRORS_KEY, buf.getvalue())
+        parts = sorted(self.done + self.parts, key=lambda p: p["key"])
         meta = {"format": FORMAT, "model": self.spec.describe(), "dim": self.spec.dim, "source": source,
                 "rows": self.rows, "embedded": self.embedded, "errors": self.errors, "reasons": self.reasons,
-                "parts": self.parts, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "duplicates": self.duplicates, "errors_file": ERRORS_KEY, "resumed_parts": len(self.done),
+                "parts": [{k: p[k] for k in ("key", "rows", "sha256")} for p in parts],
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.store.put_bytes(META_KEY, json.dumps(meta, indent=1).encode())
         return meta
 

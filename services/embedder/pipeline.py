@@ -7,6 +7,7 @@ or as Ray Data `map_batches` stages: decode as CPU tasks, the model as an actor 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow.compute as pc
 
 from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.embeddings import PartWriter
-from services.common.errors import ImsearchError, InvalidInput, NotFound
+from services.common.embeddings import META_KEY, PartWriter, done_markers, plan_chunks
+from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import open_store, read_uri
 from services.embedder.models import load_embedder, pick_device, resolve_spec
@@ -31,18 +33,32 @@ Batch = dict[str, np.ndarray]
 Progress = Callable[[int, int, int], None]  # (rows done, total, errors so far)
 
 
+@dataclass
+class Catalogue:
+    """What to embed, in a stable order: uris, and from a manifest optionally ids and metadata."""
+    uris: list[str]
+    ids: list[int] | None = None
+    metadata: list[str | None] | None = None
+
+
 def list_images(source: str, settings: Settings | None = None) -> list[str]:
     """Image uris of a folder, an s3://bucket/prefix, or a manifest file (parquet/csv/txt of uris)."""
+    return list_catalogue(source, settings).uris
+
+
+def list_catalogue(source: str, settings: Settings | None = None) -> Catalogue:
     if source.lower().endswith(MANIFEST_EXTENSIONS):
         return read_manifest(source, settings)
     store = open_store(source, settings)
-    uris = [store.uri(k) for k in store.list() if k.lower().endswith(IMAGE_EXTENSIONS)]
+    uris = sorted(store.uri(k) for k in store.list() if k.lower().endswith(IMAGE_EXTENSIONS))
     if not uris:
         raise NotFound(f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return uris
+    return Catalogue(uris)
 
 
-def read_manifest(path: str, settings: Settings | None = None) -> list[str]:
+def read_manifest(path: str, settings: Settings | None = None) -> Catalogue:
+    """A .txt of uris, or a parquet/csv table with a `uri` column, an optional integer `id` column
+    (the catalogue's own ids instead of content hashes) and any other columns (kept as metadata)."""
     import io
 
     import pyarrow.csv as pcsv
@@ -51,14 +67,39 @@ def read_manifest(path: str, settings: Settings | None = None) -> list[str]:
     data = read_uri(path, settings)
     if path.lower().endswith(".txt"):
         uris = [line.strip() for line in data.decode().splitlines() if line.strip() and not line.startswith("#")]
-    else:
-        table = pq.read_table(io.BytesIO(data)) if path.endswith(".parquet") else pcsv.read_csv(io.BytesIO(data))
-        if "uri" not in table.column_names:
-            raise InvalidInput(f"manifest {path} has no 'uri' column (columns: {table.column_names})")
-        uris = [u for u in table.column("uri").to_pylist() if u]
-    if not uris:
+        if not uris:
+            raise NotFound(f"manifest {path} lists no images")
+        return Catalogue(uris)
+    table = pq.read_table(io.BytesIO(data)) if path.endswith(".parquet") else pcsv.read_csv(io.BytesIO(data))
+    if "uri" not in table.column_names:
+        raise InvalidInput(f"manifest {path} has no 'uri' column (columns: {table.column_names})")
+    table = table.filter(pc.invert(pc.is_null(table["uri"])))
+    if table.num_rows == 0:
         raise NotFound(f"manifest {path} lists no images")
-    return uris
+    ids = None
+    if "id" in table.column_names:
+        ids = _manifest_ids(table["id"], path)
+    extra = [c for c in table.column_names if c not in ("uri", "id")]
+    metadata = None
+    if extra:
+        rows = table.select(extra).to_pylist()
+        metadata = [json.dumps(r, default=str, sort_keys=True) for r in rows]
+    return Catalogue(table["uri"].to_pylist(), ids, metadata)
+
+
+def _manifest_ids(column, path: str) -> list[int]:
+    import pyarrow as pa
+
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise InvalidInput(f"manifest {path}: 'id' must be integers with no gaps (got {column.type}, "
+                           f"{column.null_count} missing)")
+    ids = column.to_pylist()
+    if min(ids) < 0:
+        raise InvalidInput(f"manifest {path}: ids must be >= 0 (faiss keeps -1 for 'no result')")
+    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    if dupes:
+        raise InvalidInput(f"manifest {path}: {len(dupes)} id(s) appear more than once, e.g. {dupes[:3]}")
+    return ids
 
 
 def decode_batch(batch: Batch, size: int, settings: Settings) -> Batch:
@@ -104,6 +145,8 @@ class EmbedSummary:
     embedded: int = 0
     reasons: Counter = field(default_factory=Counter)
     engine: str = "local"
+    resumed: int = 0  # images a previous run had already embedded (or failed)
+    duplicates: int = 0
 
     @property
     def skipped(self) -> int:
@@ -111,6 +154,8 @@ class EmbedSummary:
 
     def line(self) -> str:
         text = f"{self.embedded} embedded, {self.skipped} skipped"
+        if self.resumed:
+            text += f" ({self.resumed} done by an earlier run)"
         if self.reasons:
             text += ": " + "; ".join(f"{n}× {r}" for r, n in self.reasons.most_common(8))
         return text
@@ -141,6 +186,7 @@ def _run_ray(uris: list[str], model: str, weights: str | None, settings: Setting
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own bar
+    ctx.execution_options.preserve_order = True  # parts are cut at chunk boundaries, in catalogue order
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
@@ -167,20 +213,45 @@ def choose_engine(n: int, settings: Settings, engine: str = "auto") -> str:
 def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = None,
                     weights: str | None = None, engine: str = "auto",
                     settings: Settings | None = None, progress: Progress | None = None) -> EmbedSummary:
-    """Embed every image of source into parquet parts under out; returns what happened."""
+    """Embed every image of source into parquet parts under out; returns what happened.
+
+    Resumes: chunks a previous run over the same catalogue finished are skipped, not re-embedded."""
     settings = settings or get_settings()
     model = model or settings.model
     weights = weights or (str(settings.model_weights) if settings.model_weights else None)
-    uris = list_images(source, settings) if isinstance(source, str) else list(source)
+    catalogue = list_catalogue(source, settings) if isinstance(source, str) else Catalogue(list(source))
     spec = resolve_spec(model, weights)
-    summary = EmbedSummary(out=out, total=len(uris), engine=choose_engine(len(uris), settings, engine))
-    writer = PartWriter(open_store(out, settings), spec, settings.part_rows)
+    store = open_store(out, settings)
+    _check_same_model(store, spec)
+    chunks = plan_chunks(catalogue.uris, settings.part_rows, catalogue.ids, catalogue.metadata)
+    done = done_markers(store, chunks)
+    pending = [c for c in chunks if c.number not in done]
+    todo = [u for c in pending for u in c.uris]
+    summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=choose_engine(len(todo), settings, engine),
+                           resumed=len(catalogue.uris) - len(todo))
+    writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done)
     run = _run_ray if summary.engine == "ray" else _run_local
-    log.info("embedding %d images with %s via %s into %s", len(uris), spec.name, summary.engine, out)
-    for batch in run(uris, model, weights, settings):
-        writer.add(batch)
-        if progress:
-            progress(writer.rows, summary.total, writer.errors)
+    log.info("embedding %d images with %s via %s into %s (%d already done)", len(todo), spec.name,
+             summary.engine, out, summary.resumed)
+    if progress:
+        progress(writer.rows, summary.total, writer.errors)
+    if todo:
+        for batch in run(todo, model, weights, settings):
+            writer.add(batch)
+            if progress:
+                progress(writer.rows, summary.total, writer.errors)
     stats = writer.close(source if isinstance(source, str) else "<list>")
     summary.embedded, summary.reasons = stats["embedded"], Counter(stats["reasons"])
+    summary.duplicates = stats["duplicates"]
     return summary
+
+
+def _check_same_model(store, spec) -> None:
+    """A rerun into a folder written by another model would mix vector spaces: refuse it."""
+    try:
+        meta = json.loads(store.get_bytes(META_KEY))
+    except (NotFound, ValueError):
+        return
+    if meta.get("model", {}).get("fingerprint") not in (None, spec.fingerprint):
+        raise Incompatible(f"{store.url} holds embeddings of model {meta['model'].get('name')} "
+                           f"({meta['model'].get('fingerprint')}); this run uses {spec.name} — use another --out")

@@ -1,0 +1,94 @@
+"""Resumable part writing: chunks, done markers, duplicates across runs, user ids and metadata."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from services.common.embeddings import PartWriter, done_markers, plan_chunks, read_embeddings
+from services.common.errors import Corrupt
+from services.common.store import LocalStore
+from services.embedder.models import ModelSpec
+
+DIM = 4
+
+
+def spec(tmp_path) -> ModelSpec:
+    w = tmp_path / "w.bin"
+    w.write_bytes(b"w")
+    return ModelSpec("fake", "none", str(w), DIM)
+
+
+def batch(uris, shas, errors=None):
+    n = len(uris)
+    vec = np.array([[int(s, 16) % 97, 1, 2, 3] for s in shas], np.float32)
+    return {"uri": np.array(uris, dtype=object), "sha256": np.array(shas, dtype=object),
+            "width": np.full(n, 8), "height": np.full(n, 8),
+            "error": np.array(errors or [""] * n, dtype=object), "vector": vec}
+
+
+def sha(i: int) -> str:
+    return f"{i + 1:016x}" * 4
+
+
+def test_a_rerun_skips_finished_chunks_and_the_result_is_whole(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    uris = [f"img/{i:03d}.jpg" for i in range(10)]
+    shas = [sha(i) for i in range(9)] + [sha(2)]  # the last image repeats an early one
+    chunks = plan_chunks(uris, 3)
+    first = PartWriter(store, spec(tmp_path), 3, plan=chunks, done={})
+    first.add(batch(uris[:7], shas[:7]))  # two chunks written, the third in flight: then "kill -9"
+    done = done_markers(store, chunks)
+    assert sorted(done) == [0, 1]
+
+    pending = [c for c in chunks if c.number not in done]
+    second = PartWriter(store, spec(tmp_path), 3, plan=pending, done=done)
+    assert second.rows == 6  # counted from the markers: progress starts where the last run stopped
+    second.add(batch(uris[6:], shas[6:]))
+    meta = second.close("test")
+    assert meta["rows"] == 10 and meta["embedded"] == 9 and meta["resumed_parts"] == 2
+    assert meta["duplicates"] == 1 and meta["reasons"] == {"duplicate": 1}
+    emb = read_embeddings(store)
+    assert len(emb.ids) == len(set(emb.ids.tolist())) == 9
+    assert emb.uris == uris[:9]
+    errors = pq.read_table(io.BytesIO(store.get_bytes("errors.parquet"))).to_pylist()
+    assert errors == [{"uri": "img/009.jpg", "error": "duplicate: same content as img/002.jpg"}]
+
+
+def test_manifest_ids_and_metadata_are_kept_and_duplicates_only_counted(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    uris = ["a.jpg", "b.jpg", "c.jpg"]
+    meta = [json.dumps({"sku": "x1"}), None, json.dumps({"sku": "x3"})]
+    chunks = plan_chunks(uris, 2, ids=[101, 102, 103], metadata=meta)
+    w = PartWriter(store, spec(tmp_path), 2, plan=chunks, done={})
+    w.add(batch(uris, [sha(1), sha(1), sha(3)]))  # b is the same picture as a, under another product id
+    out = w.close("manifest")
+    assert out["duplicates"] == 1 and out["embedded"] == 3
+    emb = read_embeddings(store)
+    assert emb.ids.tolist() == [101, 102, 103]
+    table = pq.read_table(io.BytesIO(store.get_bytes(out["parts"][0]["key"])))
+    assert table["metadata"].to_pylist() == meta[:2]
+
+
+def test_rows_out_of_catalogue_order_are_refused(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    w = PartWriter(store, spec(tmp_path), 2, plan=plan_chunks(["a", "b"], 2), done={})
+    with pytest.raises(Corrupt, match="returned b where a was due"):
+        w.add(batch(["b", "a"], [sha(1), sha(2)]))
+
+
+def test_close_refuses_when_chunks_are_missing(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    w = PartWriter(store, spec(tmp_path), 2, plan=plan_chunks(["a", "b", "c"], 2), done={})
+    w.add(batch(["a", "b"], [sha(1), sha(2)]))
+    with pytest.raises(Corrupt, match="1 chunk"):
+        w.close("x")
+
+
+def test_chunk_names_change_when_the_catalogue_changes():
+    a = plan_chunks(["x", "y", "z"], 2)
+    b = plan_chunks(["x", "y", "w"], 2)
+    assert a[0].stem == b[0].stem and a[1].stem != b[1].stem
+    assert plan_chunks(["x"], 2, ids=[1])[0].stem != plan_chunks(["x"], 2, ids=[2])[0].stem
