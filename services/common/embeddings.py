@@ -5,9 +5,10 @@ when ok), vector (fixed-size list of float32, null on error rows), metadata (JSO
 other columns, or null).
 
 Resumable runs: the catalogue is cut into chunks of part_rows images in a stable order; chunk i is
-written as `parts/part-<i>-<digest of its uris>.parquet`, then a `.done.json` marker beside it (rows,
-errors, checksum). A rerun skips every chunk whose marker exists, so a killed run loses at most the
-chunks in flight, and nothing is embedded twice.
+written as `parts/part-<i>-<digest of its uris>.parquet`, then a marker `done/part-<i>-<digest>.json`
+(rows, errors, checksum). A rerun skips every chunk whose marker exists, so a killed run loses at most the
+chunks in flight, and nothing is embedded twice. Markers live in `done/` (not beside the parts) so
+`parts/` stays a plain parquet dataset.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class Chunk:
     metadata: list[str | None] | None = None
 
     @property
-    def stem(self) -> str:
+    def name(self) -> str:
         h = hashlib.sha256("\n".join(self.uris).encode())
         h.update(json.dumps([self.ids, self.metadata]).encode())
-        return f"parts/part-{self.number:06d}-{h.hexdigest()[:12]}"
+        return f"part-{self.number:06d}-{h.hexdigest()[:12]}"
 
 
 def plan_chunks(uris: list[str], rows: int, ids: list[int] | None = None,
@@ -64,11 +65,11 @@ def plan_chunks(uris: list[str], rows: int, ids: list[int] | None = None,
 
 def done_markers(store: Store, chunks: list[Chunk]) -> dict[int, dict]:
     """The markers of chunks a previous run finished (one listing, not one request per chunk)."""
-    present = set(store.list("parts"))
+    present = set(store.list("parts")) | set(store.list("done"))
     out = {}
     for c in chunks:
-        if f"{c.stem}.done.json" in present and f"{c.stem}.parquet" in present:
-            out[c.number] = json.loads(store.get_bytes(f"{c.stem}.done.json"))
+        if f"done/{c.name}.json" in present and f"parts/{c.name}.parquet" in present:
+            out[c.number] = json.loads(store.get_bytes(f"done/{c.name}.json"))
     return out
 
 
@@ -143,12 +144,12 @@ class PartWriter:
             self.buffer.append(row)
             self.rows += 1
             if chunk is not None and len(self.buffer) == len(chunk.uris):
-                self._flush(chunk.stem, marker=True)
+                self._flush(chunk.name, marker=True)
                 self.plan.pop(0)
             elif chunk is None and len(self.buffer) >= self.part_rows:
-                self._flush(f"parts/part-{len(self.parts):05d}")
+                self._flush(f"part-{len(self.parts):05d}")
 
-    def _flush(self, stem: str, marker: bool = False) -> None:
+    def _flush(self, name: str, marker: bool = False) -> None:
         if not self.buffer:
             return
         cols = {name: [r[name] for r in self.buffer] for name in schema(self.spec.dim).names}
@@ -157,22 +158,22 @@ class PartWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         data = buf.getvalue()
-        self.store.put_bytes(f"{stem}.parquet", data)
+        self.store.put_bytes(f"parts/{name}.parquet", data)
         reasons: dict[str, int] = {}
         for e in cols["error"]:
             if e:
                 reasons[reason_of(e)] = reasons.get(reason_of(e), 0) + 1
-        part = {"key": f"{stem}.parquet", "rows": table.num_rows, "embedded": sum(e is None for e in cols["error"]),
-                "reasons": reasons, "sha256": sha256_bytes(data)}
+        part = {"key": f"parts/{name}.parquet", "rows": table.num_rows, "reasons": reasons,
+                "embedded": sum(e is None for e in cols["error"]), "sha256": sha256_bytes(data)}
         if marker:  # written after the part: a marker always names a complete part
-            self.store.put_bytes(f"{stem}.done.json", json.dumps(part).encode())
+            self.store.put_bytes(f"done/{name}.json", json.dumps(part).encode())
         self.parts.append(part)
         self.buffer = []
 
     def close(self, source: str) -> dict:
         if self.plan:
             raise Corrupt(f"the embedding pipeline ended with {len(self.plan)} chunk(s) unwritten")
-        self._flush(f"parts/part-{len(self.parts):05d}")
+        self._flush(f"part-{len(self.parts):05d}")
         uris, errors = zip(*self.failed) if self.failed else ((), ())
         buf = io.BytesIO()
         pq.write_table(pa.table({"uri": pa.array(uris, pa.string()), "error": pa.array(errors, pa.string())}), buf)

@@ -36,14 +36,14 @@ def test_kill_9_midway_then_rerun_embeds_the_rest_exactly_once(tmp_path):
 
     proc = subprocess.Popen(embed_cmd(src, out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while len(list((out / "parts").glob("*.done.json")) if (out / "parts").is_dir() else []) < 3:
+    while len(list((out / "done").glob("*.json")) if (out / "done").is_dir() else []) < 3:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "no parts written"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert not (out / "embeddings.json").exists()  # the killed run never claimed to be complete
-    finished_before = len(list((out / "parts").glob("*.done.json")))
+    finished_before = len(list((out / "done").glob("*.json")))
     assert finished_before < N // PART
 
     rerun = subprocess.run(embed_cmd(src, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -55,6 +55,7 @@ def test_kill_9_midway_then_rerun_embeds_the_rest_exactly_once(tmp_path):
     emb = read_embeddings(LocalStore(out))
     assert len(emb.ids) == N - 1 and len(set(emb.ids.tolist())) == N - 1
     assert sorted(Path(u).name for u in emb.uris) == sorted(f"img-{i:04d}.png" for i in range(N) if i != 50)
+    assert pq.read_table(out / "parts").num_rows == N  # parts/ stays a plain parquet dataset
     meta = json.loads((out / "embeddings.json").read_text())
     assert sum(p["rows"] for p in meta["parts"]) == N and len(meta["parts"]) == N // PART
     errors = pq.read_table(out / "errors.parquet").to_pylist()

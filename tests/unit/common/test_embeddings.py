@@ -90,5 +90,5 @@ def test_close_refuses_when_chunks_are_missing(tmp_path):
 def test_chunk_names_change_when_the_catalogue_changes():
     a = plan_chunks(["x", "y", "z"], 2)
     b = plan_chunks(["x", "y", "w"], 2)
-    assert a[0].stem == b[0].stem and a[1].stem != b[1].stem
-    assert plan_chunks(["x"], 2, ids=[1])[0].stem != plan_chunks(["x"], 2, ids=[2])[0].stem
+    assert a[0].name == b[0].name and a[1].name != b[1].name
+    assert plan_chunks(["x"], 2, ids=[1])[0].name != plan_chunks(["x"], 2, ids=[2])[0].name
