@@ -56,6 +56,13 @@ class S3Server:
             self.server.stop()
             self.running = False
 
+    def restart(self) -> "S3Server":
+        """A new server on the same port; moto keeps its buckets in this process, so data survives."""
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        return self.start()
+
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"

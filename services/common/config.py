@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("minioadmin")
     s3_secure: bool = False
     s3_region: str | None = None
+    s3_retry_s: float = Field(30.0, ge=0, description="keep retrying S3 calls that fail to connect (backoff)")
 
     # --- images
     max_image_pixels: int = Field(64_000_000, gt=0, description="decompression-bomb limit")

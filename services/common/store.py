@@ -8,14 +8,18 @@ publishes are made atomic by writing all objects first and flipping one pointer 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from services.common.config import Settings, get_settings
 from services.common.errors import InvalidInput, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 
@@ -128,6 +132,9 @@ class LocalStore:
         return str(self.root / key) if key else self.url
 
 
+RETRYABLE_S3_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServerBusy"}
+
+
 class S3Store:
     """A bucket prefix on any S3-compatible server, through the `minio` client."""
 
@@ -143,7 +150,20 @@ class S3Store:
         return _join(self.prefix, key)
 
     def _call(self, fn, *args, **kwargs):
-        """Run one client call, turning transport failures into Unavailable and 404s into NotFound."""
+        """One client operation, retried with exponential backoff while the server is unreachable or
+        answers 5xx/throttling, for up to IMSEARCH_S3_RETRY_S; then Unavailable. 404 → NotFound at once."""
+        delay, deadline = 0.2, time.monotonic() + self.settings.s3_retry_s
+        while True:
+            try:
+                return self._once(fn, *args, **kwargs)
+            except Unavailable as e:
+                if not getattr(e, "retry", True) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("S3 call failed (%s); retrying in %.1fs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _once(self, fn, *args, **kwargs):
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
@@ -153,7 +173,9 @@ class S3Store:
             if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                 name = getattr(e, "object_name", "") or ""
                 raise NotFound(f"not found: s3://{self.bucket}/{name} ({e.code})") from None
-            raise Unavailable(f"S3 error from {self.settings.s3_endpoint}: {e.code}: {e.message}") from None
+            err = Unavailable(f"S3 error from {self.settings.s3_endpoint}: {e.code}: {e.message}")
+            err.retry = e.code in RETRYABLE_S3_CODES
+            raise err from None
         except (HTTPError, OSError) as e:
             raise Unavailable(f"cannot reach S3 server {self.settings.s3_endpoint}: {e}") from None
 
@@ -172,9 +194,12 @@ class S3Store:
         self._call(self.client.fput_object, self.bucket, self._key(key), str(path))
 
     def get_bytes(self, key: str) -> bytes:
-        resp = self._call(self.client.get_object, self.bucket, self._key(key))
+        return self._call(self._read, key)  # the retry covers the whole download, not just the request
+
+    def _read(self, key: str) -> bytes:
+        resp = self.client.get_object(self.bucket, self._key(key))
         try:
-            return self._call(resp.read)
+            return resp.read()
         finally:
             resp.close()
             resp.release_conn()

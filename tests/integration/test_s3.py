@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
+from services.common.config import get_settings
+from services.common.embeddings import read_embeddings
 from services.common.errors import NotFound, Unavailable
 from services.common.store import S3Store, open_store
 from services.embedder.pipeline import embed_catalogue
@@ -11,6 +20,8 @@ from services.indexer.build import build_index
 from services.indexer.manifest import load_current
 from services.searcher.local import IndexSearcher
 from tests.helpers import encode, pattern
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_store_protocol_on_s3(s3, settings):
@@ -52,9 +63,39 @@ def test_embed_index_search_on_s3(s3, settings, tmp_path):
     assert {h.shard for h in hits} <= {0, 1, 2}
 
 
-def test_s3_server_down_is_a_clear_unavailable_error(s3, settings):
-    store = open_store("s3://bucket-b/p", settings)
+def test_s3_server_down_is_a_clear_unavailable_error_after_the_retries(s3, monkeypatch):
+    monkeypatch.setenv("IMSEARCH_S3_RETRY_S", "1.5")
+    get_settings.cache_clear()
+    store = open_store("s3://bucket-b/p", get_settings())
     store.put_bytes("k", b"v")
     s3.stop()
+    start = time.monotonic()
     with pytest.raises(Unavailable, match="cannot reach S3"):
         store.get_bytes("k")
+    assert 1.0 < time.monotonic() - start < 15  # retried with backoff, then gave up
+
+
+def test_embed_survives_the_s3_server_going_away_for_a_few_seconds(s3, tmp_path):
+    """The embed job (a real process) writes to S3; the server stops mid-run and comes back."""
+    src = tmp_path / "catalogue"
+    src.mkdir()
+    for i in range(60):
+        (src / f"img-{i:03d}.png").write_bytes(encode(pattern(64, 48, seed=i)))
+    env = {**os.environ, "IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_PART_ROWS": "5"}
+    cmd = [sys.executable, "-m", "services.cli", "embed", str(src), "--out", "s3://work/emb", "--engine", "local",
+           "--json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = S3Store("work", "emb", get_settings())
+    deadline = time.monotonic() + 240
+    while len(store.list("done")) < 2:  # wait for real progress before pulling the plug
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    s3.stop()
+    time.sleep(3)  # the outage itself
+    s3.restart()
+    out, errs = proc.communicate(timeout=300)
+    assert proc.returncode == 0, errs
+    assert json.loads(out)["embedded"] == 60
+    emb = read_embeddings(store)
+    assert len(set(emb.ids.tolist())) == 60
