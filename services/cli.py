@@ -108,29 +108,135 @@ def embed(
         raise typer.Exit(1)
 
 
-@app.command()
+index_app = typer.Typer(no_args_is_help=True, help="Build an index and change it while it serves: versions under "
+                                                    "one root, CURRENT flipped atomically.")
+app.add_typer(index_app, name="index")
+
+
+def _step(quiet: bool):
+    return (lambda m: None) if quiet else (lambda m: err.print(f"• {m}", highlight=False))
+
+
+def _staging_target(out_url: str, settings) -> tuple[str, str] | None:
+    """`--out ROOT/NAME` where ROOT already holds an index: stage version NAME there (published later)."""
+    from services.common.store import open_store
+    from services.indexer.manifest import POINTER_KEY
+
+    root, _, name = out_url.rstrip("/").rpartition("/")
+    if root and name and open_store(root, settings).exists(POINTER_KEY) \
+            and not open_store(out_url, settings).exists(POINTER_KEY):
+        return root, name
+    return None
+
+
+@index_app.command("build")
 @cli_errors
-def index(
+def index_build(
     embeddings: str = typer.Argument(..., help="embeddings folder or s3:// prefix (from `imsearch embed`)"),
-    out_: str = typer.Option(..., "--out", "-o", help="index root (folder or s3://)"),
+    out_: str = typer.Option(..., "--out", "-o", help="index root (folder or s3://); ROOT/NAME of an existing "
+                                                      "index stages version NAME without publishing it"),
     shards: int = typer.Option(1, help="number of shards"),
     index_factory: Optional[str] = typer.Option(None, help="faiss factory string; default: chosen from N"),
     whiten_dim: Optional[int] = typer.Option(None, help="learn PCA-whitening to this dimension"),
     nprobe: Optional[int] = typer.Option(None, help="default nprobe; default: tuned to the target recall"),
     memory_budget_gb: Optional[float] = typer.Option(None, help="RAM budget for all shards together"),
+    version: Optional[str] = typer.Option(None, help="version name (default: from the time)"),
+    publish: bool = typer.Option(True, help="flip CURRENT to the new version when written"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
-    """Build a sharded index from embeddings and publish it."""
+    """Build a sharded index from embeddings (and publish it)."""
     from services.indexer.build import build_index
 
     settings = _settings(memory_budget_gb=memory_budget_gb)
-    step = (lambda m: None) if as_json else (lambda m: err.print(f"• {m}", highlight=False))
-    manifest = build_index(embeddings, out_, shards, index_factory, whiten_dim, nprobe, settings, step)
+    staged = _staging_target(out_, settings) if version is None else None
+    if staged:
+        out_, version, publish = staged[0], staged[1], False
+    manifest = build_index(embeddings, out_, shards, index_factory, whiten_dim, nprobe, settings, _step(as_json),
+                           version=version, publish_it=publish)
     if as_json:
         print(manifest.model_dump_json(indent=1))
     else:
+        state = "published" if publish else "staged (publish with `imsearch index publish`)"
         out.print(f"indexed {manifest.count} vectors into {len(manifest.shards)} shard(s): {manifest.factory}, "
-                  f"nprobe {manifest.nprobe}, version {manifest.version}", highlight=False)
+                  f"nprobe {manifest.nprobe}, version {manifest.version} {state}", highlight=False)
+
+
+@index_app.command("publish")
+@cli_errors
+def index_publish(root: str = typer.Argument(..., help="index root"),
+                  version: str = typer.Argument(..., help="a written version (see `imsearch index versions`)")) -> None:
+    """Point the index at a version (atomic; serving shard servers follow)."""
+    from services.common.store import open_store
+    from services.indexer.manifest import flip
+
+    pointer = flip(open_store(root, _settings()), version)
+    out.print(f"published {pointer['version']} (previous: {(pointer['history'] or ['none'])[0]})", highlight=False)
+
+
+@index_app.command("rollback")
+@cli_errors
+def index_rollback(root: str = typer.Argument(..., help="index root")) -> None:
+    """Go back to the version published before the current one."""
+    from services.common.store import open_store
+    from services.indexer.manifest import rollback
+
+    pointer = rollback(open_store(root, _settings()))
+    out.print(f"rolled back: {pointer['version']} is published", highlight=False)
+
+
+@index_app.command("versions")
+@cli_errors
+def index_versions(root: str = typer.Argument(..., help="index root")) -> None:
+    """List the versions under the root; * marks the published one."""
+    from services.common.store import open_store
+    from services.indexer.manifest import list_versions, read_pointer
+
+    store = open_store(root, _settings())
+    current = (read_pointer(store) or {}).get("version")
+    for v in list_versions(store):
+        out.print(f"{'*' if v == current else ' '} {v}", highlight=False)
+
+
+@index_app.command("add")
+@cli_errors
+def index_add(root: str = typer.Argument(..., help="index root"),
+              embeddings: str = typer.Argument(..., help="embeddings to append (same model)")) -> None:
+    """Append embeddings to the published index (same trained quantizer), as a new published version."""
+    from services.indexer.update import add_to_index
+
+    manifest, added, known = add_to_index(root, embeddings, _settings(), _step(False))
+    out.print(f"added {added} vectors ({known} already indexed): {manifest.count} in version {manifest.version}",
+              highlight=False)
+
+
+@index_app.command("delete")
+@cli_errors
+def index_delete(root: str = typer.Argument(..., help="index root"),
+                 ids: Path = typer.Option(..., help="file of catalogue ids, one per line")) -> None:
+    """Remove ids from the published index, as a new published version."""
+    from services.common.errors import InvalidInput
+    from services.indexer.update import delete_from_index
+
+    try:
+        wanted = [int(line) for line in ids.read_text().split() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"--ids {ids}: expected one integer id per line ({e})") from None
+    manifest, removed, unknown = delete_from_index(root, wanted, _settings(), _step(False))
+    more = " …" if len(unknown) > 5 else ""
+    note = f"; not in the index: {', '.join(map(str, unknown[:5]))}{more}" if unknown else ""
+    out.print(f"removed {removed} vectors: {manifest.count} in version {manifest.version}{note}", highlight=False)
+
+
+@index_app.command("gc")
+@cli_errors
+def index_gc(root: str = typer.Argument(..., help="index root"),
+             keep: int = typer.Option(2, min=0, help="earlier versions to keep for rollback")) -> None:
+    """Delete old versions (never the published one, nor the KEEP before it)."""
+    from services.common.store import open_store
+    from services.indexer.manifest import gc
+
+    removed = gc(open_store(root, _settings()), keep)
+    out.print(f"removed {len(removed)} version(s){': ' + ', '.join(removed) if removed else ''}", highlight=False)
 
 
 @app.command()
@@ -250,8 +356,8 @@ def demo(
     err.print(f"• sample catalogue: {len(files)} images in {workdir / 'catalogue'}", highlight=False)
     embed(str(workdir / "catalogue"), out_=str(workdir / "emb"), manifest=None, model=None, weights=None,
           engine="local", ray_address=None, batch_size=None, as_json=False)
-    index(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
-          nprobe=None, memory_budget_gb=None, as_json=False)
+    index_build(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
+                nprobe=None, memory_budget_gb=None, version=None, publish=True, as_json=False)
     search(str(workdir / "idx"), str(query), k=k, nprobe=None, as_json=False)
 
 

@@ -24,8 +24,9 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0, noi
 
 
 def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthetic", error_rows: int = 0,
-                     part_rows: int = 50_000, uri_prefix: str = "img") -> ModelSpec:
-    """An embeddings folder laid out as `imsearch embed` writes it, from given vectors."""
+                     part_rows: int = 50_000, uri_prefix: str = "img", first_row: int = 0) -> ModelSpec:
+    """An embeddings folder laid out as `imsearch embed` writes it, from given vectors (row numbers,
+    hence ids and uris, start at first_row: later batches of the same catalogue get new ids)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     weights = root / f"{name}.weights"
@@ -35,8 +36,9 @@ def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthet
     for start in range(0, len(vectors), part_rows):
         chunk = vectors[start:start + part_rows]
         n = len(chunk)
-        sha = [hashlib.sha256(f"{name}-{start + i}".encode()).hexdigest() for i in range(n)]
-        writer.add({"uri": np.array([f"{uri_prefix}/{start + i}.jpg" for i in range(n)], dtype=object),
+        rows = range(first_row + start, first_row + start + n)
+        sha = [hashlib.sha256(f"{name}-{r}".encode()).hexdigest() for r in rows]
+        writer.add({"uri": np.array([f"{uri_prefix}/{r}.jpg" for r in rows], dtype=object),
                     "sha256": np.array(sha, dtype=object), "width": np.full(n, 64), "height": np.full(n, 48),
                     "error": np.array([""] * n, dtype=object), "vector": chunk})
     if error_rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,12 +22,13 @@ from services.common.config import Settings, get_settings
 from services.common.embeddings import Embeddings, read_embeddings
 from services.common.errors import InvalidInput
 from services.common.store import open_store
-from services.indexer.manifest import FileEntry, Manifest, ShardEntry, publish, version_prefix
+from services.indexer.manifest import FileEntry, Manifest, ShardEntry, publish, version_prefix, write_manifest
 from services.indexer.params import PQ_TRAIN_POINTS, IndexParams, choose_params, params_from_factory
 from services.searcher.merge import merge_topk
 
 log = logging.getLogger(__name__)
 Step = Callable[[str], None]
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TUNE_QUERIES = 256
 TUNE_K = 10
 
@@ -123,7 +125,7 @@ def new_version() -> str:
 
 def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
                 whiten_dim: int | None = None, nprobe: int | None = None, settings: Settings | None = None,
-                step: Step | None = None) -> Manifest:
+                step: Step | None = None, version: str | None = None, publish_it: bool = True) -> Manifest:
     settings = settings or get_settings()
     step = step or (lambda msg: log.info(msg))
     if not 1 <= shards <= 1024:
@@ -155,8 +157,34 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     nprobe = nprobe or tuned
 
     out = open_store(out_url, settings)
-    version = new_version()
-    prefix = version_prefix(version)
+    version = check_new_version(out, version)
+    quantizer = faiss.downcast_index(trained).quantizer if isinstance(faiss.downcast_index(trained),
+                                                                      faiss.IndexIVF) else None
+    template = Manifest(
+        version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
+        params=params.as_dict(), nprobe=nprobe, k_factor=params.k_factor, count=0, duplicates_dropped=dropped,
+        tuning=tuning, shards=[],
+        source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
+                "error_rows": int(emb.errors.num_rows)})
+    return write_version(out, template, parts, quantizer, publish_it, step)
+
+
+def check_new_version(out, version: str | None) -> str:
+    """A fresh version name (given, or made from the time), not yet used under the root."""
+    version = version or new_version()
+    if not VERSION_NAME.fullmatch(version):
+        raise InvalidInput(f"version name {version!r}: use letters, digits, '.', '_' and '-' only")
+    if out.exists(f"{version_prefix(version)}/manifest.json"):
+        raise InvalidInput(f"{out.url} already has a version {version!r}")
+    return version
+
+
+def write_version(out, template: Manifest, parts: list[Shard], quantizer, publish_it: bool = True,
+                  step: Step | None = None) -> Manifest:
+    """Write the shards (+ docs, + the coarse quantizer of plain IVF) of a new version, then its manifest,
+    then (publish_it) flip CURRENT to it. Files first, pointer last: a crash leaves CURRENT intact."""
+    step = step or (lambda msg: log.info(msg))
+    prefix = version_prefix(template.version)
     entries = []
     for s in parts:
         blob, docs = faiss_util.to_bytes(s.index), _docs_bytes(s)
@@ -166,19 +194,18 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         entries.append(ShardEntry(shard=s.number, file=file, sha256=sha256_bytes(blob), bytes=len(blob),
                                   count=int(s.index.ntotal), docs_file=docs_file, docs_sha256=sha256_bytes(docs)))
         step(f"wrote shard {s.number}: {s.index.ntotal} vectors, {len(blob) / 2**20:.1f} MiB")
-    quantizer = None
-    if isinstance(faiss.downcast_index(trained), faiss.IndexIVF):  # routers can assign lists once for all shards
-        blob = faiss_util.to_bytes(faiss.downcast_index(trained).quantizer)
+    entry = None
+    if quantizer is not None:  # routers can assign lists once for all shards
+        blob = faiss_util.to_bytes(quantizer)
         out.put_bytes(f"{prefix}/quantizer.faiss", blob)
-        quantizer = FileEntry(file="quantizer.faiss", sha256=sha256_bytes(blob))
-    manifest = Manifest(
-        version=version, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        model=emb.meta["model"], dim=dim, factory=params.factory, params=params.as_dict(), nprobe=nprobe,
-        k_factor=params.k_factor, count=n, duplicates_dropped=dropped, tuning=tuning, shards=entries,
-        quantizer=quantizer,
-        source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
-                "error_rows": int(emb.errors.num_rows)})
-    publish(out, manifest)
-    step(f"published {version} at {out.url}")
+        entry = FileEntry(file="quantizer.faiss", sha256=sha256_bytes(blob))
+    manifest = template.model_copy(update={
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": entries, "quantizer": entry,
+        "count": sum(e.count for e in entries)})
+    if publish_it:
+        publish(out, manifest)
+        step(f"published {manifest.version} at {out.url}")
+    else:
+        write_manifest(out, manifest)
+        step(f"wrote {manifest.version} at {out.url} (not published: `imsearch index publish`)")
     return manifest
-

@@ -1,9 +1,13 @@
 """Index manifest and the CURRENT pointer: what a published index version is made of.
 
 Layout under an index root:
-  CURRENT                         -> {"version": ..., "manifest_sha256": ...}   (flipped last)
+  CURRENT                         -> {"version", "manifest_sha256", "history": [earlier versions]} (flipped last)
   versions/<version>/manifest.json
   versions/<version>/shard-00000.faiss, shard-00000.docs.parquet, ...
+
+Every change (build, add, delete) writes a whole new version beside the others and then flips the
+CURRENT pointer in one atomic put: a crash at any point leaves CURRENT naming a complete version.
+Old versions stay (for rollback) until `gc` removes them.
 """
 
 from __future__ import annotations
@@ -72,25 +76,92 @@ def version_prefix(version: str) -> str:
     return f"versions/{version}"
 
 
-def publish(store: Store, manifest: Manifest) -> None:
-    """Write the manifest, then flip CURRENT to it: readers see the old or the new version, whole."""
+HISTORY = 20  # earlier versions remembered in the pointer, for rollback
+
+
+def write_manifest(store: Store, manifest: Manifest) -> bytes:
     data = manifest.to_bytes()
     store.put_bytes(f"{version_prefix(manifest.version)}/manifest.json", data)
-    pointer = {"version": manifest.version, "manifest_sha256": sha256_bytes(data)}
+    return data
+
+
+def publish(store: Store, manifest: Manifest) -> None:
+    """Write the manifest, then flip CURRENT to it: readers see the old or the new version, whole."""
+    write_manifest(store, manifest)
+    flip(store, manifest.version)
+
+
+def read_pointer(store: Store) -> dict | None:
+    try:
+        pointer = json.loads(store.get_bytes(POINTER_KEY))
+        if not isinstance(pointer.get("version"), str):
+            raise KeyError("version")
+        return pointer
+    except NotFound:
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise Corrupt(f"{store.uri(POINTER_KEY)} is damaged") from None
+
+
+def load_version(store: Store, version: str) -> tuple[Manifest, bytes]:
+    key = f"{version_prefix(version)}/manifest.json"
+    try:
+        data = store.get_bytes(key)
+    except NotFound:
+        raise NotFound(f"index {store.url} has no version {version!r} (see `imsearch index versions`)") from None
+    return Manifest.from_bytes(data, store.uri(key)), data
+
+
+def flip(store: Store, version: str, history: list[str] | None = None) -> dict:
+    """Point CURRENT at a written version (its manifest must parse); the old one goes into history."""
+    _, data = load_version(store, version)
+    old = read_pointer(store)
+    if history is None:
+        history = ([old["version"]] + old.get("history", [])) if old else []
+    history = [v for v in history if v != version][:HISTORY]
+    pointer = {"version": version, "manifest_sha256": sha256_bytes(data), "history": history}
     store.put_bytes(POINTER_KEY, json.dumps(pointer).encode())
+    return pointer
+
+
+def rollback(store: Store) -> dict:
+    """Back to the version published before the current one."""
+    pointer = read_pointer(store)
+    if pointer is None:
+        raise NotFound(f"no index at {store.url}")
+    history = [v for v in pointer.get("history", []) if store.exists(f"{version_prefix(v)}/manifest.json")]
+    if not history:
+        raise NotFound(f"index {store.url}: no earlier version to roll back to")
+    return flip(store, history[0], history[1:])
+
+
+def list_versions(store: Store) -> list[str]:
+    """Versions written under the root (published or staged), oldest first."""
+    return sorted({k.split("/")[1] for k in store.list("versions") if k.endswith("/manifest.json")})
+
+
+def gc(store: Store, keep: int = 2) -> list[str]:
+    """Delete every version except the current one and the `keep` most recent before it."""
+    pointer = read_pointer(store)
+    if pointer is None:
+        raise NotFound(f"no index at {store.url}")
+    kept = {pointer["version"], *pointer.get("history", [])[:keep]}
+    removed = [v for v in list_versions(store) if v not in kept]
+    for v in removed:
+        for key in store.list(version_prefix(v)):
+            if not key.endswith("/manifest.json"):
+                store.delete(key)
+        store.delete(f"{version_prefix(v)}/manifest.json")  # last: a half-deleted version stays visible
+    return removed
 
 
 def load_current(store: Store) -> Manifest:
     """The published manifest, its checksum verified against the pointer."""
-    try:
-        pointer = json.loads(store.get_bytes(POINTER_KEY))
-        version = pointer["version"]
-    except NotFound:
-        raise NotFound(f"no index at {store.url} (no {POINTER_KEY} pointer; build one with `imsearch index`)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise Corrupt(f"{store.uri(POINTER_KEY)} is damaged") from None
-    key = f"{version_prefix(version)}/manifest.json"
-    data = store.get_bytes(key)
+    pointer = read_pointer(store)
+    if pointer is None:
+        raise NotFound(f"no index at {store.url} (no {POINTER_KEY} pointer; build one with `imsearch index build`)")
+    manifest, data = load_version(store, pointer["version"])
     if sha256_bytes(data) != pointer.get("manifest_sha256"):
-        raise Corrupt(f"{store.uri(key)}: checksum mismatch with {POINTER_KEY}")
-    return Manifest.from_bytes(data, store.uri(key))
+        raise Corrupt(f"{store.uri(version_prefix(pointer['version']))}/manifest.json: checksum mismatch with "
+                      f"{POINTER_KEY}")
+    return manifest

@@ -61,7 +61,7 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     expected = write_awkward_catalogue(tmp / "photos")
     embed = run("embed", str(tmp / "photos"), "--out", str(tmp / "emb"), env_home=tmp / "home")
-    index = run("index", str(tmp / "emb"), "--shards", "2", "--out", str(tmp / "idx"), env_home=tmp / "home")
+    index = run("index", "build", str(tmp / "emb"), "--shards", "2", "--out", str(tmp / "idx"), env_home=tmp / "home")
     return tmp, expected, embed, index
 
 
@@ -129,7 +129,8 @@ def test_damaged_shard_is_named(built, tmp_path):
 
 def test_index_of_another_model_refuses_the_query(tmp_path):
     write_fake_embeddings(tmp_path / "emb", random_unit_vectors(30, 8), name="lite0-gem")
-    assert run("index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), env_home=tmp_path).returncode == 0
+    built = run("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), env_home=tmp_path)
+    assert built.returncode == 0, built.stderr
     query = tmp_path / "q.png"
     query.write_bytes(encode(pattern()))
     assert_one_line_error(run("search", str(tmp_path / "idx"), str(query), env_home=tmp_path), "fingerprint")
@@ -144,7 +145,7 @@ def test_nothing_embedded_exits_non_zero(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run("embed", str(tmp_path / "empty"), "--out", str(tmp_path / "e2"), env_home=tmp_path),
                           "no images found")
-    proc = run("index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), env_home=tmp_path)
+    proc = run("index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), env_home=tmp_path)
     assert_one_line_error(proc, "no embedded images")
 
 

@@ -1,0 +1,93 @@
+"""Change a live index: add embeddings with the trained quantizer it has, delete ids.
+
+Each change writes a new version (the touched shards in full, as `imsearch index build` would) and
+flips CURRENT; shard servers watching the pointer switch to it without a restart.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from services.common.config import Settings, get_settings
+from services.common.embeddings import read_embeddings
+from services.common.errors import Incompatible, InvalidInput, NotFound, NotSupported
+from services.common.store import open_store
+from services.indexer.build import Shard, Step, check_new_version, dedupe, write_version
+from services.indexer.manifest import Manifest, load_current
+from services.searcher.local import LoadedShard, load_shard
+
+
+def _load_all(store, manifest: Manifest, settings: Settings) -> list[LoadedShard]:
+    return [load_shard(store, manifest, e, settings.home / "cache") for e in manifest.shards]
+
+
+def _quantizer(shards: list[LoadedShard]):
+    ivf = faiss.downcast_index(shards[0].index) if shards else None
+    return ivf.quantizer if isinstance(ivf, faiss.IndexIVF) else None
+
+
+def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step: Step | None = None,
+                 version: str | None = None) -> tuple[Manifest, int, int]:
+    """Append embeddings to the published index; returns (new manifest, added, already indexed)."""
+    settings = settings or get_settings()
+    step = step or (lambda msg: None)
+    store = open_store(root, settings)
+    manifest = load_current(store)
+    emb, _ = dedupe(read_embeddings(open_store(emb_url, settings)))
+    if emb.meta["model"].get("fingerprint") != manifest.model.get("fingerprint"):
+        raise Incompatible(f"{emb_url} was embedded with {emb.meta['model'].get('name')} "
+                           f"({emb.meta['model'].get('fingerprint')}); the index holds "
+                           f"{manifest.model.get('name')} ({manifest.model.get('fingerprint')}) vectors")
+    step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
+    shards = _load_all(store, manifest, settings)
+    held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
+    new = ~np.isin(emb.ids, held)
+    if not new.any():
+        raise InvalidInput(f"every one of the {len(emb.ids)} embeddings in {emb_url} is already indexed")
+    version = check_new_version(store, version)
+    parts = []
+    for s in shards:  # shard = id mod S, as at build time
+        rows = np.flatnonzero(new & (emb.ids % len(shards) == s.entry.shard))
+        if len(rows):
+            s.index.add_with_ids(emb.vectors[rows], emb.ids[rows])
+        parts.append(Shard(s.entry.shard, s.index, np.concatenate([s.ids, emb.ids[rows]]),
+                           [*s.uris.tolist(), *(emb.uris[i] for i in rows)]))
+    added = int(new.sum())
+    step(f"adding {added} vectors ({len(emb.ids) - added} already indexed)")
+    template = manifest.model_copy(update={"version": version, "source": {
+        **manifest.source, "added_from": emb_url, "added": added, "previous": manifest.version}})
+    return write_version(store, template, parts, _quantizer(shards), True, step), added, len(emb.ids) - added
+
+
+def delete_from_index(root: str, ids: list[int], settings: Settings | None = None, step: Step | None = None,
+                      version: str | None = None) -> tuple[Manifest, int, list[int]]:
+    """Remove ids from the published index; returns (new manifest, removed, ids it did not hold)."""
+    settings = settings or get_settings()
+    step = step or (lambda msg: None)
+    if not ids:
+        raise InvalidInput("no ids to delete")
+    store = open_store(root, settings)
+    manifest = load_current(store)
+    wanted = np.unique(np.asarray(ids, np.int64))
+    step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
+    shards = _load_all(store, manifest, settings)
+    held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
+    unknown = wanted[~np.isin(wanted, held)].tolist()
+    if len(unknown) == len(wanted):
+        raise NotFound(f"none of the {len(wanted)} id(s) is in the index, e.g. {unknown[:3]}")
+    version = check_new_version(store, version)
+    parts, removed = [], 0
+    for s in shards:
+        drop = np.isin(s.ids, wanted)
+        if drop.any():
+            try:
+                removed += s.index.remove_ids(faiss.IDSelectorBatch(s.ids[drop]))
+            except RuntimeError as e:
+                raise NotSupported(f"{manifest.factory} shards cannot delete ids in place "
+                                   f"({str(e).splitlines()[-1]}); rebuild without them") from None
+        parts.append(Shard(s.entry.shard, s.index, s.ids[~drop], s.uris[~drop].tolist()))
+    step(f"removed {removed} vectors ({len(unknown)} id(s) not found)")
+    template = manifest.model_copy(update={"version": version, "source": {
+        **manifest.source, "deleted": removed, "previous": manifest.version}})
+    return write_version(store, template, parts, _quantizer(shards), True, step), removed, unknown
