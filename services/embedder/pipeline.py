@@ -23,7 +23,7 @@ from services.common.embeddings import META_KEY, PartWriter, done_markers, plan_
 from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound
 from services.common.images import decode_image
 from services.common.store import open_store, read_uri
-from services.embedder.models import load_embedder, pick_device, resolve_spec
+from services.embedder.spec import resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class EmbedStage:
     """Model stage (a Ray actor in the Ray path): embeds the rows that decoded."""
 
     def __init__(self, model: str, weights: str | None = None, device: str = "auto"):
+        from services.embedder.models import load_embedder  # torch: only where images get embedded
+
         self.embedder = load_embedder(model, weights, device)
 
     def __call__(self, batch: Batch) -> Batch:
@@ -191,6 +193,8 @@ def _run_ray(uris: list[str], model: str, weights: str | None, settings: Setting
     if not ray.is_initialized():
         # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
         ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+    from services.embedder.models import pick_device
+
     gpus = 1 if pick_device(settings.device).type == "cuda" else 0
     size = resolve_spec(model, weights).image_size
     ds = ray.data.from_items([{"uri": u} for u in uris])

@@ -9,7 +9,7 @@ import numpy as np
 
 from services.common.embeddings import PartWriter
 from services.common.store import LocalStore
-from services.embedder.models import ModelSpec
+from services.embedder.spec import ModelSpec
 
 
 def clustered_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0, noise: float = 0.5) -> np.ndarray:

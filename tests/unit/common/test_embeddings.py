@@ -10,7 +10,7 @@ import pytest
 from services.common.embeddings import PartWriter, done_markers, plan_chunks, read_embeddings
 from services.common.errors import Corrupt
 from services.common.store import LocalStore
-from services.embedder.models import ModelSpec
+from services.embedder.spec import ModelSpec
 
 DIM = 4
 

