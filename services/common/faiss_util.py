@@ -64,6 +64,22 @@ def train(index: faiss.Index, sample: np.ndarray) -> None:
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
 
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """add_with_ids; the inverted-list assignment runs on the GPU(s) when there are any."""
+    vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+    ivf = find_ivf(index)
+    if ivf is None or not gpu_count():
+        index.add_with_ids(vectors, ids)
+        return
+    cpu_quantizer = ivf.quantizer
+    gpu_quantizer = faiss.index_cpu_to_all_gpus(cpu_quantizer)  # referenced here while faiss uses it
+    ivf.quantizer = gpu_quantizer
+    try:
+        index.add_with_ids(vectors, ids)
+    finally:
+        ivf.quantizer = cpu_quantizer  # the shard file keeps the CPU quantizer
+
+
 def search_parameters(index: faiss.Index, nprobe: int, k_factor: float):
     """Per-call parameters (thread-safe, unlike ParameterSpace which mutates the index).
 

@@ -67,7 +67,7 @@ def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int) -> list[S
         rows = np.flatnonzero(which == s)
         index = faiss.deserialize_index(faiss.serialize_index(trained))  # clone_index lacks some transforms
         if len(rows):
-            index.add_with_ids(emb.vectors[rows], emb.ids[rows])
+            faiss_util.add(index, emb.vectors[rows], emb.ids[rows])
         shards.append(Shard(s, index, emb.ids[rows], [emb.uris[i] for i in rows]))
     return shards
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from services.common import faiss_util
 from services.common.config import Settings, get_settings
 from services.common.embeddings import read_embeddings
 from services.common.errors import Incompatible, InvalidInput, NotFound, NotSupported
@@ -50,7 +51,7 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
     for s in shards:  # shard = id mod S, as at build time
         rows = np.flatnonzero(new & (emb.ids % len(shards) == s.entry.shard))
         if len(rows):
-            s.index.add_with_ids(emb.vectors[rows], emb.ids[rows])
+            faiss_util.add(s.index, emb.vectors[rows], emb.ids[rows])
         parts.append(Shard(s.entry.shard, s.index, np.concatenate([s.ids, emb.ids[rows]]),
                            [*s.uris.tolist(), *(emb.uris[i] for i in rows)]))
     added = int(new.sum())

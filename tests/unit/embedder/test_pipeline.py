@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -5,7 +7,7 @@ import pytest
 
 from services.common.config import Settings
 from services.common.errors import InvalidInput, NotFound
-from services.embedder.pipeline import choose_engine, decode_batch, list_images
+from services.embedder.pipeline import choose_engine, decode_batch, list_catalogue, list_images
 from tests.helpers import encode, pattern
 
 
@@ -24,6 +26,23 @@ def test_manifests_in_three_formats(tmp_path):
     pq.write_table(pa.table({"uri": uris, "id": [1, 2, 3]}), tmp_path / "m.parquet")
     for name in ("m.txt", "m.csv", "m.parquet"):
         assert list_images(str(tmp_path / name)) == uris
+
+
+def test_manifest_ids_and_metadata_columns(tmp_path):
+    pq.write_table(pa.table({"uri": ["a.jpg", None, "b.jpg"], "id": [7, 8, 9], "sku": ["x", "y", None],
+                             "price": [1.5, 2.0, 3.25]}), tmp_path / "m.parquet")
+    cat = list_catalogue(str(tmp_path / "m.parquet"))
+    assert cat.uris == ["a.jpg", "b.jpg"] and cat.ids == [7, 9]  # rows without a uri are dropped
+    assert [json.loads(m) for m in cat.metadata] == [{"price": 1.5, "sku": "x"}, {"price": 3.25, "sku": None}]
+    assert list_catalogue(str(tmp_path / "m.parquet")).metadata == cat.metadata  # stable: resumes match
+
+
+@pytest.mark.parametrize("ids, words", [([1, 1], "more than once"), ([1.5, 2.0], "must be integers"),
+                                        ([-1, 2], "must be >= 0"), ([1, None], "must be integers")])
+def test_bad_manifest_ids_are_refused(tmp_path, ids, words):
+    pq.write_table(pa.table({"uri": ["a.jpg", "b.jpg"], "id": ids}), tmp_path / "m.parquet")
+    with pytest.raises(InvalidInput, match=words):
+        list_catalogue(str(tmp_path / "m.parquet"))
 
 
 def test_bad_sources_are_clear(tmp_path):
