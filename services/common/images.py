@@ -72,15 +72,27 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def probe_image(data: bytes, max_bytes: int, max_pixels: int) -> tuple[str, str, int, int]:
+    """(format, mode, width, height after EXIF orientation) from the header alone: the same checks as
+    decode_image, for images whose pixels are decoded elsewhere (on the GPU)."""
+    img = _open(data, max_bytes, max_pixels)
+    try:
+        return (img.format or "", img.mode, *_oriented_size(img))
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
+        raise InvalidInput(f"corrupt image: {type(e).__name__}: {e}") from None
+
+
 def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int) -> Decoded:
     """Decode, orient by EXIF, flatten alpha, convert to 8-bit RGB and resize to size x size."""
     img = _open(data, max_bytes, max_pixels)
     try:
         img.seek(0)  # animated images: the first frame
-        orientation = img.getexif().get(0x0112, 1)
-        w, h = img.size
-        if orientation in (5, 6, 7, 8):
-            w, h = h, w
+        w, h = _oriented_size(img)
         if img.format == "JPEG":
             img.draft("RGB", (size, size))  # DCT-domain downscale: much faster decode of big JPEGs
         img.load()

@@ -21,8 +21,9 @@ from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
 from services.common.embeddings import META_KEY, PartWriter, done_markers, plan_chunks
 from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound
-from services.common.images import decode_image
+from services.common.images import decode_image, probe_image
 from services.common.store import open_store, read_uri
+from services.embedder.gpu_decode import JPEG_MODES
 from services.embedder.spec import resolve_spec
 
 log = logging.getLogger(__name__)
@@ -115,27 +116,37 @@ def fetch_batch(batch: Batch, settings: Settings) -> Batch:
     return {**batch, "data": np.array(data, dtype=object), "read_error": np.array(err, dtype=object)}
 
 
-def decode_batch(batch: Batch, size: int, settings: Settings) -> Batch:
+def decode_batch(batch: Batch, size: int, settings: Settings, defer_jpeg: bool = False) -> Batch:
     """CPU stage: read bytes (unless fetched already), hash, decode. A bad image becomes an error row,
-    never an exception."""
+    never an exception. defer_jpeg (the model runs on a GPU): plain JPEGs are only checked here and
+    travel as bytes in a `jpeg` column, for the model stage to decode on the device."""
     if "data" not in batch:
         batch = fetch_batch(batch, settings)
     uris = [str(u) for u in batch["uri"]]
     n = len(uris)
     pixels = np.zeros((n, size, size, 3), np.uint8)
-    sha, err = [""] * n, [str(e) for e in batch["read_error"]]
+    sha, err, jpeg = [""] * n, [str(e) for e in batch["read_error"]], [b""] * n
     width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    limits = (settings.max_image_bytes, settings.max_image_pixels)
     for i, data in enumerate(batch["data"]):
         if err[i]:
             continue
         try:
             sha[i] = sha256_bytes(data)
-            d = decode_image(data, size, settings.max_image_bytes, settings.max_image_pixels)
+            if defer_jpeg:
+                fmt, mode, width[i], height[i] = probe_image(data, *limits)
+                if fmt == "JPEG" and mode in JPEG_MODES:
+                    jpeg[i] = data
+                    continue
+            d = decode_image(data, size, *limits)
             pixels[i], width[i], height[i] = d.pixels, d.width, d.height
         except ImsearchError as e:
             err[i] = str(e)
-    return {"uri": np.array(uris, dtype=object), "sha256": np.array(sha, dtype=object),
-            "width": width, "height": height, "error": np.array(err, dtype=object), "pixels": pixels}
+    out = {"uri": np.array(uris, dtype=object), "sha256": np.array(sha, dtype=object),
+           "width": width, "height": height, "error": np.array(err, dtype=object), "pixels": pixels}
+    if defer_jpeg:
+        out["jpeg"] = np.array(jpeg, dtype=object)
+    return out
 
 
 class EmbedStage:
@@ -146,15 +157,43 @@ class EmbedStage:
 
         self.embedder = load_embedder(model, weights, device)
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.embedder.device.type == "cuda"
+
     def __call__(self, batch: Batch) -> Batch:
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        dim = self.embedder.spec.dim
-        vectors = np.zeros((len(ok), dim), np.float32)
+        error = batch["error"].copy()
+        pixels = self._device_pixels(batch, error)
+        ok = np.array([not e for e in error], dtype=bool)
+        vectors = np.zeros((len(ok), self.embedder.spec.dim), np.float32)
         if ok.any():
-            vectors[ok] = self.embedder.embed(batch["pixels"][ok])
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        out["vector"] = vectors
+            vectors[ok] = self.embedder.embed(pixels[ok])
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "jpeg")}
+        out["error"], out["vector"] = error, vectors
         return out
+
+    def _device_pixels(self, batch: Batch, error: np.ndarray):
+        """The batch's pixels; JPEGs left undecoded by decode_batch(defer_jpeg) are decoded on the
+        model's device here (a decode failure becomes that row's error)."""
+        jpeg = batch.get("jpeg")
+        rows = [i for i in range(len(error)) if jpeg is not None and len(jpeg[i]) and not error[i]]
+        if not rows:
+            return batch["pixels"]
+        import torch
+
+        from services.embedder.gpu_decode import decode_on_device
+
+        size, device = batch["pixels"].shape[1], self.embedder.device
+        pixels = torch.from_numpy(batch["pixels"]).to(device)
+        try:  # one batched call (nvjpeg's fast path); it fails whole, so then row by row
+            pixels[rows] = decode_on_device([jpeg[i] for i in rows], size, device)
+        except RuntimeError:
+            for i in rows:
+                try:
+                    pixels[i] = decode_on_device([jpeg[i]], size, device)[0]
+                except RuntimeError as e:
+                    error[i] = f"corrupt JPEG data: {str(e).splitlines()[0]}"
+        return pixels
 
 
 @dataclass
@@ -199,7 +238,7 @@ def _run_local(uris: list[str], model: str, weights: str | None, settings: Setti
             if i + 2 < len(batches):
                 futures.append(pool.submit(fetch_batch, batches[i + 2], settings))
             futures[i] = None  # free the bytes
-            yield stage(decode_batch(fetched, size, settings))
+            yield stage(decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu))
 
 
 def _run_ray(uris: list[str], model: str, weights: str | None, settings: Settings) -> Iterator[Batch]:
@@ -218,7 +257,7 @@ def _run_ray(uris: list[str], model: str, weights: str | None, settings: Setting
     size = resolve_spec(model, weights).image_size
     ds = ray.data.from_items([{"uri": u} for u in uris])
     ds = ds.map_batches(decode_batch, batch_size=settings.batch_size, batch_format="numpy",
-                        fn_kwargs={"size": size, "settings": settings}, num_cpus=1)
+                        fn_kwargs={"size": size, "settings": settings, "defer_jpeg": bool(gpus)}, num_cpus=1)
     ds = ds.map_batches(EmbedStage, batch_size=settings.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"model": model, "weights": weights, "device": settings.device},
                         concurrency=settings.ray_actors, num_gpus=gpus, num_cpus=0 if gpus else 1)
