@@ -85,9 +85,23 @@ def resolve_spec(name: str, weights: str | Path | None = None) -> ModelSpec:
 
 
 def _timm_dim(arch: str) -> int:
-    import timm
+    """The feature size of a timm architecture. Finding it builds the model (seconds of imports), so
+    it is remembered in IMSEARCH_HOME: a resumed run over a finished catalogue stays instant."""
+    from services.common.config import get_settings
+    from services.common.store import atomic_write
 
+    cache = get_settings().home / "cache" / "timm-dims.json"
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=0).num_features
-    except RuntimeError as e:
-        raise InvalidInput(f"unknown timm architecture {arch!r}: {e}") from None
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):  # missing or damaged: rebuild it
+        known = {}
+    if arch not in known:
+        import timm
+
+        try:
+            known[arch] = timm.create_model(arch, pretrained=False, num_classes=0).num_features
+        except RuntimeError as e:
+            raise InvalidInput(f"unknown timm architecture {arch!r}: {e}") from None
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(known).encode())
+    return int(known[arch])
