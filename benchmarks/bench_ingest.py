@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,16 +54,25 @@ def tiny_model(tmp: Path) -> dict:
 
 
 def embed(src: Path, out: Path, env: dict, engine: str = "local") -> tuple[float, dict, int]:
-    """Run `imsearch embed` as its own process: (seconds, summary, peak RSS in MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `imsearch embed` as its own process: (seconds, summary, peak RSS in MiB, read from the
+    kernel's high-water mark while it runs)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "embed", str(src), "--out", str(out), "--engine",
-                           engine, "--json"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "embed", str(src), "--out", str(out), "--engine",
+                             engine, "--json"], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.1)
+    out_text, err_text = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(proc.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over finished children, in KiB
-    return seconds, json.loads(proc.stdout), (peak if peak > before else 0) // 1024
+        raise SystemExit(err_text)
+    return seconds, json.loads(out_text), peak // 1024
 
 
 def main() -> None:
