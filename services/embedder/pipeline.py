@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
 from services.common.embeddings import META_KEY, PartWriter, done_markers, plan_chunks
-from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound
+from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound, Unavailable
 from services.common.images import decode_image, probe_image
 from services.common.store import open_store, read_uri
 from services.embedder.gpu_decode import JPEG_MODES
@@ -104,12 +104,16 @@ def _manifest_ids(column, path: str) -> list[int]:
 
 
 def fetch_batch(batch: Batch, settings: Settings) -> Batch:
-    """I/O stage: the bytes of every uri (a read failure is kept as that row's error)."""
+    """I/O stage: the bytes of every uri. A missing or unreadable file is that row's error; storage that
+    stays unreachable (after the store's retries) stops the run instead — a rerun resumes it, whereas
+    error rows would be final."""
     data, err = [], []
     for uri in batch["uri"]:
         try:
             data.append(read_uri(str(uri), settings))
             err.append("")
+        except Unavailable:
+            raise
         except ImsearchError as e:
             data.append(b"")
             err.append(str(e))

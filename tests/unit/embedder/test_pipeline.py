@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.common.config import Settings
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.embedder.pipeline import choose_engine, decode_batch, list_catalogue, list_images
 from tests.helpers import encode, pattern
 
@@ -72,3 +72,17 @@ def test_engine_choice():
     assert choose_engine(10_000, s, "local") == "local"
     with pytest.raises(InvalidInput):
         choose_engine(1, s, "spark")
+
+
+def test_unreachable_storage_stops_the_run_instead_of_making_final_error_rows(tmp_path, monkeypatch):
+    from services.embedder import pipeline
+
+    def down(uri, settings=None):
+        raise Unavailable("cannot reach S3 server")
+
+    monkeypatch.setattr(pipeline, "read_uri", down)
+    with pytest.raises(Unavailable):
+        pipeline.fetch_batch({"uri": np.array(["s3://b/a.jpg"], dtype=object)}, Settings(home=tmp_path))
+    monkeypatch.setattr(pipeline, "read_uri", lambda uri, settings=None: (_ for _ in ()).throw(NotFound("gone")))
+    out = pipeline.fetch_batch({"uri": np.array(["a.jpg"], dtype=object)}, Settings(home=tmp_path))
+    assert out["read_error"].tolist() == ["gone"]  # a missing file is that row's error
