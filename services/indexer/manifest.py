@@ -103,6 +103,14 @@ def read_pointer(store: Store) -> dict | None:
         raise Corrupt(f"{store.uri(POINTER_KEY)} is damaged") from None
 
 
+def current_pointer(store: Store) -> dict:
+    """The CURRENT pointer, or NotFound when the root holds no published index."""
+    pointer = read_pointer(store)
+    if pointer is None:
+        raise NotFound(f"no index at {store.url} (no {POINTER_KEY} pointer; build one with `imsearch index build`)")
+    return pointer
+
+
 def load_version(store: Store, version: str) -> tuple[Manifest, bytes]:
     key = f"{version_prefix(version)}/manifest.json"
     try:
@@ -126,9 +134,7 @@ def flip(store: Store, version: str, history: list[str] | None = None) -> dict:
 
 def rollback(store: Store) -> dict:
     """Back to the version published before the current one."""
-    pointer = read_pointer(store)
-    if pointer is None:
-        raise NotFound(f"no index at {store.url}")
+    pointer = current_pointer(store)
     history = [v for v in pointer.get("history", []) if store.exists(f"{version_prefix(v)}/manifest.json")]
     if not history:
         raise NotFound(f"index {store.url}: no earlier version to roll back to")
@@ -142,9 +148,7 @@ def list_versions(store: Store) -> list[str]:
 
 def gc(store: Store, keep: int = 2) -> list[str]:
     """Delete every version except the current one and the `keep` most recent before it."""
-    pointer = read_pointer(store)
-    if pointer is None:
-        raise NotFound(f"no index at {store.url}")
+    pointer = current_pointer(store)
     kept = {pointer["version"], *pointer.get("history", [])[:keep]}
     removed = [v for v in list_versions(store) if v not in kept]
     for v in removed:
@@ -157,9 +161,7 @@ def gc(store: Store, keep: int = 2) -> list[str]:
 
 def load_current(store: Store) -> Manifest:
     """The published manifest, its checksum verified against the pointer."""
-    pointer = read_pointer(store)
-    if pointer is None:
-        raise NotFound(f"no index at {store.url} (no {POINTER_KEY} pointer; build one with `imsearch index build`)")
+    pointer = current_pointer(store)
     manifest, data = load_version(store, pointer["version"])
     if sha256_bytes(data) != pointer.get("manifest_sha256"):
         raise Corrupt(f"{store.uri(version_prefix(pointer['version']))}/manifest.json: checksum mismatch with "
