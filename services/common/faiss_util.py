@@ -54,6 +54,12 @@ def find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
+def ivf_quantizer(index: faiss.Index) -> faiss.Index | None:
+    """The coarse quantizer of a plain IVF index (what a router needs to assign lists), else None."""
+    ix = faiss.downcast_index(index)
+    return ix.quantizer if isinstance(ix, faiss.IndexIVF) else None
+
+
 def train(index: faiss.Index, sample: np.ndarray) -> None:
     """Train once; k-means on the GPU(s) when there are any."""
     if index.is_trained:

@@ -158,15 +158,13 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
 
     out = open_store(out_url, settings)
     version = check_new_version(out, version)
-    quantizer = faiss.downcast_index(trained).quantizer if isinstance(faiss.downcast_index(trained),
-                                                                      faiss.IndexIVF) else None
     template = Manifest(
         version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
         params=params.as_dict(), nprobe=nprobe, k_factor=params.k_factor, count=0, duplicates_dropped=dropped,
         tuning=tuning, shards=[],
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
-    return write_version(out, template, parts, quantizer, publish_it, step)
+    return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step)
 
 
 def check_new_version(out, version: str | None) -> str:

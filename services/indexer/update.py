@@ -23,11 +23,6 @@ def _load_all(store, manifest: Manifest, settings: Settings) -> list[LoadedShard
     return [load_shard(store, manifest, e, settings.home / "cache") for e in manifest.shards]
 
 
-def _quantizer(shards: list[LoadedShard]):
-    ivf = faiss.downcast_index(shards[0].index) if shards else None
-    return ivf.quantizer if isinstance(ivf, faiss.IndexIVF) else None
-
-
 def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step: Step | None = None,
                  version: str | None = None) -> tuple[Manifest, int, int]:
     """Append embeddings to the published index; returns (new manifest, added, already indexed)."""
@@ -58,7 +53,8 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
     step(f"adding {added} vectors ({len(emb.ids) - added} already indexed)")
     template = manifest.model_copy(update={"version": version, "source": {
         **manifest.source, "added_from": emb_url, "added": added, "previous": manifest.version}})
-    return write_version(store, template, parts, _quantizer(shards), True, step), added, len(emb.ids) - added
+    quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
+    return write_version(store, template, parts, quantizer, True, step), added, len(emb.ids) - added
 
 
 def delete_from_index(root: str, ids: list[int], settings: Settings | None = None, step: Step | None = None,
@@ -91,4 +87,5 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
     step(f"removed {removed} vectors ({len(unknown)} id(s) not found)")
     template = manifest.model_copy(update={"version": version, "source": {
         **manifest.source, "deleted": removed, "previous": manifest.version}})
-    return write_version(store, template, parts, _quantizer(shards), True, step), removed, unknown
+    quantizer = faiss_util.ivf_quantizer(shards[0].index)
+    return write_version(store, template, parts, quantizer, True, step), removed, unknown
