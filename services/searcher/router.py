@@ -301,12 +301,16 @@ class SearcherService(pb_grpc.SearcherServicer):
         raise InvalidInput("all queries of one batch must be of the same kind (images, vectors or ids)")
 
     @staticmethod
-    def _fill(reply: pb.SearchResponse, answer: Answer, q: int) -> pb.SearchResponse:
-        add_hits(reply.hits, answer.scores[q], answer.ids[q], answer.shards[q],
-                 None if answer.uris is None else answer.uris[q])
+    def _stamp(reply, answer: Answer):
+        """Version and completeness, on a SearchResponse or a columnar SearchBatchResponse."""
         reply.index_version, reply.coverage = answer.version, answer.coverage
         reply.missing_shards.extend(answer.missing)
         return reply
+
+    def _fill(self, reply: pb.SearchResponse, answer: Answer, q: int) -> pb.SearchResponse:
+        add_hits(reply.hits, answer.scores[q], answer.ids[q], answer.shards[q],
+                 None if answer.uris is None else answer.uris[q])
+        return self._stamp(reply, answer)
 
     async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
         vectors = await self._vectors([request.query])
@@ -361,9 +365,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         reply = pb.SearchBatchResponse()
         if request.columnar:
             fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
-            reply.index_version, reply.coverage = answer.version, answer.coverage
-            reply.missing_shards.extend(answer.missing)
-            return reply
+            return self._stamp(reply, answer)
         for q in range(len(vectors)):
             self._fill(reply.results.add(), answer, q)
         return reply
