@@ -166,7 +166,7 @@ class PartWriter:
         part = {"key": f"parts/{name}.parquet", "rows": table.num_rows, "reasons": reasons,
                 "embedded": sum(e is None for e in cols["error"]), "sha256": sha256_bytes(data)}
         if marker:  # written after the part: a marker always names a complete part
-            self.store.put_bytes(f"done/{name}.json", json.dumps(part).encode())
+            self.store.put_bytes(f"done/{name}.json", json.dumps({**part, "model": self.spec.fingerprint}).encode())
         self.parts.append(part)
         self.buffer = []
 

@@ -288,9 +288,9 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     catalogue = list_catalogue(source, settings) if isinstance(source, str) else Catalogue(list(source))
     spec = resolve_spec(model, weights)
     store = open_store(out, settings)
-    _check_same_model(store, spec)
     chunks = plan_chunks(catalogue.uris, settings.part_rows, catalogue.ids, catalogue.metadata)
     done = done_markers(store, chunks)
+    _check_same_model(store, spec, done)
     pending = [c for c in chunks if c.number not in done]
     todo = [u for c in pending for u in c.uris]
     summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=choose_engine(len(todo), settings, engine),
@@ -312,12 +312,15 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     return summary
 
 
-def _check_same_model(store, spec) -> None:
-    """A rerun into a folder written by another model would mix vector spaces: refuse it."""
+def _check_same_model(store, spec, done: dict[int, dict]) -> None:
+    """A rerun into a folder written by another model would mix vector spaces: refuse it, whether the
+    earlier run finished (embeddings.json) or was killed (its chunks' done markers)."""
     try:
         meta = json.loads(store.get_bytes(META_KEY))
     except (NotFound, ValueError):
-        return
-    if meta.get("model", {}).get("fingerprint") not in (None, spec.fingerprint):
-        raise Incompatible(f"{store.url} holds embeddings of model {meta['model'].get('name')} "
-                           f"({meta['model'].get('fingerprint')}); this run uses {spec.name} — use another --out")
+        meta = {}
+    found = {meta.get("model", {}).get("fingerprint")} | {m.get("model") for m in done.values()}
+    other = found - {None, spec.fingerprint}
+    if other:
+        raise Incompatible(f"{store.url} holds embeddings of another model ({', '.join(sorted(other))}); this "
+                           f"run uses {spec.name} ({spec.fingerprint}) — use another --out")

@@ -92,3 +92,21 @@ def test_chunk_names_change_when_the_catalogue_changes():
     b = plan_chunks(["x", "y", "w"], 2)
     assert a[0].name == b[0].name and a[1].name != b[1].name
     assert plan_chunks(["x"], 2, ids=[1])[0].name != plan_chunks(["x"], 2, ids=[2])[0].name
+
+
+def test_a_killed_run_of_another_model_is_not_resumed(tmp_path):
+    from services.common.errors import Incompatible
+    from services.embedder.pipeline import _check_same_model
+
+    store = LocalStore(tmp_path / "out")
+    chunks = plan_chunks(["a", "b", "c"], 2)
+    first = spec(tmp_path)
+    PartWriter(store, first, 2, plan=chunks, done={}).add(batch(["a", "b"], [sha(1), sha(2)]))  # then killed
+    done = done_markers(store, chunks)
+    assert done[0]["model"] == first.fingerprint
+    _check_same_model(store, first, done)  # the same model resumes
+    other_weights = tmp_path / "other.bin"
+    other_weights.write_bytes(b"other")
+    other = ModelSpec("fake", "none", str(other_weights), DIM)
+    with pytest.raises(Incompatible, match="another model"):
+        _check_same_model(store, other, done)
