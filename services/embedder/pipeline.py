@@ -32,6 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
 Batch = dict[str, np.ndarray]
 Progress = Callable[[int, int, int], None]  # (rows done, total, errors so far)
+PREFETCH = 2  # batches whose bytes are fetched ahead of the model
 
 
 @dataclass
@@ -234,13 +235,13 @@ def _run_local(uris: list[str], model: str, weights: str | None, settings: Setti
     # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model); decoding runs
     # here, between forwards. Decoding in threads beside torch's own threads measured slower: every
     # intra-op barrier waits for the core a decode thread took.
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=PREFETCH) as pool:  # one thread per batch in flight
         batches = [{"uri": np.array(c, dtype=object)} for c in _chunks(uris, settings.batch_size)]
-        futures = [pool.submit(fetch_batch, b, settings) for b in batches[:2]]
+        futures = [pool.submit(fetch_batch, b, settings) for b in batches[:PREFETCH]]
         for i in range(len(batches)):
             fetched = futures[i].result()
-            if i + 2 < len(batches):
-                futures.append(pool.submit(fetch_batch, batches[i + 2], settings))
+            if i + PREFETCH < len(batches):
+                futures.append(pool.submit(fetch_batch, batches[i + PREFETCH], settings))
             futures[i] = None  # free the bytes
             yield stage(decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu))
 
