@@ -8,6 +8,7 @@ Usage: python -m benchmarks.bench_embed [--images 256] [--batch 32] [--engine lo
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import tempfile
 import time
@@ -23,13 +24,21 @@ from services.eval.transforms import random_copy
 
 
 def make_catalogue(folder: Path, n: int) -> None:
-    """n JPEGs (~640 px) made from scikit-image's photos by random edits."""
+    """n distinct JPEGs (~640 px) made from scikit-image's photos by random edits (an edit can repeat
+    an earlier file exactly, e.g. JPEG q30 of the same photo: the pipeline would skip it)."""
     rng = np.random.default_rng(0)
     photos = [flatten(p.path) for p in skimage_photos()]
     folder.mkdir(parents=True)
-    for i in range(n):
-        img, _ = random_copy(photos[i % len(photos)], rng, n_edits=1)
-        img.save(folder / f"{i:06d}.jpg", quality=90)
+    seen: set[bytes] = set()
+    i = 0
+    while len(seen) < n:
+        img, _ = random_copy(photos[i % len(photos)], rng, n_edits=2)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        if buf.getvalue() not in seen:
+            seen.add(buf.getvalue())
+            (folder / f"{len(seen):06d}.jpg").write_bytes(buf.getvalue())
+        i += 1
 
 
 def main() -> None:
@@ -65,6 +74,8 @@ def main() -> None:
             summary = embed_catalogue(str(tmp / "images"), str(tmp / f"emb{r}"), engine=args.engine,
                                       settings=settings)
             pipes.append(summary.embedded / (time.perf_counter() - start))
+            if summary.embedded != args.images:
+                raise SystemExit(f"catalogue not fully embedded: {summary.line()}")
         del pixels
     ratios = [p / r for p, r in zip(pipes, raws)]
     raw, pipe = float(np.median(raws)), float(np.median(pipes))

@@ -343,6 +343,65 @@ def serve(
             s.stop()
 
 
+@app.command("eval")
+@cli_errors
+def eval_(
+    index_: Optional[str] = typer.Argument(None, metavar="[INDEX]", help="index root; default: embed --data and "
+                                                                         "build one under OUT/work"),
+    protocol: str = typer.Option("classes", help="classes | copydetect | labelled"),
+    data: Optional[str] = typer.Option(None, help="folder of class subfolders (classes) or of catalogue images"),
+    queries: Optional[str] = typer.Option(None, help="labelled: parquet/csv with columns query, uri"),
+    ground_truth: Optional[str] = typer.Option(None, help="labelled: JSON query -> relevant uris "
+                                                          "(or easy/hard/junk lists)"),
+    distractors: Optional[str] = typer.Option(None, help="copydetect with INDEX: images with no copy in it"),
+    out_: Path = typer.Option(Path("eval-report"), "--out", "-o", help="report directory"),
+    index_factory: Optional[str] = typer.Option(None, help="faiss factory of the index built from --data"),
+    shards: int = typer.Option(1, help="shards of the index built from --data"),
+    whiten_dim: Optional[int] = typer.Option(None, help="PCA-whitening learned on the catalogue, to this dim"),
+    model: Optional[str] = typer.Option(None, help="model of the index built from --data (name or checkpoint)"),
+    depth: Optional[int] = typer.Option(None, help="results ranked per query (default: the whole index)"),
+    seed: int = typer.Option(0, help="seed of the copy transforms"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
+) -> None:
+    """Measure retrieval quality (mAP, P@k, ANMRR, uAP ...) on a real index; writes a report directory."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from services.eval.run import EvalOptions, run_eval
+
+    opts = EvalOptions(protocol, index_, data, out_, queries, ground_truth, distractors, index_factory, shards,
+                       whiten_dim, depth, seed, model)
+    with Progress(TextColumn("embedding queries"), BarColumn(), MofNCompleteColumn(), console=err,
+                  disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("eval", total=None)
+        metrics = run_eval(opts, _settings(), _step(as_json), lambda n: bar.advance(task, n))
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    table = Table(title=f"{protocol}: report in {out_}")
+    table.add_column("metric")
+    table.add_column("value")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+@cli_errors
+def datasets(
+    name: str = typer.Argument(..., help="tuxpaint (Debian tuxpaint-stamps-default photos) | skimage"),
+    out_: Path = typer.Argument(..., metavar="OUT", help="folder to write <class>/<image>.jpg into"),
+    min_per_class: int = typer.Option(8, help="tuxpaint: keep classes with at least this many images"),
+) -> None:
+    """Write a real labelled image set as a folder of class subfolders (input of `eval --protocol classes`)."""
+    from services.eval.datasets import skimage_photos, tuxpaint_stamps, write_class_folder
+
+    if name not in ("tuxpaint", "skimage"):
+        raise typer.BadParameter(f"unknown data set {name!r}: tuxpaint or skimage")
+    items = tuxpaint_stamps(min_per_class=min_per_class) if name == "tuxpaint" else skimage_photos()
+    n = write_class_folder(items, out_)
+    out.print(f"wrote {n} images in {len({it.label for it in items})} classes to {out_}", highlight=False)
+
+
 @app.command()
 @cli_errors
 def demo(

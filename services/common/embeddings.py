@@ -118,6 +118,23 @@ class PartWriter:
         for r, n in marker["reasons"].items():
             self.reasons[r] = self.reasons.get(r, 0) + n
 
+    def mark_duplicates(self, batch: dict) -> None:
+        """Before the model: with content ids, a row whose image was already seen (earlier, or higher in
+        this batch) becomes a duplicate row, so the same image is never embedded twice. User ids keep
+        every row (two catalogue entries may share an image); `add` still counts those."""
+        if self.plan and self.plan[0].ids is not None:
+            return
+        first: dict[str, str] = {}
+        for i, sha in enumerate(batch["sha256"]):
+            if batch["error"][i] or not sha:
+                continue
+            earlier = self.seen.get(sha) or first.get(sha)
+            if earlier:
+                batch["error"][i] = f"duplicate: same content as {earlier}"
+                self.duplicates += 1
+            else:
+                first[sha] = str(batch["uri"][i])
+
     def add(self, batch: dict) -> None:
         for i, uri in enumerate(batch["uri"]):
             chunk, pos = (self.plan[0] if self.plan else None), len(self.buffer)

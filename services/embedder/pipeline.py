@@ -229,7 +229,8 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[i:i + size]
 
 
-def _run_local(uris: list[str], model: str, weights: str | None, settings: Settings) -> Iterator[Batch]:
+def _run_local(uris: list[str], model: str, weights: str | None, settings: Settings,
+               before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
     size = resolve_spec(model, weights).image_size
     stage = EmbedStage(model, weights, settings.device)
     # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model); decoding runs
@@ -243,10 +244,16 @@ def _run_local(uris: list[str], model: str, weights: str | None, settings: Setti
             if i + PREFETCH < len(batches):
                 futures.append(pool.submit(fetch_batch, batches[i + PREFETCH], settings))
             futures[i] = None  # free the bytes
-            yield stage(decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu))
+            batch = decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu)
+            if before_model:
+                before_model(batch)
+            yield stage(batch)
 
 
-def _run_ray(uris: list[str], model: str, weights: str | None, settings: Settings) -> Iterator[Batch]:
+def _run_ray(uris: list[str], model: str, weights: str | None, settings: Settings,
+             before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
+    """before_model is not called: the stages run in other processes. Duplicates are still dropped
+    when written (PartWriter.add), after the actors embedded them."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -303,7 +310,7 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     if progress:
         progress(writer.rows, summary.total, writer.errors)
     if todo:
-        for batch in run(todo, model, weights, settings):
+        for batch in run(todo, model, weights, settings, writer.mark_duplicates):
             writer.add(batch)
             if progress:
                 progress(writer.rows, summary.total, writer.errors)

@@ -83,3 +83,12 @@ def write_demo_catalogue(out: Path, seed: int = 0) -> tuple[list[Path], Path]:
     qpath = qdir / f"chelsea-{'-'.join(edits)}.jpg"
     query.save(qpath, quality=90)
     return files, qpath
+
+
+def write_class_folder(items: list[LabelledImage], out: Path) -> int:
+    """Each image as a JPEG under out/<label>/, transparency composited on the plain background."""
+    for i, item in enumerate(items):
+        folder = out / item.label
+        folder.mkdir(parents=True, exist_ok=True)
+        flatten(item.path).save(folder / f"{item.path.stem}-{i:04d}.jpg", quality=92)
+    return len(items)

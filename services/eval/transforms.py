@@ -6,7 +6,7 @@ import io
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
 
@@ -54,8 +54,23 @@ def grayscale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return ImageOps.grayscale(img).convert("RGB")
 
 
+def text(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A caption over the image (as a meme or watermark would add), about 1/12 of its height."""
+    out = img.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, out.height // 12))
+    words = ["SALE", "copyright", "look at this", "#tbt", "imsearch", "2026"]
+    caption = " ".join(rng.choice(words, size=2))
+    x, y = int(rng.uniform(0, out.width * 0.3)), int(rng.uniform(0, out.height * 0.8))
+    colour_ = tuple(int(c) for c in rng.integers(0, 256, 3))
+    draw.text((x, y), caption, fill=colour_, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    return out
+
+
 COPY_EDITS: dict[str, Transform] = {"crop": crop, "rescale": rescale, "jpeg30": jpeg, "rotate": rotate,
                                     "colour": colour}
+# The copy-detection protocol's full set (the issue's list): adds mirror, blur and a text overlay.
+ALL_EDITS: dict[str, Transform] = COPY_EDITS | {"flip": flip, "blur": blur, "text": text}
 
 
 def random_copy(img: Image.Image, rng: np.random.Generator, edits: dict[str, Transform] = COPY_EDITS,

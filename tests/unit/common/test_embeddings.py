@@ -110,3 +110,32 @@ def test_a_killed_run_of_another_model_is_not_resumed(tmp_path):
     other = ModelSpec("fake", "none", str(other_weights), DIM)
     with pytest.raises(Incompatible, match="another model"):
         _check_same_model(store, other, done)
+
+
+def test_duplicates_are_marked_before_the_model_with_content_ids(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    uris = [f"img/{i}.jpg" for i in range(4)]
+    w = PartWriter(store, spec(tmp_path), 10, plan=plan_chunks(uris, 10), done={})
+    first = batch(uris[:2], [sha(0), sha(1)])
+    w.mark_duplicates(first)
+    w.add(first)
+    second = batch(uris[2:], [sha(1), sha(5)])  # img/2 repeats img/1 from the earlier batch
+    w.mark_duplicates(second)
+    assert second["error"].tolist() == ["duplicate: same content as img/1.jpg", ""]
+    w.add(second)
+    out = w.close("test")
+    assert out["duplicates"] == 1 and out["embedded"] == 3  # counted once, not again by add()
+
+
+def test_duplicates_within_one_batch_and_user_ids(tmp_path):
+    uris = ["a.jpg", "b.jpg", "c.jpg"]
+    w = PartWriter(LocalStore(tmp_path / "o1"), spec(tmp_path), 10, plan=plan_chunks(uris, 10), done={})
+    b = batch(uris, [sha(1), sha(1), sha(2)], errors=["", "", "not an image"])
+    w.mark_duplicates(b)
+    assert b["error"].tolist() == ["", "duplicate: same content as a.jpg", "not an image"]
+    # user ids: both rows stay (two products may share a picture), so the model embeds both
+    w = PartWriter(LocalStore(tmp_path / "o2"), spec(tmp_path), 10, plan=plan_chunks(uris, 10, ids=[1, 2, 3]),
+                   done={})
+    b = batch(uris, [sha(1), sha(1), sha(2)])
+    w.mark_duplicates(b)
+    assert b["error"].tolist() == ["", "", ""]

@@ -1,0 +1,256 @@
+"""Evaluation protocols run against a real index (the published IVF/PQ shards, searched in-process).
+
+classes    every image of a folder of class subfolders queries all the others (the seeds' tables)
+copydetect transformed copies of catalogue images, plus distractors with no copy, query the index
+labelled   any query set with a ground truth: query id -> relevant database ids / uris
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from services.common.errors import InvalidInput, NotFound
+from services.embedder.pipeline import IMAGE_EXTENSIONS
+from services.eval import metrics as m
+from services.eval.datasets import LabelledImage, flatten
+from services.eval.transforms import ALL_EDITS, random_copy
+from services.searcher.local import IndexSearcher
+
+Progress = Callable[[int], None]
+EXACT_MAX = 20_000  # an exact N x N similarity matrix beyond this costs too much memory
+K_REPORT = (1, 5, 10)
+
+
+def class_folder(root: str | Path) -> list[LabelledImage]:
+    """Images under root; label = the folder holding them, relative to root (e.g. animals/birds)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotFound(f"data folder {root} not found")
+    items = [LabelledImage(p, p.parent.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
+             if p.suffix.lower() in IMAGE_EXTENSIONS and p.parent != root]
+    if len({it.label for it in items}) < 2:
+        raise InvalidInput(f"{root} needs at least two class subfolders of images, found "
+                           f"{len({it.label for it in items})}")
+    return items
+
+
+def norm_uri(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def embed_files(searcher: IndexSearcher, images: list[bytes], progress: Progress | None = None,
+                batch: int = 32) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(searcher.embed_images(images[i:i + batch]))
+        if progress:
+            progress(len(out[-1]))
+    return np.concatenate(out)
+
+
+def summarise(rels: list[np.ndarray], n_rel: list[int]) -> dict[str, float]:
+    """The headline metrics of a set of rankings (queries without any relevant item left out)."""
+    keep = [i for i, n in enumerate(n_rel) if n > 0]
+    rels, n_rel = [rels[i] for i in keep], [n_rel[i] for i in keep]
+    if not rels:
+        raise InvalidInput("no query has a relevant item in the database")
+    out = {"queries": len(rels), "mAP": float(np.mean([m.average_precision(r, n) for r, n in zip(rels, n_rel)])),
+           "mAP@10": float(np.mean([m.average_precision_at_k(r, n, 10) for r, n in zip(rels, n_rel)]))}
+    for k in K_REPORT:
+        out[f"P@{k}"] = float(np.mean([m.precision_at_k(r, k) for r in rels]))
+    out["R@10"] = float(np.mean([m.recall_at_k(r, n, 10) for r, n in zip(rels, n_rel)]))
+    out["ANMRR"] = m.anmrr(rels, n_rel)
+    return out
+
+
+@dataclass
+class Ranked:
+    """Per query: the uris of its results and their scores, best first, the query itself removed."""
+    uris: list[np.ndarray]
+    scores: list[np.ndarray]
+
+
+def rank_index(searcher: IndexSearcher, vectors: np.ndarray, depth: int, exclude: list[str]) -> Ranked:
+    """Search the index with depth results per query; drop the query's own uri from its list."""
+    # Evaluation ranks deeper than a serving request may (max_k), so it raises the cap for itself.
+    searcher.settings = searcher.settings.model_copy(update={"max_k": max(searcher.settings.max_k, depth + 1)})
+    uris, scores = [], []
+    for i in range(0, len(vectors), 256):
+        D, I, _, U = searcher.search_arrays(vectors[i:i + 256], depth + 1)
+        for d, ids, u, own in zip(D, I, U, exclude[i:i + 256]):
+            u = np.array([norm_uri(x) for x in u[ids >= 0]], dtype=object)
+            keep = u != own
+            uris.append(u[keep][:depth])
+            scores.append(d[ids >= 0][keep][:depth])
+    return Ranked(uris, scores)
+
+
+def rank_exact(vectors: np.ndarray, uris: list[str]) -> Ranked:
+    """Exhaustive inner-product ranking of the same vectors against each other (self removed)."""
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :-1]
+    arr = np.asarray(uris, dtype=object)
+    return Ranked([arr[o] for o in order], [s[o] for s, o in zip(sims, order)])
+
+
+@dataclass
+class ClassesResult:
+    metrics: dict
+    labels: list[str]
+    uris: list[str]
+    vectors: np.ndarray
+    ranked: Ranked
+    ap: np.ndarray  # per query, full-ranking AP on the index
+    exact_metrics: dict | None = None
+    per_class: list[dict] = field(default_factory=list)
+    pr_levels: np.ndarray = field(default_factory=lambda: np.linspace(0, 1, 11))
+    pr_by_class: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def relevance(ranked: Ranked, labels: list[str], label_of: dict[str, str]) -> list[np.ndarray]:
+    return [np.array([label_of.get(u) == lab for u in r], dtype=bool) for r, lab in zip(ranked.uris, labels)]
+
+
+def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int | None = None,
+                 progress: Progress | None = None, exact: bool = True,
+                 vectors: np.ndarray | None = None) -> ClassesResult:
+    """Every labelled image queries the index; relevant = same label, the query itself excluded.
+
+    vectors: the images' embeddings when already at hand (else they are embedded here)."""
+    uris = [norm_uri(str(it.path)) for it in items]
+    labels = [it.label for it in items]
+    label_of = dict(zip(uris, labels))
+    counts = {lab: labels.count(lab) for lab in set(labels)}
+    n_rel = [counts[lab] - 1 for lab in labels]
+    if vectors is None:
+        vectors = embed_files(searcher, [it.path.read_bytes() for it in items], progress)
+    depth = min(depth or searcher.manifest.count, searcher.manifest.count)
+    ranked = rank_index(searcher, vectors, depth, uris)
+    rels = relevance(ranked, labels, label_of)
+    metrics = summarise(rels, n_rel) | {"depth": depth, "index_vectors": searcher.manifest.count}
+    exact_metrics = None
+    if exact and len(items) <= EXACT_MAX:
+        exact_metrics = summarise(relevance(rank_exact(vectors, uris), labels, label_of), n_rel)
+        metrics["mAP_exact"] = exact_metrics["mAP"]
+        metrics["mAP_index_over_exact"] = metrics["mAP"] / exact_metrics["mAP"]
+    ap = np.array([m.average_precision(r, n) if n else np.nan for r, n in zip(rels, n_rel)])
+    result = ClassesResult(metrics, labels, uris, vectors, ranked, ap, exact_metrics)
+    result.per_class, result.pr_by_class = per_class_figures(rels, n_rel, labels, ranked, label_of,
+                                                             result.pr_levels)
+    return result
+
+
+def per_class_figures(rels, n_rel, labels, ranked: Ranked, label_of, levels) -> tuple[list[dict], dict]:
+    """Per class: 1-NN classification precision/recall/F1, mean AP, and the mean PR curve."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    predicted = [label_of.get(r[0], "?") if len(r) else "?" for r in ranked.uris]
+    classes = sorted(set(labels))
+    p, r, f, support = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
+    rows, curves = [], {}
+    for j, c in enumerate(classes):
+        idx = [i for i, lab in enumerate(labels) if lab == c and n_rel[i] > 0]
+        aps = [m.average_precision(rels[i], n_rel[i]) for i in idx]
+        curves[c] = (np.mean([m.interpolated_pr(rels[i], n_rel[i], levels) for i in idx], axis=0)
+                     if idx else np.zeros(len(levels)))
+        rows.append({"class": c, "images": int(support[j]), "precision": float(p[j]), "recall": float(r[j]),
+                     "f1": float(f[j]), "AP": float(np.mean(aps)) if aps else float("nan")})
+    return rows, curves
+
+
+@dataclass
+class CopyQuery:
+    source: str | None  # catalogue uri it is a copy of; None for a distractor
+    edits: list[str]
+    image: bytes
+
+
+def make_copy_queries(catalogue: list[Path], distractors: list[Path], seed: int = 0,
+                      n_edits: int = 2) -> list[CopyQuery]:
+    """One transformed copy of every catalogue image, and one of every distractor (not in the index)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, is_copy in [(p, True) for p in catalogue] + [(p, False) for p in distractors]:
+        img, edits = random_copy(flatten(path), rng, ALL_EDITS, n_edits)
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=90)
+        out.append(CopyQuery(norm_uri(str(path)) if is_copy else None, edits, buf.getvalue()))
+    return out
+
+
+@dataclass
+class CopyResult:
+    metrics: dict
+    queries: list[CopyQuery]
+    ranked: Ranked
+    by_edit: dict[str, float]
+
+
+def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 10,
+                    progress: Progress | None = None) -> CopyResult:
+    """μAP over every (query, result) pair pooled by score, and recall@1 of the copies."""
+    if not any(q.source for q in queries):
+        raise InvalidInput("copy detection needs queries that are copies of catalogue images")
+    vectors = embed_files(searcher, [q.image for q in queries], progress)
+    ranked = rank_index(searcher, vectors, k, [""] * len(queries))
+    scores = np.concatenate(ranked.scores)
+    correct = np.concatenate([r == q.source for r, q in zip(ranked.uris, queries)])
+    copies = [(q, r) for q, r in zip(queries, ranked.uris) if q.source]
+    top1 = [len(r) > 0 and r[0] == q.source for q, r in copies]
+    by_edit: dict[str, list[bool]] = {}
+    for (q, _), ok in zip(copies, top1):
+        for e in q.edits:
+            by_edit.setdefault(e, []).append(ok)
+    metrics = {"queries": len(queries), "copies": len(copies), "distractors": len(queries) - len(copies),
+               "uAP": m.micro_ap(scores, correct, len(copies)), "recall@1": float(np.mean(top1)),
+               f"recall@{k}": float(np.mean([q.source in r for q, r in copies])),
+               "index_vectors": searcher.manifest.count}
+    return CopyResult(metrics, queries, ranked, {e: float(np.mean(v)) for e, v in sorted(by_edit.items())})
+
+
+def read_ground_truth(queries_path: str, gt_path: str) -> tuple[list[tuple[str, str]], dict]:
+    """queries: parquet/csv with columns `query` (name) and `uri` (image); ground truth: JSON mapping a
+    query name to a list of relevant catalogue uris, or to {"easy": [...], "hard": [...], "junk": [...]}
+    (the revisited Oxford/Paris form)."""
+    import json
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(queries_path) if queries_path.endswith(".parquet") else pcsv.read_csv(queries_path)
+    missing = {"query", "uri"} - set(table.column_names)
+    if missing:
+        raise InvalidInput(f"{queries_path} lacks columns {sorted(missing)} (has {table.column_names})")
+    try:
+        gt = json.loads(Path(gt_path).read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"ground truth {gt_path}: {e}") from None
+    queries = list(zip(map(str, table["query"].to_pylist()), table["uri"].to_pylist()))
+    unknown = [q for q, _ in queries if q not in gt]
+    if unknown:
+        raise InvalidInput(f"{len(unknown)} queries have no ground truth entry, e.g. {unknown[:3]}")
+    return queries, gt
+
+
+def labelled_eval(searcher: IndexSearcher, queries: list[tuple[str, bytes]], gt: dict, depth: int | None = None,
+                  progress: Progress | None = None) -> dict:
+    """Any query set with a ground truth of relevant uris; adds Easy/Medium/Hard mAP for revisited sets."""
+    vectors = embed_files(searcher, [img for _, img in queries], progress)
+    depth = min(depth or searcher.manifest.count, searcher.manifest.count)
+    ranked = rank_index(searcher, vectors, depth, [""] * len(queries))
+    revisited = all(isinstance(v, dict) for v in gt.values())
+    relevant = [{norm_uri(u) for key in (("easy", "hard") if revisited else (None,))
+                 for u in (gt[q].get(key, []) if revisited else gt[q])} for q, _ in queries]
+    rels = [np.isin(r, list(rel)) for r, rel in zip(ranked.uris, relevant)]
+    metrics = summarise(rels, [len(rel) for rel in relevant]) | {"depth": depth}
+    if revisited:
+        gnd = [{key: [norm_uri(u) for u in gt[q].get(key, [])] for key in ("easy", "hard", "junk")}
+               for q, _ in queries]
+        metrics |= {f"mAP_{k}": v for k, v in m.revisited_map(ranked.uris, gnd).items()}
+    return metrics

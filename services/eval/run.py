@@ -1,0 +1,121 @@
+"""`imsearch eval`: pick the protocol, build an index from the data when none is given, write the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from services.common.config import Settings
+from services.common.embeddings import read_embeddings
+from services.common.errors import InvalidInput
+from services.common.store import open_store, read_uri
+from services.embedder.pipeline import IMAGE_EXTENSIONS, embed_catalogue
+from services.eval import protocols as p
+from services.eval import report
+from services.indexer.build import build_index
+from services.searcher.local import IndexSearcher
+
+PROTOCOLS = ("classes", "copydetect", "labelled")
+DISTRACTOR_EVERY = 5  # copydetect without an index: every 5th image is held out as a distractor
+
+
+@dataclass
+class EvalOptions:
+    protocol: str = "classes"
+    index: str | None = None
+    data: str | None = None
+    out: Path = Path("eval-report")
+    queries: str | None = None
+    ground_truth: str | None = None
+    distractors: str | None = None
+    factory: str | None = None
+    shards: int = 1
+    whiten_dim: int | None = None
+    depth: int | None = None
+    seed: int = 0
+    model: str | None = None
+
+
+def prepare_index(paths: list[Path], work: Path, opts: EvalOptions, settings: Settings,
+                  step: Callable[[str], None]) -> str:
+    """Embed the catalogue and build a real (sharded, IVF/PQ when asked) index from it under work/."""
+    step(f"embedding {len(paths)} catalogue images into {work / 'emb'}")
+    embed_catalogue([str(x) for x in paths], str(work / "emb"), model=opts.model, engine="local", settings=settings)
+    build_index(str(work / "emb"), str(work / "index"), opts.shards, opts.factory, opts.whiten_dim,
+                settings=settings, step=step)
+    return str(work / "index")
+
+
+def stored_vectors(emb_url: str, uris: list[str], settings: Settings) -> np.ndarray | None:
+    """The catalogue's own embeddings in `uris` order (saves embedding the same images again)."""
+    emb = read_embeddings(open_store(emb_url, settings))
+    row = {p.norm_uri(u): i for i, u in enumerate(emb.uris)}
+    if not all(u in row for u in uris):
+        return None  # duplicates or failed images: embed the queries instead
+    return emb.vectors[[row[u] for u in uris]]
+
+
+def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
+             progress: Callable[[int], None] | None = None) -> dict:
+    if opts.protocol not in PROTOCOLS:
+        raise InvalidInput(f"unknown protocol {opts.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if opts.protocol == "labelled":
+        return _labelled(opts, settings, progress)
+    if not opts.data:
+        raise InvalidInput(f"--data is required for the {opts.protocol} protocol")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if opts.protocol == "classes":
+        items = p.class_folder(opts.data)
+        vectors = None
+        index = opts.index
+        if index is None:
+            index = prepare_index([it.path for it in items], opts.out / "work", opts, settings, step)
+            vectors = stored_vectors(str(opts.out / "work" / "emb"), [p.norm_uri(str(it.path)) for it in items],
+                                     settings)
+        searcher = IndexSearcher(index, settings)
+        step(f"{len(items)} queries against {searcher.manifest.count} vectors ({searcher.manifest.factory})")
+        result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors)
+        report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts))
+        return result.metrics
+    files = sorted(x for x in Path(opts.data).rglob("*") if x.suffix.lower() in IMAGE_EXTENSIONS)
+    if opts.index is None:
+        catalogue = [x for i, x in enumerate(files) if i % DISTRACTOR_EVERY]
+        distractors = [x for i, x in enumerate(files) if not i % DISTRACTOR_EVERY]
+        index = prepare_index(catalogue, opts.out / "work", opts, settings, step)
+    else:
+        catalogue, index = files, opts.index
+        distractors = sorted(x for x in Path(opts.distractors).rglob("*")
+                             if x.suffix.lower() in IMAGE_EXTENSIONS) if opts.distractors else []
+    if not catalogue:
+        raise InvalidInput(f"no images found in {opts.data}")
+    searcher = IndexSearcher(index, settings)
+    queries = p.make_copy_queries(catalogue, distractors, opts.seed)
+    step(f"{len(queries)} copy queries ({len(distractors)} distractors) against {searcher.manifest.count} vectors")
+    result = p.copydetect_eval(searcher, queries, progress=progress)
+    report.copydetect_report(result, opts.out, f"copy detection: {opts.data}", _about(searcher, opts))
+    return result.metrics
+
+
+def _labelled(opts: EvalOptions, settings: Settings, progress) -> dict:
+    if not (opts.index and opts.queries and opts.ground_truth):
+        raise InvalidInput("the labelled protocol needs INDEX, --queries and --ground-truth")
+    queries, gt = p.read_ground_truth(opts.queries, opts.ground_truth)
+    searcher = IndexSearcher(opts.index, settings)
+    metrics = p.labelled_eval(searcher, [(q, read_uri(u, settings)) for q, u in queries], gt, opts.depth, progress)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "metrics.json").write_text(json.dumps({"metrics": metrics, **_about(searcher, opts)}, indent=1))
+    report.write_summary(opts.out, f"labelled queries: {opts.queries}",
+                         [("metrics", report.table(report.metrics_rows(metrics)))], [])
+    return metrics
+
+
+def _about(searcher: IndexSearcher, opts: EvalOptions) -> dict:
+    man = searcher.manifest
+    return {"index": {"url": searcher.store.url, "version": man.version, "factory": man.factory,
+                      "shards": len(man.shards), "nprobe": man.nprobe, "model": man.model.get("name"),
+                      "fingerprint": man.model.get("fingerprint")},
+            "protocol": opts.protocol, "data": opts.data, "seed": opts.seed}

@@ -1,0 +1,70 @@
+"""Protocol building blocks that need no model or index."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.common.errors import InvalidInput, NotFound
+from services.eval import protocols as p
+
+
+def test_summarise_hand_case_and_queries_without_relevant_items_left_out():
+    rels = [np.array([1, 0, 1]), np.array([0, 1, 0]), np.array([0, 0, 0])]
+    out = p.summarise(rels, [2, 1, 0])  # the third query's class has no other member
+    assert out["queries"] == 2
+    assert out["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 2) / 2)
+    assert out["P@1"] == pytest.approx(0.5)
+    assert out["R@10"] == pytest.approx(1.0)
+    with pytest.raises(InvalidInput):
+        p.summarise([np.array([0])], [0])
+
+
+def test_rank_exact_drops_the_query_itself():
+    v = np.eye(3, dtype=np.float32)
+    v[1] = [0.8, 0.6, 0]
+    ranked = p.rank_exact(v, ["a", "b", "c"])
+    assert ranked.uris[0].tolist() == ["b", "c"]  # a: b is closer than c, a itself absent
+    assert len(ranked.uris[2]) == 2 and "c" not in ranked.uris[2]
+
+
+def _image(path, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), colour).save(path)
+
+
+def test_class_folder_labels_and_bad_folders(tmp_path):
+    _image(tmp_path / "animals" / "birds" / "a.jpg", (255, 0, 0))
+    _image(tmp_path / "food" / "b.png", (0, 255, 0))
+    (tmp_path / "food" / "notes.txt").write_text("not an image")
+    items = p.class_folder(tmp_path)
+    assert [(it.path.name, it.label) for it in items] == [("a.jpg", "animals/birds"), ("b.png", "food")]
+    with pytest.raises(NotFound):
+        p.class_folder(tmp_path / "missing")
+    with pytest.raises(InvalidInput, match="two class subfolders"):
+        p.class_folder(tmp_path / "food")
+
+
+def test_copy_queries_name_their_source_and_distractors_none(tmp_path):
+    _image(tmp_path / "a.jpg", (200, 30, 30))
+    _image(tmp_path / "b.jpg", (30, 30, 200))
+    queries = p.make_copy_queries([tmp_path / "a.jpg"], [tmp_path / "b.jpg"], seed=1)
+    assert [q.source for q in queries] == [str((tmp_path / "a.jpg").resolve()), None]
+    assert all(len(q.edits) == 2 and q.image[:2] == b"\xff\xd8" for q in queries)  # JPEG bytes
+
+
+def test_ground_truth_files_are_checked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"query": ["q1", "q2"], "uri": ["x.jpg", "y.jpg"]}), tmp_path / "q.parquet")
+    (tmp_path / "gt.json").write_text(json.dumps({"q1": ["a.jpg"]}))
+    with pytest.raises(InvalidInput, match="no ground truth"):
+        p.read_ground_truth(str(tmp_path / "q.parquet"), str(tmp_path / "gt.json"))
+    (tmp_path / "gt.json").write_text("{not json")
+    with pytest.raises(InvalidInput, match="ground truth"):
+        p.read_ground_truth(str(tmp_path / "q.parquet"), str(tmp_path / "gt.json"))
+    pq.write_table(pa.table({"name": ["q1"]}), tmp_path / "bad.parquet")
+    with pytest.raises(InvalidInput, match="lacks columns"):
+        p.read_ground_truth(str(tmp_path / "bad.parquet"), str(tmp_path / "gt.json"))
