@@ -246,17 +246,26 @@ def search(
     query: str = typer.Argument(..., help="query image: a file path or s3:// uri"),
     k: int = typer.Option(10, "-k", help="number of results"),
     nprobe: Optional[int] = typer.Option(None, help="lists probed per shard (default: the index's tuned value)"),
+    feedback: list[str] = typer.Option([], help="Rocchio re-query: +ID relevant, -ID not relevant "
+                                                "(e.g. --feedback +12 +40 -7)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Search an index with a query image, in-process (no servers needed)."""
     from services.common.store import read_uri
+    from services.searcher.feedback import parse_marks, rocchio
     from services.searcher.local import IndexSearcher, check_k
 
     settings = _settings()
     check_k(k, settings.max_k)  # before the seconds spent loading the index and model
+    relevant, not_relevant = parse_marks(feedback)
     data = read_uri(query, settings)
     searcher = IndexSearcher(index_, settings)
-    hits = searcher.search(searcher.embed_images([data]), k, nprobe)[0]
+    vector = searcher.embed_images([data])
+    if relevant or not_relevant:
+        marked = searcher.fetch(relevant + not_relevant)
+        vector = rocchio(vector[0], marked[:len(relevant)], marked[len(relevant):], settings.feedback_alpha,
+                         settings.feedback_beta, settings.feedback_gamma)[None, :]
+    hits = searcher.search(vector, k, nprobe)[0]
     if as_json:
         print(json.dumps({"query": query, "index_version": searcher.version, "k": k,
                           "results": [h.as_dict() for h in hits]}))
@@ -417,7 +426,7 @@ def demo(
           engine="local", ray_address=None, batch_size=None, as_json=False)
     index_build(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
                 nprobe=None, memory_budget_gb=None, version=None, publish=True, as_json=False)
-    search(str(workdir / "idx"), str(query), k=k, nprobe=None, as_json=False)
+    search(str(workdir / "idx"), str(query), k=k, nprobe=None, feedback=[], as_json=False)
 
 
 def _shutdown() -> None:
@@ -433,10 +442,27 @@ def _shutdown() -> None:
     sys.stderr.flush()
 
 
+def join_feedback(argv: list[str]) -> list[str]:
+    """`--feedback +12 +40 -7` (the documented form) -> one value "+12 +40 -7": click would take the
+    tokens after the first for arguments, and -7 for an option."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--feedback":
+            marks = []
+            while i + 1 < len(argv) and argv[i + 1][:1] in "+-" and argv[i + 1][1:].isdigit():
+                marks.append(argv[i + 1])
+                i += 1
+            if marks:  # else the value follows as usual (e.g. quoted: --feedback "+12 -7")
+                out.append(" ".join(marks))
+        i += 1
+    return out
+
+
 def main() -> None:
     code = 0
     try:
-        app()
+        app(args=join_feedback(sys.argv[1:]))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):

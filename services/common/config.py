@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     flat_max: int = Field(20_000, ge=0, description="below this N, shards are exact Flat indexes")
     target_recall: float = Field(0.95, gt=0, le=1)
     max_k: int = Field(1000, gt=0)
+    # Rocchio relevance feedback weights: query, mean of relevant hits, mean of not relevant hits
+    feedback_alpha: float = Field(1.0, ge=0)
+    feedback_beta: float = Field(0.75, ge=0)
+    feedback_gamma: float = Field(0.15, ge=0)
     mmap_index: bool = Field(False, description="memory-map shard files instead of loading them into RAM")
 
     # --- serving

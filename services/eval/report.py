@@ -71,12 +71,12 @@ def embedding_plots(vectors: np.ndarray, labels: list[str], out: Path) -> list[s
     except ImportError:
         pass  # umap-learn is optional for library users; the CLI's install includes it
     for name, (title, xy) in layouts.items():
-        fig, ax = plt.subplots(figsize=(8, 7))
+        fig, ax = plt.subplots(figsize=(10, 7))
         ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab20", s=14)
         if len(classes) <= 20:
             for i, c in enumerate(classes):
                 ax.scatter([], [], color=plt.get_cmap("tab20")(i / max(1, len(classes) - 1)), label=c, s=14)
-            ax.legend(fontsize=7, loc="best", markerscale=1.2)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.2)
         ax.set_title(f"{title} of {len(vectors)} embeddings, {len(classes)} classes")
         ax.set_xticks([])
         ax.set_yticks([])

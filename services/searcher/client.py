@@ -63,8 +63,11 @@ class SearchClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout
 
-    def search(self, query: bytes | np.ndarray | int, k: int = 10, nprobe: int = 0) -> Result:
-        reply = self.stub.Search(pb.SearchRequest(query=_query(query), k=k, nprobe=nprobe),
+    def search(self, query: bytes | np.ndarray | int, k: int = 10, nprobe: int = 0,
+               relevant: list[int] = (), not_relevant: list[int] = ()) -> Result:
+        """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback)."""
+        feedback = pb.Feedback(relevant=relevant, not_relevant=not_relevant)
+        reply = self.stub.Search(pb.SearchRequest(query=_query(query), k=k, nprobe=nprobe, feedback=feedback),
                                  timeout=self.timeout, metadata=self.metadata)
         return Result.from_proto(reply)
 

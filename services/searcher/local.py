@@ -32,6 +32,7 @@ class LoadedShard:
     _params: dict = field(default_factory=dict)
     _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
     _sorted_ids: np.ndarray | None = None
+    _fetch_ready: bool = False
 
     def params(self, nprobe: int, k_factor: float):
         """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
@@ -44,6 +45,9 @@ class LoadedShard:
 
     def enable_fetch(self) -> None:
         """Prepare id -> stored vector lookups (call before serving: it changes the index)."""
+        if self._fetch_ready:
+            return
+        self._fetch_ready = True
         ix = faiss.downcast_index(self.index)
         if isinstance(ix, faiss.IndexIDMap):
             id_map = faiss.vector_to_array(ix.id_map)
@@ -211,6 +215,19 @@ class IndexSearcher:
         per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 and len(self.shards) > 1
                          else map(one, self.shards))
         return merge_topk(per_shard, k)
+
+    def fetch(self, ids: list[int]) -> np.ndarray:
+        """Stored vectors of catalogue ids from whichever shard holds them (NotFound for unknown ids)."""
+        found: list[np.ndarray | None] = [None] * len(ids)
+        for shard in self.shards:
+            shard.enable_fetch()  # once: a CLI search by feedback; shard servers did it at load
+            for i, v in enumerate(shard.fetch(ids)):
+                if v is not None:
+                    found[i] = v
+        unknown = [i for i, v in zip(ids, found) if v is None]
+        if unknown:
+            raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
+        return np.array(found, dtype=np.float32).reshape(len(ids), self.manifest.dim)
 
     def embed_images(self, images: list[bytes], model: str | None = None) -> np.ndarray:
         """Embed query images with the index's own model (refusing any other model)."""

@@ -51,6 +51,7 @@ from services.common.errors import (
 from services.common.store import open_store
 from services.indexer.manifest import Manifest, version_prefix
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
+from services.searcher.feedback import check_counts, rocchio
 from services.searcher.local import check_k
 from services.searcher.merge import merge_topk
 
@@ -314,6 +315,13 @@ class SearcherService(pb_grpc.SearcherServicer):
 
     async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
         vectors = await self._vectors([request.query])
+        relevant, not_relevant = list(request.feedback.relevant), list(request.feedback.not_relevant)
+        if relevant or not_relevant:
+            check_counts(relevant, not_relevant)
+            marked = await self.router.fetch(relevant + not_relevant, timeout)
+            s = self.settings
+            vectors = rocchio(vectors[0], marked[:len(relevant)], marked[len(relevant):], s.feedback_alpha,
+                              s.feedback_beta, s.feedback_gamma)[None, :]
         answer = await self.router.search_shared(vectors[:1], request.k, request.nprobe, timeout)
         return self._fill(pb.SearchResponse(), answer, 0)
 
@@ -322,7 +330,9 @@ class SearcherService(pb_grpc.SearcherServicer):
         check_k(request.k, self.settings.max_k)
         if self.cache is None or not self.router.version:
             return await self._search_one(request, context.time_remaining())
-        key = cache_key(self.router.version, request.k, request.nprobe, request.query.SerializeToString())
+        # The query and its feedback, encoded together (one message: unambiguous bytes).
+        asked = pb.SearchRequest(query=request.query, feedback=request.feedback).SerializeToString()
+        key = cache_key(self.router.version, request.k, request.nprobe, asked)
 
         async def lookup_or_fetch() -> pb.SearchResponse:
             # Inside the flight: concurrent identical requests share one Redis lookup and at most

@@ -115,6 +115,24 @@ def test_bad_queries_get_one_line_errors(built):
     assert_one_line_error(run("search", str(tmp / "no-index"), str(good), env_home=home), "no index")
 
 
+def test_search_with_relevance_feedback(built):
+    tmp, _, _, _ = built
+    home = tmp / "home"
+    query = str(next((tmp / "photos").glob("good-1.png")))
+    plain = json.loads(run("search", str(tmp / "idx"), query, "-k", "12", "--json", env_home=home).stdout)["results"]
+    liked, disliked = plain[-1], plain[1]  # the last hit marked relevant, the second not
+    proc = run("search", str(tmp / "idx"), query, "-k", "12", "--json", "--feedback", f"+{liked['id']}",
+               f"-{disliked['id']}", env_home=home)
+    assert proc.returncode == 0, proc.stderr
+    again = [r["id"] for r in json.loads(proc.stdout)["results"]]
+    before = [r["id"] for r in plain]
+    assert again.index(liked["id"]) < before.index(liked["id"])  # moved up
+    assert again.index(disliked["id"]) > before.index(disliked["id"])  # moved down
+    assert_one_line_error(run("search", str(tmp / "idx"), query, "--feedback", "+999", env_home=home),
+                          "unknown catalogue id")
+    assert_one_line_error(run("search", str(tmp / "idx"), query, "--feedback", "12", env_home=home), "+ID")
+
+
 def test_damaged_shard_is_named(built, tmp_path):
     tmp, _, _, _ = built
     import shutil

@@ -12,6 +12,7 @@ from services.common.config import Settings
 from services.common.procs import Service, free_port, start_all
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
+from services.searcher.feedback import rocchio
 from services.searcher.local import IndexSearcher
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
@@ -171,6 +172,22 @@ def test_search_by_catalogue_id(index, cluster):
         batch = client.search_batch(known, k=1)
         assert [r.hits[0].id for r in batch] == known
         assert code_of(lambda: client.search(123456789)) == StatusCode.NOT_FOUND
+
+
+def test_search_with_relevance_feedback(index, cluster):
+    _, router = cluster
+    local = IndexSearcher(str(index / "idx"), Settings(home=index / "home"))
+    query = random_unit_vectors(1, DIM, seed=9, clusters=20)[0]
+    with SearchClient(router.address) as client:
+        plain = [h.id for h in client.search(query, k=20).hits]
+        liked = plain[-1]
+        moved = [h.id for h in client.search(query, k=20, relevant=[liked], not_relevant=[plain[0]]).hits]
+        assert code_of(lambda: client.search(query, k=5, relevant=[123456789])) == StatusCode.NOT_FOUND
+        assert code_of(lambda: client.search(query, k=5, relevant=[liked], not_relevant=[liked])) \
+            == StatusCode.INVALID_ARGUMENT
+    expected = rocchio(query, local.fetch([liked]), local.fetch([plain[0]]))
+    assert moved == [h.id for h in local.search(expected, k=20)[0]]  # the router re-queries as Rocchio says
+    assert moved.index(liked) < plain.index(liked)
 
 
 def test_router_assigns_ivf_lists_once_for_all_shards(tmp_path):
