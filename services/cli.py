@@ -142,6 +142,7 @@ def index_build(
     memory_budget_gb: Optional[float] = typer.Option(None, help="RAM budget for all shards together"),
     version: Optional[str] = typer.Option(None, help="version name (default: from the time)"),
     publish: bool = typer.Option(True, help="flip CURRENT to the new version when written"),
+    dba: int = typer.Option(0, help="database-side augmentation: re-weight each vector with N neighbours"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Build a sharded index from embeddings (and publish it)."""
@@ -152,7 +153,7 @@ def index_build(
     if staged:
         out_, version, publish = staged[0], staged[1], False
     manifest = build_index(embeddings, out_, shards, index_factory, whiten_dim, nprobe, settings, _step(as_json),
-                           version=version, publish_it=publish)
+                           version=version, publish_it=publish, dba=dba)
     if as_json:
         print(manifest.model_dump_json(indent=1))
     else:
@@ -357,7 +358,7 @@ def serve(
 def eval_(
     index_: Optional[str] = typer.Argument(None, metavar="[INDEX]", help="index root; default: embed --data and "
                                                                          "build one under OUT/work"),
-    protocol: str = typer.Option("classes", help="classes | copydetect | labelled"),
+    protocol: str = typer.Option("classes", help="classes | unseen-classes | copydetect | labelled"),
     data: Optional[str] = typer.Option(None, help="folder of class subfolders (classes) or of catalogue images"),
     queries: Optional[str] = typer.Option(None, help="labelled: parquet/csv with columns query, uri"),
     ground_truth: Optional[str] = typer.Option(None, help="labelled: JSON query -> relevant uris "
@@ -370,6 +371,10 @@ def eval_(
     model: Optional[str] = typer.Option(None, help="model of the index built from --data (name or checkpoint)"),
     depth: Optional[int] = typer.Option(None, help="results ranked per query (default: the whole index)"),
     seed: int = typer.Option(0, help="seed of the copy transforms"),
+    predictions: int = typer.Option(1, help="copydetect: results per query pooled into uAP (1..10)"),
+    score_norm: str = typer.Option("none", help="copydetect: none | margin (minus the query's 10th score)"),
+    qe: int = typer.Option(0, help="query-side αQE with N neighbours (0: off)"),
+    dba: int = typer.Option(0, help="database-side augmentation (N neighbours) of the index built from --data"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
 ) -> None:
     """Measure retrieval quality (mAP, P@k, ANMRR, uAP ...) on a real index; writes a report directory."""
@@ -378,7 +383,7 @@ def eval_(
     from services.eval.run import EvalOptions, run_eval
 
     opts = EvalOptions(protocol, index_, data, out_, queries, ground_truth, distractors, index_factory, shards,
-                       whiten_dim, depth, seed, model)
+                       whiten_dim, depth, seed, model, predictions, score_norm, qe, dba)
     with Progress(TextColumn("embedding queries"), BarColumn(), MofNCompleteColumn(), console=err,
                   disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("eval", total=None)
@@ -396,19 +401,63 @@ def eval_(
 
 @app.command()
 @cli_errors
+def train(
+    base: str = typer.Argument("lite0-gem", help="model to fine-tune (registry name, with @options if any)"),
+    data: str = typer.Option(..., help="folder of class subfolders to train on"),
+    out_: Path = typer.Option(..., "--out", "-o", help="checkpoint to write (.pt)"),
+    loss: str = typer.Option("multisimilarity", help="triplet | contrastive | multisimilarity | proxyanchor"),
+    miner: str = typer.Option("none", help="hard | semihard | pair | none"),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(32),
+    per_class: int = typer.Option(4, help="images of one class per batch"),
+    lr: float = typer.Option(1e-4, help="learning rate of the backbone (GeM p: 10x)"),
+    train_stages: int = typer.Option(2, help="last backbone stages that learn (the rest stays frozen)"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print the training record as JSON"),
+) -> None:
+    """Fine-tune a model with a metric-learning loss; writes model.pt, model.json and model.loss.png."""
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from services.embedder.train import TrainConfig
+    from services.embedder.train import train as run_training
+
+    cfg = TrainConfig(base=base, loss=loss, miner=miner, epochs=epochs, batch_size=batch_size, per_class=per_class,
+                      lr=lr, train_stages=train_stages, seed=seed, device=_settings().device)
+    columns = (TextColumn(f"training ({loss})"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("train", total=None, loss="-")
+        record = run_training(data, out_, cfg, lambda done, total, value: bar.update(
+            task, completed=done, total=total, loss=f"{value:.4f}"))
+    if as_json:
+        print(json.dumps(asdict(record)))
+        return
+    out.print(f"trained {len(record.losses)} epochs on {record.images} images of {len(record.classes)} classes "
+              f"in {record.seconds:.0f} s; loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f}, "
+              f"GeM p {record.gem_p[-1]:.3f}; wrote {out_} (use it: --model {out_})", highlight=False)
+
+
+@app.command()
+@cli_errors
 def datasets(
     name: str = typer.Argument(..., help="tuxpaint (Debian tuxpaint-stamps-default photos) | skimage"),
     out_: Path = typer.Argument(..., metavar="OUT", help="folder to write <class>/<image>.jpg into"),
     min_per_class: int = typer.Option(8, help="tuxpaint: keep classes with at least this many images"),
+    split: bool = typer.Option(False, help="classes alternately into OUT/train and OUT/test (unseen-classes)"),
 ) -> None:
     """Write a real labelled image set as a folder of class subfolders (input of `eval --protocol classes`)."""
-    from services.eval.datasets import skimage_photos, tuxpaint_stamps, write_class_folder
+    from services.eval.datasets import skimage_photos, split_classes, tuxpaint_stamps, write_class_folder
 
     if name not in ("tuxpaint", "skimage"):
         raise typer.BadParameter(f"unknown data set {name!r}: tuxpaint or skimage")
     items = tuxpaint_stamps(min_per_class=min_per_class) if name == "tuxpaint" else skimage_photos()
-    n = write_class_folder(items, out_)
-    out.print(f"wrote {n} images in {len({it.label for it in items})} classes to {out_}", highlight=False)
+    parts = dict(zip(("train", "test"), split_classes(items))) if split else {"": items}
+    for part, chosen in parts.items():
+        n = write_class_folder(chosen, out_ / part)
+        out.print(f"wrote {n} images in {len({it.label for it in chosen})} classes to {out_ / part}",
+                  highlight=False)
 
 
 @app.command()
@@ -425,7 +474,7 @@ def demo(
     embed(str(workdir / "catalogue"), out_=str(workdir / "emb"), manifest=None, model=None, weights=None,
           engine="local", ray_address=None, batch_size=None, as_json=False)
     index_build(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
-                nprobe=None, memory_budget_gb=None, version=None, publish=True, as_json=False)
+                nprobe=None, memory_budget_gb=None, version=None, publish=True, dba=0, as_json=False)
     search(str(workdir / "idx"), str(query), k=k, nprobe=None, feedback=[], as_json=False)
 
 

@@ -7,6 +7,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from services.common.errors import Incompatible, InvalidInput
 from services.embedder.gem import GeM, l2n
@@ -58,7 +59,14 @@ class Embedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        return l2n(self.pool(self.backbone.forward_features(x)))
+        if tuple(self.spec.scales) == (1.0,):
+            return l2n(self.pool(self.backbone.forward_features(x)))
+        total = 0
+        for s in self.spec.scales:  # multi-scale: one descriptor per input scale, summed
+            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True,
+                                                  align_corners=False)
+            total = total + l2n(self.pool(self.backbone.forward_features(xs)))
+        return l2n(total)
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -31,13 +31,15 @@ class ModelSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     extra: dict = field(default_factory=dict)  # e.g. training config of a fine-tuned checkpoint
+    scales: tuple[float, ...] = (1.0,)  # multi-scale descriptor: input rescaled, descriptors summed
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(
-            [self.arch, weights_sha256(self.weights), self.dim, self.image_size, round(self.gem_p, 4),
-             self.mean, self.std], sort_keys=True).encode())
-        return h.hexdigest()[:16]
+        parts = [self.arch, weights_sha256(self.weights), self.dim, self.image_size, round(self.gem_p, 4),
+                 self.mean, self.std]
+        if tuple(self.scales) != (1.0,):  # single-scale fingerprints stay as they were
+            parts.append([round(x, 4) for x in self.scales])
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
         return {**asdict(self), "fingerprint": self.fingerprint}
@@ -62,8 +64,37 @@ def register(name: str, factory: Callable[[], ModelSpec]) -> None:
     REGISTRY[name] = factory
 
 
+MULTI_SCALE = (1.0, 2 ** -0.5, 0.5)  # as cnnimageretrieval-pytorch's multi-scale evaluation
+
+
+def with_options(spec: ModelSpec, name: str, options: str) -> ModelSpec:
+    """`p=4` (GeM power), `ms` (scales 1, 1/√2, 1/2), `scales=1+0.5`, `size=288` (input side)."""
+    changes: dict = {"name": name}
+    for opt in filter(None, options.split(",")):
+        key, _, value = opt.partition("=")
+        try:
+            if key == "p" and float(value) > 0:
+                changes["gem_p"] = float(value)
+            elif key == "ms" and not value:
+                changes["scales"] = MULTI_SCALE
+            elif key == "scales" and all(0 < float(x) <= 2 for x in value.split("+")):
+                changes["scales"] = tuple(float(x) for x in value.split("+"))
+            elif key == "size" and 32 <= int(value) <= 1024:
+                changes["image_size"] = int(value)
+            else:
+                raise ValueError
+        except ValueError:
+            raise InvalidInput(f"model option {opt!r} in {name!r}: use p=<GeM power>, ms, scales=1+0.5 or "
+                               "size=<pixels>") from None
+    return replace(spec, **changes)
+
+
 def resolve_spec(name: str, weights: str | Path | None = None) -> ModelSpec:
-    """Registry key, `timm:<arch>` (+ weights file), or a checkpoint path -> ModelSpec."""
+    """Registry key, `timm:<arch>` (+ weights file), or a checkpoint path -> ModelSpec; any of them
+    with descriptor options after an @, e.g. `lite0-gem@p=4,ms`."""
+    base, at, options = name.partition("@")
+    if at:
+        return with_options(resolve_spec(base, weights), name, options)
     if name in REGISTRY:
         return REGISTRY[name]()
     if name.startswith("timm:"):

@@ -92,3 +92,10 @@ def write_class_folder(items: list[LabelledImage], out: Path) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         flatten(item.path).save(folder / f"{item.path.stem}-{i:04d}.jpg", quality=92)
     return len(items)
+
+
+def split_classes(items: list[LabelledImage]) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """Classes alternately into train and test halves (sorted by name): the unseen-classes protocol."""
+    classes = sorted({it.label for it in items})
+    train = set(classes[0::2])
+    return [it for it in items if it.label in train], [it for it in items if it.label not in train]

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.common.descriptors import alpha_qe
 from services.common.errors import InvalidInput, NotFound
 from services.embedder.pipeline import IMAGE_EXTENSIONS
 from services.eval import metrics as m
@@ -70,24 +71,36 @@ def summarise(rels: list[np.ndarray], n_rel: list[int]) -> dict[str, float]:
 
 @dataclass
 class Ranked:
-    """Per query: the uris of its results and their scores, best first, the query itself removed."""
+    """Per query: the uris of its results, their scores and ids, best first, the query itself removed."""
     uris: list[np.ndarray]
     scores: list[np.ndarray]
+    ids: list[np.ndarray] = field(default_factory=list)
 
 
 def rank_index(searcher: IndexSearcher, vectors: np.ndarray, depth: int, exclude: list[str]) -> Ranked:
     """Search the index with depth results per query; drop the query's own uri from its list."""
     # Evaluation ranks deeper than a serving request may (max_k), so it raises the cap for itself.
     searcher.settings = searcher.settings.model_copy(update={"max_k": max(searcher.settings.max_k, depth + 1)})
-    uris, scores = [], []
+    out = Ranked([], [], [])
     for i in range(0, len(vectors), 256):
         D, I, _, U = searcher.search_arrays(vectors[i:i + 256], depth + 1)
         for d, ids, u, own in zip(D, I, U, exclude[i:i + 256]):
-            u = np.array([norm_uri(x) for x in u[ids >= 0]], dtype=object)
+            found = ids >= 0
+            u = np.array([norm_uri(x) for x in u[found]], dtype=object)
             keep = u != own
-            uris.append(u[keep][:depth])
-            scores.append(d[ids >= 0][keep][:depth])
-    return Ranked(uris, scores)
+            out.uris.append(u[keep][:depth])
+            out.scores.append(d[found][keep][:depth])
+            out.ids.append(ids[found][keep][:depth])
+    return out
+
+
+def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, n: int, exclude: list[str]) -> np.ndarray:
+    """αQE: each query re-weighted with its top n results' stored vectors (the query itself excluded)."""
+    first = rank_index(searcher, vectors, n, exclude)
+    if any(len(ids) < n for ids in first.ids):
+        raise InvalidInput(f"query expansion with {n} neighbours needs an index of more than {n} vectors")
+    neighbours = searcher.fetch(np.concatenate(first.ids).tolist()).reshape(len(vectors), n, -1)
+    return alpha_qe(vectors, neighbours, np.stack(first.scores))
 
 
 def rank_exact(vectors: np.ndarray, uris: list[str]) -> Ranked:
@@ -119,10 +132,11 @@ def relevance(ranked: Ranked, labels: list[str], label_of: dict[str, str]) -> li
 
 def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int | None = None,
                  progress: Progress | None = None, exact: bool = True,
-                 vectors: np.ndarray | None = None) -> ClassesResult:
+                 vectors: np.ndarray | None = None, qe: int = 0) -> ClassesResult:
     """Every labelled image queries the index; relevant = same label, the query itself excluded.
 
-    vectors: the images' embeddings when already at hand (else they are embedded here)."""
+    vectors: the images' embeddings when already at hand (else they are embedded here).
+    qe: αQE with that many neighbours (0: off); the exact baseline then stays plain."""
     uris = [norm_uri(str(it.path)) for it in items]
     labels = [it.label for it in items]
     label_of = dict(zip(uris, labels))
@@ -131,7 +145,8 @@ def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int
     if vectors is None:
         vectors = embed_files(searcher, [it.path.read_bytes() for it in items], progress)
     depth = min(depth or searcher.manifest.count, searcher.manifest.count)
-    ranked = rank_index(searcher, vectors, depth, uris)
+    queries = expand_queries(searcher, vectors, qe, uris) if qe else vectors
+    ranked = rank_index(searcher, queries, depth, uris)
     rels = relevance(ranked, labels, label_of)
     metrics = summarise(rels, n_rel) | {"depth": depth, "index_vectors": searcher.manifest.count}
     exact_metrics = None
@@ -192,15 +207,27 @@ class CopyResult:
     by_edit: dict[str, float]
 
 
-def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 10,
-                    progress: Progress | None = None) -> CopyResult:
-    """μAP over every (query, result) pair pooled by score, and recall@1 of the copies."""
+SCORE_NORMS = ("none", "margin")
+
+
+def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 10, predictions: int = 1,
+                    score_norm: str = "none", progress: Progress | None = None, qe: int = 0) -> CopyResult:
+    """μAP over the first `predictions` results of every query pooled by score, recall@1 and @k.
+
+    score_norm "margin" subtracts each query's k-th score (its background level: a distractor's
+    scores are flat, a copy's first score stands out), as DISC21's score normalisation does with
+    neighbours from a background set."""
     if not any(q.source for q in queries):
         raise InvalidInput("copy detection needs queries that are copies of catalogue images")
+    if score_norm not in SCORE_NORMS or not 1 <= predictions <= k:
+        raise InvalidInput(f"score normalisation must be one of {SCORE_NORMS} and predictions within 1..{k}")
     vectors = embed_files(searcher, [q.image for q in queries], progress)
+    if qe:
+        vectors = expand_queries(searcher, vectors, qe, [""] * len(queries))
     ranked = rank_index(searcher, vectors, k, [""] * len(queries))
-    scores = np.concatenate(ranked.scores)
-    correct = np.concatenate([r == q.source for r, q in zip(ranked.uris, queries)])
+    norm = (lambda sc: sc - sc[-1]) if score_norm == "margin" else (lambda sc: sc)
+    scores = np.concatenate([norm(sc)[:predictions] for sc in ranked.scores])
+    correct = np.concatenate([(r == q.source)[:predictions] for r, q in zip(ranked.uris, queries)])
     copies = [(q, r) for q, r in zip(queries, ranked.uris) if q.source]
     top1 = [len(r) > 0 and r[0] == q.source for q, r in copies]
     by_edit: dict[str, list[bool]] = {}
@@ -208,7 +235,8 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
         for e in q.edits:
             by_edit.setdefault(e, []).append(ok)
     metrics = {"queries": len(queries), "copies": len(copies), "distractors": len(queries) - len(copies),
-               "uAP": m.micro_ap(scores, correct, len(copies)), "recall@1": float(np.mean(top1)),
+               "uAP": m.micro_ap(scores, correct, len(copies)), "predictions_per_query": predictions,
+               "score_norm": score_norm, "recall@1": float(np.mean(top1)),
                f"recall@{k}": float(np.mean([q.source in r for q, r in copies])),
                "index_vectors": searcher.manifest.count}
     return CopyResult(metrics, queries, ranked, {e: float(np.mean(v)) for e, v in sorted(by_edit.items())})

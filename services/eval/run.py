@@ -19,7 +19,7 @@ from services.eval import report
 from services.indexer.build import build_index
 from services.searcher.local import IndexSearcher
 
-PROTOCOLS = ("classes", "copydetect", "labelled")
+PROTOCOLS = ("classes", "unseen-classes", "copydetect", "labelled")
 DISTRACTOR_EVERY = 5  # copydetect without an index: every 5th image is held out as a distractor
 
 
@@ -38,6 +38,10 @@ class EvalOptions:
     depth: int | None = None
     seed: int = 0
     model: str | None = None
+    predictions: int = 1
+    score_norm: str = "none"
+    qe: int = 0  # αQE neighbours (0: off)
+    dba: int = 0  # DBA neighbours of the index built from --data (0: off)
 
 
 def prepare_index(paths: list[Path], work: Path, opts: EvalOptions, settings: Settings,
@@ -46,7 +50,7 @@ def prepare_index(paths: list[Path], work: Path, opts: EvalOptions, settings: Se
     step(f"embedding {len(paths)} catalogue images into {work / 'emb'}")
     embed_catalogue([str(x) for x in paths], str(work / "emb"), model=opts.model, engine="local", settings=settings)
     build_index(str(work / "emb"), str(work / "index"), opts.shards, opts.factory, opts.whiten_dim,
-                settings=settings, step=step)
+                settings=settings, step=step, dba=opts.dba)
     return str(work / "index")
 
 
@@ -68,8 +72,10 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
     if not opts.data:
         raise InvalidInput(f"--data is required for the {opts.protocol} protocol")
     opts.out.mkdir(parents=True, exist_ok=True)
-    if opts.protocol == "classes":
+    if opts.protocol in ("classes", "unseen-classes"):
         items = p.class_folder(opts.data)
+        if opts.protocol == "unseen-classes":
+            check_unseen(opts.model, {it.label for it in items})
         vectors = None
         index = opts.index
         if index is None:
@@ -78,7 +84,7 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
                                      settings)
         searcher = IndexSearcher(index, settings)
         step(f"{len(items)} queries against {searcher.manifest.count} vectors ({searcher.manifest.factory})")
-        result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors)
+        result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors, qe=opts.qe)
         report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts))
         return result.metrics
     files = sorted(x for x in Path(opts.data).rglob("*") if x.suffix.lower() in IMAGE_EXTENSIONS)
@@ -95,9 +101,20 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
     searcher = IndexSearcher(index, settings)
     queries = p.make_copy_queries(catalogue, distractors, opts.seed)
     step(f"{len(queries)} copy queries ({len(distractors)} distractors) against {searcher.manifest.count} vectors")
-    result = p.copydetect_eval(searcher, queries, progress=progress)
+    result = p.copydetect_eval(searcher, queries, predictions=opts.predictions, score_norm=opts.score_norm,
+                               progress=progress, qe=opts.qe)
     report.copydetect_report(result, opts.out, f"copy detection: {opts.data}", _about(searcher, opts))
     return result.metrics
+
+
+def check_unseen(model: str | None, labels: set[str]) -> None:
+    """unseen-classes: the fine-tuned model must not have trained on any class evaluated here."""
+    from services.embedder.spec import resolve_spec
+
+    seen = set(resolve_spec(model).extra.get("train_classes", [])) if model else set()
+    if seen & labels:
+        raise InvalidInput(f"the model trained on {len(seen & labels)} of the classes evaluated here "
+                           f"(e.g. {sorted(seen & labels)[:3]}): not an unseen-classes evaluation")
 
 
 def _labelled(opts: EvalOptions, settings: Settings, progress) -> dict:
@@ -118,4 +135,5 @@ def _about(searcher: IndexSearcher, opts: EvalOptions) -> dict:
     return {"index": {"url": searcher.store.url, "version": man.version, "factory": man.factory,
                       "shards": len(man.shards), "nprobe": man.nprobe, "model": man.model.get("name"),
                       "fingerprint": man.model.get("fingerprint")},
-            "protocol": opts.protocol, "data": opts.data, "seed": opts.seed}
+            "protocol": opts.protocol, "data": opts.data, "seed": opts.seed, "qe": opts.qe,
+            "dba": man.params.get("dba", 0)}

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from services.common import faiss_util
+from services.common import descriptors, faiss_util
 from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
 from services.common.embeddings import Embeddings, read_embeddings
@@ -125,7 +125,9 @@ def new_version() -> str:
 
 def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
                 whiten_dim: int | None = None, nprobe: int | None = None, settings: Settings | None = None,
-                step: Step | None = None, version: str | None = None, publish_it: bool = True) -> Manifest:
+                step: Step | None = None, version: str | None = None, publish_it: bool = True,
+                dba: int = 0) -> Manifest:
+    """dba: database-side augmentation with that many neighbours (0: off); vectors are indexed augmented."""
     settings = settings or get_settings()
     step = step or (lambda msg: log.info(msg))
     if not 1 <= shards <= 1024:
@@ -139,6 +141,9 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     if n == 0:
         raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): "
                            "nothing to index")
+    if dba:
+        step(f"DBA: each vector re-weighted with its {dba} nearest neighbours")
+        emb.vectors = descriptors.dba(emb.vectors, dba)
     params = choose_params(n, dim, settings.memory_budget_gb * 2**30, settings.flat_max, whiten_dim)
     if factory:
         params = params_from_factory(f"PCAW{whiten_dim},L2norm,{factory}" if whiten_dim else factory)
@@ -160,8 +165,8 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     version = check_new_version(out, version)
     template = Manifest(
         version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
-        params=params.as_dict(), nprobe=nprobe, k_factor=params.k_factor, count=0, duplicates_dropped=dropped,
-        tuning=tuning, shards=[],
+        params=params.as_dict() | ({"dba": dba} if dba else {}), nprobe=nprobe, k_factor=params.k_factor,
+        count=0, duplicates_dropped=dropped, tuning=tuning, shards=[],
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
     return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step)

@@ -35,6 +35,9 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
         raise Incompatible(f"{emb_url} was embedded with {emb.meta['model'].get('name')} "
                            f"({emb.meta['model'].get('fingerprint')}); the index holds "
                            f"{manifest.model.get('name')} ({manifest.model.get('fingerprint')}) vectors")
+    if manifest.params.get("dba"):
+        raise NotSupported(f"{manifest.version} was built with DBA (each vector re-weighted by its neighbours): "
+                           "new images would not be, so rebuild the index with them instead")
     step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
     shards = _load_all(store, manifest, settings)
     held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
@@ -67,6 +70,9 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
     store = open_store(root, settings)
     manifest = load_current(store)
     wanted = np.unique(np.asarray(ids, np.int64))
+    if manifest.params.get("dba"):
+        raise NotSupported(f"{manifest.version} was built with DBA (each vector re-weighted by its neighbours): "
+                           "new images would not be, so rebuild the index with them instead")
     step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
     shards = _load_all(store, manifest, settings)
     held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)

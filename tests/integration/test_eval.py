@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from services.eval.datasets import skimage_photos, tuxpaint_stamps, write_class_folder
+from services.eval.datasets import skimage_photos, split_classes, tuxpaint_stamps, write_class_folder
 from tests.integration.test_cli import assert_one_line_error, run
 
 CLASSES, PER_CLASS = 6, 10
@@ -111,3 +111,31 @@ def test_eval_bad_input(tmp_path):
     assert_one_line_error(run("eval", "--data", str(tmp_path / "missing"), env_home=tmp_path / "home"),
                           "not found")
     assert_one_line_error(run("eval", "--protocol", "labelled", env_home=tmp_path / "home"), "--queries")
+
+
+def test_train_then_evaluate_on_unseen_classes(tmp_path):
+    stamps = tuxpaint_stamps(min_per_class=PER_CLASS)
+    biggest = [c for c, _ in Counter(s.label for s in stamps).most_common(4)]
+    pick = [s for c in biggest for s in [s for s in stamps if s.label == c][:8]]
+    train_items, test_items = split_classes(pick)
+    write_class_folder(train_items, tmp_path / "train")
+    write_class_folder(test_items, tmp_path / "test")
+    model = tmp_path / "model.pt"
+    proc = run("train", "lite0-gem", "--data", str(tmp_path / "train"), "--out", str(model), "--loss", "triplet",
+               "--miner", "semihard", "--epochs", "1", "--batch-size", "8", "--per-class", "4", "--json",
+               env_home=tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["classes"] == sorted({it.label for it in train_items}) and len(record["losses"]) == 1
+    assert model.with_suffix(".loss.png").is_file()
+    proc = run("eval", "--protocol", "unseen-classes", "--data", str(tmp_path / "test"), "--model", str(model),
+               "--out", str(tmp_path / "report"), "--json", env_home=tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["queries"] == len(test_items) and 0 < metrics["mAP"] <= 1
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["index"]["model"] == str(model.resolve())  # the index was embedded with the checkpoint
+    # evaluating on a class the model trained on is refused
+    assert_one_line_error(run("eval", "--protocol", "unseen-classes", "--data", str(tmp_path / "train"), "--model",
+                              str(model), "--out", str(tmp_path / "r2"), env_home=tmp_path / "home"),
+                          "not an unseen-classes evaluation")

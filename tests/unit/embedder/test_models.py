@@ -42,3 +42,32 @@ def test_device_check():
     if not torch.cuda.is_available():  # on a GPU machine asking for cuda is valid
         with pytest.raises(InvalidInput, match="no CUDA"):
             pick_device("cuda")
+
+
+def test_descriptor_options_after_an_at(tmp_path):
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
+    plain = resolve_spec("timm:resnet18", tmp_path / "r18.pth")
+    ms = resolve_spec("timm:resnet18@p=4,ms", tmp_path / "r18.pth")
+    assert (ms.gem_p, ms.scales, ms.name) == (4.0, (1.0, 2 ** -0.5, 0.5), "timm:resnet18@p=4,ms")
+    assert len({plain.fingerprint, ms.fingerprint, resolve_spec("timm:resnet18@p=4", tmp_path / "r18.pth")
+                .fingerprint}) == 3  # every option changes the vector space
+    assert resolve_spec("timm:resnet18@scales=1+0.5,size=128", tmp_path / "r18.pth").image_size == 128
+    for bad in ("p=0", "ms=2", "scales=1+9", "size=5", "colour=red", "p=x"):
+        with pytest.raises(InvalidInput, match="model option"):
+            resolve_spec(f"timm:resnet18@{bad}", tmp_path / "r18.pth")
+
+
+def test_multi_scale_descriptor_is_the_normalised_sum_of_scales(tmp_path):
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    single = Embedder(resolve_spec("timm:resnet18", tmp_path / "r18.pth"), device="cpu")
+    both = Embedder(resolve_spec("timm:resnet18@scales=1+0.5", tmp_path / "r18.pth"), device="cpu")
+    # the half-scale descriptor computed by hand: resize the normalised input, embed with the 1x model
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - single.mean) / single.std
+    x_half = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True,
+                                             align_corners=False)
+    with torch.no_grad():
+        v_half = torch.nn.functional.normalize(single.pool(single.backbone.forward_features(x_half)), dim=1)
+    total = single.embed(pixels) + v_half.numpy()
+    expected = total / np.linalg.norm(total, axis=1, keepdims=True)
+    assert both.embed(pixels) == pytest.approx(expected, abs=1e-5)

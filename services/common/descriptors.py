@@ -1,0 +1,36 @@
+"""Descriptor re-weighting by neighbours (Radenović et al.): query-side αQE, database-side DBA."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from services.common.errors import InvalidInput
+
+ALPHA = 3.0
+
+
+def weighted_sum(own: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
+    """normalise(own + Σ max(sim, 0)^α · neighbour), row by row; neighbours (n, m, d), sims (n, m)."""
+    w = np.maximum(sims, 0.0) ** alpha
+    out = own + np.einsum("nm,nmd->nd", w, neighbours)
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def alpha_qe(queries: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
+    """αQE: each query plus its top results weighted by similarity^α, re-normalised."""
+    return weighted_sum(queries, neighbours, sims, alpha)
+
+
+def dba(vectors: np.ndarray, n: int, alpha: float = ALPHA, batch: int = 4096) -> np.ndarray:
+    """Database-side augmentation: each vector plus its n nearest others (exact inner product)."""
+    if not 1 <= n < len(vectors):
+        raise InvalidInput(f"DBA needs 1 <= n < {len(vectors)} neighbours, got {n}")
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    out = np.empty_like(vectors)
+    for i in range(0, len(vectors), batch):
+        D, I = flat.search(vectors[i:i + batch], n + 1)
+        D, I = D[:, 1:], I[:, 1:]  # the vector itself comes first: it is `own`
+        out[i:i + batch] = weighted_sum(vectors[i:i + batch], vectors[I], D, alpha)
+    return out
