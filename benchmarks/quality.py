@@ -11,6 +11,7 @@ Usage: python -m benchmarks.quality [--out DIR] [--only classes|copydetect|unsee
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def run_unseen(data: Path, out: Path, epochs: int) -> None:
             model = out / f"{loss}.pt"
             record = train(out / "train", model, TrainConfig(loss=loss, miner=miner, epochs=epochs))
             seconds, model = f"{record.seconds:.0f}", str(model.resolve())
+        shutil.rmtree(out / f"unseen-{loss}", ignore_errors=True)  # a report of an earlier run's model
         opts = EvalOptions(protocol="unseen-classes", data=str(out / "test"), out=out / f"unseen-{loss}", model=model)
         metrics = run_eval(opts, settings, step=lambda m: None)
         print(f"| {label} | " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + f" | {seconds} |", flush=True)

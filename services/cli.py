@@ -253,7 +253,7 @@ def search(
 ) -> None:
     """Search an index with a query image, in-process (no servers needed)."""
     from services.common.store import read_uri
-    from services.searcher.feedback import parse_marks, rocchio
+    from services.searcher.feedback import parse_marks, requery
     from services.searcher.local import IndexSearcher, check_k
 
     settings = _settings()
@@ -263,9 +263,7 @@ def search(
     searcher = IndexSearcher(index_, settings)
     vector = searcher.embed_images([data])
     if relevant or not_relevant:
-        marked = searcher.fetch(relevant + not_relevant)
-        vector = rocchio(vector[0], marked[:len(relevant)], marked[len(relevant):], settings.feedback_alpha,
-                         settings.feedback_beta, settings.feedback_gamma)[None, :]
+        vector = requery(vector[0], searcher.fetch(relevant + not_relevant), len(relevant), settings)
     hits = searcher.search(vector, k, nprobe)[0]
     if as_json:
         print(json.dumps({"query": query, "index_version": searcher.version, "k": k,
@@ -382,8 +380,10 @@ def eval_(
 
     from services.eval.run import EvalOptions, run_eval
 
-    opts = EvalOptions(protocol, index_, data, out_, queries, ground_truth, distractors, index_factory, shards,
-                       whiten_dim, depth, seed, model, predictions, score_norm, qe, dba)
+    opts = EvalOptions(protocol=protocol, index=index_, data=data, out=out_, queries=queries,
+                       ground_truth=ground_truth, distractors=distractors, factory=index_factory, shards=shards,
+                       whiten_dim=whiten_dim, depth=depth, seed=seed, model=model, predictions=predictions,
+                       score_norm=score_norm, qe=qe, dba=dba)
     with Progress(TextColumn("embedding queries"), BarColumn(), MofNCompleteColumn(), console=err,
                   disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("eval", total=None)

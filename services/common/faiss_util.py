@@ -86,6 +86,28 @@ def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
         ivf.quantizer = cpu_quantizer  # the shard file keeps the CPU quantizer
 
 
+def remove_ids(index: faiss.Index, ids: np.ndarray, chunk: int = 65_536) -> tuple[faiss.Index, int]:
+    """Remove ids; returns (the index, how many it held). Indexes that cannot remove in place
+    (IVF-PQ + Refine, HNSW) are rebuilt without them from their stored vectors, chunk by chunk
+    into a trained, emptied copy: the result is a new index object."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    try:
+        return index, int(index.remove_ids(faiss.IDSelectorBatch(ids)))
+    except RuntimeError:
+        ix = faiss.downcast_index(index)
+        if not isinstance(ix, faiss.IndexIDMap):
+            raise
+    held = faiss.vector_to_array(ix.id_map)  # label of inner position i
+    fresh = faiss.clone_index(ix)
+    fresh.reset()  # keeps the training (quantizers, codebooks)
+    for start in range(0, len(held), chunk):
+        part = held[start:start + chunk]
+        keep = ~np.isin(part, ids)
+        # A Refine index reconstructs from its refine codes (e.g. SQ8): the PQ codes are re-made from those.
+        add(fresh, ix.index.reconstruct_n(start, len(part))[keep], part[keep])
+    return fresh, int(np.isin(held, ids).sum())
+
+
 def search_parameters(index: faiss.Index, nprobe: int, k_factor: float):
     """Per-call parameters (thread-safe, unlike ParameterSpace which mutates the index).
 

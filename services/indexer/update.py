@@ -6,7 +6,6 @@ flips CURRENT; shard servers watching the pointer switch to it without a restart
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from services.common import faiss_util
@@ -70,9 +69,6 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
     store = open_store(root, settings)
     manifest = load_current(store)
     wanted = np.unique(np.asarray(ids, np.int64))
-    if manifest.params.get("dba"):
-        raise NotSupported(f"{manifest.version} was built with DBA (each vector re-weighted by its neighbours): "
-                           "new images would not be, so rebuild the index with them instead")
     step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
     shards = _load_all(store, manifest, settings)
     held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
@@ -83,13 +79,15 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
     parts, removed = [], 0
     for s in shards:
         drop = np.isin(s.ids, wanted)
+        index = s.index
         if drop.any():
             try:
-                removed += s.index.remove_ids(faiss.IDSelectorBatch(s.ids[drop]))
+                index, n = faiss_util.remove_ids(s.index, s.ids[drop])
             except RuntimeError as e:
-                raise NotSupported(f"{manifest.factory} shards cannot delete ids in place "
+                raise NotSupported(f"{manifest.factory} shards cannot delete ids "
                                    f"({str(e).splitlines()[-1]}); rebuild without them") from None
-        parts.append(Shard(s.entry.shard, s.index, s.ids[~drop], s.uris[~drop].tolist()))
+            removed += n
+        parts.append(Shard(s.entry.shard, index, s.ids[~drop], s.uris[~drop].tolist()))
     step(f"removed {removed} vectors ({len(unknown)} id(s) not found)")
     template = manifest.model_copy(update={"version": version, "source": {
         **manifest.source, "deleted": removed, "previous": manifest.version}})

@@ -41,3 +41,10 @@ def rocchio(query: np.ndarray, relevant: np.ndarray, not_relevant: np.ndarray, a
     if not np.isfinite(norm) or norm < 1e-12:
         raise InvalidInput("relevance feedback cancelled the query out: mark fewer hits not relevant")
     return (q / norm).astype(np.float32)
+
+
+def requery(query: np.ndarray, marked: np.ndarray, n_relevant: int, settings) -> np.ndarray:
+    """The Rocchio query (1 x d) from the stored vectors of the marked hits, relevant ones first,
+    with the weights of the settings (IMSEARCH_FEEDBACK_ALPHA/BETA/GAMMA)."""
+    return rocchio(query, marked[:n_relevant], marked[n_relevant:], settings.feedback_alpha,
+                   settings.feedback_beta, settings.feedback_gamma)[None, :]

@@ -51,7 +51,7 @@ from services.common.errors import (
 from services.common.store import open_store
 from services.indexer.manifest import Manifest, version_prefix
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
-from services.searcher.feedback import check_counts, rocchio
+from services.searcher.feedback import check_counts, requery
 from services.searcher.local import check_k
 from services.searcher.merge import merge_topk
 
@@ -319,9 +319,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         if relevant or not_relevant:
             check_counts(relevant, not_relevant)
             marked = await self.router.fetch(relevant + not_relevant, timeout)
-            s = self.settings
-            vectors = rocchio(vectors[0], marked[:len(relevant)], marked[len(relevant):], s.feedback_alpha,
-                              s.feedback_beta, s.feedback_gamma)[None, :]
+            vectors = requery(vectors[0], marked, len(relevant), self.settings)
         answer = await self.router.search_shared(vectors[:1], request.k, request.nprobe, timeout)
         return self._fill(pb.SearchResponse(), answer, 0)
 

@@ -64,6 +64,20 @@ def test_repeated_query_is_served_from_the_cache(cached_cluster):
     assert other_k.hits[:5] == first.hits
 
 
+def test_feedback_is_part_of_the_cache_key(cached_cluster):
+    router, _, _ = cached_cluster
+    q = random_unit_vectors(1, DIM, seed=2)[0]
+    with SearchClient(router.address) as client:
+        plain = client.search(q, k=10)
+        liked = plain.hits[-1].id
+        with_feedback = client.search(q, k=10, relevant=[liked])
+        again = client.search(q, k=10, relevant=[liked])
+        plain_again = client.search(q, k=10)
+    assert not with_feedback.cached and again.cached and plain_again.cached
+    assert [h.id for h in again.hits] == [h.id for h in with_feedback.hits] != [h.id for h in plain.hits]
+    assert [h.id for h in plain_again.hits] == [h.id for h in plain.hits]
+
+
 def test_200_concurrent_identical_queries_make_one_fan_out(cached_cluster):
     router, _, metrics_port = cached_cluster
     q = random_unit_vectors(1, DIM, seed=2)[0].tolist()
