@@ -1,6 +1,5 @@
 """Deleting ids from every kind of index the builder makes, against exact search on what is left."""
 
-import faiss
 import numpy as np
 import pytest
 
