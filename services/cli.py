@@ -319,12 +319,15 @@ def serve(
     port: int = typer.Option(50050, help="router port"),
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)"),
     shard_ports: int = typer.Option(0, help="first shard server port (0: free ports)"),
+    http_port: Optional[int] = typer.Option(None, help="web page + HTTP API port (default IMSEARCH_GATEWAY_PORT, "
+                                                       "0: a free port)"),
+    http: bool = typer.Option(True, help="also start the HTTP gateway and web page"),
 ) -> None:
-    """Serve an index on one machine: a shard server process per shard plus the router."""
+    """Serve an index on one machine: a shard server process per shard, the router, and the web page."""
     import asyncio
 
     from services.common import server
-    from services.common.procs import Service, free_port, start_all
+    from services.common.procs import HttpService, Service, free_port, start_all
     from services.common.store import open_store
     from services.indexer.manifest import load_current
     from services.searcher import router
@@ -334,20 +337,28 @@ def serve(
     shards = [Service("services.searcher.shard", ["--index", index_, "--shard", str(e.shard), "--host", host],
                       shard_ports + i if shard_ports else free_port(), {"IMSEARCH_METRICS_PORT": "0"})
               for i, e in enumerate(manifest.shards)]  # one metrics port can serve one process only
+    gateway: list = []
     try:
         start_all(shards)
         err.print(f"• {len(shards)} shard server(s) up: {', '.join(s.address for s in shards)}", highlight=False)
 
         async def run() -> None:
             running, r = await router.serve([[s.address] for s in shards], port, settings, index=index_, host=host)
-            out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{running.port}"
-                      " — Ctrl-C to stop", highlight=False)
+            out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{running.port}",
+                      highlight=False)
+            if http:
+                port_ = settings.gateway_port if http_port is None else (http_port or free_port())
+                gateway.append(HttpService("services.gateway", ["--router", f"127.0.0.1:{running.port}", "--index",
+                                                                index_, "--host", host], port_))
+                await asyncio.to_thread(gateway[0].start)
+                out.print(f"open http://{host}:{port_}/ (API docs: /docs)", highlight=False)
+            out.print("Ctrl-C to stop", highlight=False)
             await server.wait_for_signal(running)
             await r.close()
 
         asyncio.run(run())
     finally:
-        for s in shards:
+        for s in [*gateway, *shards]:
             s.stop()
 
 

@@ -57,6 +57,34 @@ class DeadlineExceeded(ImsearchError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ImsearchError):
+    """A missing or wrong API key / bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RateLimited(ImsearchError):
+    """Too many requests for one key: retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http = 429
+
+
+# HTTP status of each gRPC status (the gateway's answers); RateLimited overrides RESOURCE_EXHAUSTED's 413.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.DATA_LOSS: 500, grpc.StatusCode.INTERNAL: 500,
+}
+
+
+def http_status(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, gRPC code name) of a domain error, or of a gRPC error a dependency returned."""
+    code = exc.code() if isinstance(exc, grpc.RpcError) else grpc_status(exc)
+    return getattr(exc, "http", None) or HTTP_STATUS.get(code, 502), code.name
+
+
 def from_status(code: grpc.StatusCode, details: str, who: str) -> ImsearchError:
     """The domain error for a status a dependency returned (the inverse of grpc_status)."""
     for cls in (InvalidInput, NotFound, TooLarge, Incompatible, Corrupt, NotSupported, DeadlineExceeded):

@@ -103,3 +103,21 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int) -> Dec
         raise InvalidInput(f"truncated or corrupt image data: {e}") from None
     except (ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
         raise InvalidInput(f"corrupt image: {type(e).__name__}: {e}") from None
+
+
+def thumbnail_jpeg(data: bytes, side: int, max_bytes: int, max_pixels: int) -> bytes:
+    """A JPEG at most side x side (aspect kept): oriented by EXIF, alpha flattened; the same checks as
+    decode_image (empty, corrupt, bombs)."""
+    img = _open(data, max_bytes, max_pixels)
+    try:
+        img.seek(0)
+        if img.format == "JPEG":
+            img.draft("RGB", (side, side))
+        img.load()
+        img = _to_rgb(ImageOps.exif_transpose(img))
+        img.thumbnail((side, side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
+        raise InvalidInput(f"corrupt image: {type(e).__name__}: {e}") from None

@@ -86,6 +86,40 @@ class Service:
                 self.kill()
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll url until it answers 200 (or fail, if the process died or time ran out)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+class HttpService(Service):
+    """A process serving HTTP (the gateway): ready once GET /readyz answers 200."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> "HttpService":
+        super().start(wait=False)
+        if wait:
+            wait_http(f"{self.url}/readyz", self.proc)
+        return self
+
+
 class RedisServer:
     """A real redis-server on loopback (no persistence), ready once it answers PING."""
 

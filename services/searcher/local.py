@@ -110,14 +110,19 @@ def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path,
         raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")
     if index.ntotal != entry.count:
         raise Corrupt(f"shard {entry.shard} holds {index.ntotal} vectors, manifest says {entry.count}")
-    docs_key = f"{prefix}/{entry.docs_file}"
+    return LoadedShard(entry, index, *read_docs(store, manifest, entry))
+
+
+def read_docs(store: Store, manifest: Manifest, entry: ShardEntry) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's (ids sorted, their uris), checksum verified."""
+    docs_key = f"{version_prefix(manifest.version)}/{entry.docs_file}"
     data = store.get_bytes(docs_key)
     if sha256_bytes(data) != entry.docs_sha256:
         raise Corrupt(f"{store.uri(docs_key)}: checksum mismatch")
     docs = pq.read_table(io.BytesIO(data))
     ids = docs["id"].to_numpy()
     order = np.argsort(ids)
-    return LoadedShard(entry, index, ids[order], np.asarray(docs["uri"].to_pylist(), dtype=object)[order])
+    return ids[order], np.asarray(docs["uri"].to_pylist(), dtype=object)[order]
 
 
 def shared_quantizer(indexes: list) -> object | None:

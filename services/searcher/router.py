@@ -267,11 +267,16 @@ class Router:
                 return None
 
         vectors: list = [None] * len(ids)
-        for reply in await asyncio.gather(*(ask(s) for s in self.stubs)):
+        replies = await asyncio.gather(*(ask(s) for s in self.stubs))
+        for reply in replies:
             for i, (found, v) in enumerate(zip(reply.found if reply else [], reply.vectors if reply else [])):
                 if found:
                     vectors[i] = v.values
         unknown = [i for i, v in zip(ids, vectors) if v is None]
+        silent = [n for n, reply in enumerate(replies) if reply is None]
+        if unknown and silent:  # the id may live on a shard that did not answer: not a NotFound
+            raise Unavailable(f"shard(s) {silent} did not answer; id(s) {', '.join(map(str, unknown[:5]))} "
+                              "not found on the others")
         if unknown:
             raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
         return np.array(vectors, dtype=np.float32)

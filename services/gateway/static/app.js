@@ -1,0 +1,140 @@
+// The search page: one query at a time (an upload, or a catalogue image by id/uri), its hits as a grid,
+// relevance marks for a Rocchio re-query. Everything goes through the gateway's /v1 API.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let last = null;            // {kind: "image"|"json", file|body, label, src}
+const marks = new Map();    // id -> true (relevant) / false (not relevant)
+
+function headers() {
+  const key = $("apikey").value.trim() || localStorage.getItem("imsearch-key") || "";
+  if ($("apikey").value.trim()) localStorage.setItem("imsearch-key", key);
+  return key ? { "Authorization": "Bearer " + key } : {};
+}
+
+async function call(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const e = body.error || {};
+    throw new Error(`${response.status} ${e.code || ""}: ${e.message || response.statusText}`);
+  }
+  return body;
+}
+
+async function loadIndex() {
+  try {
+    const info = await call("/v1/index");
+    $("index-info").textContent =
+      `index ${info.index_version} · ${info.count.toLocaleString()} images · ${info.shards.length} shard(s) · ${info.model.name}`;
+  } catch (e) {
+    $("index-info").textContent = "index unavailable: " + e.message;
+  }
+}
+
+function feedback() {
+  const relevant = [], notRelevant = [];
+  for (const [id, ok] of marks) (ok ? relevant : notRelevant).push(id);
+  return { relevant, not_relevant: notRelevant };
+}
+
+async function run(query, withFeedback = false) {
+  last = query;
+  if (!withFeedback) marks.clear();
+  const k = parseInt($("k").value || "12", 10);
+  const fb = withFeedback ? feedback() : { relevant: [], not_relevant: [] };
+  $("error").hidden = true;
+  $("status").textContent = "searching…";
+  $("query-row").hidden = false;
+  $("query-img").src = query.src;
+  try {
+    let answer;
+    if (query.kind === "image") {
+      const form = new FormData();
+      form.append("image", query.file);
+      form.append("k", k);
+      form.append("relevant", fb.relevant.join(","));
+      form.append("not_relevant", fb.not_relevant.join(","));
+      answer = await call("/v1/search", { method: "POST", body: form });
+    } else {
+      answer = await call("/v1/search", { method: "POST", headers: { "Content-Type": "application/json" },
+                                         body: JSON.stringify({ ...query.body, k, feedback: fb }) });
+    }
+    show(answer, withFeedback);
+  } catch (e) {
+    $("status").textContent = "";
+    $("error").textContent = e.message;
+    $("error").hidden = false;
+  }
+}
+
+function show(answer, withFeedback) {
+  const coverage = Math.round(answer.coverage * 100);
+  $("status").textContent = `${answer.results.length} results · ${answer.latency_ms} ms · index ${answer.index_version}` +
+    ` · coverage ${coverage}%` + (answer.cached ? " · cached" : "") + (withFeedback ? " · with feedback" : "");
+  $("partial").hidden = !answer.partial;
+  $("partial").textContent = answer.partial
+    ? `Partial answer: shard(s) ${answer.missing_shards.join(", ")} did not reply (coverage ${coverage}%).` : "";
+  const grid = $("results");
+  grid.replaceChildren(...answer.results.map(hitCard));
+  $("rerun").disabled = marks.size === 0;
+}
+
+function hitCard(hit) {
+  const card = document.createElement("div");
+  card.className = "hit";
+  const id = hit.id_str;  // a string: 64-bit ids do not fit JavaScript numbers
+  card.dataset.id = id;
+  const img = document.createElement("img");
+  img.src = hit.thumbnail;
+  img.alt = hit.uri;
+  img.title = "search by this image: " + hit.uri;
+  img.addEventListener("click", () => run({ kind: "json", body: { id }, src: hit.thumbnail }));
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  meta.innerHTML = `<span class="score">${hit.score.toFixed(4)}</span><span class="id"></span>`;
+  meta.querySelector(".id").textContent = id;
+  const buttons = document.createElement("div");
+  buttons.className = "marks";
+  for (const [label, ok, cls] of [["✓ relevant", true, "mark-yes"], ["✗ not", false, "mark-no"]]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = cls;
+    b.textContent = label;
+    b.addEventListener("click", () => mark(card, id, ok));
+    buttons.append(b);
+  }
+  card.append(img, meta, buttons);
+  paint(card, id);
+  return card;
+}
+
+function mark(card, id, ok) {
+  if (marks.get(id) === ok) marks.delete(id); else marks.set(id, ok);
+  paint(card, id);
+  $("rerun").disabled = marks.size === 0;
+}
+
+function paint(card, id) {
+  card.classList.toggle("relevant", marks.get(id) === true);
+  card.classList.toggle("not-relevant", marks.get(id) === false);
+}
+
+function pick(file) {
+  if (!file) return;
+  run({ kind: "image", file, src: URL.createObjectURL(file) });
+}
+
+$("file").addEventListener("change", (e) => pick(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); pick(e.dataTransfer.files[0]); });
+$("by-uri").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("uri").value.trim();
+  if (!text) return;
+  const body = /^\d+$/.test(text) ? { id: text } : { uri: text };  // ids stay strings (64-bit)
+  run({ kind: "json", body, src: body.id !== undefined ? `/v1/images/${body.id}` : "" });
+});
+$("rerun").addEventListener("click", () => last && run(last, true));
+loadIndex();

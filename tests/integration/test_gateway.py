@@ -1,0 +1,189 @@
+"""The HTTP gateway with the real router and shard servers behind it (each its own process): answers,
+errors with the right HTTP status, limits, and a stopped shard flagged as a partial answer."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from services.common.config import Settings
+from services.common.embeddings import read_embeddings
+from services.common.procs import HttpService, Service, free_port, start_all
+from services.common.store import LocalStore
+from services.embedder.pipeline import embed_catalogue
+from services.eval.datasets import flatten, skimage_photos
+from services.indexer.build import build_index
+from tests.helpers import encode
+
+SHARDS = 2
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gateway")
+    (tmp / "photos").mkdir()
+    for item in skimage_photos()[:12]:
+        flatten(item.path, 320).save(tmp / "photos" / f"{item.label}.jpg")
+    settings = Settings(home=tmp / "home")
+    embed_catalogue(str(tmp / "photos"), str(tmp / "emb"), engine="local", settings=settings)
+    build_index(str(tmp / "emb"), str(tmp / "idx"), shards=SHARDS, settings=settings)
+    return tmp
+
+
+def start_stack(tmp, log_dir, **env_vars: str):
+    """Shard servers + router (embedding query images) + gateway, each a process; returns them."""
+    env = {"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_SHARD_TIMEOUT_S": "2", **env_vars}
+    shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(), env,
+                      log_dir / f"shard{i}.log") for i in range(SHARDS)]
+    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards), "--index",
+                                                  str(tmp / "idx")], free_port(), env, log_dir / "router.log")
+    gateway = HttpService("services.gateway", ["--router", f"127.0.0.1:{router.port}", "--index", str(tmp / "idx")],
+                          free_port(), env, log_dir / "gateway.log")
+    start_all(shards)
+    router.start()
+    gateway.start()
+    return shards, router, gateway
+
+
+@pytest.fixture()
+def stack(catalogue, tmp_path):
+    procs: list = []
+    try:
+        shards, router, gateway = start_stack(catalogue, tmp_path)
+        procs = [gateway, router, *shards]
+        yield catalogue, shards, gateway
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str]:
+    body = response.json()
+    return response.status_code, body["error"]["code"], body["error"]["message"]
+
+
+def test_search_by_upload_id_uri_vector_and_batch(stack):
+    tmp, _, gateway = stack
+    target = sorted((tmp / "photos").iterdir())[3]
+    query = encode(Image.open(target).resize((160, 120)), "JPEG", quality=50)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        r = http.post("/v1/search", files={"image": ("q.jpg", query, "image/jpeg")}, data={"k": "5"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["results"][0]["uri"] == str(target) and len(body["results"]) == 5
+        assert body["coverage"] == 1.0 and not body["partial"] and body["index_version"]
+        top = body["results"][0]
+        assert top["id_str"] == str(top["id"]) and top["thumbnail"] == f"/v1/images/{top['id']}"
+        thumb = http.get(top["thumbnail"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
+
+        by_id = http.post("/v1/search", json={"id": top["id_str"], "k": 3}).json()  # ids as strings: 64-bit
+        assert by_id["results"][0]["id"] == top["id"]
+        by_uri = http.post("/v1/search", json={"uri": str(target), "k": 3}).json()
+        assert by_uri["results"][0]["id"] == top["id"]
+        by_link = http.post("/v1/search", json={"uri": f"{gateway.url}/v1/images/{top['id']}", "k": 3}).json()
+        assert by_link["results"][0]["id"] == top["id"]
+        vector = read_embeddings(LocalStore(tmp / "emb")).vectors[0].tolist()
+        assert http.post("/v1/search", json={"vector": vector, "k": 2}).json()["results"][0]["score"] > 0.99
+
+        batch = http.post("/v1/search/batch", json={"queries": [{"id": top["id_str"]}, {"uri": str(target)}],
+                                                     "k": 2})
+        assert batch.status_code == 200, batch.text
+        assert [[h["id"] for h in r][0] for r in batch.json()["results"]] == [top["id"], top["id"]]
+        mixed = http.post("/v1/search/batch", json={"queries": [{"id": top["id_str"]}, {"vector": vector}]})
+        assert error_of(mixed)[:2] == (400, "INVALID_ARGUMENT")  # one kind of query per batch
+
+        info = http.get("/v1/index").json()
+        assert info["count"] == 12 and len(info["shards"]) == SHARDS and info["model"]["name"] == "lite0-gem"
+        assert "imsearch_gateway_requests_total" in http.get("/metrics").text
+        assert http.get("/openapi.json").json()["paths"]["/v1/search"]
+        assert "imsearch" in http.get("/").text
+
+
+def test_feedback_through_the_api(stack):
+    _, _, gateway = stack
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        ids = http.get("/v1/index").json()
+        assert ids["count"] == 12
+        first = http.post("/v1/search", json={"uri": str(sorted((stack[0] / "photos").iterdir())[0]), "k": 12}).json()
+        liked = first["results"][-1]["id_str"]
+        again = http.post("/v1/search", json={"uri": str(sorted((stack[0] / "photos").iterdir())[0]), "k": 12,
+                                              "feedback": {"relevant": [liked]}}).json()
+        order = [r["id_str"] for r in again["results"]]
+        assert order.index(liked) < [r["id_str"] for r in first["results"]].index(liked)
+
+
+def test_bad_input_gets_the_right_status_and_the_gateway_keeps_serving(stack, tmp_path):
+    tmp, _, gateway = stack
+    bomb = encode(Image.new("1", (12_000, 12_000)), "PNG", optimize=True)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        cases = [
+            (http.post("/v1/search", files={"image": ("a.txt", b"hello, not a picture", "text/plain")}), 400,
+             "INVALID_ARGUMENT", "not an image"),
+            (http.post("/v1/search", files={"image": ("z.jpg", b"", "image/jpeg")}), 400, "INVALID_ARGUMENT", "empty"),
+            (http.post("/v1/search", files={"image": ("big.jpg", b"\xff" * (50 * 2**20), "image/jpeg")}), 413,
+             "RESOURCE_EXHAUSTED", "limit"),
+            (http.post("/v1/search", files={"image": ("bomb.png", bomb, "image/png")}), 413, "RESOURCE_EXHAUSTED",
+             "decompression bomb"),
+            (http.post("/v1/search", content=b"k=3", headers={"content-type": "text/plain"}), 400,
+             "INVALID_ARGUMENT", "content type"),
+            (http.post("/v1/search", json={"id": 12345, "k": 3}), 404, "NOT_FOUND", "unknown"),
+            (http.post("/v1/search", json={"uri": "/nowhere.jpg"}), 404, "NOT_FOUND", "not in the catalogue"),
+            (http.post("/v1/search", json={"id": 1, "vector": [0.1]}), 400, "INVALID_ARGUMENT", "exactly one"),
+            (http.post("/v1/search", json={"vector": [0.1, 0.2], "k": 3}), 400, "INVALID_ARGUMENT", "dim"),
+            (http.post("/v1/search", json={"vector": [0.1] * 1280, "k": 0}), 400, "INVALID_ARGUMENT", "k must"),
+            (http.post("/v1/search", json={"vector": [0.1] * 1280, "k": 100000}), 400, "INVALID_ARGUMENT",
+             "k must"),
+            (http.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"}), 400,
+             "INVALID_ARGUMENT", "JSON"),
+            (http.post("/v1/search/batch", json={"queries": "nope"}), 400, "INVALID_ARGUMENT", "queries"),
+            (http.get("/v1/images/99999"), 404, "NOT_FOUND", "unknown catalogue id"),
+            (http.get("/v1/images/not-a-number"), 400, "INVALID_ARGUMENT", "id_"),
+            (http.get("/v1/nothing-here"), 404, "NOT_FOUND", "Not Found"),
+        ]
+        for response, status, code, words in cases:
+            got = error_of(response)
+            assert got[:2] == (status, code) and words in got[2], (got, status, code, words)
+        target = sorted((tmp / "photos").iterdir())[0]
+        ok = http.post("/v1/search", json={"uri": str(target), "k": 1})
+        assert ok.status_code == 200  # still serving
+    assert not list((tmp / "photos").glob("q*")) and len(list((tmp / "photos").iterdir())) == 12  # nothing written
+
+
+def test_api_keys_and_rate_limit(catalogue, tmp_path):
+    procs: list = []
+    try:
+        shards, router, gateway = start_stack(catalogue, tmp_path, IMSEARCH_GATEWAY_API_KEYS="alpha,beta",
+                                              IMSEARCH_GATEWAY_RATE_PER_S="0.5", IMSEARCH_GATEWAY_BURST="3")
+        procs = [gateway, router, *shards]
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            assert error_of(http.get("/v1/index"))[:2] == (401, "UNAUTHENTICATED")
+            assert error_of(http.get("/v1/index", headers={"X-API-Key": "gamma"}))[:2] == (401, "UNAUTHENTICATED")
+            assert http.get("/healthz").status_code == 200  # probes stay open
+            codes = [http.get("/v1/index", headers={"Authorization": "Bearer alpha"}).status_code for _ in range(5)]
+            assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+            limited = http.get("/v1/index", headers={"Authorization": "Bearer alpha"})
+            assert error_of(limited)[:2] == (429, "RESOURCE_EXHAUSTED") and limited.headers["retry-after"]
+            assert http.get("/v1/index", headers={"X-API-Key": "beta"}).status_code == 200  # per key
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_stopped_shards_give_a_flagged_partial_answer_then_unavailable(stack):
+    tmp, shards, gateway = stack
+    target = sorted((tmp / "photos").iterdir())[0]
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        shards[1].kill()
+        body = http.post("/v1/search", json={"uri": str(target), "k": 5}).json()
+        assert body["partial"] and body["coverage"] == 0.5 and body["missing_shards"] == [1]
+        assert body["results"] and all(r["shard"] == 0 for r in body["results"])
+        shards[0].kill()
+        status, code, _ = error_of(http.post("/v1/search", json={"uri": str(target), "k": 5}))
+        assert (status, code) == (503, "UNAVAILABLE")
+        assert http.get("/readyz").status_code == 503  # no shard answers: not ready
+        assert http.get("/healthz").status_code == 200  # but alive
