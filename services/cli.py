@@ -476,8 +476,9 @@ def datasets(
 def demo(
     workdir: Path = typer.Option(Path(".imsearch/demo"), help="where the sample catalogue and index go"),
     k: int = typer.Option(5, "-k"),
+    serve_page: bool = typer.Option(True, "--serve/--no-serve", help="then serve the index and its web page"),
 ) -> None:
-    """Index a sample catalogue (scikit-image photos + variants) and answer a query."""
+    """Index a sample catalogue (scikit-image photos + variants), answer a query, serve the web page."""
     from services.eval.datasets import write_demo_catalogue
 
     files, query = write_demo_catalogue(workdir)
@@ -487,6 +488,8 @@ def demo(
     index_build(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
                 nprobe=None, memory_budget_gb=None, version=None, publish=True, dba=0, as_json=False)
     search(str(workdir / "idx"), str(query), k=k, nprobe=None, feedback=[], as_json=False)
+    if serve_page:
+        serve(str(workdir / "idx"), port=0, host="127.0.0.1", shard_ports=0, http_port=None, http=True)
 
 
 def _shutdown() -> None:

@@ -173,7 +173,10 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
         request = pb.SearchRequest(query=query, k=k, nprobe=nprobe, feedback=pb.Feedback(
             relevant=feedback.relevant, not_relevant=feedback.not_relevant))
         reply = await state["stub"].Search(request, timeout=settings.gateway_timeout_s, metadata=metadata)
-        return answer(reply, k, start)
+        out = answer(reply, k, start)
+        if query.WhichOneof("query") == "id":  # a catalogue image: the page shows it as the query
+            out["query"] = {"id_str": str(query.id), "thumbnail": f"/v1/images/{query.id}"}
+        return out
 
     @app.post("/v1/search", summary="Search by an uploaded image (multipart) or a JSON query")
     async def search_endpoint(request: Request) -> dict:

@@ -9,47 +9,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from services.common.config import Settings
 from services.common.embeddings import read_embeddings
-from services.common.procs import HttpService, Service, free_port, start_all
 from services.common.store import LocalStore
-from services.embedder.pipeline import embed_catalogue
-from services.eval.datasets import flatten, skimage_photos
-from services.indexer.build import build_index
 from tests.helpers import encode
-
-SHARDS = 2
-
-
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gateway")
-    (tmp / "photos").mkdir()
-    for item in skimage_photos()[:12]:
-        flatten(item.path, 320).save(tmp / "photos" / f"{item.label}.jpg")
-    settings = Settings(home=tmp / "home")
-    embed_catalogue(str(tmp / "photos"), str(tmp / "emb"), engine="local", settings=settings)
-    build_index(str(tmp / "emb"), str(tmp / "idx"), shards=SHARDS, settings=settings)
-    return tmp
-
-
-def start_stack(tmp, log_dir, **env_vars: str):
-    """Shard servers + router (embedding query images) + gateway, each a process; returns them."""
-    env = {"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_SHARD_TIMEOUT_S": "2", **env_vars}
-    shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(), env,
-                      log_dir / f"shard{i}.log") for i in range(SHARDS)]
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards), "--index",
-                                                  str(tmp / "idx")], free_port(), env, log_dir / "router.log")
-    gateway = HttpService("services.gateway", ["--router", f"127.0.0.1:{router.port}", "--index", str(tmp / "idx")],
-                          free_port(), env, log_dir / "gateway.log")
-    start_all(shards)
-    router.start()
-    gateway.start()
-    return shards, router, gateway
+from tests.integration.stack import SHARDS, catalogue, start_stack  # noqa: F401 - catalogue is a fixture
 
 
 @pytest.fixture()
-def stack(catalogue, tmp_path):
+def stack(catalogue, tmp_path):  # noqa: F811
     procs: list = []
     try:
         shards, router, gateway = start_stack(catalogue, tmp_path)
@@ -154,7 +121,7 @@ def test_bad_input_gets_the_right_status_and_the_gateway_keeps_serving(stack, tm
     assert not list((tmp / "photos").glob("q*")) and len(list((tmp / "photos").iterdir())) == 12  # nothing written
 
 
-def test_api_keys_and_rate_limit(catalogue, tmp_path):
+def test_api_keys_and_rate_limit(catalogue, tmp_path):  # noqa: F811
     procs: list = []
     try:
         shards, router, gateway = start_stack(catalogue, tmp_path, IMSEARCH_GATEWAY_API_KEYS="alpha,beta",

@@ -1,6 +1,8 @@
-"""`imsearch serve` on a real-model index: image queries from a client, then a clean SIGTERM stop."""
+"""`imsearch serve` on a real-model index: image queries from a client, the web page, then a clean SIGTERM stop."""
 
 from __future__ import annotations
+
+import urllib.request
 
 import pytest
 from grpc import RpcError, StatusCode
@@ -8,7 +10,7 @@ from PIL import Image
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.config import Settings
-from services.common.procs import Service, free_port
+from services.common.procs import Service, free_port, wait_http
 from services.embedder.pipeline import embed_catalogue
 from services.eval.datasets import flatten, skimage_photos
 from services.indexer.build import build_index
@@ -29,10 +31,14 @@ def real_index(tmp_path):
 
 def test_serve_answers_image_queries_and_stops_cleanly(real_index):
     tmp = real_index
-    serve = Service("services.cli", ["serve", str(tmp / "idx")], free_port(),
+    http_port = free_port()
+    serve = Service("services.cli", ["serve", str(tmp / "idx"), "--http-port", str(http_port)], free_port(),
                     {"IMSEARCH_HOME": str(tmp / "home")}, tmp / "serve.log")
     try:
         serve.start()
+        wait_http(f"http://127.0.0.1:{http_port}/readyz", serve.proc)  # the web page comes up after the router
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as page:
+            assert b"<title>imsearch</title>" in page.read()
         target = sorted((tmp / "photos").iterdir())[5]
         query = encode(Image.open(target).resize((150, 110)), "JPEG", quality=40)
         with SearchClient(serve.address, timeout=30) as client:
@@ -49,3 +55,4 @@ def test_serve_answers_image_queries_and_stops_cleanly(real_index):
         serve.stop()
     log = (tmp / "serve.log").read_text()
     assert "2 shard server(s) up" in log and "router serving" in log
+    assert f"open http://127.0.0.1:{http_port}/" in log

@@ -68,6 +68,7 @@ async function run(query, withFeedback = false) {
 }
 
 function show(answer, withFeedback) {
+  if (answer.query) $("query-img").src = answer.query.thumbnail;
   const coverage = Math.round(answer.coverage * 100);
   $("status").textContent = `${answer.results.length} results · ${answer.latency_ms} ms · index ${answer.index_version}` +
     ` · coverage ${coverage}%` + (answer.cached ? " · cached" : "") + (withFeedback ? " · with feedback" : "");
@@ -93,6 +94,7 @@ function hitCard(hit) {
   meta.className = "meta";
   meta.innerHTML = `<span class="score">${hit.score.toFixed(4)}</span><span class="id"></span>`;
   meta.querySelector(".id").textContent = id;
+  meta.querySelector(".id").title = `id ${id}\n${hit.uri}\nshard ${hit.shard}`;
   const buttons = document.createElement("div");
   buttons.className = "marks";
   for (const [label, ok, cls] of [["✓ relevant", true, "mark-yes"], ["✗ not", false, "mark-no"]]) {

@@ -1,0 +1,102 @@
+"""The web page in a real headless Chromium (Debian's package, driven by Playwright; no browser download),
+against the real gateway, router and shard servers. Screenshots go to test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import encode
+from tests.integration.stack import catalogue, start_stack  # noqa: F401 - catalogue is a fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture()
+def browser_page(catalogue, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "browser tests need Debian's chromium (apt-get install chromium)"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    procs: list = []
+    try:
+        shards, router, gateway = start_stack(catalogue, tmp_path)
+        procs = [gateway, router, *shards]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(gateway.url)
+            yield page, catalogue, shards, errors
+            browser.close()
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def hit_ids(page) -> list[str]:
+    return page.locator(".hit").evaluate_all("cards => cards.map(c => c.dataset.id)")
+
+
+def thumbnails_loaded(page) -> bool:
+    return page.locator(".hit img").evaluate_all("imgs => imgs.every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_upload_click_feedback_and_partial_answer(browser_page, tmp_path):
+    page, tmp, shards, errors = browser_page
+    page.wait_for_selector("#index-info:has-text('12 images')")
+    target = sorted((tmp / "photos").iterdir())[2]
+    query = tmp_path / "query.jpg"
+    query.write_bytes(encode(Image.open(target).resize((180, 140)), "JPEG", quality=60))
+
+    # upload an image: the grid fills with thumbnails, scores and ids, the answer's facts above it
+    page.locator("#k").fill("8")
+    page.set_input_files("#file", str(query))
+    page.wait_for_selector(".hit >> nth=7")
+    page.wait_for_function("() => [...document.querySelectorAll('.hit img')].every(i => i.complete)")
+    assert thumbnails_loaded(page)
+    assert page.locator(".hit img").first.get_attribute("alt") == str(target)
+    status = page.locator("#status").inner_text()
+    assert "8 results" in status and "coverage 100%" in status and " ms" in status and "index v" in status
+    assert page.locator("#partial").is_hidden()
+    page.screenshot(path=str(SHOTS / "01-upload-results.png"), full_page=True)
+
+    # click a hit: search by it; it comes back first
+    second = hit_ids(page)[1]
+    page.locator(".hit img").nth(1).click()
+    page.wait_for_function(f"() => document.querySelector('.hit')?.dataset.id === '{second}'")
+    page.screenshot(path=str(SHOTS / "02-clicked-hit.png"), full_page=True)
+
+    # mark the last hit relevant and the second not relevant, re-run: the marked hit moves up
+    before = hit_ids(page)
+    liked, disliked = before[-1], before[1]
+    page.locator(f".hit[data-id='{liked}'] .mark-yes").click()
+    page.locator(f".hit[data-id='{disliked}'] .mark-no").click()
+    assert page.locator(".hit.relevant").count() == 1 and page.locator(".hit.not-relevant").count() == 1
+    page.locator("#rerun").click()
+    page.wait_for_selector("#status:has-text('with feedback')")
+    after = hit_ids(page)
+    assert liked in after and after.index(liked) < before.index(liked)
+    assert page.locator(f".hit[data-id='{liked}']").get_attribute("class").split() == ["hit", "relevant"]
+    page.screenshot(path=str(SHOTS / "03-feedback.png"), full_page=True)
+
+    # a shard stops: the next answer is flagged as partial
+    shards[1].kill()
+    page.locator("#uri").fill(str(target))
+    page.locator("#by-uri button").click()
+    page.wait_for_selector("#partial:has-text('Partial answer')")
+    assert "coverage 50%" in page.locator("#status").inner_text()
+    page.wait_for_function("() => document.querySelector('#query-img').naturalWidth > 0")  # the catalogue image
+    page.screenshot(path=str(SHOTS / "04-partial.png"), full_page=True)
+
+    # an error is shown, not swallowed
+    page.locator("#uri").fill("/not/in/the/catalogue.jpg")
+    page.locator("#by-uri button").click()
+    page.wait_for_selector("#error:has-text('404')")
+    assert not errors, errors
