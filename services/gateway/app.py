@@ -95,10 +95,6 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
 
     app = FastAPI(title="imsearch gateway", version="1", lifespan=lifespan,
                   description="Search a catalogue of images by image, vector or catalogue id.")
-    origins = [o.strip() for o in settings.gateway_cors_origins.split(",") if o.strip()]
-    if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -118,6 +114,11 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
         REQUESTS.labels(label, str(response.status_code)).inc()
         LATENCY.labels(label).observe(time.perf_counter() - start)
         return response
+
+    origins = [o.strip() for o in settings.gateway_cors_origins.split(",") if o.strip()]
+    if origins:  # added last, so outermost: preflights and the guard's 401/429 answers get CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
 
     @app.exception_handler(ImsearchError)
     async def domain_error(request: Request, exc: ImsearchError):

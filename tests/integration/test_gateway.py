@@ -4,6 +4,7 @@ errors with the right HTTP status, limits, and a stopped shard flagged as a part
 from __future__ import annotations
 
 import io
+import signal
 
 import httpx
 import pytest
@@ -121,13 +122,19 @@ def test_bad_input_gets_the_right_status_and_the_gateway_keeps_serving(stack, tm
     assert not list((tmp / "photos").glob("q*")) and len(list((tmp / "photos").iterdir())) == 12  # nothing written
 
 
-def test_api_keys_and_rate_limit(catalogue, tmp_path):  # noqa: F811
+def test_api_keys_rate_limit_and_cors(catalogue, tmp_path):  # noqa: F811
     procs: list = []
     try:
         shards, router, gateway = start_stack(catalogue, tmp_path, IMSEARCH_GATEWAY_API_KEYS="alpha,beta",
-                                              IMSEARCH_GATEWAY_RATE_PER_S="0.5", IMSEARCH_GATEWAY_BURST="3")
+                                              IMSEARCH_GATEWAY_RATE_PER_S="0.5", IMSEARCH_GATEWAY_BURST="3",
+                                              IMSEARCH_GATEWAY_CORS_ORIGINS="https://shop.example")
         procs = [gateway, router, *shards]
         with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"}
+            allowed = http.options("/v1/search", headers=preflight)
+            assert allowed.headers.get("access-control-allow-origin") == "https://shop.example"
+            other = http.options("/v1/search", headers={**preflight, "Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in other.headers
             assert error_of(http.get("/v1/index"))[:2] == (401, "UNAUTHENTICATED")
             assert error_of(http.get("/v1/index", headers={"X-API-Key": "gamma"}))[:2] == (401, "UNAUTHENTICATED")
             assert http.get("/healthz").status_code == 200  # probes stay open
@@ -154,3 +161,26 @@ def test_stopped_shards_give_a_flagged_partial_answer_then_unavailable(stack):
         assert (status, code) == (503, "UNAVAILABLE")
         assert http.get("/readyz").status_code == 503  # no shard answers: not ready
         assert http.get("/healthz").status_code == 200  # but alive
+
+
+def test_a_frozen_shard_past_the_gateway_deadline_is_504_and_the_gateway_recovers(catalogue, tmp_path):  # noqa: F811
+    procs: list = []
+    try:
+        shards, router, gateway = start_stack(catalogue, tmp_path, IMSEARCH_GATEWAY_TIMEOUT_S="0.5",
+                                              IMSEARCH_SHARD_TIMEOUT_S="3")
+        procs = [gateway, router, *shards]
+        target = str(sorted((catalogue / "photos").iterdir())[0])
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            assert http.post("/v1/search", json={"uri": target, "k": 3}).status_code == 200  # warm
+            shards[0].proc.send_signal(signal.SIGSTOP)  # alive but silent, mid-request
+            try:
+                status, code, _ = error_of(http.post("/v1/search", json={"uri": target, "k": 3}))
+                assert (status, code) == (504, "DEADLINE_EXCEEDED")
+            finally:
+                shards[0].proc.send_signal(signal.SIGCONT)
+            vector = read_embeddings(LocalStore(catalogue / "emb")).vectors[0].tolist()
+            ok = http.post("/v1/search", json={"vector": vector, "k": 3})
+            assert ok.status_code == 200 and ok.json()["coverage"] == 1.0
+    finally:
+        for p in procs:
+            p.stop()
