@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -16,6 +17,7 @@ from services.searcher.local import read_docs
 
 THUMB_SIDE = 256
 THUMB_CACHE = 1024
+REFRESH_S = 2.0
 
 
 class Catalogue:
@@ -24,6 +26,7 @@ class Catalogue:
     def __init__(self, index_url: str, settings: Settings):
         self.url, self.settings = index_url, settings
         self.version = ""
+        self.checked = 0.0
         self.ids = np.zeros(0, np.int64)
         self.uris = np.zeros(0, dtype=object)
         self.by_uri: dict[str, int] = {}
@@ -31,6 +34,12 @@ class Catalogue:
         self.lock = threading.Lock()
 
     def refresh(self) -> None:
+        """Reload ids and uris if another version is published (at most every REFRESH_S: unknown ids
+        must not turn into a Store read each)."""
+        now = time.monotonic()
+        if self.version and now - self.checked < REFRESH_S:
+            return
+        self.checked = now
         store = open_store(self.url, self.settings)
         manifest = load_current(store)
         if manifest.version == self.version:
