@@ -452,6 +452,85 @@ def train(
 
 @app.command()
 @cli_errors
+def loadtest(
+    router_: str = typer.Option(..., "--router", help="router address host:port"),
+    index_: str = typer.Option(..., "--index", help="index root (the popular queries are catalogue ids)"),
+    images: Optional[str] = typer.Option(None, help="folder of images for the 'new' queries"),
+    seconds: float = typer.Option(30.0, help="how long to drive load"),
+    concurrency: int = typer.Option(8, help="clients (closed loop) / in-flight bound (open loop)"),
+    rate: float = typer.Option(0.0, help="calls per second (open loop); 0: closed loop, as fast as possible"),
+    mix: str = typer.Option("new=0.1,popular=0.8,batch=0.1", help="weights of the call kinds"),
+    zipf: float = typer.Option(1.1, help="Zipf exponent of the popular queries"),
+    popular: int = typer.Option(1000, help="size of the popular-query pool"),
+    batch: int = typer.Option(16, help="queries per batch call"),
+    at_fraction: Optional[float] = typer.Option(None, help="find the peak (closed loop) first, then run open "
+                                                           "loop at this fraction of it (e.g. 0.7)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Drive the router with a mix of new images, Zipf-popular repeats and batch calls; print the figures."""
+    import asyncio
+
+    import numpy as np
+
+    from services.common.store import open_store
+    from services.indexer.manifest import load_current
+    from services.loadtest import Workload, load_images, parse_mix, run_load
+    from services.searcher.local import read_docs
+
+    settings = _settings()
+    weights = parse_mix(mix)
+    store = open_store(index_, settings)
+    manifest = load_current(store)
+    ids = np.concatenate([read_docs(store, manifest, e)[0] for e in manifest.shards])
+    pool = np.random.default_rng(0).permutation(ids)[:popular].tolist()
+    new = load_images(images) if weights.get("new") else []
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+
+    def once(r: float) -> dict:
+        work = Workload(new, pool, zipf, batch)
+        return asyncio.run(run_load(router_, work, weights, seconds, concurrency, r, token)).summary()
+
+    runs = {"load": once(rate)}
+    if at_fraction:
+        runs = {"peak": runs["load"]}
+        runs[f"at_{at_fraction:g}_of_peak"] = once(runs["peak"]["qps"] * at_fraction)
+    if as_json:
+        print(json.dumps(runs))
+        return
+    for name, r in runs.items():
+        out.print(f"{name}: {r['qps']} calls/s over {r['seconds']} s, p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, "
+                  f"p99 {r['p99_ms']} ms, error rate {r['error_rate']}, cache hit rate {r['cache_hit_rate']}, "
+                  f"partial {r['partial_answers']}, statuses {r['statuses']}", highlight=False)
+
+
+@app.command()
+def health(
+    address: str = typer.Argument(..., help="host:port of a gRPC service, or http://host:port/readyz"),
+    timeout: float = typer.Option(2.0),
+) -> None:
+    """Exit 0 when the service is SERVING (gRPC health) or the URL answers 200: container health checks."""
+    if address.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(address, timeout=timeout) as reply:
+                raise typer.Exit(0 if reply.status == 200 else 1)
+        except (urllib.error.URLError, OSError):
+            raise typer.Exit(1) from None
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            raise typer.Exit(1) from None
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@app.command()
+@cli_errors
 def datasets(
     name: str = typer.Argument(..., help="tuxpaint (Debian tuxpaint-stamps-default photos) | skimage"),
     out_: Path = typer.Argument(..., metavar="OUT", help="folder to write <class>/<image>.jpg into"),

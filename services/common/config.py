@@ -53,13 +53,6 @@ class Settings(BaseSettings):
     # --- serving
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=1024, description="gRPC message size limit")
 
-    # --- HTTP gateway
-    gateway_port: int = Field(8080, ge=0, le=65535)
-    gateway_api_keys: SecretStr | None = Field(None, description="comma-separated API keys; unset: no keys needed")
-    gateway_rate_per_s: float = Field(0.0, ge=0, description="requests per second per key (or client); 0: no limit")
-    gateway_burst: int = Field(20, gt=0, description="requests a key may make at once before the rate applies")
-    gateway_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: none")
-    gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
     max_batch: int = Field(256, gt=0, description="most queries in one SearchBatch / Embed call")
     auth_token: SecretStr | None = Field(None, description="bearer token every call must carry")
     tls_cert: Path | None = None
@@ -76,6 +69,20 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="query cache, e.g. redis://localhost:6379/0")
     cache_ttl_s: int = Field(3600, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
+
+    # --- HTTP gateway
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    gateway_api_keys: SecretStr | None = Field(None, description="comma-separated API keys; unset: no keys needed")
+    gateway_rate_per_s: float = Field(0.0, ge=0, description="requests per second per key (or client); 0: no limit")
+    gateway_burst: int = Field(20, gt=0, description="requests a key may make at once before the rate applies")
+    gateway_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: none")
+    gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
+
+    @field_validator("auth_token", "gateway_api_keys", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        """An empty variable (compose's ${VAR:-}) means no token, not the empty token."""
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @field_validator("s3_endpoint")
     @classmethod

@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--router", required=True, help="router address host:port")
+    ap.add_argument("--index", required=True, help="index root (for thumbnails and uri lookups)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=None, help="default: IMSEARCH_GATEWAY_PORT")
+    return ap
+
+
 def main() -> None:
     import uvicorn
 
@@ -12,12 +21,7 @@ def main() -> None:
     from services.common.logs import setup_logging
     from services.gateway.app import create_app
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--router", required=True, help="router address host:port")
-    ap.add_argument("--index", required=True, help="index root (for thumbnails and uri lookups)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=None, help="default: IMSEARCH_GATEWAY_PORT")
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
     port = settings.gateway_port if args.port is None else args.port

@@ -435,7 +435,7 @@ async def serve(shards: list[list[str]], port: int = 0, settings: Settings | Non
     return running, router
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
     ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard")
     ap.add_argument("--index", help="index root: the router then assigns IVF lists once for all shards, and "
@@ -443,7 +443,11 @@ def main() -> None:
     ap.add_argument("--embedder", help="host:port of an Embedder service for query images")
     ap.add_argument("--port", type=int, default=50050)
     ap.add_argument("--host", default="127.0.0.1")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     async def start():
         running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host,

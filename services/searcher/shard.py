@@ -107,13 +107,17 @@ async def serve(index: str, shard: int, port: int = 0, settings: Settings | None
     return running
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="serve one shard of an imsearch index over gRPC")
     ap.add_argument("--index", required=True, help="index root (folder or s3://)")
     ap.add_argument("--shard", type=int, required=True)
     ap.add_argument("--port", type=int, default=50061)
     ap.add_argument("--host", default="127.0.0.1")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     async def start():
         return await serve(args.index, args.shard, args.port, host=args.host), None
