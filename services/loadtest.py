@@ -45,7 +45,7 @@ def parse_mix(text: str) -> dict[str, float]:
 class Workload:
     """What the queries are made of: new images (bytes) and a pool of popular queries (catalogue ids)."""
     images: list[bytes]
-    popular: list[int]
+    popular: list  # catalogue ids (int), or query vectors (np.ndarray rows)
     zipf: float = 1.1
     batch: int = 16
     rng: random.Random = field(default_factory=lambda: random.Random(0))
@@ -53,15 +53,17 @@ class Workload:
     def __post_init__(self):
         ranks = np.arange(1, len(self.popular) + 1, dtype=np.float64)
         self.weights = (1.0 / ranks ** self.zipf).tolist()
+        self.queries = [pb.Query(id=int(q)) if isinstance(q, (int, np.integer)) else
+                        pb.Query(vector=pb.Vector(values=np.asarray(q, np.float32).tolist())) for q in self.popular]
 
     def request(self, kind: str):
         if kind == "new":
             return "Search", pb.SearchRequest(query=pb.Query(image=self.rng.choice(self.images)), k=10)
         if kind == "popular":
-            id_ = self.rng.choices(self.popular, self.weights)[0]
-            return "Search", pb.SearchRequest(query=pb.Query(id=id_), k=10)
-        ids = self.rng.choices(self.popular, k=self.batch)
-        return "SearchBatch", pb.SearchBatchRequest(queries=[pb.Query(id=i) for i in ids], k=10, columnar=True)
+            query = self.rng.choices(self.queries, self.weights)[0]
+            return "Search", pb.SearchRequest(query=query, k=10)
+        queries = self.rng.choices(self.queries, k=self.batch)
+        return "SearchBatch", pb.SearchBatchRequest(queries=queries, k=10, columnar=True)
 
 
 @dataclass

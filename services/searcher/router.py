@@ -112,8 +112,9 @@ class Router:
         self.coarse: dict[str, tuple | None] = {}
         self.version = ""  # the index version of the last answer: part of every cache key
 
-    async def _ask(self, shard: int, request: pb.ShardSearchRequest, deadline: float) -> pb.ShardSearchResponse | None:
-        """Ask one replica after another until one answers or the deadline passes."""
+    async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
+        """Call `method` on one replica after another until one answers (its reply) or the deadline
+        passes (None)."""
         loop = asyncio.get_running_loop()
         replicas = self.stubs[shard]
         start = next(self.turn[shard])
@@ -122,7 +123,7 @@ class Router:
             if remaining <= 0:
                 break
             try:
-                return await replicas[(start + i) % len(replicas)].Search(
+                return await getattr(replicas[(start + i) % len(replicas)], method)(
                     request, timeout=remaining, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
                 metrics.SHARD_ERRORS.labels(str(shard), e.code().name).inc()
@@ -257,17 +258,10 @@ class Router:
 
     async def fetch(self, ids: list[int], timeout: float | None = None) -> np.ndarray:
         """Stored vectors of catalogue ids, asked of every shard at once (any sharding rule works)."""
-        budget = shard_budget(timeout, self.settings.shard_timeout_s)
-
-        async def ask(stubs):
-            try:
-                return await stubs[0].Fetch(pb.FetchRequest(ids=ids), timeout=budget, metadata=self.metadata)
-            except grpc.aio.AioRpcError as e:
-                log.warning("fetch failed on a shard: %s", e.code().name)
-                return None
-
+        deadline = asyncio.get_running_loop().time() + shard_budget(timeout, self.settings.shard_timeout_s)
+        request = pb.FetchRequest(ids=ids)
         vectors: list = [None] * len(ids)
-        replies = await asyncio.gather(*(ask(s) for s in self.stubs))
+        replies = await asyncio.gather(*(self._ask(n, request, deadline, "Fetch") for n in range(len(self.stubs))))
         for reply in replies:
             for i, (found, v) in enumerate(zip(reply.found if reply else [], reply.vectors if reply else [])):
                 if found:
