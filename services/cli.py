@@ -529,6 +529,69 @@ def health(
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
+cluster_app = typer.Typer(no_args_is_help=True, help="The whole system on this machine as real processes.")
+app.add_typer(cluster_app, name="cluster")
+CLUSTER_DIR = Path(".imsearch/cluster")
+
+
+@cluster_app.command("up")
+@cli_errors
+def cluster_up(
+    index_: str = typer.Argument(..., metavar="INDEX", help="index root (folder or s3://) to serve"),
+    workdir: Path = typer.Option(CLUSTER_DIR, help="state, logs and data of the cluster"),
+    replicas: int = typer.Option(2, help="shard server replicas per shard"),
+    s3: str = typer.Option("auto", help="S3 server: auto | minio | moto | none"),
+    ray: bool = typer.Option(True, help="start a Ray head for `imsearch embed --ray-address`"),
+    http_port: int = typer.Option(0, help="gateway port (0: a free port)"),
+) -> None:
+    """Start Redis, an S3 server, a Ray head, the embedder, shard servers x replicas, the router and the
+    gateway (each its own process, detached), wait until all are healthy, print where they are."""
+    from services import cluster
+
+    if not 1 <= replicas <= 8:
+        raise typer.BadParameter("--replicas must be between 1 and 8")
+    procs = cluster.up(index_, workdir, replicas, s3, ray, http_port, _step(False))
+    _cluster_table(workdir, [(p, True, "healthy") for p in procs])
+    by_name = {p.name: p for p in procs}
+    out.print(f"open http://{by_name['gateway'].address}/  ·  router {by_name['router'].address}", highlight=False)
+    if "s3" in by_name:
+        out.print(f"S3: IMSEARCH_S3_ENDPOINT={by_name['s3'].address}", highlight=False)
+    if "ray-head" in by_name:
+        out.print(f"Ray: imsearch embed ... --ray-address {by_name['ray-head'].address}", highlight=False)
+    out.print(f"stop with: imsearch cluster down --workdir {workdir}", highlight=False)
+
+
+@cluster_app.command("status")
+@cli_errors
+def cluster_status(workdir: Path = typer.Option(CLUSTER_DIR)) -> None:
+    """Health of every part; exit 1 if any is down."""
+    from services import cluster
+
+    rows = cluster.status(workdir)
+    _cluster_table(workdir, rows)
+    if not all(ok for _, ok, _ in rows):
+        raise typer.Exit(1)
+
+
+@cluster_app.command("down")
+@cli_errors
+def cluster_down(workdir: Path = typer.Option(CLUSTER_DIR)) -> None:
+    """Stop every part (SIGTERM, then SIGKILL after a grace period)."""
+    from services import cluster
+
+    n = cluster.down(workdir, _step(False))
+    out.print(f"stopped {n} process(es)", highlight=False)
+
+
+def _cluster_table(workdir: Path, rows) -> None:
+    table = Table(title=f"cluster in {workdir}")
+    for col in ("part", "address", "pid", "state", "log"):
+        table.add_column(col)
+    for p, ok, detail in rows:
+        table.add_row(p.name, p.address, str(p.pid), detail if ok else f"[red]{detail}[/red]", p.log)
+    out.print(table)
+
+
 @app.command()
 @cli_errors
 def datasets(

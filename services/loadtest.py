@@ -57,8 +57,16 @@ class Workload:
                         pb.Query(vector=pb.Vector(values=np.asarray(q, np.float32).tolist())) for q in self.popular]
 
     def request(self, kind: str):
-        if kind == "new":
+        if kind == "new" and self.images:
             return "Search", pb.SearchRequest(query=pb.Query(image=self.rng.choice(self.images)), k=10)
+        if kind == "new":  # no images: a never-seen vector near a popular one (a cache miss every time)
+            base = self.queries[self.rng.randrange(len(self.queries))]
+            if base.WhichOneof("query") != "vector":
+                raise InvalidInput("'new' queries need --images, or a pool of vectors")
+            v = np.asarray(base.vector.values, np.float32)
+            v = v + np.float32(0.05) * np.asarray([self.rng.gauss(0, 1) for _ in range(len(v))], np.float32)
+            return "Search", pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=(v / np.linalg.norm(v)).tolist())),
+                                              k=10)
         if kind == "popular":
             query = self.rng.choices(self.queries, self.weights)[0]
             return "Search", pb.SearchRequest(query=query, k=10)

@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import time
-import urllib.request
-
 import pytest
 
 from services.common.config import Settings, get_settings
-from services.common.procs import free_port
-
-
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    """Poll until the server answers HTTP at all (any status), or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server at {url} did not come up in {timeout}s")
-            time.sleep(0.05)
+from services.common.procs import free_port, wait_http
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +29,7 @@ class S3Server:
 
     def start(self) -> "S3Server":
         self.server.start()
-        wait_http(f"http://127.0.0.1:{self.port}/")
+        wait_http(f"http://127.0.0.1:{self.port}/", timeout=20, any_status=True)
         self.running = True
         return self
 

@@ -12,6 +12,7 @@ FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
 ASSIGNED = Counter("imsearch_router_assigned_total", "fan-outs whose IVF lists the router chose once for all shards")
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
+IN_FLIGHT = Gauge("imsearch_in_flight", "calls being handled", ["service"])
 QUEUE_DEPTH = Gauge("imsearch_queue_depth", "requests waiting for a batch", ["queue"])  # embed | fanout
 
 

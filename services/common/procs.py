@@ -86,20 +86,25 @@ class Service:
                 self.kill()
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Poll url until it answers 200 (or fail, if the process died or time ran out)."""
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0,
+              any_status: bool = False) -> None:
+    """Poll url until it answers 200 (any_status: any HTTP answer at all), or fail if the process died
+    or time ran out."""
     import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{url}: the process exited with code {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url, timeout=1) as reply:
                 if reply.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+        except OSError:
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} not ready after {timeout:.0f} s")

@@ -31,19 +31,22 @@ def rpc(fn):
     async def wrapper(self, request, context):
         service, code = type(self).__name__, "OK"
         start = time.perf_counter()
+        metrics.IN_FLIGHT.labels(service).inc()
         try:
             return await fn(self, request, context)
         except ImsearchError as e:
             code = e.code.name
             await context.abort(e.code, str(e))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client went away, or a stop outlasted its grace
             code = "CANCELLED"
+            log.warning("%s.%s cancelled while running", service, fn.__name__)
             raise
         except Exception:
             code = "INTERNAL"
             log.exception("unhandled error in %s", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
         finally:
+            metrics.IN_FLIGHT.labels(service).dec()
             metrics.REQUESTS.labels(service, fn.__name__, code).inc()
             metrics.LATENCY.labels(service, fn.__name__).observe(time.perf_counter() - start)
 
@@ -74,6 +77,25 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return await continuation(details)
 
 
+class DecodeErrors(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse is INVALID_ARGUMENT (grpc itself would answer UNKNOWN)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        decode, behavior = handler.request_deserializer, handler.unary_unary
+
+        async def checked(data: bytes, context):
+            try:
+                request = decode(data)
+            except Exception:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{details.method}: the request does not parse")
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(checked, response_serializer=handler.response_serializer)
+
+
 @dataclass
 class Running:
     server: grpc.aio.Server
@@ -98,7 +120,8 @@ async def start(add: list[tuple[Callable, object, str]], port: int, settings: Se
                 host: str = "127.0.0.1", serving: bool = True) -> Running:
     """add: (add_XServicer_to_server, servicer, full service name). port 0 picks a free port."""
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
-    server = grpc.aio.server(options=channel_options(settings), interceptors=[BearerAuth(token)] if token else [])
+    interceptors = [BearerAuth(token)] if token else []
+    server = grpc.aio.server(options=channel_options(settings), interceptors=[*interceptors, DecodeErrors()])
     for add_fn, servicer, _ in add:
         add_fn(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -262,7 +262,8 @@ def _run_ray(uris: list[str], model: str, weights: str | None, settings: Setting
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
         # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
-        ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+        # No address: a private instance ("local"), never whatever `ray start` left running on this host.
+        ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=False)
     from services.embedder.models import pick_device
 
     gpus = 1 if pick_device(settings.device).type == "cuda" else 0

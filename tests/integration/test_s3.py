@@ -99,3 +99,42 @@ def test_embed_survives_the_s3_server_going_away_for_a_few_seconds(s3, tmp_path)
     assert json.loads(out)["embedded"] == 60
     emb = read_embeddings(store)
     assert len(set(emb.ids.tolist())) == 60
+
+
+def _build_while_s3_stops(s3, emb: Path, home: Path, down_s: float, retry_s: str) -> subprocess.CompletedProcess:
+    """`imsearch index build EMB --out s3://work/idx` in a process; the S3 server stops right before the
+    build starts writing (after tuning) and comes back after down_s seconds."""
+    env = {**os.environ, "IMSEARCH_HOME": str(home), "IMSEARCH_S3_RETRY_S": retry_s}
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "index", "build", str(emb), "--shards", "2",
+                             "--out", "s3://work/idx"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the build reports its steps; writing starts after the nprobe line
+        seen.append(line)
+        if "nprobe" in line:
+            s3.stop()
+            break
+    time.sleep(down_s)
+    s3.restart()
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + err)
+
+
+def test_publishing_while_the_s3_server_is_down(s3, tmp_path):
+    from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(30_000, 64, seed=4, clusters=30))
+    store = open_store("s3://work/idx")
+    build_index(str(tmp_path / "emb"), "s3://work/idx", shards=2, version="v1")
+    # a short outage while the new version is written: the writes retry, then it is published
+    ok = _build_while_s3_stops(s3, tmp_path / "emb", tmp_path / "home", 3.0, "30")
+    assert ok.returncode == 0, ok.stderr
+    v2 = load_current(store)
+    assert v2.version != "v1"
+    IndexSearcher("s3://work/idx")  # every shard downloads and verifies against the manifest's sha256
+    # an outage longer than the retry budget: a clear error, and CURRENT still names a complete version
+    failed = _build_while_s3_stops(s3, tmp_path / "emb", tmp_path / "home", 15.0, "1")  # > urllib3 + ours
+    assert failed.returncode == 2 and "error: cannot reach S3 server" in failed.stderr, failed.stderr
+    assert load_current(store).version == v2.version
+    searcher = IndexSearcher("s3://work/idx")
+    assert searcher.manifest.count == 30_000
