@@ -488,7 +488,8 @@ def loadtest(
 
     def once(r: float) -> dict:
         work = Workload(new, pool, zipf, batch)
-        return asyncio.run(run_load(router_, work, weights, seconds, concurrency, r, token)).summary()
+        return asyncio.run(run_load(router_, work, weights, seconds, concurrency, r, token,
+                                    tls_ca=settings.tls_ca)).summary()
 
     runs = {"load": once(rate)}
     if at_fraction:
@@ -521,7 +522,9 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from services.common.server import channel as open_channel
+
+    with open_channel(address, _settings(), aio=False) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
@@ -543,6 +546,7 @@ def cluster_up(
     s3: str = typer.Option("auto", help="S3 server: auto | minio | moto | none"),
     ray: bool = typer.Option(True, help="start a Ray head for `imsearch embed --ray-address`"),
     http_port: int = typer.Option(0, help="gateway port (0: a free port)"),
+    secure: bool = typer.Option(False, help="TLS on every gRPC hop (self-signed) and a bearer token, as files"),
 ) -> None:
     """Start Redis, an S3 server, a Ray head, the embedder, shard servers x replicas, the router and the
     gateway (each its own process, detached), wait until all are healthy, print where they are."""
@@ -550,7 +554,7 @@ def cluster_up(
 
     if not 1 <= replicas <= 8:
         raise typer.BadParameter("--replicas must be between 1 and 8")
-    procs = cluster.up(index_, workdir, replicas, s3, ray, http_port, _step(False))
+    procs = cluster.up(index_, workdir, replicas, s3, ray, http_port, _step(False), secure)
     _cluster_table(workdir, [(p, True, "healthy") for p in procs])
     by_name = {p.name: p for p in procs}
     out.print(f"open http://{by_name['gateway'].address}/  ·  router {by_name['router'].address}", highlight=False)
@@ -558,6 +562,9 @@ def cluster_up(
         out.print(f"S3: IMSEARCH_S3_ENDPOINT={by_name['s3'].address}", highlight=False)
     if "ray-head" in by_name:
         out.print(f"Ray: imsearch embed ... --ray-address {by_name['ray-head'].address}", highlight=False)
+    if secure:
+        out.print(f"gRPC clients: IMSEARCH_TLS_CA={workdir}/tls/tls.crt IMSEARCH_SECRETS_DIR={workdir}/secrets",
+                  highlight=False)
     out.print(f"stop with: imsearch cluster down --workdir {workdir}", highlight=False)
 
 

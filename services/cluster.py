@@ -48,12 +48,12 @@ def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def _wait(p: Proc, timeout: float = 180.0) -> None:
+def _wait(p: Proc, tls_ca: str | None, timeout: float = 180.0) -> None:
     """Until healthy (gRPC health, HTTP /readyz, or an open port), or fail naming its log."""
     handle = _Handle(p.pid)
     try:
         if p.kind == "grpc":
-            wait_serving(p.address, timeout, proc=handle)
+            wait_serving(p.address, timeout, proc=handle, tls_ca=tls_ca)
         elif p.kind == "http":
             wait_http(f"http://{p.address}/readyz", handle, timeout)
         else:
@@ -95,6 +95,8 @@ def alive(pid: int) -> bool:
         return True
     try:  # a zombie counts as gone (an exited process whose parent has not reaped it yet)
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped between the two looks
+        return False
     except (OSError, IndexError):
         return True
 
@@ -115,9 +117,33 @@ def pick_s3(choice: str) -> str:
     return choice
 
 
+def secure_env(workdir: Path) -> dict[str, str]:
+    """TLS on every gRPC hop (a self-signed certificate, its own CA) and one bearer token for every call,
+    handed to the processes as files (IMSEARCH_SECRETS_DIR), never on a command line or in a log."""
+    import secrets
+
+    from services.common.tls import self_signed
+
+    crt, key = self_signed(workdir / "tls")
+    folder = workdir / "secrets"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    token = folder / "imsearch_auth_token"
+    if not token.exists():
+        atomic_write(token, secrets.token_urlsafe(32).encode())
+        token.chmod(0o600)
+    return {"IMSEARCH_TLS_CERT": str(crt), "IMSEARCH_TLS_KEY": str(key), "IMSEARCH_TLS_CA": str(crt),
+            "IMSEARCH_SECRETS_DIR": str(folder)}
+
+
+def _tls_ca(workdir: Path) -> str | None:
+    ca = workdir / "tls" / "tls.crt"
+    return str(ca) if ca.exists() else os.environ.get("IMSEARCH_TLS_CA")
+
+
 def up(index: str, workdir: Path, shards_replicas: int = 2, s3: str = "auto", ray: bool = True,
-       http_port: int = 0, step=print) -> list[Proc]:
-    """Start everything, wait until each part is healthy, write the state; returns the processes."""
+       http_port: int = 0, step=print, secure: bool = False) -> list[Proc]:
+    """Start everything, wait until each part is healthy, write the state; returns the processes.
+    secure: TLS and a bearer token between all parts (secure_env)."""
     from services.common.config import get_settings
     from services.common.store import open_store
     from services.indexer.manifest import load_current
@@ -129,7 +155,8 @@ def up(index: str, workdir: Path, shards_replicas: int = 2, s3: str = "auto", ra
     manifest = load_current(open_store(index, settings))
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
-    env = {**os.environ}
+    shutil.rmtree(workdir / "tls", ignore_errors=True)  # a cluster started without --secure leaves none
+    env = {**os.environ, **(secure_env(workdir) if secure else {})}
     procs: list[Proc] = []
 
     def start(name, kind, argv, port, extra_env=None):
@@ -165,15 +192,15 @@ def up(index: str, workdir: Path, shards_replicas: int = 2, s3: str = "auto", ra
             shards.append("|".join(p.address for p in group))
         for p in procs:
             step(f"waiting for {p.name}")
-            _wait(p)
+            _wait(p, env.get("IMSEARCH_TLS_CA"))
         router = start("router", "grpc", _python("services.searcher.router", "--shards", ",".join(shards),
                                                  "--embedder", embedder.address, "--index", index, "--port",
                                                  str(port := free_port())), port,
                        {"IMSEARCH_REDIS_URL": f"redis://{redis.address}/0"})
-        _wait(router)
+        _wait(router, env.get("IMSEARCH_TLS_CA"))
         gateway = start("gateway", "http", _python("services.gateway", "--router", router.address, "--index", index,
                                                    "--port", str(port := http_port or free_port())), port)
-        _wait(gateway)
+        _wait(gateway, None)
     except BaseException:
         down(workdir, step=lambda m: None)
         raise
@@ -200,7 +227,7 @@ def status(workdir: Path) -> list[tuple[Proc, bool, str]]:
             continue
         try:
             if p.kind == "grpc":
-                wait_serving(p.address, timeout=3, proc=_Handle(p.pid))
+                wait_serving(p.address, timeout=3, proc=_Handle(p.pid), tls_ca=_tls_ca(workdir))
             elif p.kind == "http":
                 wait_http(f"http://{p.address}/readyz", _Handle(p.pid), timeout=3)
             else:

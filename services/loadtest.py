@@ -19,6 +19,7 @@ import numpy as np
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common.errors import InvalidInput
+from services.common.server import open_channel
 
 KINDS = ("new", "popular", "batch")
 
@@ -105,13 +106,14 @@ class Report:
 
 
 async def run_load(address: str, work: Workload, mix: dict[str, float], seconds: float, concurrency: int = 8,
-                   rate: float = 0.0, token: str | None = None, timeout: float = 10.0) -> Report:
+                   rate: float = 0.0, token: str | None = None, timeout: float = 10.0,
+                   tls_ca: str | None = None) -> Report:
     """Closed loop (rate 0: each of `concurrency` clients sends as soon as its last answer came) or open
     loop (rate > 0: calls start on a fixed schedule, at most `concurrency` * 8 in flight)."""
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     kinds, weights = list(mix), list(mix.values())
     report = Report(seconds)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls_ca) as channel:
         stub = pb_grpc.SearcherStub(channel)
 
         async def one() -> None:

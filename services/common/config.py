@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,8 +56,11 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(256, gt=0, description="most queries in one SearchBatch / Embed call")
     auth_token: SecretStr | None = Field(None, description="bearer token every call must carry")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = Field(None, description="server certificate (PEM): with tls_key, gRPC servers speak "
+                                                    "TLS only")
+    tls_key: Path | None = Field(None, description="server private key (PEM), e.g. a mounted secret file")
+    tls_ca: Path | None = Field(None, description="CA (PEM) clients verify servers with: when set, every client "
+                                                  "channel (router, gateway, health checks, CLI) uses TLS")
     router_fanouts: int = Field(4, gt=0, description="fan-outs in flight at once; requests arriving while all "
                                                      "are busy share the next one")
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")
@@ -78,10 +82,10 @@ class Settings(BaseSettings):
     gateway_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: none")
     gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
 
-    @field_validator("auth_token", "gateway_api_keys", mode="before")
+    @field_validator("auth_token", "gateway_api_keys", "tls_cert", "tls_key", "tls_ca", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
-        """An empty variable (compose's ${VAR:-}) means no token, not the empty token."""
+        """An empty variable (compose's ${VAR:-}) means unset, not the empty token or the current folder."""
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @field_validator("s3_endpoint")
@@ -91,8 +95,19 @@ class Settings(BaseSettings):
             raise ValueError("s3_endpoint is host:port without a scheme; use IMSEARCH_S3_SECURE for https")
         return v
 
+    @model_validator(mode="after")
+    def _tls_files(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        for path in (self.tls_cert, self.tls_key, self.tls_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings read and validated once per process (tests call get_settings.cache_clear())."""
-    return Settings()
+    """Settings read and validated once per process (tests call get_settings.cache_clear()). Secrets may
+    also come as files in IMSEARCH_SECRETS_DIR, one per setting (e.g. imsearch_auth_token), as mounted
+    Kubernetes/Docker secrets are."""
+    return Settings(_secrets_dir=os.environ.get("IMSEARCH_SECRETS_DIR") or None)

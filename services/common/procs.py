@@ -23,10 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout: float = 120.0, proc: subprocess.Popen | None = None,
+                 tls_ca: str | Path | None = None) -> None:
     """Poll the standard health service until SERVING (or fail, showing the process's output)."""
+    from services.common.server import open_channel
+
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls_ca, aio=False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -47,7 +50,7 @@ def start_all(services: list["Service"]) -> None:
     for s in services:
         s.start(wait=False)
     for s in services:
-        wait_serving(s.address, proc=s.proc)
+        wait_serving(s.address, proc=s.proc, tls_ca=s.tls_ca)
 
 
 class Service:
@@ -58,6 +61,7 @@ class Service:
         self.env = {**os.environ, **(env or {})}
         self.log = log
         self.proc: subprocess.Popen | None = None
+        self.tls_ca = self.env.get("IMSEARCH_TLS_CA") or None  # health checks speak what the service speaks
 
     @property
     def address(self) -> str:
@@ -68,7 +72,7 @@ class Service:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
                                      env=self.env, stdout=out, stderr=subprocess.STDOUT)
         if wait:
-            wait_serving(self.address, proc=self.proc)
+            wait_serving(self.address, proc=self.proc, tls_ca=self.tls_ca)
         return self
 
     def kill(self) -> None:

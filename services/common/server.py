@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import grpc
@@ -56,6 +57,20 @@ def rpc(fn):
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes)]
+
+
+def open_channel(address: str, tls_ca: Path | str | None = None, options=(), aio: bool = True):
+    """A client channel: TLS verified against the CA file tls_ca when given, else plaintext."""
+    kind = grpc.aio if aio else grpc
+    if tls_ca:
+        creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+        return kind.secure_channel(address, creds, options=list(options))
+    return kind.insecure_channel(address, options=list(options))
+
+
+def channel(address: str, settings: Settings, aio: bool = True):
+    """A client channel with the message limits, TLS when settings.tls_ca is set."""
+    return open_channel(address, settings.tls_ca, channel_options(settings), aio)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common import server
 from services.common.config import Settings
 from services.common.convert import hits_from_proto
 from services.common.errors import ImsearchError, InvalidInput, TooLarge, http_status
@@ -85,9 +86,7 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        options = [("grpc.max_send_message_length", settings.max_message_bytes),
-                   ("grpc.max_receive_message_length", settings.max_message_bytes)]
-        state["channel"] = grpc.aio.insecure_channel(router_address, options=options)
+        state["channel"] = server.channel(router_address, settings)
         state["stub"] = pb_grpc.SearcherStub(state["channel"])
         await asyncio.to_thread(catalogue.refresh)
         yield

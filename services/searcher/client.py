@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-import grpc
 import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common.convert import columns_from_proto, hits_from_proto
 from services.common.hits import Hit
+from services.common.server import open_channel
 
 
 @dataclass
@@ -55,10 +56,11 @@ class SearchClient:
     """search(image bytes | vector | id) -> Result; errors are grpc.RpcError with the server's status."""
 
     def __init__(self, address: str, token: str | None = None, timeout: float = 5.0,
-                 max_message_bytes: int = 16 * 1024 * 1024):
+                 max_message_bytes: int = 16 * 1024 * 1024, tls_ca: str | Path | None = None):
+        """tls_ca: the CA file to verify a TLS server with (plaintext without it)."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        self.channel = open_channel(address, tls_ca, options, aio=False)
         self.stub = pb_grpc.SearcherStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout

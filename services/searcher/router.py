@@ -99,8 +99,7 @@ def shard_budget(client_remaining: float | None, shard_timeout: float) -> float:
 class Router:
     def __init__(self, shards: list[list[str]], settings: Settings, embed: Embed | None = None):
         self.settings, self.embed = settings, embed
-        options = server.channel_options(settings)
-        self.channels = [[grpc.aio.insecure_channel(a, options=options) for a in replicas] for replicas in shards]
+        self.channels = [[server.channel(a, settings) for a in replicas] for replicas in shards]
         self.stubs = [[pb_grpc.ShardStub(c) for c in chans] for chans in self.channels]
         self.turn = [itertools.count() for _ in shards]  # round-robin over replicas
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
@@ -380,7 +379,7 @@ class SearcherService(pb_grpc.SearcherServicer):
 
 def remote_embedder(address: str, settings: Settings, metadata) -> tuple[Embed, pb_grpc.EmbedderStub]:
     """Embed query images through the Embedder service (which batches across requests)."""
-    stub = pb_grpc.EmbedderStub(grpc.aio.insecure_channel(address, options=server.channel_options(settings)))
+    stub = pb_grpc.EmbedderStub(server.channel(address, settings))
 
     async def embed(images: list[bytes]) -> np.ndarray:
         try:
