@@ -522,11 +522,11 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from services.common.server import channel as open_channel
+    from services.common.server import channel
 
-    with open_channel(address, _settings(), aio=False) as channel:
+    with channel(address, _settings(), aio=False) as chan:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
             raise typer.Exit(1) from None
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)

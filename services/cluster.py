@@ -48,16 +48,21 @@ def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def _wait(p: Proc, tls_ca: str | None, timeout: float = 180.0) -> None:
-    """Until healthy (gRPC health, HTTP /readyz, or an open port), or fail naming its log."""
+def _check(p: Proc, tls_ca: str | None, timeout: float) -> None:
+    """Until healthy: gRPC health, HTTP /readyz, or an open port, by the part's kind."""
     handle = _Handle(p.pid)
+    if p.kind == "grpc":
+        wait_serving(p.address, timeout, proc=handle, tls_ca=tls_ca)
+    elif p.kind == "http":
+        wait_http(f"http://{p.address}/readyz", handle, timeout)
+    else:
+        _wait_port(p, timeout)
+
+
+def _wait(p: Proc, tls_ca: str | None, timeout: float = 180.0) -> None:
+    """_check, or fail naming the part's log and showing its end."""
     try:
-        if p.kind == "grpc":
-            wait_serving(p.address, timeout, proc=handle, tls_ca=tls_ca)
-        elif p.kind == "http":
-            wait_http(f"http://{p.address}/readyz", handle, timeout)
-        else:
-            _wait_port(p, timeout)
+        _check(p, tls_ca, timeout)
     except Exception as e:
         tail = Path(p.log).read_text(errors="replace")[-1500:] if Path(p.log).exists() else ""
         raise RuntimeError(f"{p.name} did not come up ({e}); end of {p.log}:\n{tail}") from None
@@ -93,9 +98,11 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie counts as gone (an exited process whose parent has not reaped it yet)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:  # reaped between the two looks
+    try:  # a zombie counts as gone (an exited process whose parent has not reaped it yet) once its last
+        # thread is: a main thread that exits first shows Z while the others are still running
+        zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return not zombie or len(os.listdir(f"/proc/{pid}/task")) > 1
+    except FileNotFoundError:  # reaped between the looks
         return False
     except (OSError, IndexError):
         return True
@@ -136,6 +143,7 @@ def secure_env(workdir: Path) -> dict[str, str]:
 
 
 def _tls_ca(workdir: Path) -> str | None:
+    """The CA health checks verify the parts with: the cluster's own (--secure), else the caller's."""
     ca = workdir / "tls" / "tls.crt"
     return str(ca) if ca.exists() else os.environ.get("IMSEARCH_TLS_CA")
 
@@ -157,6 +165,7 @@ def up(index: str, workdir: Path, shards_replicas: int = 2, s3: str = "auto", ra
     logs.mkdir(exist_ok=True)
     shutil.rmtree(workdir / "tls", ignore_errors=True)  # a cluster started without --secure leaves none
     env = {**os.environ, **(secure_env(workdir) if secure else {})}
+    tls_ca = _tls_ca(workdir)
     procs: list[Proc] = []
 
     def start(name, kind, argv, port, extra_env=None):
@@ -192,15 +201,15 @@ def up(index: str, workdir: Path, shards_replicas: int = 2, s3: str = "auto", ra
             shards.append("|".join(p.address for p in group))
         for p in procs:
             step(f"waiting for {p.name}")
-            _wait(p, env.get("IMSEARCH_TLS_CA"))
+            _wait(p, tls_ca)
         router = start("router", "grpc", _python("services.searcher.router", "--shards", ",".join(shards),
                                                  "--embedder", embedder.address, "--index", index, "--port",
                                                  str(port := free_port())), port,
                        {"IMSEARCH_REDIS_URL": f"redis://{redis.address}/0"})
-        _wait(router, env.get("IMSEARCH_TLS_CA"))
+        _wait(router, tls_ca)
         gateway = start("gateway", "http", _python("services.gateway", "--router", router.address, "--index", index,
                                                    "--port", str(port := http_port or free_port())), port)
-        _wait(gateway, None)
+        _wait(gateway, tls_ca)
     except BaseException:
         down(workdir, step=lambda m: None)
         raise
@@ -220,22 +229,23 @@ def read_state(workdir: Path) -> list[Proc]:
 
 def status(workdir: Path) -> list[tuple[Proc, bool, str]]:
     """(process, healthy, detail) for every part."""
-    out = []
+    out, tls_ca = [], _tls_ca(workdir)
     for p in read_state(workdir):
         if not alive(p.pid):
             out.append((p, False, "not running"))
             continue
         try:
-            if p.kind == "grpc":
-                wait_serving(p.address, timeout=3, proc=_Handle(p.pid), tls_ca=_tls_ca(workdir))
-            elif p.kind == "http":
-                wait_http(f"http://{p.address}/readyz", _Handle(p.pid), timeout=3)
-            else:
-                _wait_port(p, 3)
+            _check(p, tls_ca, 3)
             out.append((p, True, "healthy"))
         except Exception as e:  # noqa: BLE001 - status reports any failure as unhealthy
             out.append((p, False, f"unhealthy: {str(e).splitlines()[0][:80]}"))
     return out
+
+
+def _wait_gone(procs: list[Proc], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(alive(p.pid) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def down(workdir: Path, step=print, grace: float = 20.0) -> int:
@@ -248,11 +258,10 @@ def down(workdir: Path, step=print, grace: float = 20.0) -> int:
             os.killpg(p.pid, signal.SIGTERM)  # its session: ray start's own children too
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + grace
-    while any(alive(p.pid) for p in running) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_gone(running, grace)
     for p in running:
         if alive(p.pid):
             os.killpg(p.pid, signal.SIGKILL)
+    _wait_gone(running, 10.0)  # SIGKILL is delivered, not done: a process may take a moment to exit
     (workdir / STATE).unlink(missing_ok=True)
     return len(running)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
+from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.cluster import alive, read_state
 from services.searcher.client import SearchClient
 from tests.integration.stack import catalogue  # noqa: F401 - a fixture
@@ -60,10 +61,8 @@ def test_cluster_up_status_search_down(catalogue, tmp_path):  # noqa: F811
 
 def check_grpc_security(router: str, ca: str, token: str) -> None:
     """Plaintext is refused, TLS without the token is UNAUTHENTICATED, TLS with it answers."""
-    query = pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=[0.0] * 4)), k=1)
     with grpc.insecure_channel(router) as plain, pytest.raises(grpc.RpcError) as refused:
-        plain.unary_unary("/imsearch.v1.Searcher/Search", request_serializer=None,
-                          response_deserializer=None)(query.SerializeToString(), timeout=5)
+        pb_grpc.SearcherStub(plain).Info(pb.InfoRequest(), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     with SearchClient(router, tls_ca=ca) as anonymous, pytest.raises(grpc.RpcError) as denied:
         anonymous.stub.Info(pb.InfoRequest(), timeout=5)
