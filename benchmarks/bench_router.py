@@ -21,17 +21,15 @@ import time
 from pathlib import Path
 
 import faiss
-import grpc
 import numpy as np
 import pyarrow.parquet as pq
 
-from protos.imsearch.v1 import imsearch_pb2 as pb
-from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common import faiss_util
 from services.common.config import Settings
-from services.common.procs import RedisServer, Service, free_port, start_all
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
+from services.index import faiss_util
 from services.indexer.build import build_index
+from services.searcher.client import RouterClient, batch_request
+from services.stack.stack import Stack, StackSpec
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -59,17 +57,15 @@ def timed_qps(fn, batches: list, min_seconds: float = 5.0) -> float:
 
 async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: int, concurrency: int,
                      seconds: float = 5.0, columnar: bool = False) -> float:
-    requests = [pb.SearchBatchRequest(queries=[pb.Query(vector=pb.Vector(values=q)) for q in b.tolist()],
-                                      k=k, nprobe=nprobe, columnar=columnar) for b in batches]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.SearcherStub(channel)
+    requests = [batch_request(list(b), k, nprobe, columnar) for b in batches]
+    async with RouterClient(address, timeout=30) as client:
         done, start = 0, time.perf_counter()
 
         async def worker(offset: int):
             nonlocal done
             i = offset
             while time.perf_counter() - start < seconds:
-                await stub.SearchBatch(requests[i % len(requests)], timeout=30)
+                await client.call("SearchBatch", requests[i % len(requests)])
                 done += len(batches[i % len(batches)])
                 i += 1
 
@@ -79,19 +75,17 @@ async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: in
 
 async def latencies(address: str, queries: np.ndarray, k: int, clients: int, per_client: int,
                     repeat: bool = False) -> np.ndarray:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.SearcherStub(channel)
+    async with RouterClient(address, timeout=30) as client:
         out: list[float] = []
 
-        async def client(c: int):
+        async def one_client(c: int):
             for j in range(per_client):
                 q = queries[0 if repeat else (c * per_client + j) % len(queries)]
-                req = pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k)
                 t = time.perf_counter()
-                await stub.Search(req, timeout=30)
+                await client.search(q, k)
                 out.append(time.perf_counter() - t)
 
-        await asyncio.gather(*(client(c) for c in range(clients)))
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
         return np.array(out) * 1000
 
 
@@ -140,27 +134,18 @@ def main() -> None:
 
         env = {"IMSEARCH_HOME": str(tmp / "home"), "OMP_NUM_THREADS": os.environ.get("SHARD_OMP", "1"),
                "IMSEARCH_ROUTER_FANOUTS": str(args.fanouts)}
-        shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(),
-                          env) for i in range(args.shards)]
-        redis_server = RedisServer(free_port()).start()
-        router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards),
-                                                      "--index", str(tmp / "idx")], free_port(),
-                         {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0"})
-        try:
-            start_all(shards)
-            router.start()
+        with Stack(StackSpec(str(tmp / "idx"), redis=True, env=env)).up() as stack:
+            router = stack.router
             raw_qps = timed_qps(lambda b: faiss_util.search(raw, b, k, m.nprobe), batches)
             col_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency, columnar=True))
             hit_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency))
             _, I = faiss_util.search(raw, queries[:1000], k, m.nprobe)
 
             async def router_ids():
-                async with grpc.aio.insecure_channel(router.address) as ch:
-                    stub = pb_grpc.SearcherStub(ch)
+                async with RouterClient(router.address, timeout=30) as client:
                     out = []
                     for b in batches:
-                        reply = await stub.SearchBatch(pb.SearchBatchRequest(
-                            queries=[pb.Query(vector=pb.Vector(values=q)) for q in b.tolist()], k=k), timeout=30)
+                        reply = await client.search_batch(list(b), k)
                         out += [[h.id for h in r.hits] for r in reply.results]
                     return np.array(out)
 
@@ -175,11 +160,6 @@ def main() -> None:
             asyncio.run(latencies(router.address, queries, k, 1, 2, repeat=True))  # fill the cache
             hit = asyncio.run(latencies(router.address, queries, k, 1, 200, repeat=True))
             print(f"cache hit, 1 client: p50 {np.percentile(hit, 50):.2f} ms, p99 {np.percentile(hit, 99):.2f} ms")
-        finally:
-            router.stop()
-            for s in shards:
-                s.stop()
-            redis_server.stop()
 
 
 if __name__ == "__main__":

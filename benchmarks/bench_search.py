@@ -14,9 +14,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from services.common import faiss_util
 from services.common.config import Settings
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
+from services.index import faiss_util
 from services.indexer.build import build_index
 from services.searcher.local import IndexSearcher
 

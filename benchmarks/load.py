@@ -17,22 +17,21 @@ import tempfile
 import threading
 from pathlib import Path
 
+import psutil
+
 from services.common.config import Settings
-from services.common.embeddings import read_embeddings
-from services.common.procs import RedisServer, Service, free_port, start_all
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.indexer.build import build_index
-from services.loadtest import Workload, run_load
+from services.searcher.loadtest import Workload, run_load
+from services.stack.stack import Stack, StackSpec
 
 MIX = {"new": 0.1, "popular": 0.8, "batch": 0.1}
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 def main() -> None:
@@ -47,17 +46,10 @@ def main() -> None:
         write_embeddings(tmp / "emb", clustered_unit_vectors(args.n, 128, seed=1, clusters=200))
         build_index(str(tmp / "emb"), str(tmp / "idx"), shards=2, settings=Settings(home=tmp / "home"))
         pool = list(read_embeddings(LocalStore(tmp / "emb")).vectors[:2000])
-        rds = RedisServer(free_port()).start()
         env = {"IMSEARCH_HOME": str(tmp / "home")}
-        replicas = [[Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(s)], free_port(),
-                             env) for _ in range(2)] for s in range(2)]
-        router = Service("services.searcher.router", ["--shards", ",".join("|".join(r.address for r in g)
-                                                                           for g in replicas)],
-                         free_port(), {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{rds.port}/0"})
-        procs = [router, *(r for g in replicas for r in g)]
-        try:
-            start_all(procs[1:])
-            router.start()
+        with Stack(StackSpec(str(tmp / "idx"), replicas=2, redis=True, router_index=False, env=env)).up() as stack:
+            router, replicas = stack.router, stack.shards
+            procs = [router, *(r for g in replicas for r in g)]
 
             def load(seconds: float, rate: float = 0.0, seed: int = 0) -> dict:
                 work = Workload([], pool, zipf=1.1, batch=16)
@@ -79,15 +71,11 @@ def main() -> None:
                     r = load(60, rate, seed=10 + w)
                     windows.append({"minute": w + 1, "qps": r["qps"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
                                     "errors": r["error_rate"], "cache_hit_rate": r["cache_hit_rate"],
-                                    "rss_mib": {"router": round(rss_mib(router.proc.pid)),
-                                                "shards": [round(rss_mib(p.proc.pid)) for p in procs[1:]
-                                                           if p.proc.poll() is None]}})
+                                    "rss_mib": {"router": round(rss_mib(router.pid)),
+                                                "shards": [round(rss_mib(p.pid)) for p in procs[1:]
+                                                           if p.running()]}})
                     print(json.dumps(windows[-1]), flush=True)
                 results["soak"] = windows
-        finally:
-            for p in procs:
-                p.stop()
-            rds.stop()
     print(json.dumps(results, indent=1))
     print(f"peak {peak['qps']} calls/s; at 70 %: p50 {steady['p50_ms']} ms, p99 {steady['p99_ms']} ms "
           f"(p99/p50 {results['p99_over_p50_at_70pct']}), cache hit rate {steady['cache_hit_rate']}; "

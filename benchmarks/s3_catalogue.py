@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_ingest import make_catalogue, tiny_model
-from services.common.procs import free_port
+from services.stack.part import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def main() -> None:
               f"embedded of {summary['total']}, {summary['resumed']} resumed from the killed run")
         seconds, _ = cli("embed", "s3://catalogue/new", "--out", "s3://catalogue/emb-new", "--engine", "local")
         print(f"embed of the second batch: {seconds:.0f}s")
-        from services.common.embeddings import read_embeddings
+        from services.embedder.embeddings import read_embeddings
 
         gone = tmp / "gone.txt"
         gone.write_text("\n".join(map(str, read_embeddings(S3Store("catalogue", "emb-new")).ids[:3].tolist())))

@@ -77,13 +77,18 @@ def embed(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Embed every image of a catalogue into parquet parts."""
+    if bool(source) == bool(manifest):
+        raise typer.BadParameter("give either SOURCE or --manifest")
+    _embed(source or manifest, out_, _settings(ray_address=ray_address, batch_size=batch_size), as_json,
+           model=model, weights=weights, engine="ray" if ray_address else engine)
+
+
+def _embed(source: str, out_url: str, settings, as_json: bool = False, **options) -> None:
+    """embed_catalogue with a progress bar, then its summary (exit 1 when nothing was embedded)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from services.embedder.pipeline import embed_catalogue
 
-    if bool(source) == bool(manifest):
-        raise typer.BadParameter("give either SOURCE or --manifest")
-    settings = _settings(ray_address=ray_address, batch_size=batch_size)
     columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} img/s"),
                TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
@@ -96,8 +101,7 @@ def embed(
             rate = (done - start[1]) / (now - start[0]) if now > start[0] else 0.0
             bar.update(task, completed=done, total=total, errors=errors, rate=f"{rate:.1f}")
 
-        summary = embed_catalogue(source or manifest, out_, model=model, weights=weights,
-                                  engine="ray" if ray_address else engine, settings=settings, progress=progress)
+        summary = embed_catalogue(source, out_url, settings=settings, progress=progress, **options)
     if as_json:
         print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
                           "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,
@@ -117,18 +121,6 @@ def _step(quiet: bool):
     return (lambda m: None) if quiet else (lambda m: err.print(f"• {m}", highlight=False))
 
 
-def _staging_target(out_url: str, settings) -> tuple[str, str] | None:
-    """`--out ROOT/NAME` where ROOT already holds an index: stage version NAME there (published later)."""
-    from services.common.store import open_store
-    from services.indexer.manifest import POINTER_KEY
-
-    root, _, name = out_url.rstrip("/").rpartition("/")
-    if root and name and open_store(root, settings).exists(POINTER_KEY) \
-            and not open_store(out_url, settings).exists(POINTER_KEY):
-        return root, name
-    return None
-
-
 @index_app.command("build")
 @cli_errors
 def index_build(
@@ -146,20 +138,26 @@ def index_build(
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Build a sharded index from embeddings (and publish it)."""
+    from services.common.store import open_store
+    from services.index.versions import staging_target
     from services.indexer.build import build_index
 
     settings = _settings(memory_budget_gb=memory_budget_gb)
-    staged = _staging_target(out_, settings) if version is None else None
+    staged = staging_target(out_, lambda url: open_store(url, settings)) if version is None else None
     if staged:
         out_, version, publish = staged[0], staged[1], False
     manifest = build_index(embeddings, out_, shards, index_factory, whiten_dim, nprobe, settings, _step(as_json),
                            version=version, publish_it=publish, dba=dba)
+    _report_build(manifest, publish, as_json)
+
+
+def _report_build(manifest, published: bool, as_json: bool = False) -> None:
     if as_json:
         print(manifest.model_dump_json(indent=1))
-    else:
-        state = "published" if publish else "staged (publish with `imsearch index publish`)"
-        out.print(f"indexed {manifest.count} vectors into {len(manifest.shards)} shard(s): {manifest.factory}, "
-                  f"nprobe {manifest.nprobe}, version {manifest.version} {state}", highlight=False)
+        return
+    state = "published" if published else "staged (publish with `imsearch index publish`)"
+    out.print(f"indexed {manifest.count} vectors into {len(manifest.shards)} shard(s): {manifest.factory}, "
+              f"nprobe {manifest.nprobe}, version {manifest.version} {state}", highlight=False)
 
 
 @index_app.command("publish")
@@ -168,7 +166,7 @@ def index_publish(root: str = typer.Argument(..., help="index root"),
                   version: str = typer.Argument(..., help="a written version (see `imsearch index versions`)")) -> None:
     """Point the index at a version (atomic; serving shard servers follow)."""
     from services.common.store import open_store
-    from services.indexer.manifest import flip
+    from services.index.versions import flip
 
     pointer = flip(open_store(root, _settings()), version)
     out.print(f"published {pointer['version']} (previous: {(pointer['history'] or ['none'])[0]})", highlight=False)
@@ -179,7 +177,7 @@ def index_publish(root: str = typer.Argument(..., help="index root"),
 def index_rollback(root: str = typer.Argument(..., help="index root")) -> None:
     """Go back to the version published before the current one."""
     from services.common.store import open_store
-    from services.indexer.manifest import rollback
+    from services.index.versions import rollback
 
     pointer = rollback(open_store(root, _settings()))
     out.print(f"rolled back: {pointer['version']} is published", highlight=False)
@@ -190,7 +188,7 @@ def index_rollback(root: str = typer.Argument(..., help="index root")) -> None:
 def index_versions(root: str = typer.Argument(..., help="index root")) -> None:
     """List the versions under the root; * marks the published one."""
     from services.common.store import open_store
-    from services.indexer.manifest import list_versions, read_pointer
+    from services.index.versions import list_versions, read_pointer
 
     store = open_store(root, _settings())
     current = (read_pointer(store) or {}).get("version")
@@ -234,7 +232,7 @@ def index_gc(root: str = typer.Argument(..., help="index root"),
              keep: int = typer.Option(2, min=0, help="earlier versions to keep for rollback")) -> None:
     """Delete old versions (never the published one, nor the KEEP before it)."""
     from services.common.store import open_store
-    from services.indexer.manifest import gc
+    from services.index.versions import gc
 
     removed = gc(open_store(root, _settings()), keep)
     out.print(f"removed {len(removed)} version(s){': ' + ', '.join(removed) if removed else ''}", highlight=False)
@@ -252,24 +250,20 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Search an index with a query image, in-process (no servers needed)."""
-    from services.common.store import read_uri
-    from services.searcher.feedback import parse_marks, requery
-    from services.searcher.local import IndexSearcher, check_k
+    _search(index_, query, _settings(), k, nprobe, feedback, as_json)
 
-    settings = _settings()
-    check_k(k, settings.max_k)  # before the seconds spent loading the index and model
+
+def _search(index_: str, query: str, settings, k: int = 10, nprobe: int | None = None, feedback: list[str] = (),
+            as_json: bool = False) -> None:
+    from services.searcher.feedback import parse_marks
+    from services.searcher.local import search_uri
+
     relevant, not_relevant = parse_marks(feedback)
-    data = read_uri(query, settings)
-    searcher = IndexSearcher(index_, settings)
-    vector = searcher.embed_images([data])
-    if relevant or not_relevant:
-        vector = requery(vector[0], searcher.fetch(relevant + not_relevant), len(relevant), settings)
-    hits = searcher.search(vector, k, nprobe)[0]
+    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings)
     if as_json:
-        print(json.dumps({"query": query, "index_version": searcher.version, "k": k,
-                          "results": [h.as_dict() for h in hits]}))
+        print(json.dumps({"query": query, "index_version": version, "k": k, "results": [h.as_dict() for h in hits]}))
         return
-    table = Table(title=f"top {len(hits)} for {query}  (index {searcher.version})")
+    table = Table(title=f"top {len(hits)} for {query}  (index {version})")
     for col in ("rank", "score", "id", "shard", "uri"):
         table.add_column(col)
     for rank, h in enumerate(hits, 1):
@@ -286,7 +280,7 @@ def info(
 ) -> None:
     """Describe a published index: model, dims, N, shards, parameters, checksums."""
     from services.common.store import open_store
-    from services.indexer.manifest import load_current
+    from services.index.versions import load_current
 
     settings = _settings()
     store = open_store(index_, settings)
@@ -324,42 +318,31 @@ def serve(
     http: bool = typer.Option(True, help="also start the HTTP gateway and web page"),
 ) -> None:
     """Serve an index on one machine: a shard server process per shard, the router, and the web page."""
-    import asyncio
+    _serve(index_, _settings(), port, host, shard_ports, http_port, http)
 
-    from services.common import server
-    from services.common.procs import HttpService, Service, free_port, start_all
+
+def _serve(index_: str, settings, port: int = 50050, host: str = "127.0.0.1", shard_ports: int = 0,
+           http_port: int | None = None, http: bool = True) -> None:
+    """The stack attached to this command until Ctrl-C / SIGTERM (logs under IMSEARCH_HOME/serve/logs)."""
     from services.common.store import open_store
-    from services.indexer.manifest import load_current
-    from services.searcher import router
+    from services.index.versions import load_current
+    from services.stack.part import free_port
+    from services.stack.stack import Stack, StackSpec, wait_for_signal
 
-    settings = _settings()
     manifest = load_current(open_store(index_, settings))
-    shards = [Service("services.searcher.shard", ["--index", index_, "--shard", str(e.shard), "--host", host],
-                      shard_ports + i if shard_ports else free_port(), {"IMSEARCH_METRICS_PORT": "0"})
-              for i, e in enumerate(manifest.shards)]  # one metrics port can serve one process only
-    gateway: list = []
-    try:
-        start_all(shards)
-        err.print(f"• {len(shards)} shard server(s) up: {', '.join(s.address for s in shards)}", highlight=False)
-
-        async def run() -> None:
-            running, r = await router.serve([[s.address] for s in shards], port, settings, index=index_, host=host)
-            out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{running.port}",
-                      highlight=False)
-            if http:
-                port_ = settings.gateway_port if http_port is None else (http_port or free_port())
-                gateway.append(HttpService("services.gateway", ["--router", f"127.0.0.1:{running.port}", "--index",
-                                                                index_, "--host", host], port_))
-                await asyncio.to_thread(gateway[0].start)
-                out.print(f"open http://{host}:{port_}/ (API docs: /docs)", highlight=False)
-            out.print("Ctrl-C to stop", highlight=False)
-            await server.wait_for_signal(running)
-            await r.close()
-
-        asyncio.run(run())
-    finally:
-        for s in [*gateway, *shards]:
-            s.stop()
+    gateway_port = settings.gateway_port if http_port is None else (http_port or free_port())
+    spec = StackSpec(index_, host=host, router_port=port, shard_port=shard_ports, gateway=http,
+                     gateway_port=gateway_port)
+    logs = settings.home / "serve"
+    with Stack(spec, logs, step=_step(False)).up() as stack:
+        err.print(f"• {len(stack.shards)} shard server(s) up: {', '.join(g[0].address for g in stack.shards)}; "
+                  f"logs in {logs / 'logs'}", highlight=False)
+        out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{stack.router.port}",
+                  highlight=False)
+        if http:
+            out.print(f"open http://{host}:{gateway_port}/ (API docs: /docs)", highlight=False)
+        out.print("Ctrl-C to stop", highlight=False)
+        wait_for_signal(stack, _step(False))
 
 
 @app.command("eval")
@@ -470,25 +453,16 @@ def loadtest(
     """Drive the router with a mix of new images, Zipf-popular repeats and batch calls; print the figures."""
     import asyncio
 
-    import numpy as np
-
-    from services.common.store import open_store
-    from services.indexer.manifest import load_current
-    from services.loadtest import Workload, load_images, parse_mix, run_load
-    from services.searcher.local import read_docs
+    from services.searcher.loadtest import Workload, load_images, parse_mix, popular_pool, run_load
 
     settings = _settings()
     weights = parse_mix(mix)
-    store = open_store(index_, settings)
-    manifest = load_current(store)
-    ids = np.concatenate([read_docs(store, manifest, e)[0] for e in manifest.shards])
-    pool = np.random.default_rng(0).permutation(ids)[:popular].tolist()
+    pool = popular_pool(index_, popular, settings)
     new = load_images(images) if weights.get("new") else []
-    token = settings.auth_token.get_secret_value() if settings.auth_token else None
 
     def once(r: float) -> dict:
         work = Workload(new, pool, zipf, batch)
-        return asyncio.run(run_load(router_, work, weights, seconds, concurrency, r, token,
+        return asyncio.run(run_load(router_, work, weights, seconds, concurrency, r, settings.token(),
                                     tls_ca=settings.tls_ca)).summary()
 
     runs = {"load": once(rate)}
@@ -510,26 +484,9 @@ def health(
     timeout: float = typer.Option(2.0),
 ) -> None:
     """Exit 0 when the service is SERVING (gRPC health) or the URL answers 200: container health checks."""
-    if address.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
+    from services.stack.part import healthy
 
-        try:
-            with urllib.request.urlopen(address, timeout=timeout) as reply:
-                raise typer.Exit(0 if reply.status == 200 else 1)
-        except (urllib.error.URLError, OSError):
-            raise typer.Exit(1) from None
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from services.common.server import channel
-
-    with channel(address, _settings(), aio=False) as chan:
-        try:
-            reply = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError:
-            raise typer.Exit(1) from None
-    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+    raise typer.Exit(0 if healthy(address, _settings().tls_ca, timeout) else 1)
 
 
 cluster_app = typer.Typer(no_args_is_help=True, help="The whole system on this machine as real processes.")
@@ -550,7 +507,7 @@ def cluster_up(
 ) -> None:
     """Start Redis, an S3 server, a Ray head, the embedder, shard servers x replicas, the router and the
     gateway (each its own process, detached), wait until all are healthy, print where they are."""
-    from services import cluster
+    from services.stack import cluster
 
     if not 1 <= replicas <= 8:
         raise typer.BadParameter("--replicas must be between 1 and 8")
@@ -572,7 +529,7 @@ def cluster_up(
 @cli_errors
 def cluster_status(workdir: Path = typer.Option(CLUSTER_DIR)) -> None:
     """Health of every part; exit 1 if any is down."""
-    from services import cluster
+    from services.stack import cluster
 
     rows = cluster.status(workdir)
     _cluster_table(workdir, rows)
@@ -584,7 +541,7 @@ def cluster_status(workdir: Path = typer.Option(CLUSTER_DIR)) -> None:
 @cli_errors
 def cluster_down(workdir: Path = typer.Option(CLUSTER_DIR)) -> None:
     """Stop every part (SIGTERM, then SIGKILL after a grace period)."""
-    from services import cluster
+    from services.stack import cluster
 
     n = cluster.down(workdir, _step(False))
     out.print(f"stopped {n} process(es)", highlight=False)
@@ -595,7 +552,7 @@ def _cluster_table(workdir: Path, rows) -> None:
     for col in ("part", "address", "pid", "state", "log"):
         table.add_column(col)
     for p, ok, detail in rows:
-        table.add_row(p.name, p.address, str(p.pid), detail if ok else f"[red]{detail}[/red]", p.log)
+        table.add_row(p.name, p.address, str(p.pid), detail if ok else f"[red]{detail}[/red]", str(p.log))
     out.print(table)
 
 
@@ -629,16 +586,17 @@ def demo(
 ) -> None:
     """Index a sample catalogue (scikit-image photos + variants), answer a query, serve the web page."""
     from services.eval.datasets import write_demo_catalogue
+    from services.indexer.build import build_index
 
     files, query = write_demo_catalogue(workdir)
     err.print(f"• sample catalogue: {len(files)} images in {workdir / 'catalogue'}", highlight=False)
-    embed(str(workdir / "catalogue"), out_=str(workdir / "emb"), manifest=None, model=None, weights=None,
-          engine="local", ray_address=None, batch_size=None, as_json=False)
-    index_build(str(workdir / "emb"), out_=str(workdir / "idx"), shards=2, index_factory=None, whiten_dim=None,
-                nprobe=None, memory_budget_gb=None, version=None, publish=True, dba=0, as_json=False)
-    search(str(workdir / "idx"), str(query), k=k, nprobe=None, feedback=[], as_json=False)
+    settings = _settings()
+    _embed(str(workdir / "catalogue"), str(workdir / "emb"), settings, engine="local")
+    _report_build(build_index(str(workdir / "emb"), str(workdir / "idx"), shards=2, settings=settings,
+                              step=_step(False)), published=True)
+    _search(str(workdir / "idx"), str(query), settings, k)
     if serve_page:
-        serve(str(workdir / "idx"), port=0, host="127.0.0.1", shard_ports=0, http_port=None, http=True)
+        _serve(str(workdir / "idx"), settings, port=0)
 
 
 def _shutdown() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.config import Settings, get_settings
-from services.common.procs import free_port, wait_http
+from services.stack.part import free_port, wait_http
 
 
 @pytest.fixture(autouse=True)

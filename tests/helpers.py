@@ -34,6 +34,15 @@ def jpeg_with_orientation(img: Image.Image, orientation: int) -> bytes:
     return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
 
 
+def write_photos(folder, n: int, side: int = 320) -> None:
+    """The first n of scikit-image's photos as JPEGs named by their label (folder/<label>.jpg)."""
+    from services.eval.datasets import flatten, skimage_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in skimage_photos()[:n]:
+        flatten(item.path, side).save(folder / f"{item.label}.jpg")
+
+
 def random_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0) -> np.ndarray:
     return clustered_unit_vectors(n, d, seed, clusters)
 

@@ -1,9 +1,14 @@
-"""sha256 of bytes and of files (streamed): what manifests record and readers verify."""
+"""sha256 of bytes and of files (streamed), and the one checksum-verified read of a stored object:
+what manifests and markers record, every reader verifies here."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+
+from services.common.errors import Corrupt
+from services.common.store import TMP_PREFIX, Store
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -16,3 +21,35 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def mismatch(store: Store, key: str, against: str = "") -> Corrupt:
+    return Corrupt(f"{store.uri(key)}: checksum mismatch{' with ' + against if against else ''} "
+                   "(damaged or replaced)")
+
+
+def verified_bytes(store: Store, key: str, sha256: str, against: str = "") -> bytes:
+    """The object's bytes, or Corrupt when they do not hash to sha256 (NotFound when it is missing)."""
+    data = store.get_bytes(key)
+    if sha256_bytes(data) != sha256:
+        raise mismatch(store, key, against)
+    return data
+
+
+def verified_file(store: Store, key: str, sha256: str, cache: Path) -> Path:
+    """A local, checksum-verified path of a stored file: the file itself on a local store, else a copy
+    downloaded once into `cache` under its checksum (streamed to disk: shards can be larger than RAM)."""
+    local = store.local_path(key)
+    if local is None:
+        local = cache / f"{sha256}{Path(key).suffix}"
+        if local.is_file() and file_sha256(local) == sha256:
+            return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(f"{TMP_PREFIX}{local.name}")
+        store.get_file(key, part)
+        os.replace(part, local)
+    if not local.is_file():
+        raise Corrupt(f"file missing: {store.uri(key)}")
+    if file_sha256(local) != sha256:
+        raise mismatch(store, key)
+    return local

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     gateway_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: none")
     gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
 
+    def token(self) -> str | None:
+        """The bearer token gRPC calls carry and servers demand (None: no auth)."""
+        return self.auth_token.get_secret_value() if self.auth_token else None
+
     @field_validator("auth_token", "gateway_api_keys", "tls_cert", "tls_key", "tls_ca", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):

@@ -73,6 +73,11 @@ def channel(address: str, settings: Settings, aio: bool = True):
     return open_channel(address, settings.tls_ca, channel_options(settings), aio)
 
 
+def bearer_metadata(token: str | None) -> tuple | None:
+    """The call metadata that carries a bearer token (None: no token, no metadata)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Calls must carry `authorization: Bearer <token>`; health checks stay open for probes."""
 
@@ -134,8 +139,7 @@ class Running:
 async def start(add: list[tuple[Callable, object, str]], port: int, settings: Settings,
                 host: str = "127.0.0.1", serving: bool = True) -> Running:
     """add: (add_XServicer_to_server, servicer, full service name). port 0 picks a free port."""
-    token = settings.auth_token.get_secret_value() if settings.auth_token else None
-    interceptors = [BearerAuth(token)] if token else []
+    interceptors = [BearerAuth(settings.token())] if settings.token() else []
     server = grpc.aio.server(options=channel_options(settings), interceptors=[*interceptors, DecodeErrors()])
     for add_fn, servicer, _ in add:
         add_fn(servicer, server)

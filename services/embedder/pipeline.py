@@ -19,16 +19,16 @@ import pyarrow.compute as pc
 
 from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.embeddings import META_KEY, PartWriter, done_markers, plan_chunks
 from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound, Unavailable
+from services.common.folders import IMAGE_EXTENSIONS, is_image_name
 from services.common.images import decode_image, probe_image
 from services.common.store import open_store, read_uri
+from services.embedder.embeddings import META_KEY, PartWriter, done_markers, plan_chunks
 from services.embedder.gpu_decode import JPEG_MODES
 from services.embedder.spec import resolve_spec
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
 Batch = dict[str, np.ndarray]
 Progress = Callable[[int, int, int], None]  # (rows done, total, errors so far)
@@ -52,7 +52,7 @@ def list_catalogue(source: str, settings: Settings | None = None) -> Catalogue:
     if source.lower().endswith(MANIFEST_EXTENSIONS):
         return read_manifest(source, settings)
     store = open_store(source, settings)
-    uris = sorted(store.uri(k) for k in store.list() if k.lower().endswith(IMAGE_EXTENSIONS))
+    uris = sorted(store.uri(k) for k in store.list() if is_image_name(k))
     if not uris:
         raise NotFound(f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return Catalogue(uris)

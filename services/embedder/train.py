@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from services.common.errors import InvalidInput
+from services.common.folders import class_folder
 from services.common.images import decode_image
+from services.common.plots import pyplot
 from services.embedder.gem import GeM, l2n
 from services.embedder.models import _load_backbone, pick_device
 from services.embedder.spec import resolve_spec
@@ -153,8 +155,6 @@ def augment(size: int):
 def train(data: str | Path, out: str | Path, cfg: TrainConfig,
           progress: Callable[[int, int, float], None] | None = None) -> TrainRecord:
     """Fine-tune cfg.base on the class folder `data`; writes the checkpoint `out` (and its loss curve)."""
-    from services.eval.protocols import class_folder
-
     samplers = pml().samplers
 
     if cfg.epochs < 1 or cfg.per_class < 1 or cfg.batch_size < 2 * cfg.per_class or cfg.batch_size % cfg.per_class:
@@ -228,9 +228,7 @@ def save_checkpoint(model: Trainee, spec, record: TrainRecord, out: Path) -> Non
 
 
 def loss_curve(record: TrainRecord, path: Path) -> None:
-    from services.eval.report import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(record.losses) + 1), record.losses, marker="o")
     ax.set_xlabel("epoch")

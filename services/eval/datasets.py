@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from services.common.errors import NotFound
+from services.common.folders import LabelledImage
 from services.common.images import BACKGROUND
 from services.eval.transforms import crop, flip, grayscale, random_copy
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 # Synthetic patterns, and the right half of a stereo pair (a near-copy of motorcycle_left).
 SKIMAGE_SKIP = {"chessboard_GRAY", "chessboard_RGB", "motorcycle_right", "lbpcascade_frontalface_opencv"}
-
-
-@dataclass(frozen=True)
-class LabelledImage:
-    path: Path
-    label: str
 
 
 def skimage_photos() -> list[LabelledImage]:

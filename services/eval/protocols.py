@@ -14,30 +14,17 @@ from typing import Callable
 
 import numpy as np
 
-from services.common.descriptors import alpha_qe
-from services.common.errors import InvalidInput, NotFound
-from services.embedder.pipeline import IMAGE_EXTENSIONS
+from services.common.errors import InvalidInput
+from services.common.folders import LabelledImage
 from services.eval import metrics as m
-from services.eval.datasets import LabelledImage, flatten
+from services.eval.datasets import flatten
 from services.eval.transforms import ALL_EDITS, random_copy
+from services.index.descriptors import alpha_qe
 from services.searcher.local import IndexSearcher
 
 Progress = Callable[[int], None]
 EXACT_MAX = 20_000  # an exact N x N similarity matrix beyond this costs too much memory
 K_REPORT = (1, 5, 10)
-
-
-def class_folder(root: str | Path) -> list[LabelledImage]:
-    """Images under root; label = the folder holding them, relative to root (e.g. animals/birds)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise NotFound(f"data folder {root} not found")
-    items = [LabelledImage(p, p.parent.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
-             if p.suffix.lower() in IMAGE_EXTENSIONS and p.parent != root]
-    if len({it.label for it in items}) < 2:
-        raise InvalidInput(f"{root} needs at least two class subfolders of images, found "
-                           f"{len({it.label for it in items})}")
-    return items
 
 
 def norm_uri(uri: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from services.common.plots import pyplot
 from services.common.store import read_uri
 from services.eval.protocols import ClassesResult, CopyResult
 
@@ -58,7 +59,7 @@ def embedding_plots(vectors: np.ndarray, labels: list[str], out: Path) -> list[s
     """t-SNE and UMAP of the embeddings coloured by label; returns the files written."""
     from sklearn.manifold import TSNE
 
-    plt = _pyplot()
+    plt = pyplot()
     classes = sorted(set(labels))
     colour = np.array([classes.index(lab) for lab in labels])
     perplexity = float(min(30, max(2, len(vectors) // 4)))
@@ -87,7 +88,7 @@ def embedding_plots(vectors: np.ndarray, labels: list[str], out: Path) -> list[s
 
 
 def pr_plot(levels: np.ndarray, curves: dict[str, np.ndarray], path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     for curve in curves.values():
         ax.plot(levels, curve, color="grey", alpha=0.35, linewidth=0.8)

@@ -10,10 +10,11 @@ from typing import Callable
 import numpy as np
 
 from services.common.config import Settings
-from services.common.embeddings import read_embeddings
 from services.common.errors import InvalidInput
+from services.common.folders import class_folder, image_files
 from services.common.store import open_store, read_uri
-from services.embedder.pipeline import IMAGE_EXTENSIONS, embed_catalogue
+from services.embedder.embeddings import read_embeddings
+from services.embedder.pipeline import embed_catalogue
 from services.eval import protocols as p
 from services.eval import report
 from services.indexer.build import build_index
@@ -73,7 +74,7 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
         raise InvalidInput(f"--data is required for the {opts.protocol} protocol")
     opts.out.mkdir(parents=True, exist_ok=True)
     if opts.protocol in ("classes", "unseen-classes"):
-        items = p.class_folder(opts.data)
+        items = class_folder(opts.data)
         if opts.protocol == "unseen-classes":
             check_unseen(opts.model, {it.label for it in items})
         vectors = None
@@ -87,15 +88,14 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
         result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors, qe=opts.qe)
         report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts))
         return result.metrics
-    files = sorted(x for x in Path(opts.data).rglob("*") if x.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(opts.data)
     if opts.index is None:
         catalogue = [x for i, x in enumerate(files) if i % DISTRACTOR_EVERY]
         distractors = [x for i, x in enumerate(files) if not i % DISTRACTOR_EVERY]
         index = prepare_index(catalogue, opts.out / "work", opts, settings, step)
     else:
         catalogue, index = files, opts.index
-        distractors = sorted(x for x in Path(opts.distractors).rglob("*")
-                             if x.suffix.lower() in IMAGE_EXTENSIONS) if opts.distractors else []
+        distractors = image_files(opts.distractors) if opts.distractors else []
     if not catalogue:
         raise InvalidInput(f"no images found in {opts.data}")
     searcher = IndexSearcher(index, settings)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.embeddings import PartWriter
 from services.common.store import LocalStore
+from services.embedder.embeddings import PartWriter
 from services.embedder.spec import ModelSpec
 
 

@@ -12,8 +12,8 @@ from services.common.config import Settings
 from services.common.errors import NotFound
 from services.common.images import thumbnail_jpeg
 from services.common.store import open_store, read_uri
-from services.indexer.manifest import load_current
-from services.searcher.local import read_docs
+from services.index.docs import all_docs
+from services.index.versions import load_current
 
 THUMB_SIDE = 256
 THUMB_CACHE = 1024
@@ -44,12 +44,9 @@ class Catalogue:
         manifest = load_current(store)
         if manifest.version == self.version:
             return
-        parts = [read_docs(store, manifest, e) for e in manifest.shards]
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        uris = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=object)
-        order = np.argsort(ids)
+        ids, uris = all_docs(store, manifest)
         with self.lock:
-            self.ids, self.uris = ids[order], uris[order]
+            self.ids, self.uris = ids, uris
             self.by_uri = {u: int(i) for i, u in zip(self.ids, self.uris)}
             self.version = manifest.version
             self.thumbs.clear()

@@ -3,42 +3,26 @@ tune nprobe against exact search, write shard files + manifest, publish atomical
 
 from __future__ import annotations
 
-import io
 import logging
-import re
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Callable
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from services.common import descriptors, faiss_util
-from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.embeddings import Embeddings, read_embeddings
 from services.common.errors import InvalidInput
 from services.common.store import open_store
-from services.indexer.manifest import FileEntry, Manifest, ShardEntry, publish, version_prefix, write_manifest
+from services.embedder.embeddings import Embeddings, read_embeddings
+from services.index import descriptors, faiss_util
+from services.index.manifest import Manifest
+from services.index.merge import merge_topk
+from services.index.shards import Shard
+from services.index.versions import check_new_version
+from services.index.writer import Step, write_version
 from services.indexer.params import PQ_TRAIN_POINTS, IndexParams, choose_params, params_from_factory
-from services.searcher.merge import merge_topk
 
 log = logging.getLogger(__name__)
-Step = Callable[[str], None]
-VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TUNE_QUERIES = 256
 TUNE_K = 10
-
-
-@dataclass
-class Shard:
-    number: int
-    index: faiss.Index
-    ids: np.ndarray
-    uris: list[str]
 
 
 def dedupe(emb: Embeddings) -> tuple[Embeddings, int]:
@@ -113,16 +97,6 @@ def tune_nprobe(shards: list[Shard], emb: Embeddings, params: IndexParams, targe
     return nprobe, {"recall_at_10": curve[nprobe], **info, "curve": {str(p): r for p, r in curve.items()}}
 
 
-def _docs_bytes(shard: Shard) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"id": pa.array(shard.ids, pa.int64()), "uri": pa.array(shard.uris, pa.string())}), buf)
-    return buf.getvalue()
-
-
-def new_version() -> str:
-    return time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
 def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
                 whiten_dim: int | None = None, nprobe: int | None = None, settings: Settings | None = None,
                 step: Step | None = None, version: str | None = None, publish_it: bool = True,
@@ -170,45 +144,3 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
     return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step)
-
-
-def check_new_version(out, version: str | None) -> str:
-    """A fresh version name (given, or made from the time), not yet used under the root."""
-    version = version or new_version()
-    if not VERSION_NAME.fullmatch(version):
-        raise InvalidInput(f"version name {version!r}: use letters, digits, '.', '_' and '-' only")
-    if out.exists(f"{version_prefix(version)}/manifest.json"):
-        raise InvalidInput(f"{out.url} already has a version {version!r}")
-    return version
-
-
-def write_version(out, template: Manifest, parts: list[Shard], quantizer, publish_it: bool = True,
-                  step: Step | None = None) -> Manifest:
-    """Write the shards (+ docs, + the coarse quantizer of plain IVF) of a new version, then its manifest,
-    then (publish_it) flip CURRENT to it. Files first, pointer last: a crash leaves CURRENT intact."""
-    step = step or (lambda msg: log.info(msg))
-    prefix = version_prefix(template.version)
-    entries = []
-    for s in parts:
-        blob, docs = faiss_util.to_bytes(s.index), _docs_bytes(s)
-        file, docs_file = f"shard-{s.number:05d}.faiss", f"shard-{s.number:05d}.docs.parquet"
-        out.put_bytes(f"{prefix}/{file}", blob)
-        out.put_bytes(f"{prefix}/{docs_file}", docs)
-        entries.append(ShardEntry(shard=s.number, file=file, sha256=sha256_bytes(blob), bytes=len(blob),
-                                  count=int(s.index.ntotal), docs_file=docs_file, docs_sha256=sha256_bytes(docs)))
-        step(f"wrote shard {s.number}: {s.index.ntotal} vectors, {len(blob) / 2**20:.1f} MiB")
-    entry = None
-    if quantizer is not None:  # routers can assign lists once for all shards
-        blob = faiss_util.to_bytes(quantizer)
-        out.put_bytes(f"{prefix}/quantizer.faiss", blob)
-        entry = FileEntry(file="quantizer.faiss", sha256=sha256_bytes(blob))
-    manifest = template.model_copy(update={
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": entries, "quantizer": entry,
-        "count": sum(e.count for e in entries)})
-    if publish_it:
-        publish(out, manifest)
-        step(f"published {manifest.version} at {out.url}")
-    else:
-        write_manifest(out, manifest)
-        step(f"wrote {manifest.version} at {out.url} (not published: `imsearch index publish`)")
-    return manifest

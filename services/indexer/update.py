@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.common import faiss_util
 from services.common.config import Settings, get_settings
-from services.common.embeddings import read_embeddings
 from services.common.errors import Incompatible, InvalidInput, NotFound, NotSupported
 from services.common.store import open_store
-from services.indexer.build import Shard, Step, check_new_version, dedupe, write_version
-from services.indexer.manifest import Manifest, load_current
-from services.searcher.local import LoadedShard, load_shard
+from services.embedder.embeddings import read_embeddings
+from services.index import faiss_util
+from services.index.manifest import Manifest
+from services.index.shards import LoadedShard, Shard, load_shard
+from services.index.versions import check_new_version, load_current
+from services.index.writer import Step, write_version
+from services.indexer.build import dedupe
 
 
 def _load_all(store, manifest: Manifest, settings: Settings) -> list[LoadedShard]:

@@ -1,4 +1,6 @@
-"""A small Python client for the router (any language can use the protos directly)."""
+"""Python clients of the router (any language can use the protos directly): `RouterClient` for asyncio code
+(the gateway, the load generator) and the blocking `SearchClient`, both over the same request builders,
+channel settings and call metadata."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common.config import Settings
 from services.common.convert import columns_from_proto, hits_from_proto
 from services.common.hits import Hit
-from services.common.server import open_channel
+from services.common.server import bearer_metadata, open_channel
+
+Query = bytes | np.ndarray | int | pb.Query  # an image, a vector, a catalogue id, or a ready message
 
 
 @dataclass
@@ -43,8 +48,15 @@ class Columns:
     coverage: float
     missing_shards: list[int]
 
+    @classmethod
+    def from_proto(cls, reply: pb.SearchBatchResponse) -> "Columns":
+        return cls(*columns_from_proto(reply.columns), reply.index_version, reply.coverage,
+                   list(reply.missing_shards))
 
-def _query(item: bytes | np.ndarray | int) -> pb.Query:
+
+def to_query(item: Query) -> pb.Query:
+    if isinstance(item, pb.Query):
+        return item
     if isinstance(item, bytes):
         return pb.Query(image=item)
     if isinstance(item, (int, np.integer)):
@@ -52,39 +64,88 @@ def _query(item: bytes | np.ndarray | int) -> pb.Query:
     return pb.Query(vector=pb.Vector(values=np.asarray(item, np.float32).ravel().tolist()))
 
 
-class SearchClient:
-    """search(image bytes | vector | id) -> Result; errors are grpc.RpcError with the server's status."""
+def search_request(query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
+                   not_relevant: list[int] = ()) -> pb.SearchRequest:
+    """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback)."""
+    return pb.SearchRequest(query=to_query(query), k=k, nprobe=nprobe,
+                            feedback=pb.Feedback(relevant=relevant, not_relevant=not_relevant))
+
+
+def batch_request(queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False) -> pb.SearchBatchRequest:
+    return pb.SearchBatchRequest(queries=[to_query(q) for q in queries], k=k, nprobe=nprobe, columnar=columnar)
+
+
+class _Client:
+    aio = False
 
     def __init__(self, address: str, token: str | None = None, timeout: float = 5.0,
                  max_message_bytes: int = 16 * 1024 * 1024, tls_ca: str | Path | None = None):
-        """tls_ca: the CA file to verify a TLS server with (plaintext without it)."""
+        """token: the bearer token calls carry; tls_ca: the CA file to verify a TLS server with (plaintext
+        without it)."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = open_channel(address, tls_ca, options, aio=False)
+        self.channel = open_channel(address, tls_ca, options, aio=self.aio)
         self.stub = pb_grpc.SearcherStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.metadata = bearer_metadata(token)
         self.timeout = timeout
 
-    def search(self, query: bytes | np.ndarray | int, k: int = 10, nprobe: int = 0,
-               relevant: list[int] = (), not_relevant: list[int] = ()) -> Result:
+
+class RouterClient(_Client):
+    """The router from asyncio code; answers are the reply messages. Errors are grpc.aio.AioRpcError with
+    the server's status."""
+    aio = True
+
+    @classmethod
+    def from_settings(cls, address: str, settings: Settings, timeout: float | None = None) -> "RouterClient":
+        """With this deployment's token, TLS CA and message limit."""
+        return cls(address, settings.token(), timeout or settings.gateway_timeout_s, settings.max_message_bytes,
+                   settings.tls_ca)
+
+    async def call(self, method: str, request, timeout: float | None = None):
+        """Any Searcher method by name (Search, SearchBatch, Info) with a ready request."""
+        return await getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    async def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
+                     not_relevant: list[int] = ()) -> pb.SearchResponse:
+        return await self.call("Search", search_request(query, k, nprobe, relevant, not_relevant))
+
+    async def search_batch(self, queries: list, k: int = 10, nprobe: int = 0,
+                           columnar: bool = False) -> pb.SearchBatchResponse:
+        return await self.call("SearchBatch", batch_request(queries, k, nprobe, columnar))
+
+    async def info(self, timeout: float | None = None) -> pb.IndexInfo:
+        return await self.call("Info", pb.InfoRequest(), timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "RouterClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class SearchClient(_Client):
+    """search(image bytes | vector | id) -> Result; errors are grpc.RpcError with the server's status."""
+
+    def _call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
+    def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
+               not_relevant: list[int] = ()) -> Result:
         """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback)."""
-        feedback = pb.Feedback(relevant=relevant, not_relevant=not_relevant)
-        reply = self.stub.Search(pb.SearchRequest(query=_query(query), k=k, nprobe=nprobe, feedback=feedback),
-                                 timeout=self.timeout, metadata=self.metadata)
-        return Result.from_proto(reply)
+        return Result.from_proto(self._call("Search", search_request(query, k, nprobe, relevant, not_relevant)))
 
     def search_batch(self, queries: list, k: int = 10, nprobe: int = 0) -> list[Result]:
-        reply = self.stub.SearchBatch(pb.SearchBatchRequest(queries=[_query(q) for q in queries], k=k, nprobe=nprobe),
-                                      timeout=self.timeout, metadata=self.metadata)
-        return [Result.from_proto(r) for r in reply.results]
+        return [Result.from_proto(r) for r in self._call("SearchBatch", batch_request(queries, k, nprobe)).results]
 
     def search_columns(self, queries: list, k: int = 10, nprobe: int = 0) -> Columns:
         """Like search_batch, answered as arrays: the cheap form for bulk work."""
-        reply = self.stub.SearchBatch(pb.SearchBatchRequest(queries=[_query(q) for q in queries], k=k,
-                                                            nprobe=nprobe, columnar=True),
-                                      timeout=self.timeout, metadata=self.metadata)
-        return Columns(*columns_from_proto(reply.columns), reply.index_version, reply.coverage,
-                       list(reply.missing_shards))
+        return Columns.from_proto(self._call("SearchBatch", batch_request(queries, k, nprobe, columnar=True)))
+
+    def info(self) -> pb.IndexInfo:
+        return self._call("Info", pb.InfoRequest())
 
     def close(self) -> None:
         self.channel.close()

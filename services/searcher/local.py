@@ -2,141 +2,19 @@
 
 from __future__ import annotations
 
-import io
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
-from services.common import faiss_util
-from services.common.checksums import file_sha256, sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.errors import Corrupt, Incompatible, InvalidInput, NotFound, NotSupported
+from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.common.hits import Hit
 from services.common.images import decode_image
-from services.common.store import TMP_PREFIX, Store, open_store
-from services.indexer.manifest import Manifest, ShardEntry, load_current, version_prefix
-from services.searcher.merge import hit_lists, merge_topk
-
-
-@dataclass
-class LoadedShard:
-    entry: ShardEntry
-    index: object  # faiss.Index
-    ids: np.ndarray  # sorted int64
-    uris: np.ndarray  # object, aligned with ids
-    _params: dict = field(default_factory=dict)
-    _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
-    _sorted_ids: np.ndarray | None = None
-    _fetch_ready: bool = False
-
-    def params(self, nprobe: int, k_factor: float):
-        """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
-        key = (nprobe, k_factor)
-        if key not in self._params:
-            # setdefault is atomic: racing threads all use the one stored copy, whose nested
-            # params stay alive with it (faiss holds raw pointers to them).
-            self._params.setdefault(key, faiss_util.search_parameters(self.index, nprobe, k_factor))
-        return self._params[key][0]
-
-    def enable_fetch(self) -> None:
-        """Prepare id -> stored vector lookups (call before serving: it changes the index)."""
-        if self._fetch_ready:
-            return
-        self._fetch_ready = True
-        ix = faiss.downcast_index(self.index)
-        if isinstance(ix, faiss.IndexIDMap):
-            id_map = faiss.vector_to_array(ix.id_map)
-            self._order = np.argsort(id_map)
-            self._sorted_ids = id_map[self._order]
-        elif isinstance(ix, faiss.IndexIVF):
-            ix.set_direct_map_type(faiss.DirectMap.Hashtable)
-
-    def fetch(self, ids: list[int]) -> list[np.ndarray | None]:
-        """Stored vectors of ids (None where this shard does not hold the id)."""
-        ix = faiss.downcast_index(self.index)
-        inner = faiss.downcast_index(ix.index) if isinstance(ix, faiss.IndexIDMap) else ix
-        if isinstance(inner, faiss.IndexPreTransform):
-            # Whitening + L2 normalisation cannot be inverted: the query vector is lost.
-            raise NotSupported("search by id is not available for indexes with in-index whitening")
-        out: list[np.ndarray | None] = []
-        for id_ in ids:
-            if isinstance(ix, faiss.IndexIDMap):
-                j = int(np.searchsorted(self._sorted_ids, id_))
-                hit = j < len(self._sorted_ids) and self._sorted_ids[j] == id_
-                out.append(ix.index.reconstruct(int(self._order[j])) if hit else None)
-            else:
-                try:
-                    out.append(ix.reconstruct(int(id_)))
-                except RuntimeError:  # faiss: "key not found"
-                    out.append(None)
-        return out
-
-    def uris_of(self, ids: np.ndarray) -> np.ndarray:
-        """Uris of ids held by this shard ("" for ids it does not hold), same shape as ids."""
-        if not len(self.ids):
-            return np.full(ids.shape, "", dtype=object)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        return np.where(self.ids[pos] == ids, self.uris[pos], "")
-
-
-def _shard_file(store: Store, key: str, sha: str, cache: Path) -> Path:
-    """A local, checksum-verified path of a stored file (downloaded into the cache for S3)."""
-    local = store.local_path(key)
-    if local is None:  # S3: download once into a cache named by the checksum
-        local = cache / f"{sha}{Path(key).suffix}"
-        if local.is_file() and file_sha256(local) == sha:
-            return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        part = local.with_name(f"{TMP_PREFIX}{local.name}")
-        store.get_file(key, part)  # streamed to disk: shards can be larger than RAM
-        os.replace(part, local)
-    if not local.is_file():
-        raise Corrupt(f"shard file missing: {store.uri(key)}")
-    if file_sha256(local) != sha:
-        raise Corrupt(f"shard file {store.uri(key)}: checksum mismatch (damaged or replaced)")
-    return local
-
-
-def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False) -> LoadedShard:
-    prefix = version_prefix(manifest.version)
-    path = _shard_file(store, f"{prefix}/{entry.file}", entry.sha256, cache)
-    index = faiss_util.read_index(str(path), mmap)
-    if index.d != manifest.dim:
-        raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")
-    if index.ntotal != entry.count:
-        raise Corrupt(f"shard {entry.shard} holds {index.ntotal} vectors, manifest says {entry.count}")
-    return LoadedShard(entry, index, *read_docs(store, manifest, entry))
-
-
-def read_docs(store: Store, manifest: Manifest, entry: ShardEntry) -> tuple[np.ndarray, np.ndarray]:
-    """A shard's (ids sorted, their uris), checksum verified."""
-    docs_key = f"{version_prefix(manifest.version)}/{entry.docs_file}"
-    data = store.get_bytes(docs_key)
-    if sha256_bytes(data) != entry.docs_sha256:
-        raise Corrupt(f"{store.uri(docs_key)}: checksum mismatch")
-    docs = pq.read_table(io.BytesIO(data))
-    ids = docs["id"].to_numpy()
-    order = np.argsort(ids)
-    return ids[order], np.asarray(docs["uri"].to_pylist(), dtype=object)[order]
-
-
-def shared_quantizer(indexes: list) -> object | None:
-    """The common coarse quantizer of plain IVF shards trained together, else None."""
-    ivfs = [faiss.downcast_index(ix) for ix in indexes]
-    if not ivfs or not all(isinstance(ix, faiss.IndexIVF) for ix in ivfs):
-        return None
-    first = ivfs[0].quantizer
-    centroids = first.reconstruct_n(0, first.ntotal)
-    for ix in ivfs[1:]:
-        q = ix.quantizer
-        if q.ntotal != first.ntotal or not np.array_equal(q.reconstruct_n(0, q.ntotal), centroids):
-            return None
-    return first
+from services.common.store import open_store
+from services.index import faiss_util
+from services.index.merge import hit_lists, merge_topk
+from services.index.shards import LoadedShard, load_shard, shared_quantizer
+from services.index.versions import load_current
 
 
 def check_assign(assign: tuple[np.ndarray, np.ndarray], nq: int, quantizer) -> tuple[np.ndarray, np.ndarray]:
@@ -256,3 +134,24 @@ class IndexSearcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, relevant: list[int] = (),
+               not_relevant: list[int] = (), settings: Settings | None = None) -> tuple[str, list[Hit]]:
+    """The stage behind `imsearch search`: the query image at a uri (file or s3://), embedded with the index's
+    own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process.
+    Returns (index version, hits)."""
+    from services.common.store import read_uri
+    from services.searcher.feedback import requery
+
+    settings = settings or get_settings()
+    check_k(k, settings.max_k)  # before the seconds spent loading the index and model
+    data = read_uri(query, settings)
+    searcher = IndexSearcher(index, settings)
+    try:
+        vector = searcher.embed_images([data])
+        if relevant or not_relevant:
+            vector = requery(vector[0], searcher.fetch(list(relevant) + list(not_relevant)), len(relevant), settings)
+        return searcher.version, searcher.search(vector, k, nprobe)[0]
+    finally:
+        searcher.close()

@@ -18,15 +18,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-import faiss
 import grpc
 import numpy as np
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common import faiss_util, metrics, server
+from services.common import metrics, server
 from services.common.batching import DynamicBatcher
-from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
 from services.common.convert import (
     add_hits,
@@ -37,7 +35,6 @@ from services.common.convert import (
     vectors_from_proto,
 )
 from services.common.errors import (
-    Corrupt,
     DeadlineExceeded,
     ImsearchError,
     Incompatible,
@@ -49,11 +46,13 @@ from services.common.errors import (
     from_status,
 )
 from services.common.store import open_store
-from services.indexer.manifest import Manifest, version_prefix
+from services.index import faiss_util
+from services.index.manifest import Manifest, load_version
+from services.index.merge import merge_topk
+from services.index.shards import load_quantizer
 from services.searcher.cache import QueryCache, SingleFlight, cache_key
 from services.searcher.feedback import check_counts, requery
 from services.searcher.local import check_k
-from services.searcher.merge import merge_topk
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
@@ -102,8 +101,7 @@ class Router:
         self.channels = [[server.channel(a, settings) for a in replicas] for replicas in shards]
         self.stubs = [[pb_grpc.ShardStub(c) for c in chans] for chans in self.channels]
         self.turn = [itertools.count() for _ in shards]  # round-robin over replicas
-        token = settings.auth_token.get_secret_value() if settings.auth_token else None
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.metadata = server.bearer_metadata(settings.token())
         self.dim: int | None = None
         self.fingerprint = ""
         self.batchers: dict[tuple[int, int], DynamicBatcher] = {}
@@ -213,20 +211,14 @@ class Router:
 
     def manifest(self, version: str) -> Manifest:
         """The manifest of one published version of the index (blocking I/O: run in a thread)."""
-        store = open_store(self.index_url, self.settings)
-        return Manifest.from_bytes(store.get_bytes(f"{version_prefix(version)}/manifest.json"))
+        return load_version(open_store(self.index_url, self.settings), version)[0]
 
     def _load_coarse(self, version: str) -> None:
         try:
-            store = open_store(self.index_url, self.settings)
-            prefix = version_prefix(version)
             manifest = self.manifest(version)
-            if manifest.quantizer is None:
+            quantizer = load_quantizer(open_store(self.index_url, self.settings), manifest)
+            if quantizer is None:
                 return
-            blob = store.get_bytes(f"{prefix}/{manifest.quantizer.file}")
-            if sha256_bytes(blob) != manifest.quantizer.sha256:
-                raise Corrupt(f"{prefix}/{manifest.quantizer.file}: checksum mismatch")
-            quantizer = faiss.deserialize_index(np.frombuffer(blob, np.uint8))
             self.coarse[version] = (quantizer, manifest.nprobe)
             for old in [v for v in list(self.coarse) if v not in (version, self.version)]:
                 self.coarse.pop(old, None)  # this runs in a worker thread: no iteration over the live dict

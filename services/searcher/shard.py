@@ -17,7 +17,7 @@ from services.common.config import Settings, get_settings
 from services.common.convert import pack_results, unpack_assign, unpack_queries
 from services.common.errors import Incompatible, InvalidInput, TooLarge
 from services.common.store import open_store
-from services.indexer.manifest import POINTER_KEY
+from services.index.layout import POINTER_KEY
 from services.searcher.local import IndexSearcher
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from tests.helpers import encode
-from tests.integration.stack import catalogue, start_stack  # noqa: F401 - catalogue is a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-artifacts" / "browser"
@@ -18,26 +17,20 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture()
-def browser_page(catalogue, tmp_path):  # noqa: F811
+def browser_page(catalogue, served):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "browser tests need Debian's chromium (apt-get install chromium)"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    procs: list = []
-    try:
-        shards, router, gateway = start_stack(catalogue, tmp_path)
-        procs = [gateway, router, *shards]
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(gateway.url)
-            yield page, catalogue, shards, errors
-            browser.close()
-    finally:
-        for proc in procs:
-            proc.stop()
+    stack = served()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(stack.gateway.url)
+        yield page, catalogue, [g[0] for g in stack.shards], errors
+        browser.close()
 
 
 def hit_ids(page) -> list[str]:

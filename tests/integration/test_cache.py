@@ -13,9 +13,9 @@ import pytest
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common.config import Settings
-from services.common.procs import RedisServer, Service, free_port
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
+from services.stack.part import free_port
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
 DIM = 16
@@ -27,27 +27,14 @@ def fanouts(metrics_port: int) -> float:
 
 
 @pytest.fixture()
-def cached_cluster(tmp_path):
+def cached_cluster(tmp_path, start_stack):
     x = random_unit_vectors(2000, DIM, seed=3, clusters=10)
     write_fake_embeddings(tmp_path / "emb", x)
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=Settings(home=tmp_path / "h"))
-    rds = RedisServer(free_port()).start()
     metrics_port = free_port()
-    env = {"IMSEARCH_HOME": str(tmp_path / "h")}
-    shards = [Service("services.searcher.shard", ["--index", str(tmp_path / "idx"), "--shard", str(i)],
-                      free_port(), env) for i in range(2)]
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
-                     {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{rds.port}/0",
-                      "IMSEARCH_METRICS_PORT": str(metrics_port)}, tmp_path / "router.log")
-    try:
-        for s in shards:
-            s.start()
-        router.start()
-        yield router, rds, metrics_port
-    finally:
-        for s in [router, *shards]:
-            s.stop()
-        rds.stop()
+    stack = start_stack(tmp_path / "idx", redis=True, router_index=False, metrics_port=metrics_port,
+                        env={"IMSEARCH_HOME": str(tmp_path / "h")})
+    return stack.router, stack.redis, metrics_port
 
 
 def test_repeated_query_is_served_from_the_cache(cached_cluster):

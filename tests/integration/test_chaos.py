@@ -12,11 +12,10 @@ import time
 import pytest
 
 from services.common.config import Settings
-from services.common.embeddings import read_embeddings
-from services.common.procs import RedisServer, Service, free_port, start_all
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from services.indexer.build import build_index
-from services.loadtest import Workload, run_load
+from services.searcher.loadtest import Workload, run_load
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
 DIM, SHARDS, REPLICAS = 32, 2, 2
@@ -32,22 +31,10 @@ def index(tmp_path_factory):
 
 
 @pytest.fixture()
-def cluster(index, tmp_path):
-    rds = RedisServer(free_port()).start()
-    env = {"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_SHARD_TIMEOUT_S": "1"}
-    replicas = [[Service("services.searcher.shard", ["--index", str(index / "idx"), "--shard", str(s)], free_port(),
-                         env, tmp_path / f"shard{s}-{r}.log") for r in range(REPLICAS)] for s in range(SHARDS)]
-    shards = ",".join("|".join(r.address for r in group) for group in replicas)
-    router = Service("services.searcher.router", ["--shards", shards], free_port(),
-                     {**env, "IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{rds.port}/0"}, tmp_path / "router.log")
-    try:
-        start_all([r for group in replicas for r in group])
-        router.start()
-        yield replicas, router, rds
-    finally:
-        for p in [router, *(r for group in replicas for r in group)]:
-            p.stop()
-        rds.stop()
+def cluster(index, tmp_path, start_stack):
+    stack = start_stack(index / "idx", replicas=REPLICAS, redis=True, router_index=False,
+                        env={"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_SHARD_TIMEOUT_S": "1"})
+    return stack.shards, stack.router, stack.redis
 
 
 def workload(index, by: str = "id") -> Workload:
@@ -57,7 +44,7 @@ def workload(index, by: str = "id") -> Workload:
     return Workload(images=[], popular=pool, zipf=1.1, batch=8)
 
 
-def load_while(router: Service, work: Workload, seconds: float, fault, at: float = 1.0):
+def load_while(router, work: Workload, seconds: float, fault, at: float = 1.0):
     """Run the load for `seconds`; call fault() after `at` seconds, from another thread."""
     timer = threading.Timer(at, fault)
     timer.start()
@@ -109,7 +96,7 @@ def test_redis_restart_under_load(index, cluster):
 
 def test_sigterm_drains_the_router(index, cluster):
     _, router, _ = cluster
-    report = load_while(router, workload(index), 3.0, lambda: router.proc.send_signal(signal.SIGTERM), at=1.5)
+    report = load_while(router, workload(index), 3.0, lambda: router.send(signal.SIGTERM), at=1.5)
     assert router.proc.wait(20) == 0
     # No call the router had started was cut (its handler logs any cancellation) ...
     assert "cancelled while running" not in router.log.read_text()

@@ -11,13 +11,13 @@ import pytest
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.cluster import alive, read_state
 from services.searcher.client import SearchClient
-from tests.integration.stack import catalogue  # noqa: F401 - a fixture
+from services.stack.part import alive
+from services.stack.stack import read_state
 from tests.integration.test_cli import run
 
 
-def test_cluster_up_status_search_down(catalogue, tmp_path):  # noqa: F811
+def test_cluster_up_status_search_down(catalogue, tmp_path):
     work = tmp_path / "cluster"
     home = tmp_path / "home"
     procs: dict = {}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from services.common.config import Settings
 from services.common.store import LocalStore
+from services.index.versions import list_versions, load_current
 from services.indexer.build import build_index
-from services.indexer.manifest import list_versions, load_current
 from services.searcher.local import IndexSearcher
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from services.common.embeddings import read_embeddings
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from services.embedder.models import load_embedder, resolve_spec
 from services.embedder.pipeline import embed_catalogue
 from services.eval.datasets import skimage_photos

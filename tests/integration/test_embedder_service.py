@@ -12,29 +12,26 @@ from PIL import Image
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common.config import Settings
-from services.common.procs import Service, free_port
 from services.embedder.models import load_embedder
 from services.embedder.pipeline import embed_catalogue
-from services.eval.datasets import flatten, skimage_photos
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
-from tests.helpers import encode
+from services.stack.part import Part
+from tests.helpers import encode, write_photos
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embsvc")
-    (tmp / "photos").mkdir()
-    for item in skimage_photos()[:6]:
-        flatten(item.path, 320).save(tmp / "photos" / f"{item.label}.jpg")
+    write_photos(tmp / "photos", 6)
     return tmp
 
 
 @pytest.fixture(scope="module")
 def embedder(photos):
-    svc = Service("services.embedder", [], free_port(),
-                  {"IMSEARCH_HOME": str(photos / "home"), "IMSEARCH_EMBED_QUEUE": "2", "IMSEARCH_EMBED_BATCH": "8"},
-                  photos / "embedder.log")
+    svc = Part.python("embedder", "services.embedder", [], env={
+        "IMSEARCH_HOME": str(photos / "home"), "IMSEARCH_EMBED_QUEUE": "2", "IMSEARCH_EMBED_BATCH": "8"},
+        log=photos / "embedder.log")
     try:
         yield svc.start()
     finally:
@@ -81,24 +78,14 @@ def test_bad_images_and_overload_get_status_codes_and_it_recovers(photos, embedd
         assert len(stub.Embed(pb.EmbedRequest(images=[good]), timeout=60).vectors) == 1  # recovered
 
 
-def test_router_embeds_query_images_through_the_service(photos, embedder):
+def test_router_embeds_query_images_through_the_service(photos, embedder, start_stack):
     settings = Settings(home=photos / "home")
     embed_catalogue(str(photos / "photos"), str(photos / "emb"), engine="local", settings=settings)
     build_index(str(photos / "emb"), str(photos / "idx"), shards=2, settings=settings)
-    env = {"IMSEARCH_HOME": str(photos / "home")}
-    shards = [Service("services.searcher.shard", ["--index", str(photos / "idx"), "--shard", str(i)], free_port(), env)
-              for i in range(2)]
-    args = ["--shards", ",".join(s.address for s in shards), "--embedder", embedder.address]
-    router = Service("services.searcher.router", args, free_port(), env, photos / "router.log")
-    try:
-        for s in shards:
-            s.start()
-        router.start()
-        target = sorted((photos / "photos").iterdir())[4]
-        query = encode(Image.open(target).resize((160, 120)), "JPEG", quality=40)
-        with SearchClient(router.address, timeout=60) as client:
-            result = client.search(query, k=3)
-        assert result.hits[0].uri == str(target) and result.coverage == 1.0
-    finally:
-        for s in [router, *shards]:
-            s.stop()
+    router = start_stack(photos / "idx", router_index=False, embedder=embedder.address,
+                         env={"IMSEARCH_HOME": str(photos / "home")}).router
+    target = sorted((photos / "photos").iterdir())[4]
+    query = encode(Image.open(target).resize((160, 120)), "JPEG", quality=40)
+    with SearchClient(router.address, timeout=60) as client:
+        result = client.search(query, k=3)
+    assert result.hits[0].uri == str(target) and result.coverage == 1.0

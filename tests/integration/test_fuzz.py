@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.config import Settings
-from services.common.procs import HttpService, Service, free_port, start_all, wait_serving
 from services.indexer.build import build_index
+from services.stack.stack import Stack, StackSpec
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
 DIM = 16
@@ -28,23 +28,10 @@ def stack(tmp_path_factory):
     write_fake_embeddings(tmp / "emb", random_unit_vectors(500, DIM, seed=3))
     build_index(str(tmp / "emb"), str(tmp / "idx"), shards=2, settings=Settings(home=tmp / "home"))
     env = {"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_MAX_MESSAGE_BYTES": str(1 << 20)}
-    shards = [Service("services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", str(i)], free_port(), env)
-              for i in range(2)]
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
-                     env, tmp / "router.log")
-    gateway = HttpService("services.gateway", ["--router", router.address, "--index", str(tmp / "idx")],
-                          free_port(), env, tmp / "gateway.log")
-    procs = [gateway, router, *shards]
-    try:
-        start_all(shards)
-        router.start()
-        gateway.start()
-        channel = grpc.insecure_channel(router.address)
-        yield tmp, router, gateway, channel, shards
+    with Stack(StackSpec(str(tmp / "idx"), router_index=False, gateway=True, env=env), tmp).up() as running:
+        channel = grpc.insecure_channel(running.router.address)
+        yield tmp, running.router, running.gateway, channel, [g[0] for g in running.shards]
         channel.close()
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def raw(channel, method: str):
@@ -120,7 +107,7 @@ def test_json_documents_to_the_gateway(stack, doc):
 def test_every_server_is_healthy_after_the_fuzzing(stack):
     _, router, gateway, _, shards = stack
     for s in (router, *shards):
-        wait_serving(s.address, timeout=5, proc=s.proc)
+        s.wait(timeout=5)
     assert httpx.get(gateway.url + "/readyz", timeout=5).status_code == 200
-    log = (stack[0] / "router.log").read_text()
+    log = router.log.read_text()
     assert "Traceback" not in log and "internal error" not in log, log[-2000:]

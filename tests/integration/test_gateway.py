@@ -10,22 +10,16 @@ import httpx
 import pytest
 from PIL import Image
 
-from services.common.embeddings import read_embeddings
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from tests.helpers import encode
-from tests.integration.stack import SHARDS, catalogue, start_stack  # noqa: F401 - catalogue is a fixture
+from tests.integration.conftest import SHARDS
 
 
 @pytest.fixture()
-def stack(catalogue, tmp_path):  # noqa: F811
-    procs: list = []
-    try:
-        shards, router, gateway = start_stack(catalogue, tmp_path)
-        procs = [gateway, router, *shards]
-        yield catalogue, shards, gateway
-    finally:
-        for p in procs:
-            p.stop()
+def stack(catalogue, served):
+    running = served()
+    return catalogue, [g[0] for g in running.shards], running.gateway
 
 
 def error_of(response: httpx.Response) -> tuple[int, str, str]:
@@ -122,30 +116,23 @@ def test_bad_input_gets_the_right_status_and_the_gateway_keeps_serving(stack, tm
     assert not list((tmp / "photos").glob("q*")) and len(list((tmp / "photos").iterdir())) == 12  # nothing written
 
 
-def test_api_keys_rate_limit_and_cors(catalogue, tmp_path):  # noqa: F811
-    procs: list = []
-    try:
-        shards, router, gateway = start_stack(catalogue, tmp_path, IMSEARCH_GATEWAY_API_KEYS="alpha,beta",
-                                              IMSEARCH_GATEWAY_RATE_PER_S="0.5", IMSEARCH_GATEWAY_BURST="3",
-                                              IMSEARCH_GATEWAY_CORS_ORIGINS="https://shop.example")
-        procs = [gateway, router, *shards]
-        with httpx.Client(base_url=gateway.url, timeout=30) as http:
-            preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"}
-            allowed = http.options("/v1/search", headers=preflight)
-            assert allowed.headers.get("access-control-allow-origin") == "https://shop.example"
-            other = http.options("/v1/search", headers={**preflight, "Origin": "https://evil.example"})
-            assert "access-control-allow-origin" not in other.headers
-            assert error_of(http.get("/v1/index"))[:2] == (401, "UNAUTHENTICATED")
-            assert error_of(http.get("/v1/index", headers={"X-API-Key": "gamma"}))[:2] == (401, "UNAUTHENTICATED")
-            assert http.get("/healthz").status_code == 200  # probes stay open
-            codes = [http.get("/v1/index", headers={"Authorization": "Bearer alpha"}).status_code for _ in range(5)]
-            assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
-            limited = http.get("/v1/index", headers={"Authorization": "Bearer alpha"})
-            assert error_of(limited)[:2] == (429, "RESOURCE_EXHAUSTED") and limited.headers["retry-after"]
-            assert http.get("/v1/index", headers={"X-API-Key": "beta"}).status_code == 200  # per key
-    finally:
-        for p in procs:
-            p.stop()
+def test_api_keys_rate_limit_and_cors(served):
+    gateway = served(IMSEARCH_GATEWAY_API_KEYS="alpha,beta", IMSEARCH_GATEWAY_RATE_PER_S="0.5",
+                     IMSEARCH_GATEWAY_BURST="3", IMSEARCH_GATEWAY_CORS_ORIGINS="https://shop.example").gateway
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"}
+        allowed = http.options("/v1/search", headers=preflight)
+        assert allowed.headers.get("access-control-allow-origin") == "https://shop.example"
+        other = http.options("/v1/search", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        assert error_of(http.get("/v1/index"))[:2] == (401, "UNAUTHENTICATED")
+        assert error_of(http.get("/v1/index", headers={"X-API-Key": "gamma"}))[:2] == (401, "UNAUTHENTICATED")
+        assert http.get("/healthz").status_code == 200  # probes stay open
+        codes = [http.get("/v1/index", headers={"Authorization": "Bearer alpha"}).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+        limited = http.get("/v1/index", headers={"Authorization": "Bearer alpha"})
+        assert error_of(limited)[:2] == (429, "RESOURCE_EXHAUSTED") and limited.headers["retry-after"]
+        assert http.get("/v1/index", headers={"X-API-Key": "beta"}).status_code == 200  # per key
 
 
 def test_stopped_shards_give_a_flagged_partial_answer_then_unavailable(stack):
@@ -163,24 +150,17 @@ def test_stopped_shards_give_a_flagged_partial_answer_then_unavailable(stack):
         assert http.get("/healthz").status_code == 200  # but alive
 
 
-def test_a_frozen_shard_past_the_gateway_deadline_is_504_and_the_gateway_recovers(catalogue, tmp_path):  # noqa: F811
-    procs: list = []
-    try:
-        shards, router, gateway = start_stack(catalogue, tmp_path, IMSEARCH_GATEWAY_TIMEOUT_S="0.5",
-                                              IMSEARCH_SHARD_TIMEOUT_S="3")
-        procs = [gateway, router, *shards]
-        target = str(sorted((catalogue / "photos").iterdir())[0])
-        with httpx.Client(base_url=gateway.url, timeout=30) as http:
-            assert http.post("/v1/search", json={"uri": target, "k": 3}).status_code == 200  # warm
-            shards[0].proc.send_signal(signal.SIGSTOP)  # alive but silent, mid-request
-            try:
-                status, code, _ = error_of(http.post("/v1/search", json={"uri": target, "k": 3}))
-                assert (status, code) == (504, "DEADLINE_EXCEEDED")
-            finally:
-                shards[0].proc.send_signal(signal.SIGCONT)
-            vector = read_embeddings(LocalStore(catalogue / "emb")).vectors[0].tolist()
-            ok = http.post("/v1/search", json={"vector": vector, "k": 3})
-            assert ok.status_code == 200 and ok.json()["coverage"] == 1.0
-    finally:
-        for p in procs:
-            p.stop()
+def test_a_frozen_shard_past_the_gateway_deadline_is_504_and_the_gateway_recovers(catalogue, served):
+    stack = served(IMSEARCH_GATEWAY_TIMEOUT_S="0.5", IMSEARCH_SHARD_TIMEOUT_S="3")
+    target = str(sorted((catalogue / "photos").iterdir())[0])
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        assert http.post("/v1/search", json={"uri": target, "k": 3}).status_code == 200  # warm
+        stack.shards[0][0].send(signal.SIGSTOP)  # alive but silent, mid-request
+        try:
+            status, code, _ = error_of(http.post("/v1/search", json={"uri": target, "k": 3}))
+            assert (status, code) == (504, "DEADLINE_EXCEEDED")
+        finally:
+            stack.shards[0][0].send(signal.SIGCONT)
+        vector = read_embeddings(LocalStore(catalogue / "emb")).vectors[0].tolist()
+        ok = http.post("/v1/search", json={"vector": vector, "k": 3})
+        assert ok.status_code == 200 and ok.json()["coverage"] == 1.0

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from services.common.config import Settings
-from services.common.procs import Service, free_port, start_all
 from services.common.store import LocalStore
-from services.indexer.manifest import list_versions, load_current
+from services.index.versions import list_versions, load_current
 from services.searcher.client import SearchClient
 from services.searcher.local import IndexSearcher
 from tests.helpers import random_unit_vectors, write_fake_embeddings
@@ -96,15 +95,12 @@ def test_bad_lifecycle_requests_are_one_line_errors(catalogue):
     assert proc.returncode == 2 and "one integer id per line" in proc.stderr
 
 
-def test_serving_shards_follow_add_and_delete_without_failing_a_request(catalogue):
+def test_serving_shards_follow_add_and_delete_without_failing_a_request(catalogue, start_stack):
     tmp, x = catalogue
     idx, home = tmp / "idx", tmp / "home"
     ok(cli("index", "build", str(tmp / "emb"), "--out", str(idx), "--shards", "2", home=home))
     env = {"IMSEARCH_HOME": str(home), "IMSEARCH_RELOAD_INTERVAL_S": "0.2"}
-    shards = [Service("services.searcher.shard", ["--index", str(idx), "--shard", str(i)], free_port(), env,
-                      tmp / f"shard{i}.log") for i in range(2)]
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(), env,
-                     tmp / "router.log")
+    router = start_stack(idx, router_index=False, env=env).router
     failures, answers, stop = [], [], threading.Event()
 
     def load():
@@ -119,8 +115,6 @@ def test_serving_shards_follow_add_and_delete_without_failing_a_request(catalogu
                 i += 1
 
     try:
-        start_all(shards)
-        router.start()
         worker = threading.Thread(target=load)
         worker.start()
         ok(cli("index", "add", str(idx), str(tmp / "emb-new"), home=home))
@@ -138,9 +132,6 @@ def test_serving_shards_follow_add_and_delete_without_failing_a_request(catalogu
         worker.join(30)
     finally:
         stop.set()
-        router.stop()
-        for s in shards:
-            s.stop()
     assert not failures, failures[:3]
     assert all(c == 1.0 for _, c, _ in answers)
     served = [v for v, _, _ in answers]

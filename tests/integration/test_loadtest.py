@@ -7,24 +7,13 @@ import json
 
 import pytest
 
-from services.common.procs import RedisServer, free_port
-from tests.integration.stack import catalogue, start_stack  # noqa: F401 - catalogue is a fixture
 from tests.integration.test_cli import run
 
 
 @pytest.fixture()
-def cached_stack(catalogue, tmp_path):  # noqa: F811
-    rds = RedisServer(free_port()).start()
-    procs: list = []
-    try:
-        shards, router, gateway = start_stack(catalogue, tmp_path,
-                                              IMSEARCH_REDIS_URL=f"redis://127.0.0.1:{rds.port}/0")
-        procs = [gateway, router, *shards]
-        yield catalogue, router
-    finally:
-        for p in procs:
-            p.stop()
-        rds.stop()
+def cached_stack(catalogue, served, redis_server):
+    stack = served(IMSEARCH_REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0")
+    return catalogue, stack.router
 
 
 def test_loadtest_mix_closed_and_open_loop(cached_stack, tmp_path):
@@ -44,7 +33,7 @@ def test_loadtest_mix_closed_and_open_loop(cached_stack, tmp_path):
     assert abs(half["qps"] - 0.5 * peak["qps"]) < 0.25 * peak["qps"] + 2  # the open loop holds its rate
 
 
-def test_loadtest_bad_mix(catalogue, tmp_path):  # noqa: F811
+def test_loadtest_bad_mix(catalogue, tmp_path):
     from tests.integration.test_cli import assert_one_line_error
 
     assert_one_line_error(run("loadtest", "--router", "127.0.0.1:1", "--index", str(catalogue / "idx"), "--mix",

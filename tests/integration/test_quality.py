@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from services.common.config import Settings
-from services.common.embeddings import read_embeddings
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from services.embedder.pipeline import embed_catalogue
 from services.eval.datasets import flatten, skimage_photos, tuxpaint_stamps
 from services.eval.transforms import random_copy

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from services.common.embeddings import read_embeddings
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from tests.helpers import encode, pattern
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,6 @@ import threading
 import time
 
 from services.common.config import Settings
-from services.common.procs import Service, free_port
 from services.eval.synthetic import write_embeddings
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
@@ -15,16 +14,13 @@ from tests.helpers import random_unit_vectors
 DIM = 16
 
 
-def test_publish_under_load(tmp_path):
+def test_publish_under_load(tmp_path, start_stack):
     settings = Settings(home=tmp_path / "home")
     write_embeddings(tmp_path / "emb1", random_unit_vectors(2000, DIM, seed=1), name="one", uri_prefix="v1")
     write_embeddings(tmp_path / "emb2", random_unit_vectors(2500, DIM, seed=2), name="two", uri_prefix="v2")
     first = build_index(str(tmp_path / "emb1"), str(tmp_path / "idx"), shards=2, settings=settings)
     env = {"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_RELOAD_INTERVAL_S": "0.2"}
-    shards = [Service("services.searcher.shard", ["--index", str(tmp_path / "idx"), "--shard", str(i)], free_port(),
-                      env, tmp_path / f"shard{i}.log") for i in range(2)]
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
-                     env, tmp_path / "router.log")
+    router = start_stack(tmp_path / "idx", router_index=False, env=env).router
     records, errors, stop = [], [], threading.Event()
 
     def load():
@@ -40,9 +36,6 @@ def test_publish_under_load(tmp_path):
                 i += 1
 
     try:
-        for s in shards:
-            s.start()
-        router.start()
         worker = threading.Thread(target=load)
         worker.start()
         while len(records) < 50 and worker.is_alive():
@@ -58,8 +51,6 @@ def test_publish_under_load(tmp_path):
         worker.join(30)
     finally:
         stop.set()
-        for s in [router, *shards]:
-            s.stop()
     prefix = {first.version: {"v1"}, second.version: {"v2"}}
     assert not errors, errors[:3]
     assert {v for v, _, _ in records} == {first.version, second.version}

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from services.common.config import get_settings
-from services.common.embeddings import read_embeddings
 from services.common.errors import NotFound, Unavailable
 from services.common.store import S3Store, open_store
+from services.embedder.embeddings import read_embeddings
 from services.embedder.pipeline import embed_catalogue
+from services.index.versions import load_current
 from services.indexer.build import build_index
-from services.indexer.manifest import load_current
 from services.searcher.local import IndexSearcher
 from tests.helpers import encode, pattern
 

@@ -10,19 +10,16 @@ from PIL import Image
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.config import Settings
-from services.common.procs import Service, free_port, wait_http
 from services.embedder.pipeline import embed_catalogue
-from services.eval.datasets import flatten, skimage_photos
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
-from tests.helpers import encode
+from services.stack.part import Part, free_port, wait_http
+from tests.helpers import encode, write_photos
 
 
 @pytest.fixture()
 def real_index(tmp_path):
-    (tmp_path / "photos").mkdir()
-    for item in skimage_photos()[:8]:
-        flatten(item.path, 320).save(tmp_path / "photos" / f"{item.label}.jpg")
+    write_photos(tmp_path / "photos", 8)
     settings = Settings(home=tmp_path / "home")
     embed_catalogue(str(tmp_path / "photos"), str(tmp_path / "emb"), engine="local", settings=settings)
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
@@ -32,11 +29,11 @@ def real_index(tmp_path):
 def test_serve_answers_image_queries_and_stops_cleanly(real_index):
     tmp = real_index
     http_port = free_port()
-    serve = Service("services.cli", ["serve", str(tmp / "idx"), "--http-port", str(http_port)], free_port(),
-                    {"IMSEARCH_HOME": str(tmp / "home")}, tmp / "serve.log")
+    serve = Part.python("serve", "services.cli", ["serve", str(tmp / "idx"), "--http-port", str(http_port)],
+                        env={"IMSEARCH_HOME": str(tmp / "home")}, log=tmp / "serve.log")
     try:
         serve.start()
-        wait_http(f"http://127.0.0.1:{http_port}/readyz", serve.proc)  # the web page comes up after the router
+        wait_http(f"http://127.0.0.1:{http_port}/readyz")  # the web page comes up after the router
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as page:
             assert b"<title>imsearch</title>" in page.read()
         target = sorted((tmp / "photos").iterdir())[5]

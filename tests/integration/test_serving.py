@@ -9,11 +9,11 @@ import pytest
 from grpc import RpcError, StatusCode
 
 from services.common.config import Settings
-from services.common.procs import Service, free_port, start_all
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from services.searcher.feedback import rocchio
 from services.searcher.local import IndexSearcher
+from services.stack.part import free_port
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
 DIM, SHARDS = 16, 3
@@ -29,20 +29,10 @@ def index(tmp_path_factory):
 
 
 @pytest.fixture()
-def cluster(index, tmp_path):
+def cluster(index, tmp_path, start_stack):
     """SHARDS shard servers + a router, each its own process; always stopped."""
-    env = {"IMSEARCH_HOME": str(tmp_path / "home")}
-    shards = [Service("services.searcher.shard", ["--index", str(index / "idx"), "--shard", str(i)], free_port(),
-                      env, tmp_path / f"shard{i}.log") for i in range(SHARDS)]
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards)], free_port(),
-                     env, tmp_path / "router.log")
-    try:
-        start_all(shards)
-        router.start()
-        yield shards, router
-    finally:
-        for s in [router, *shards]:
-            s.stop()
+    stack = start_stack(index / "idx", router_index=False, env={"IMSEARCH_HOME": str(tmp_path / "home")})
+    return [group[0] for group in stack.shards], stack.router
 
 
 def code_of(fn) -> StatusCode:
@@ -119,23 +109,16 @@ def test_all_shards_down_is_unavailable(cluster):
         assert code_of(lambda: client.search(random_unit_vectors(1, DIM)[0])) == StatusCode.UNAVAILABLE
 
 
-def test_bearer_token_is_required_when_configured(index, tmp_path):
+def test_bearer_token_is_required_when_configured(index, tmp_path, start_stack):
     env = {"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_AUTH_TOKEN": "s3cret"}
-    shard = Service("services.searcher.shard", ["--index", str(index / "idx"), "--shard", "0"], free_port(), env)
-    router = Service("services.searcher.router", ["--shards", shard.address], free_port(), env)
-    try:
-        shard.start()
-        router.start()
-        query = random_unit_vectors(1, DIM)[0]
-        with SearchClient(router.address) as client:
-            assert code_of(lambda: client.search(query)) == StatusCode.UNAUTHENTICATED
-        with SearchClient(router.address, token="wrong") as client:
-            assert code_of(lambda: client.search(query)) == StatusCode.UNAUTHENTICATED
-        with SearchClient(router.address, token="s3cret") as client:
-            assert client.search(query).coverage == 1.0  # the router passes the token on to the shard
-    finally:
-        router.stop()
-        shard.stop()
+    router = start_stack(index / "idx", shards=[0], router_index=False, env=env).router
+    query = random_unit_vectors(1, DIM)[0]
+    with SearchClient(router.address) as client:
+        assert code_of(lambda: client.search(query)) == StatusCode.UNAUTHENTICATED
+    with SearchClient(router.address, token="wrong") as client:
+        assert code_of(lambda: client.search(query)) == StatusCode.UNAUTHENTICATED
+    with SearchClient(router.address, token="s3cret") as client:
+        assert client.search(query).coverage == 1.0  # the router passes the token on to the shard
 
 
 def test_a_frozen_shard_costs_only_the_deadline(cluster):
@@ -146,7 +129,7 @@ def test_a_frozen_shard_costs_only_the_deadline(cluster):
     query = random_unit_vectors(1, DIM, seed=11)[0]
     with SearchClient(router.address, timeout=10) as client, SearchClient(router.address, timeout=1.0) as hurried:
         assert client.search(query).coverage == 1.0
-        shards[2].proc.send_signal(signal.SIGSTOP)
+        shards[2].send(signal.SIGSTOP)
         try:
             start = time.monotonic()
             partial = client.search(query)  # the router's default shard deadline is 2 s
@@ -155,7 +138,7 @@ def test_a_frozen_shard_costs_only_the_deadline(cluster):
             quick = hurried.search(query)  # a 1 s client deadline: the router answers within it
             quick_elapsed = time.monotonic() - start
         finally:
-            shards[2].proc.send_signal(signal.SIGCONT)
+            shards[2].send(signal.SIGCONT)
     assert partial.missing_shards == [2] and partial.hits
     assert elapsed < 4.0, elapsed
     assert quick.missing_shards == [2] and quick.hits and quick_elapsed < 1.0
@@ -190,20 +173,14 @@ def test_search_with_relevance_feedback(index, cluster):
     assert moved.index(liked) < plain.index(liked)
 
 
-def test_router_assigns_ivf_lists_once_for_all_shards(tmp_path):
+def test_router_assigns_ivf_lists_once_for_all_shards(tmp_path, start_stack):
     import re
     import urllib.request
 
     settings = Settings(home=tmp_path / "home")
     write_fake_embeddings(tmp_path / "emb", random_unit_vectors(6000, DIM, seed=21, clusters=30))
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, factory="IVF48,Flat", settings=settings)
-    env = {"IMSEARCH_HOME": str(tmp_path / "home")}
-    shards = [Service("services.searcher.shard", ["--index", str(tmp_path / "idx"), "--shard", str(i)], free_port(),
-                      env) for i in range(2)]
     metrics_port = free_port()
-    router = Service("services.searcher.router", ["--shards", ",".join(s.address for s in shards),
-                                                  "--index", str(tmp_path / "idx")], free_port(),
-                     {**env, "IMSEARCH_METRICS_PORT": str(metrics_port)}, tmp_path / "router.log")
 
     def assigned() -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
@@ -211,21 +188,17 @@ def test_router_assigns_ivf_lists_once_for_all_shards(tmp_path):
 
     local = IndexSearcher(str(tmp_path / "idx"), settings)
     queries = random_unit_vectors(40, DIM, seed=22, clusters=30)
-    try:
-        start_all(shards)
-        router.start()
-        with SearchClient(router.address) as client:
-            deadline = time.monotonic() + 30  # the router loads the quantizer on first sight of a version
-            while assigned() == 0 and time.monotonic() < deadline:
-                client.search(queries[0])
-            before = assigned()
-            results = client.search_batch(list(queries), k=10, nprobe=3)
-        assert before > 0 and assigned() > before
-        expected = local.search(queries, k=10, nprobe=3)
-        assert [[h.id for h in r.hits] for r in results] == [[h.id for h in e] for e in expected]
-    finally:
-        for s in [router, *shards]:
-            s.stop()
+    router = start_stack(tmp_path / "idx", metrics_port=metrics_port, env={"IMSEARCH_HOME": str(tmp_path / "home")}
+                         ).router
+    with SearchClient(router.address) as client:
+        deadline = time.monotonic() + 30  # the router loads the quantizer on first sight of a version
+        while assigned() == 0 and time.monotonic() < deadline:
+            client.search(queries[0])
+        before = assigned()
+        results = client.search_batch(list(queries), k=10, nprobe=3)
+    assert before > 0 and assigned() > before
+    expected = local.search(queries, k=10, nprobe=3)
+    assert [[h.id for h in r.hits] for r in results] == [[h.id for h in e] for e in expected]
 
 
 def test_router_info_describes_the_served_index(index, cluster):
@@ -243,3 +216,13 @@ def test_router_info_describes_the_served_index(index, cluster):
         shards[0].kill()
         partial = pb_grpc.SearcherStub(channel).Info(pb.InfoRequest(), timeout=10)
         assert sorted(s.shard for s in partial.shards) == list(range(1, SHARDS))
+
+
+def test_imsearch_health_says_serving_with_exit_0_and_anything_else_with_1(cluster, tmp_path):
+    from tests.integration.test_cli import run
+
+    shards, router = cluster
+    assert run("health", router.address, env_home=tmp_path).returncode == 0
+    shards[0].kill()
+    assert run("health", shards[0].address, "--timeout", "1", env_home=tmp_path).returncode == 1
+    assert run("health", f"http://{router.address}/readyz", "--timeout", "1", env_home=tmp_path).returncode == 1

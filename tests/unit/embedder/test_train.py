@@ -77,7 +77,7 @@ def test_training_leaves_faiss_search_params_working(setup):
     """pytorch-metric-learning would import faiss.contrib.torch_utils, which drops search(params=...)."""
     import faiss
 
-    from services.common import faiss_util
+    from services.index import faiss_util
 
     train(setup / "data", setup / "p.pt", config(setup))
     index = faiss.index_factory(8, "IVF2,Flat", faiss.METRIC_INNER_PRODUCT)

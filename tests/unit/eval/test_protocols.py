@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InvalidInput
 from services.eval import protocols as p
 
 
@@ -32,18 +32,6 @@ def test_rank_exact_drops_the_query_itself():
 def _image(path, colour):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (32, 24), colour).save(path)
-
-
-def test_class_folder_labels_and_bad_folders(tmp_path):
-    _image(tmp_path / "animals" / "birds" / "a.jpg", (255, 0, 0))
-    _image(tmp_path / "food" / "b.png", (0, 255, 0))
-    (tmp_path / "food" / "notes.txt").write_text("not an image")
-    items = p.class_folder(tmp_path)
-    assert [(it.path.name, it.label) for it in items] == [("a.jpg", "animals/birds"), ("b.png", "food")]
-    with pytest.raises(NotFound):
-        p.class_folder(tmp_path / "missing")
-    with pytest.raises(InvalidInput, match="two class subfolders"):
-        p.class_folder(tmp_path / "food")
 
 
 def test_copy_queries_name_their_source_and_distractors_none(tmp_path):

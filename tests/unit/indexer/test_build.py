@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 
 from services.common.config import Settings
-from services.common.embeddings import id_from_sha256, read_embeddings
 from services.common.errors import Corrupt, InvalidInput, NotFound, NotSupported
 from services.common.store import LocalStore
+from services.embedder.embeddings import id_from_sha256, read_embeddings
+from services.index.versions import load_current
 from services.indexer.build import build_index
-from services.indexer.manifest import load_current
 from services.searcher.local import IndexSearcher
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 

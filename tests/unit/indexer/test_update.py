@@ -3,9 +3,9 @@
 import pytest
 
 from services.common.config import Settings
-from services.common.embeddings import read_embeddings
 from services.common.errors import NotSupported
 from services.common.store import LocalStore
+from services.embedder.embeddings import read_embeddings
 from services.indexer.build import build_index
 from services.indexer.update import add_to_index, delete_from_index
 from services.searcher.local import IndexSearcher

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from services.common.descriptors import alpha_qe, dba
 from services.common.errors import InvalidInput
+from services.index.descriptors import alpha_qe, dba
 
 
 def test_alpha_qe_hand_case():

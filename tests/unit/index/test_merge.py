@@ -1,6 +1,6 @@
 import numpy as np
 
-from services.searcher.merge import hit_lists, merge_topk
+from services.index.merge import hit_lists, merge_topk
 
 
 def test_merge_equals_sorting_the_union():

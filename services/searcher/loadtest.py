@@ -16,10 +16,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos.imsearch.v1 import imsearch_pb2 as pb
-from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common.config import Settings
 from services.common.errors import InvalidInput
-from services.common.server import open_channel
+from services.common.store import open_store
+from services.index.docs import all_docs
+from services.index.versions import load_current
+from services.searcher.client import RouterClient, batch_request, search_request, to_query
 
 KINDS = ("new", "popular", "batch")
 
@@ -54,25 +56,22 @@ class Workload:
     def __post_init__(self):
         ranks = np.arange(1, len(self.popular) + 1, dtype=np.float64)
         self.weights = (1.0 / ranks ** self.zipf).tolist()
-        self.queries = [pb.Query(id=int(q)) if isinstance(q, (int, np.integer)) else
-                        pb.Query(vector=pb.Vector(values=np.asarray(q, np.float32).tolist())) for q in self.popular]
+        self.queries = [to_query(q) for q in self.popular]
 
     def request(self, kind: str):
         if kind == "new" and self.images:
-            return "Search", pb.SearchRequest(query=pb.Query(image=self.rng.choice(self.images)), k=10)
+            return "Search", search_request(self.rng.choice(self.images))
         if kind == "new":  # no images: a never-seen vector near a popular one (a cache miss every time)
             base = self.queries[self.rng.randrange(len(self.queries))]
             if base.WhichOneof("query") != "vector":
                 raise InvalidInput("'new' queries need --images, or a pool of vectors")
             v = np.asarray(base.vector.values, np.float32)
             v = v + np.float32(0.05) * np.asarray([self.rng.gauss(0, 1) for _ in range(len(v))], np.float32)
-            return "Search", pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=(v / np.linalg.norm(v)).tolist())),
-                                              k=10)
+            return "Search", search_request(v / np.linalg.norm(v))
         if kind == "popular":
             query = self.rng.choices(self.queries, self.weights)[0]
-            return "Search", pb.SearchRequest(query=query, k=10)
-        queries = self.rng.choices(self.queries, k=self.batch)
-        return "SearchBatch", pb.SearchBatchRequest(queries=queries, k=10, columnar=True)
+            return "Search", search_request(query)
+        return "SearchBatch", batch_request(self.rng.choices(self.queries, k=self.batch), columnar=True)
 
 
 @dataclass
@@ -110,18 +109,16 @@ async def run_load(address: str, work: Workload, mix: dict[str, float], seconds:
                    tls_ca: str | None = None) -> Report:
     """Closed loop (rate 0: each of `concurrency` clients sends as soon as its last answer came) or open
     loop (rate > 0: calls start on a fixed schedule, at most `concurrency` * 8 in flight)."""
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
     kinds, weights = list(mix), list(mix.values())
     report = Report(seconds)
-    async with open_channel(address, tls_ca) as channel:
-        stub = pb_grpc.SearcherStub(channel)
+    async with RouterClient(address, token, timeout, tls_ca=tls_ca) as client:
 
         async def one() -> None:
             kind = work.rng.choices(kinds, weights)[0]
             method, request = work.request(kind)
             start = time.perf_counter()
             try:
-                reply = await getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+                reply = await client.call(method, request)
                 report.statuses["OK"] += 1
                 report.latencies[kind].append(time.perf_counter() - start)
                 report.partial += reply.coverage < 1.0
@@ -132,11 +129,11 @@ async def run_load(address: str, work: Workload, mix: dict[str, float], seconds:
 
         end = time.perf_counter() + seconds
         if rate <= 0:
-            async def client() -> None:
+            async def caller() -> None:
                 while time.perf_counter() < end:
                     await one()
 
-            await asyncio.gather(*(client() for _ in range(concurrency)))
+            await asyncio.gather(*(caller() for _ in range(concurrency)))
         else:
             slots = asyncio.Semaphore(concurrency * 8)
             tasks, next_at = [], time.perf_counter()
@@ -153,6 +150,13 @@ async def run_load(address: str, work: Workload, mix: dict[str, float], seconds:
             await asyncio.gather(*tasks)
     report.seconds = seconds
     return report
+
+
+def popular_pool(index_url: str, n: int, settings: Settings) -> list[int]:
+    """n catalogue ids of the published version, in a fixed random order (the Zipf ranks)."""
+    store = open_store(index_url, settings)
+    ids, _ = all_docs(store, load_current(store))
+    return np.random.default_rng(0).permutation(ids)[:n].tolist()
 
 
 def load_images(folder: str | Path, limit: int = 200) -> list[bytes]:

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from services.common.embeddings import PartWriter, done_markers, plan_chunks, read_embeddings
 from services.common.errors import Corrupt
 from services.common.store import LocalStore
+from services.embedder.embeddings import PartWriter, done_markers, plan_chunks, read_embeddings
 from services.embedder.spec import ModelSpec
 
 DIM = 4

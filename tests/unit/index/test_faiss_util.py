@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from services.common import faiss_util
+from services.index import faiss_util
 
 
 @pytest.mark.parametrize("factory", ["IVF16,PQ8,Refine(SQ8)", "HNSW16", "IVF16,PQ8", "Flat"])

@@ -4,7 +4,8 @@ import pytest
 
 from services.common.errors import Corrupt, InvalidInput, NotFound
 from services.common.store import LocalStore
-from services.indexer.manifest import Manifest, ShardEntry, load_current, publish
+from services.index.manifest import Manifest, ShardEntry
+from services.index.versions import load_current, publish
 
 
 def manifest(version="v1") -> Manifest:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from services.common.checksums import sha256_bytes
+from services.common.checksums import sha256_bytes, verified_bytes
 from services.common.errors import Corrupt, InvalidInput, NotFound
 from services.common.store import Store
 
@@ -232,10 +232,7 @@ def read_embeddings(store: Store) -> Embeddings:
     meta = read_meta(store)
     tables = []
     for part in meta["parts"]:
-        data = store.get_bytes(part["key"])
-        if sha256_bytes(data) != part["sha256"]:
-            raise Corrupt(f"{store.uri(part['key'])}: checksum mismatch (file changed or damaged)")
-        tables.append(pq.read_table(io.BytesIO(data)))
+        tables.append(pq.read_table(io.BytesIO(verified_bytes(store, part["key"], part["sha256"]))))
     table = pa.concat_tables(tables) if tables else schema(meta["dim"]).empty_table()
     ok = table.filter(pc.is_null(table["error"]))
     dim = meta["dim"]

@@ -1,0 +1,121 @@
+"""Shard files: one faiss index per shard (plus its docs), saved and loaded with their checksums, and the
+coarse quantizer plain-IVF shards share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from services.common.checksums import verified_bytes, verified_file
+from services.common.errors import Corrupt, Incompatible, NotSupported
+from services.common.store import Store
+from services.index import faiss_util
+from services.index.docs import read_docs
+from services.index.layout import version_key
+from services.index.manifest import Manifest, ShardEntry
+
+
+@dataclass
+class Shard:
+    """A shard to write: its faiss index and the ids and uris it holds."""
+    number: int
+    index: faiss.Index
+    ids: np.ndarray
+    uris: list[str]
+
+
+@dataclass
+class LoadedShard:
+    entry: ShardEntry
+    index: object  # faiss.Index
+    ids: np.ndarray  # sorted int64
+    uris: np.ndarray  # object, aligned with ids
+    _params: dict = field(default_factory=dict)
+    _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
+    _sorted_ids: np.ndarray | None = None
+    _fetch_ready: bool = False
+
+    def params(self, nprobe: int, k_factor: float):
+        """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
+        key = (nprobe, k_factor)
+        if key not in self._params:
+            # setdefault is atomic: racing threads all use the one stored copy, whose nested
+            # params stay alive with it (faiss holds raw pointers to them).
+            self._params.setdefault(key, faiss_util.search_parameters(self.index, nprobe, k_factor))
+        return self._params[key][0]
+
+    def enable_fetch(self) -> None:
+        """Prepare id -> stored vector lookups (call before serving: it changes the index)."""
+        if self._fetch_ready:
+            return
+        self._fetch_ready = True
+        ix = faiss.downcast_index(self.index)
+        if isinstance(ix, faiss.IndexIDMap):
+            id_map = faiss.vector_to_array(ix.id_map)
+            self._order = np.argsort(id_map)
+            self._sorted_ids = id_map[self._order]
+        elif isinstance(ix, faiss.IndexIVF):
+            ix.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def fetch(self, ids: list[int]) -> list[np.ndarray | None]:
+        """Stored vectors of ids (None where this shard does not hold the id)."""
+        ix = faiss.downcast_index(self.index)
+        inner = faiss.downcast_index(ix.index) if isinstance(ix, faiss.IndexIDMap) else ix
+        if isinstance(inner, faiss.IndexPreTransform):
+            # Whitening + L2 normalisation cannot be inverted: the query vector is lost.
+            raise NotSupported("search by id is not available for indexes with in-index whitening")
+        out: list[np.ndarray | None] = []
+        for id_ in ids:
+            if isinstance(ix, faiss.IndexIDMap):
+                j = int(np.searchsorted(self._sorted_ids, id_))
+                hit = j < len(self._sorted_ids) and self._sorted_ids[j] == id_
+                out.append(ix.index.reconstruct(int(self._order[j])) if hit else None)
+            else:
+                try:
+                    out.append(ix.reconstruct(int(id_)))
+                except RuntimeError:  # faiss: "key not found"
+                    out.append(None)
+        return out
+
+    def uris_of(self, ids: np.ndarray) -> np.ndarray:
+        """Uris of ids held by this shard ("" for ids it does not hold), same shape as ids."""
+        if not len(self.ids):
+            return np.full(ids.shape, "", dtype=object)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, self.uris[pos], "")
+
+
+def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False) -> LoadedShard:
+    """One shard of a version with its docs, every file checksum-verified (S3 files cached locally)."""
+    path = verified_file(store, version_key(manifest.version, entry.file), entry.sha256, cache)
+    index = faiss_util.read_index(str(path), mmap)
+    if index.d != manifest.dim:
+        raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")
+    if index.ntotal != entry.count:
+        raise Corrupt(f"shard {entry.shard} holds {index.ntotal} vectors, manifest says {entry.count}")
+    return LoadedShard(entry, index, *read_docs(store, manifest, entry))
+
+
+def load_quantizer(store: Store, manifest: Manifest) -> faiss.Index | None:
+    """The coarse quantizer a plain-IVF version stores for routers (None when it has none)."""
+    if manifest.quantizer is None:
+        return None
+    blob = verified_bytes(store, version_key(manifest.version, manifest.quantizer.file), manifest.quantizer.sha256)
+    return faiss.deserialize_index(np.frombuffer(blob, np.uint8))
+
+
+def shared_quantizer(indexes: list) -> object | None:
+    """The common coarse quantizer of plain IVF shards trained together, else None."""
+    ivfs = [faiss.downcast_index(ix) for ix in indexes]
+    if not ivfs or not all(isinstance(ix, faiss.IndexIVF) for ix in ivfs):
+        return None
+    first = ivfs[0].quantizer
+    centroids = first.reconstruct_n(0, first.ntotal)
+    for ix in ivfs[1:]:
+        q = ix.quantizer
+        if q.ntotal != first.ntotal or not np.array_equal(q.reconstruct_n(0, q.ntotal), centroids):
+            return None
+    return first

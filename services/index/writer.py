@@ -1,0 +1,53 @@
+"""Writing a version: every shard file (+ docs, + the coarse quantizer of plain IVF), then the manifest,
+then (when publishing) the CURRENT flip. Files first, pointer last: a crash leaves CURRENT intact."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from services.common.checksums import sha256_bytes
+from services.common.store import Store
+from services.index import faiss_util
+from services.index.docs import docs_bytes
+from services.index.layout import QUANTIZER_FILE, docs_file, shard_file, version_key
+from services.index.manifest import FileEntry, Manifest, ShardEntry, write_manifest
+from services.index.shards import Shard
+from services.index.versions import publish
+
+log = logging.getLogger(__name__)
+Step = Callable[[str], None]
+
+
+def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer, publish_it: bool = True,
+                  step: Step | None = None) -> Manifest:
+    """Write the shards of template.version, its manifest (count, files, checksums filled in), and flip
+    CURRENT to it when publish_it; returns the manifest written."""
+    step = step or (lambda msg: log.info(msg))
+    entries = [_write_shard(out, template.version, s, step) for s in parts]
+    entry = None
+    if quantizer is not None:  # routers can assign lists once for all shards
+        blob = faiss_util.to_bytes(quantizer)
+        out.put_bytes(version_key(template.version, QUANTIZER_FILE), blob)
+        entry = FileEntry(file=QUANTIZER_FILE, sha256=sha256_bytes(blob))
+    manifest = template.model_copy(update={
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": entries, "quantizer": entry,
+        "count": sum(e.count for e in entries)})
+    if publish_it:
+        publish(out, manifest)
+        step(f"published {manifest.version} at {out.url}")
+    else:
+        write_manifest(out, manifest)
+        step(f"wrote {manifest.version} at {out.url} (not published: `imsearch index publish`)")
+    return manifest
+
+
+def _write_shard(out: Store, version: str, s: Shard, step: Step) -> ShardEntry:
+    blob, docs = faiss_util.to_bytes(s.index), docs_bytes(s.ids, s.uris)
+    file, docs_name = shard_file(s.number), docs_file(s.number)
+    out.put_bytes(version_key(version, file), blob)
+    out.put_bytes(version_key(version, docs_name), docs)
+    step(f"wrote shard {s.number}: {s.index.ntotal} vectors, {len(blob) / 2**20:.1f} MiB")
+    return ShardEntry(shard=s.number, file=file, sha256=sha256_bytes(blob), bytes=len(blob),
+                      count=int(s.index.ntotal), docs_file=docs_name, docs_sha256=sha256_bytes(docs))

@@ -1,0 +1,223 @@
+"""A serving stack from one description: shard servers (× replicas) of an index, the router, and as asked
+Redis, an S3 server, a Ray head, the Embedder service and the HTTP gateway, each a real process.
+
+Every way of running more than one part starts here: `imsearch serve` (attached: the parts are children of
+the command and stop with it), `imsearch cluster up` (detached: the parts outlive the command, their state
+kept in WORKDIR/cluster.json), the integration tests and the benchmarks.
+
+Parts start in tiers and each tier is waited on until healthy before the next: backing services and shard
+servers (loading in parallel), then the router, then the gateway. A part that fails to come up stops the
+ones already started and names itself with the end of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from services.common.errors import InvalidInput, NotFound
+from services.common.store import atomic_write
+from services.stack.part import Part, binary, free_port
+
+STATE = "cluster.json"
+S3_KINDS = ("none", "minio", "moto")
+
+
+@dataclass
+class StackSpec:
+    index: str  # the index root the shards (and the router and gateway) serve
+    shards: list[int] | None = None  # shard numbers to serve; None: every shard of the published version
+    replicas: int = 1  # shard servers per shard
+    router_index: bool = True  # router --index: assigns IVF lists once, embeds images with the index's model
+    embedder: bool | str = False  # True: start the Embedder service; "host:port": use that one
+    redis: bool = False  # a Redis query cache for the router
+    s3: str = "none"  # an S3 server beside the stack: none | minio | moto
+    ray: bool = False  # a Ray head (for `imsearch embed --ray-address`)
+    gateway: bool = False  # the HTTP gateway and web page
+    host: str = "127.0.0.1"  # address the services bind
+    router_port: int = 0  # 0: a free port
+    gateway_port: int = 0
+    shard_port: int = 0  # the first shard server's port, the others follow; 0: free ports
+    metrics_port: int | None = None  # the router's Prometheus port; None: IMSEARCH_METRICS_PORT as set
+    env: dict[str, str] = field(default_factory=dict)  # IMSEARCH_* for every part
+    router_env: dict[str, str] = field(default_factory=dict)  # ... and for the router only
+
+    def __post_init__(self):
+        if self.s3 not in S3_KINDS:
+            raise InvalidInput(f"s3 must be one of {', '.join(S3_KINDS)}, not {self.s3!r}")
+        if not 1 <= self.replicas <= 8:
+            raise InvalidInput(f"replicas must be between 1 and 8, got {self.replicas}")
+
+
+class Stack:
+    """`with Stack(spec, workdir).up() as s:` … `s.router.address`, `s.shards[1][0].kill()`, `s.gateway.url`."""
+
+    def __init__(self, spec: StackSpec, workdir: Path | None = None, detached: bool = False,
+                 step: Callable[[str], None] | None = None):
+        self.spec, self.workdir, self.detached = spec, workdir, detached
+        self.step = step or (lambda msg: None)
+        self.parts: list[Part] = []
+        self.shards: list[list[Part]] = []
+        self.router = self.gateway = self.redis = self.s3 = self.ray = self.embedder = None
+        self.tls_ca = {**os.environ, **spec.env}.get("IMSEARCH_TLS_CA") or None
+
+    def _part(self, part: Part) -> Part:
+        part.env = {**self.spec.env, **part.env}
+        part.detached = self.detached
+        if self.workdir is not None:
+            (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+            part.log = self.workdir / "logs" / f"{part.name}.log"
+        self.parts.append(part.spawn())
+        self._save()  # as we go: `cluster down` can clean up after a failed `up`
+        return part
+
+    def _service(self, name: str, module: str, args: list[str], port: int = 0, env: dict | None = None,
+                 health: str = "grpc") -> Part:
+        return self._part(Part.python(name, module, [*args, "--host", self.spec.host], port or free_port(),
+                                      health=health, env={"IMSEARCH_METRICS_PORT": "0", **(env or {})}))
+
+    def up(self, timeout: float = 180.0) -> "Stack":
+        """Start every part, tier by tier, each waited on until healthy; on any failure stop them all."""
+        try:
+            self._backing()
+            self._start_shards()
+            self._wait(self.parts)
+            self._start_router()
+            self._wait([self.router], timeout)
+            if self.spec.gateway:
+                self.gateway = self._service("gateway", "services.gateway", [
+                    "--router", self.router.address, "--index", self.spec.index], self.spec.gateway_port, health="http")
+                self._wait([self.gateway], timeout)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _backing(self) -> None:
+        spec = self.spec
+        if spec.redis:
+            self.redis = self._part(Part.redis())
+        if spec.s3 != "none":
+            self.s3 = self._part(s3_part(spec.s3, self.workdir))
+        if spec.ray:
+            self.ray = self._part(ray_part())
+        if spec.embedder is True:
+            self.embedder = self._service("embedder", "services.embedder", [])
+
+    def _start_shards(self) -> None:
+        numbers = self.spec.shards if self.spec.shards is not None else shard_numbers(self.spec.index)
+        port = self.spec.shard_port
+        for n in numbers:
+            group = []
+            for r in range(self.spec.replicas):
+                group.append(self._service(f"shard-{n}-{r}", "services.searcher.shard",
+                                           ["--index", self.spec.index, "--shard", str(n)], port))
+                port = port + 1 if port else 0
+            self.shards.append(group)
+
+    def _start_router(self) -> None:
+        spec = self.spec
+        args = ["--shards", ",".join("|".join(p.address for p in group) for group in self.shards)]
+        if spec.router_index:
+            args += ["--index", spec.index]
+        if spec.embedder:
+            args += ["--embedder", self.embedder.address if self.embedder else spec.embedder]
+        env = {k: v for k, v in {"IMSEARCH_METRICS_PORT": None if spec.metrics_port is None else str(spec.metrics_port),
+                                 "IMSEARCH_REDIS_URL": f"redis://{self.redis.address}/0" if self.redis else None
+                                 }.items() if v is not None}
+        self.router = self._part(Part.python("router", "services.searcher.router", [*args, "--host", spec.host],
+                                             spec.router_port or free_port(), env={**env, **spec.router_env}))
+
+    def _wait(self, parts: list[Part], timeout: float = 180.0) -> None:
+        for p in parts:
+            self.step(f"waiting for {p.name}")
+            p.wait(timeout, self.tls_ca)
+
+    def down(self, grace: float = 15.0) -> int:
+        """Stop every part, last started first; returns how many were running."""
+        running = [p for p in reversed(self.parts) if p.running()]
+        stop_all(running, grace, self.step)
+        if self.workdir is not None and self.detached:
+            (self.workdir / STATE).unlink(missing_ok=True)
+        return len(running)
+
+    def _save(self) -> None:
+        if self.detached and self.workdir is not None:
+            atomic_write(self.workdir / STATE, json.dumps([p.state() for p in self.parts], indent=1).encode())
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+
+def shard_numbers(index: str) -> list[int]:
+    """The shards of the published version of an index."""
+    from services.common.config import get_settings
+    from services.common.store import open_store
+    from services.index.versions import load_current
+
+    return [e.shard for e in load_current(open_store(index, get_settings())).shards]
+
+
+def stop_all(parts: list[Part], grace: float = 15.0, step: Callable[[str], None] = lambda msg: None) -> None:
+    """SIGTERM every part at once (a detached part's whole session: Ray's children too), SIGKILL what is
+    left after `grace`."""
+    for p in parts:
+        step(f"stopping {p.name} (pid {p.pid})")
+        p.send(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in parts:
+        if not p.wait_gone(max(0.0, deadline - time.monotonic())):
+            p.kill()
+
+
+def s3_part(kind: str, workdir: Path | None) -> Part:
+    if not binary("minio" if kind == "minio" else "moto_server"):
+        raise NotFound(f"--s3 {kind}: its server binary is not installed")
+    port = free_port()
+    if kind == "minio":
+        data = (workdir or Path(".imsearch")) / "minio"
+        return Part("s3", [binary("minio"), "server", str(data), "--address", f"127.0.0.1:{port}"], port, "port")
+    return Part("s3", [binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, "port")
+
+
+def ray_part() -> Part:
+    if not binary("ray"):
+        raise NotFound("the `ray` command is not installed (pip install 'ray[data]'), or use --no-ray")
+    port = free_port()
+    return Part("ray-head", [binary("ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus",
+                             str(os.cpu_count() or 1), "--include-dashboard", "false", "--disable-usage-stats"],
+                port, "port")
+
+
+def read_state(workdir: Path) -> list[Part]:
+    """The parts of a detached stack, from its state file."""
+    try:
+        return [Part.from_state(p) for p in json.loads((workdir / STATE).read_text())]
+    except FileNotFoundError:
+        raise NotFound(f"no cluster state in {workdir} (start one with imsearch cluster up)") from None
+
+
+def wait_for_signal(stack: Stack, step: Callable[[str], None] = lambda msg: None, poll: float = 1.0) -> None:
+    """Serve attached until SIGINT (Ctrl-C) or SIGTERM; say so once when a part exits on its own."""
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    gone: set[str] = set()
+    try:
+        while not stop.wait(poll):
+            for p in stack.parts:
+                if p.name not in gone and not p.running():
+                    gone.add(p.name)
+                    step(f"{p.name} exited (code {p.proc.returncode if p.proc else '?'}); see {p.log}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
