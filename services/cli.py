@@ -164,23 +164,25 @@ def _report_build(manifest, published: bool, as_json: bool = False) -> None:
 @cli_errors
 def index_publish(root: str = typer.Argument(..., help="index root"),
                   version: str = typer.Argument(..., help="a written version (see `imsearch index versions`)")) -> None:
-    """Point the index at a version (atomic; serving shard servers follow)."""
+    """Point the index at a version (its files verified first; atomic; serving shard servers follow)."""
     from services.common.store import open_store
-    from services.index.versions import flip
+    from services.index.versions import publish
 
-    pointer = flip(open_store(root, _settings()), version)
-    out.print(f"published {pointer['version']} (previous: {(pointer['history'] or ['none'])[0]})", highlight=False)
+    settings = _settings()
+    pointer = publish(open_store(root, settings), version, settings.home / "cache")
+    out.print(f"published {pointer.version} (previous: {(pointer.history or ['none'])[0]})", highlight=False)
 
 
 @index_app.command("rollback")
 @cli_errors
 def index_rollback(root: str = typer.Argument(..., help="index root")) -> None:
-    """Go back to the version published before the current one."""
+    """Go back to the version published before the current one (its files verified first)."""
     from services.common.store import open_store
     from services.index.versions import rollback
 
-    pointer = rollback(open_store(root, _settings()))
-    out.print(f"rolled back: {pointer['version']} is published", highlight=False)
+    settings = _settings()
+    pointer = rollback(open_store(root, settings), settings.home / "cache")
+    out.print(f"rolled back: {pointer.version} is published", highlight=False)
 
 
 @index_app.command("versions")
@@ -191,7 +193,7 @@ def index_versions(root: str = typer.Argument(..., help="index root")) -> None:
     from services.index.versions import list_versions, read_pointer
 
     store = open_store(root, _settings())
-    current = (read_pointer(store) or {}).get("version")
+    current = getattr(read_pointer(store), "version", None)
     for v in list_versions(store):
         out.print(f"{'*' if v == current else ' '} {v}", highlight=False)
 
@@ -229,12 +231,17 @@ def index_delete(root: str = typer.Argument(..., help="index root"),
 @index_app.command("gc")
 @cli_errors
 def index_gc(root: str = typer.Argument(..., help="index root"),
-             keep: int = typer.Option(2, min=0, help="earlier versions to keep for rollback")) -> None:
-    """Delete old versions (never the published one, nor the KEEP before it)."""
+             keep: int = typer.Option(2, min=0, help="earlier versions to keep for rollback"),
+             grace: Optional[float] = typer.Option(None, min=0, help="seconds: younger versions are kept "
+                                                                     "(default IMSEARCH_GC_GRACE_S, 3600)")) -> None:
+    """Delete old versions and killed builds' leftovers (never the published one, the KEEP before it, or
+    anything younger than --grace)."""
     from services.common.store import open_store
     from services.index.versions import gc
 
-    removed = gc(open_store(root, _settings()), keep)
+    settings = _settings()
+    removed = gc(open_store(root, settings), keep, settings.gc_grace_s if grace is None else grace,
+                 settings.write_retries, _step(False))
     out.print(f"removed {len(removed)} version(s){': ' + ', '.join(removed) if removed else ''}", highlight=False)
 
 

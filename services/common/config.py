@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     feedback_beta: float = Field(0.75, ge=0)
     feedback_gamma: float = Field(0.15, ge=0)
     mmap_index: bool = Field(False, description="memory-map shard files instead of loading them into RAM")
+    write_retries: int = Field(5, ge=0, description="an add/delete that loses the race to another writer is "
+                                                    "redone on top of the winner this many times")
+    gc_grace_s: float = Field(3600.0, ge=0, description="gc never removes a version (or a killed build's files) "
+                                                        "younger than this")
 
     # --- serving
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=1024, description="gRPC message size limit")
@@ -91,6 +95,19 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, v):
         """An empty variable (compose's ${VAR:-}) means unset, not the empty token or the current folder."""
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    # --- tests
+    crash_at: str | None = Field(None, description="test only: die (SIGKILL) at this named crash point "
+                                                   "(services/common/faults.py)")
+
+    @field_validator("crash_at")
+    @classmethod
+    def _known_point(cls, v: str | None) -> str | None:
+        from services.common.faults import CRASH_POINTS
+
+        if v and v not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {v!r}; known: {', '.join(CRASH_POINTS)}")
+        return v or None
 
     @field_validator("s3_endpoint")
     @classmethod

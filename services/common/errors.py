@@ -35,6 +35,25 @@ class Incompatible(ImsearchError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Conflict(ImsearchError):
+    """Another writer changed the same thing first (a compare-and-swap lost): nothing was changed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NoSpace(ImsearchError):
+    """The destination is full (ENOSPC, a quota, a file-size limit): what was there before is intact."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http = 507
+
+
+class ReadOnly(ImsearchError):
+    """The destination cannot be written (read-only filesystem, no permission)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Corrupt(ImsearchError):
     """Stored data fails its checksum or cannot be parsed."""
 
@@ -70,9 +89,11 @@ class RateLimited(ImsearchError):
     http = 429
 
 
-# HTTP status of each gRPC status (the gateway's answers); RateLimited overrides RESOURCE_EXHAUSTED's 413.
+# HTTP status of each gRPC status (the gateway's answers); RateLimited (429) and NoSpace (507) override
+# RESOURCE_EXHAUSTED's 413.
 HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
     grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.DATA_LOSS: 500, grpc.StatusCode.INTERNAL: 500,

@@ -3,21 +3,32 @@
 Keys are '/'-separated paths relative to the store's root. Every write is atomic per key:
 locally temp file -> fsync -> rename; on S3 a PUT is atomic by itself. Multi-object
 publishes are made atomic by writing all objects first and flipping one pointer object last.
+
+Anything two writers can change is written with put_if, a compare-and-swap against the token
+get_versioned returned: locally under an exclusive flock (one machine; a folder shared over NFS
+should be an S3 bucket instead), on S3 as a conditional PUT (If-Match / If-None-Match), which
+S3, MinIO and moto's server all check.
+
+A full or read-only destination is NoSpace / ReadOnly (one line for the user), never an OSError.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import io
 import logging
 import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 from services.common.config import Settings, get_settings
-from services.common.errors import InvalidInput, NotFound, Unavailable
+from services.common.errors import Conflict, InvalidInput, NoSpace, NotFound, ReadOnly, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +43,13 @@ class Store(Protocol):
     def put_file(self, key: str, path: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def get_file(self, key: str, dest: Path) -> None: ...
+    def get_versioned(self, key: str) -> tuple[bytes, str]: ...
+    def put_if(self, key: str, data: bytes, token: str | None) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def modified(self, key: str) -> float: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
     def local_path(self, key: str) -> Path | None: ...
     def child(self, prefix: str) -> "Store": ...
     def uri(self, key: str) -> str: ...
@@ -52,23 +67,61 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # EFBIG: over a file-size limit (RLIMIT_FSIZE)
+READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextmanager
+def write_errors(where: str | Path) -> Iterator[None]:
+    """A full or read-only destination as the domain error the user sees in one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in FULL:
+            raise NoSpace(f"no space left to write {where} ({e.strerror}); what was there before is intact") from None
+        if e.errno in READ_ONLY:
+            raise ReadOnly(f"cannot write {where}: {e.strerror}") from None
+        raise
+
+
 def atomic_write(path: Path, data: bytes | None = None, src: Path | None = None) -> None:
     """Write bytes (or copy a file) to path so a crash leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            if src is not None:
-                with open(src, "rb") as s:
-                    shutil.copyfileobj(s, f, 1 << 20)
-            else:
-                f.write(data or b"")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                if src is not None:
+                    with open(src, "rb") as s:
+                        shutil.copyfileobj(s, f, 1 << 20)
+                else:
+                    f.write(data or b"")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+
+@contextmanager
+def file_lock(path: Path, timeout: float = 30.0) -> Iterator[None]:
+    """An exclusive flock on `path` (created if need be), held for the block: writers of one machine take
+    turns. A holder stuck past `timeout` (e.g. a stopped process) is Unavailable, not a hang."""
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+b")
+    with f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"{path} is held by another writer for over {timeout:.0f} s") from None
+                time.sleep(0.01)
+        yield  # closing the file releases the lock
 
 
 class LocalStore:
@@ -100,12 +153,35 @@ class LocalStore:
         src = self._path(key)
         if not src.is_file():
             raise NotFound(f"not found: {self.uri(key)}")
-        shutil.copyfile(src, dest)
+        with write_errors(dest):
+            shutil.copyfile(src, dest)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The bytes and their token for put_if (their sha256: every change writes other bytes)."""
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        """Write key only if it still holds what `token` was read from (None: only if it does not exist);
+        else Conflict and nothing is written."""
+        path = self._path(key)
+        with file_lock(path.parent / f".{path.name}.lock"):
+            current = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            if current != token:
+                raise Conflict(f"{self.uri(key)} was changed by another writer")
+            atomic_write(path, data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def modified(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFound(f"not found: {self.uri(key)}") from None
+
     def list(self, prefix: str = "") -> list[str]:
+        """Keys under prefix; hidden files (temp files of writes in flight, locks) are not keys."""
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
             return [prefix]
@@ -115,12 +191,21 @@ class LocalStore:
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
-                if not name.startswith(TMP_PREFIX):
+                if not name.startswith("."):
                     keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with write_errors(self.uri(key)):
+            self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Every key under prefix, and whatever else is there (temp files of killed writes)."""
+        base = self._path(prefix)
+        if base == self.root:
+            raise InvalidInput("refusing to delete a whole store")
+        with write_errors(self.uri(prefix)):
+            shutil.rmtree(base, ignore_errors=False) if base.is_dir() else base.unlink(missing_ok=True)
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -170,9 +255,11 @@ class S3Store:
         try:
             return fn(*args, **kwargs)
         except S3Error as e:
+            name = getattr(e, "object_name", "") or ""
             if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
-                name = getattr(e, "object_name", "") or ""
                 raise NotFound(f"not found: s3://{self.bucket}/{name} ({e.code})") from None
+            if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise Conflict(f"s3://{self.bucket}/{name} was changed by another writer ({e.code})") from None
             err = Unavailable(f"S3 error from {self.settings.s3_endpoint}: {e.code}: {e.message}")
             err.retry = e.code in RETRYABLE_S3_CODES
             raise err from None
@@ -205,7 +292,38 @@ class S3Store:
             resp.release_conn()
 
     def get_file(self, key: str, dest: Path) -> None:
-        self._call(self.client.fget_object, self.bucket, self._key(key), str(dest))
+        with write_errors(dest):
+            self._call(self.client.fget_object, self.bucket, self._key(key), str(dest))
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The bytes and their ETag (the token of put_if)."""
+
+        def read() -> tuple[bytes, str]:
+            resp = self.client.get_object(self.bucket, self._key(key))
+            try:
+                return resp.read(), (resp.headers.get("ETag") or "").strip('"')
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(read)
+
+    def put_if(self, key: str, data: bytes, token: str | None) -> None:
+        """A conditional PUT: If-Match the ETag read (If-None-Match: * when token is None); Conflict when
+        the object changed meanwhile. minio's public put_object turns unknown headers into user metadata,
+        so this one request goes through its _put_object, which sends the headers as given."""
+        self._ensure_bucket()
+        headers = {"If-Match": f'"{token}"'} if token else {"If-None-Match": "*"}
+        self._call(self.client._put_object, self.bucket, self._key(key), data, headers)
+
+    def modified(self, key: str) -> float:
+        return self._call(self.client.stat_object, self.bucket, self._key(key)).last_modified.timestamp()
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix.strip("/"):
+            raise InvalidInput("refusing to delete a whole store")
+        for key in self.list(prefix):
+            self.delete(key)
 
     def exists(self, key: str) -> bool:
         try:

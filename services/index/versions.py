@@ -1,40 +1,69 @@
 """The CURRENT pointer and the versions under an index root: publish, rollback, list, gc.
 
-Every change (build, add, delete) writes a whole new version beside the others and then flips CURRENT
-in one atomic put: a crash at any point leaves CURRENT naming a complete version. Old versions stay
-(for rollback) until `gc` removes them.
+Every change (build, add, delete, publish, rollback, gc) writes whatever new version it makes beside the
+others, then moves CURRENT by a compare-and-swap against the pointer the change started from: the flip
+succeeds only if nobody else moved CURRENT meanwhile, so a change is either in the published version or
+refused (Conflict, naming the version that won) — never acknowledged and then silently undone. A crash at
+any point leaves CURRENT naming a complete version.
+
+CURRENT = {"version", "manifest_sha256", "history": [earlier versions, newest first], "generation": n,
+           "deleting": [versions gc is removing: never published again]}
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
 import time
 import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
 
-from services.common.checksums import sha256_bytes
-from services.common.errors import Corrupt, InvalidInput, NotFound
+from services.common.checksums import sha256_bytes, verified_bytes, verified_file
+from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
+from services.common.faults import crash_point
 from services.common.store import Store
-from services.index.layout import MANIFEST, POINTER_KEY, VERSIONS, manifest_key, version_prefix
-from services.index.manifest import Manifest, has_version, load_version, write_manifest
+from services.index.layout import MANIFEST, POINTER_KEY, VERSIONS, manifest_key, version_key, version_prefix
+from services.index.manifest import Manifest, has_version, load_version
 
 HISTORY = 20  # earlier versions remembered in the pointer, for rollback
+Step = Callable[[str], None]
 
 
-def read_pointer(store: Store) -> dict | None:
-    """{"version", "manifest_sha256", "history"}, or None when nothing was published yet."""
+@dataclass
+class Pointer:
+    version: str
+    manifest_sha256: str
+    history: list[str] = field(default_factory=list)
+    generation: int = 0
+    deleting: list[str] = field(default_factory=list)
+    token: str | None = field(default=None, compare=False)  # the store's token of what was read (for CAS)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "token"}).encode()
+
+    def describe(self) -> str:
+        return f"{self.version} (generation {self.generation})"
+
+
+def read_pointer(store: Store) -> Pointer | None:
+    """CURRENT with its token, or None when nothing was published yet."""
     try:
-        pointer = json.loads(store.get_bytes(POINTER_KEY))
-        if not isinstance(pointer.get("version"), str):
+        data, token = store.get_versioned(POINTER_KEY)
+        raw = json.loads(data)
+        if not isinstance(raw.get("version"), str):
             raise KeyError("version")
-        return pointer
+        return Pointer(raw["version"], str(raw.get("manifest_sha256", "")), list(raw.get("history", [])),
+                       int(raw.get("generation", 0)), list(raw.get("deleting", [])), token)
     except NotFound:
         return None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise Corrupt(f"{store.uri(POINTER_KEY)} is damaged") from None
 
 
-def current_pointer(store: Store) -> dict:
+def current_pointer(store: Store) -> Pointer:
     """The CURRENT pointer, or NotFound when the root holds no published index."""
     pointer = read_pointer(store)
     if pointer is None:
@@ -46,55 +75,146 @@ def is_index(store: Store) -> bool:
     return store.exists(POINTER_KEY)
 
 
+def load_published(store: Store) -> tuple[Pointer, Manifest]:
+    """The pointer and the manifest it names (checksum verified): the base a change starts from."""
+    pointer = current_pointer(store)
+    return pointer, load_version(store, pointer.version, pointer.manifest_sha256)[0]
+
+
 def load_current(store: Store) -> Manifest:
     """The published manifest, its checksum verified against the pointer."""
-    pointer = current_pointer(store)
-    return load_version(store, pointer["version"], pointer.get("manifest_sha256") or "")[0]
+    return load_published(store)[1]
 
 
-def flip(store: Store, version: str, history: list[str] | None = None) -> dict:
-    """Point CURRENT at a written version (its manifest must parse); the old one goes into history."""
-    _, data = load_version(store, version)
-    old = read_pointer(store)
+def write_pointer(store: Store, new: Pointer, base: Pointer | None) -> Pointer:
+    """CURRENT := new, only if it still is `base` (None: only if no index exists yet); else Conflict,
+    with the pointer that won as `.winner`."""
+    data = new.to_bytes()
+    crash_point("index.before-flip")
+    try:
+        store.put_if(POINTER_KEY, data, base.token if base else None)
+    except Conflict:
+        now = read_pointer(store)
+        if now is not None and now.to_bytes() == data:  # our own write: its reply was lost and the PUT retried
+            return now
+        error = Conflict(f"{store.url} changed while this ran: {now.describe() if now else 'nothing'} is "
+                         f"published now, not {base.describe() if base else 'nothing'} as when it started")
+        error.winner = now
+        raise error from None
+    crash_point("index.after-flip")
+    return new
+
+
+def advance(store: Store, base: Pointer | None, version: str, manifest_data: bytes,
+            history: list[str] | None = None) -> Pointer:
+    """Move CURRENT from base to a written version (base goes into history unless a history is given)."""
+    if base is not None and version in base.deleting:
+        raise Conflict(f"{version} is being removed by `imsearch index gc`; it cannot be published")
     if history is None:
-        history = ([old["version"]] + old.get("history", [])) if old else []
-    history = [v for v in history if v != version][:HISTORY]
-    pointer = {"version": version, "manifest_sha256": sha256_bytes(data), "history": history}
-    store.put_bytes(POINTER_KEY, json.dumps(pointer).encode())
-    return pointer
+        history = [base.version, *base.history] if base else []
+    new = Pointer(version, sha256_bytes(manifest_data), [v for v in history if v != version][:HISTORY],
+                  (base.generation + 1) if base else 1, list(base.deleting) if base else [])
+    return write_pointer(store, new, base)
 
 
-def publish(store: Store, manifest: Manifest) -> None:
-    """Write the manifest, then flip CURRENT to it: readers see the old or the new version, whole."""
-    write_manifest(store, manifest)
-    flip(store, manifest.version)
+def verify_version(store: Store, manifest: Manifest, cache: Path) -> None:
+    """Every file of a version is there and matches its checksum (Corrupt / NotFound naming the file)."""
+    for e in manifest.shards:
+        verified_file(store, version_key(manifest.version, e.file), e.sha256, cache)
+        verified_bytes(store, version_key(manifest.version, e.docs_file), e.docs_sha256)
+    if manifest.quantizer is not None:
+        verified_bytes(store, version_key(manifest.version, manifest.quantizer.file), manifest.quantizer.sha256)
 
 
-def rollback(store: Store) -> dict:
-    """Back to the version published before the current one."""
-    pointer = current_pointer(store)
-    history = [v for v in pointer.get("history", []) if has_version(store, v)]
-    if not history:
+def publish(store: Store, version: str, cache: Path) -> Pointer:
+    """Point CURRENT at a written (staged) version, its files verified first."""
+    base = read_pointer(store)
+    manifest, data = load_version(store, version)
+    if base is not None and version in base.deleting:
+        raise Conflict(f"{version} is being removed by `imsearch index gc`; it cannot be published")
+    verify_version(store, manifest, cache)
+    return advance(store, base, version, data)
+
+
+def rollback(store: Store, cache: Path) -> Pointer:
+    """Back to the version published before the current one, its files verified first."""
+    base = current_pointer(store)
+    if not base.history:
         raise NotFound(f"index {store.url}: no earlier version to roll back to")
-    return flip(store, history[0], history[1:])
+    target = base.history[0]
+    manifest, data = load_version(store, target)
+    verify_version(store, manifest, cache)
+    return advance(store, base, target, data, base.history[1:])
 
 
 def list_versions(store: Store) -> list[str]:
-    """Versions written under the root (published or staged), oldest first."""
+    """Versions written under the root (published or staged), oldest name first."""
     return sorted({k.split("/")[1] for k in store.list(VERSIONS) if k.endswith(f"/{MANIFEST}")})
 
 
-def gc(store: Store, keep: int = 2) -> list[str]:
-    """Delete every version except the current one and the `keep` most recent before it."""
-    pointer = current_pointer(store)
-    kept = {pointer["version"], *pointer.get("history", [])[:keep]}
-    removed = [v for v in list_versions(store) if v not in kept]
-    for v in removed:
-        for key in store.list(version_prefix(v)):
-            if not key.endswith(f"/{MANIFEST}"):
-                store.delete(key)
-        store.delete(manifest_key(v))  # last: a half-deleted version stays visible
-    return removed
+def version_age(store: Store, version: str, now: float) -> float:
+    """Seconds since a version was written: its manifest's created_at, else (a killed build: no manifest) the
+    newest of its files."""
+    try:
+        manifest, _ = load_version(store, version)
+        return now - calendar.timegm(time.strptime(manifest.created_at, "%Y-%m-%dT%H:%M:%SZ"))
+    except (NotFound, Corrupt, ValueError):
+        keys = store.list(version_prefix(version))
+        return now - max((store.modified(k) for k in keys), default=now)
+
+
+def gc(store: Store, keep: int = 2, grace_s: float = 3600.0, retries: int = 5, step: Step | None = None,
+       now: float | None = None) -> list[str]:
+    """Delete every version except the current one, the `keep` before it (rollback's history is trimmed to
+    those) and any younger than grace_s; killed builds' leftovers (no manifest) too, once older than grace_s.
+
+    Safe beside other writers: the versions to delete are first marked in CURRENT (a compare-and-swap, so a
+    publish racing it either wins — and its version is kept — or is refused), then deleted, then unmarked.
+    A gc killed midway leaves them marked; the next gc finishes them."""
+    step = step or (lambda msg: None)
+    now = time.time() if now is None else now
+    for attempt in range(retries + 1):
+        base = current_pointer(store)
+        protected = {base.version, *base.history[:keep]}
+        written = {k.split("/")[1] for k in store.list(VERSIONS) if k.count("/") >= 2}
+        old = {v for v in written - protected - set(base.deleting) if version_age(store, v, now) >= grace_s}
+        doomed = sorted((old | set(base.deleting)) - protected)  # marked ones: a gc before was killed midway
+        if not doomed:
+            return []
+        marked = replace(base, history=[v for v in base.history if v not in doomed], generation=base.generation + 1,
+                         deleting=sorted(set(base.deleting) | set(doomed)))
+        try:
+            write_pointer(store, marked, base)
+            break
+        except Conflict:
+            if attempt == retries:
+                raise
+    crash_point("gc.marked")
+    for v in doomed:
+        step(f"removing {v}")
+        _delete_version(store, v)
+    for attempt in range(retries + 1):  # unmark: another writer may have moved CURRENT meanwhile
+        base = current_pointer(store)
+        try:
+            write_pointer(store, replace(base, generation=base.generation + 1,
+                                         deleting=[v for v in base.deleting if v not in doomed]), base)
+            break
+        except Conflict:
+            if attempt == retries:
+                raise
+    return doomed
+
+
+def _delete_version(store: Store, version: str) -> None:
+    """Data files first, the manifest last (a half-deleted version stays visible, and marked), then whatever
+    a killed write left in its folder."""
+    keys = [k for k in store.list(version_prefix(version)) if not k.endswith(f"/{MANIFEST}")]
+    for i, key in enumerate(keys):
+        store.delete(key)
+        if i == 0:
+            crash_point("gc.mid-delete")
+    store.delete(manifest_key(version))
+    store.delete_prefix(version_prefix(version))
 
 
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

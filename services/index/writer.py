@@ -1,5 +1,6 @@
 """Writing a version: every shard file (+ docs, + the coarse quantizer of plain IVF), then the manifest,
-then (when publishing) the CURRENT flip. Files first, pointer last: a crash leaves CURRENT intact."""
+then (when publishing) the CURRENT flip by compare-and-swap against the pointer the change started from.
+Files first, pointer last: a crash leaves CURRENT intact; a lost race leaves the version staged."""
 
 from __future__ import annotations
 
@@ -8,22 +9,24 @@ import time
 from typing import Callable
 
 from services.common.checksums import sha256_bytes
+from services.common.faults import crash_point
 from services.common.store import Store
 from services.index import faiss_util
 from services.index.docs import docs_bytes
 from services.index.layout import QUANTIZER_FILE, docs_file, shard_file, version_key
 from services.index.manifest import FileEntry, Manifest, ShardEntry, write_manifest
 from services.index.shards import Shard
-from services.index.versions import publish
+from services.index.versions import Pointer, advance
 
 log = logging.getLogger(__name__)
 Step = Callable[[str], None]
 
 
 def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer, publish_it: bool = True,
-                  step: Step | None = None) -> Manifest:
-    """Write the shards of template.version, its manifest (count, files, checksums filled in), and flip
-    CURRENT to it when publish_it; returns the manifest written."""
+                  step: Step | None = None, base: Pointer | None = None) -> Manifest:
+    """Write the shards of template.version, its manifest (count, files, checksums filled in), and when
+    publish_it move CURRENT from `base` (the pointer read when the change started; None: a new index) to it.
+    Returns the manifest written; Conflict (the version staged) when another writer moved CURRENT first."""
     step = step or (lambda msg: log.info(msg))
     entries = [_write_shard(out, template.version, s, step) for s in parts]
     entry = None
@@ -31,14 +34,16 @@ def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer,
         blob = faiss_util.to_bytes(quantizer)
         out.put_bytes(version_key(template.version, QUANTIZER_FILE), blob)
         entry = FileEntry(file=QUANTIZER_FILE, sha256=sha256_bytes(blob))
+    crash_point("index.shards-written")
     manifest = template.model_copy(update={
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": entries, "quantizer": entry,
         "count": sum(e.count for e in entries)})
+    data = write_manifest(out, manifest)
+    crash_point("index.manifest-written")
     if publish_it:
-        publish(out, manifest)
+        advance(out, base, manifest.version, data)
         step(f"published {manifest.version} at {out.url}")
     else:
-        write_manifest(out, manifest)
         step(f"wrote {manifest.version} at {out.url} (not published: `imsearch index publish`)")
     return manifest
 

@@ -9,14 +9,14 @@ import faiss
 import numpy as np
 
 from services.common.config import Settings, get_settings
-from services.common.errors import InvalidInput
+from services.common.errors import Conflict, InvalidInput
 from services.common.store import open_store
 from services.embedder.embeddings import Embeddings, read_embeddings
 from services.index import descriptors, faiss_util
 from services.index.manifest import Manifest
 from services.index.merge import merge_topk
 from services.index.shards import Shard
-from services.index.versions import check_new_version
+from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, write_version
 from services.indexer.params import PQ_TRAIN_POINTS, IndexParams, choose_params, params_from_factory
 
@@ -108,6 +108,11 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         raise InvalidInput(f"--shards must be between 1 and 1024, got {shards}")
     if nprobe is not None and nprobe < 1:
         raise InvalidInput(f"--nprobe must be >= 1, got {nprobe}")
+    out = open_store(out_url, settings)
+    # The pointer as this build starts: a change published while it runs (a takedown delete) must not be
+    # silently undone by publishing this build over it.
+    base = read_pointer(out)
+    version = check_new_version(out, version)
     emb_store = open_store(emb_url, settings)
     step(f"reading embeddings from {emb_store.url}")
     emb, dropped = dedupe(read_embeddings(emb_store))
@@ -135,12 +140,14 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         tuning["nprobe_tuned"], tuning["nprobe_from"] = tuned, "user"
     nprobe = nprobe or tuned
 
-    out = open_store(out_url, settings)
-    version = check_new_version(out, version)
     template = Manifest(
         version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
         params=params.as_dict() | ({"dba": dba} if dba else {}), nprobe=nprobe, k_factor=params.k_factor,
         count=0, duplicates_dropped=dropped, tuning=tuning, shards=[],
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
-    return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step)
+    try:
+        return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step, base)
+    except Conflict as e:
+        raise Conflict(f"{e}; this build is kept staged as {version}: `imsearch index publish {out.url} {version}` "
+                       "makes it current anyway, or rebuild") from None

@@ -1,27 +1,58 @@
 """Change a live index: add embeddings with the trained quantizer it has, delete ids.
 
-Each change writes a new version (the touched shards in full, as `imsearch index build` would) and
-flips CURRENT; shard servers watching the pointer switch to it without a restart.
+Each change writes a new version (the touched shards in full, as `imsearch index build` would) and flips
+CURRENT by compare-and-swap; shard servers watching the pointer switch to it without a restart. Adds and
+deletes are pure changes: when another writer publishes first, the change is redone on top of the winner
+(up to IMSEARCH_WRITE_RETRIES times) and the lost attempt's files are removed, so two concurrent changes
+both land instead of one silently undoing the other.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from services.common.config import Settings, get_settings
-from services.common.errors import Incompatible, InvalidInput, NotFound, NotSupported
-from services.common.store import open_store
-from services.embedder.embeddings import read_embeddings
+from services.common.errors import Conflict, Incompatible, InvalidInput, NotFound, NotSupported
+from services.common.store import Store, open_store
+from services.embedder.embeddings import Embeddings, read_embeddings
 from services.index import faiss_util
+from services.index.layout import version_prefix
 from services.index.manifest import Manifest
 from services.index.shards import LoadedShard, Shard, load_shard
-from services.index.versions import check_new_version, load_current
+from services.index.versions import check_new_version, load_current, load_published
 from services.index.writer import Step, write_version
 from services.indexer.build import dedupe
 
+# (base manifest, its loaded shards, new version name) -> (shards to write, manifest template, result)
+Change = Callable[[Manifest, list[LoadedShard], str], tuple[list[Shard], Manifest, tuple]]
 
-def _load_all(store, manifest: Manifest, settings: Settings) -> list[LoadedShard]:
-    return [load_shard(store, manifest, e, settings.home / "cache") for e in manifest.shards]
+
+def change_index(root: str, change: Change, settings: Settings, step: Step, version: str | None = None) -> tuple:
+    """Apply `change` to the published version and publish the result; on a lost race, again on the winner."""
+    store = open_store(root, settings)
+    for attempt in range(settings.write_retries + 1):
+        base, manifest = load_published(store)
+        name = check_new_version(store, version)
+        step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
+        shards = [load_shard(store, manifest, e, settings.home / "cache") for e in manifest.shards]
+        parts, template, result = change(manifest, shards, name)
+        quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
+        try:
+            return (write_version(store, template, parts, quantizer, True, step, base), *result)
+        except Conflict as e:
+            _discard(store, name)
+            if attempt == settings.write_retries:
+                raise Conflict(f"{e}; gave up after {attempt + 1} attempts (IMSEARCH_WRITE_RETRIES)") from None
+            step(f"{e.winner.describe() if e.winner else 'another version'} was published meanwhile: "
+                 "redoing the change on top of it")
+    raise AssertionError("unreachable")
+
+
+def _discard(store: Store, version: str) -> None:
+    """The files of a version that lost the race: nothing refers to them."""
+    store.delete_prefix(version_prefix(version))
 
 
 def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step: Step | None = None,
@@ -29,9 +60,32 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
     """Append embeddings to the published index; returns (new manifest, added, already indexed)."""
     settings = settings or get_settings()
     step = step or (lambda msg: None)
-    store = open_store(root, settings)
-    manifest = load_current(store)
     emb, _ = dedupe(read_embeddings(open_store(emb_url, settings)))
+    check_addable(load_current(open_store(root, settings)), emb, emb_url)  # before loading any shard
+
+    def add(manifest: Manifest, shards: list[LoadedShard], name: str):
+        check_addable(manifest, emb, emb_url)
+        held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
+        new = ~np.isin(emb.ids, held)
+        if not new.any():
+            raise InvalidInput(f"every one of the {len(emb.ids)} embeddings in {emb_url} is already indexed")
+        parts = []
+        for s in shards:  # shard = id mod S, as at build time
+            rows = np.flatnonzero(new & (emb.ids % len(shards) == s.entry.shard))
+            if len(rows):
+                faiss_util.add(s.index, emb.vectors[rows], emb.ids[rows])
+            parts.append(Shard(s.entry.shard, s.index, np.concatenate([s.ids, emb.ids[rows]]),
+                               [*s.uris.tolist(), *(emb.uris[i] for i in rows)]))
+        added = int(new.sum())
+        step(f"adding {added} vectors ({len(emb.ids) - added} already indexed)")
+        template = manifest.model_copy(update={"version": name, "source": {
+            **manifest.source, "added_from": emb_url, "added": added, "previous": manifest.version}})
+        return parts, template, (added, len(emb.ids) - added)
+
+    return change_index(root, add, settings, step, version)
+
+
+def check_addable(manifest: Manifest, emb: Embeddings, emb_url: str) -> None:
     if emb.meta["model"].get("fingerprint") != manifest.model.get("fingerprint"):
         raise Incompatible(f"{emb_url} was embedded with {emb.meta['model'].get('name')} "
                            f"({emb.meta['model'].get('fingerprint')}); the index holds "
@@ -39,26 +93,6 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
     if manifest.params.get("dba"):
         raise NotSupported(f"{manifest.version} was built with DBA (each vector re-weighted by its neighbours): "
                            "new images would not be, so rebuild the index with them instead")
-    step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
-    shards = _load_all(store, manifest, settings)
-    held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
-    new = ~np.isin(emb.ids, held)
-    if not new.any():
-        raise InvalidInput(f"every one of the {len(emb.ids)} embeddings in {emb_url} is already indexed")
-    version = check_new_version(store, version)
-    parts = []
-    for s in shards:  # shard = id mod S, as at build time
-        rows = np.flatnonzero(new & (emb.ids % len(shards) == s.entry.shard))
-        if len(rows):
-            faiss_util.add(s.index, emb.vectors[rows], emb.ids[rows])
-        parts.append(Shard(s.entry.shard, s.index, np.concatenate([s.ids, emb.ids[rows]]),
-                           [*s.uris.tolist(), *(emb.uris[i] for i in rows)]))
-    added = int(new.sum())
-    step(f"adding {added} vectors ({len(emb.ids) - added} already indexed)")
-    template = manifest.model_copy(update={"version": version, "source": {
-        **manifest.source, "added_from": emb_url, "added": added, "previous": manifest.version}})
-    quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
-    return write_version(store, template, parts, quantizer, True, step), added, len(emb.ids) - added
 
 
 def delete_from_index(root: str, ids: list[int], settings: Settings | None = None, step: Step | None = None,
@@ -68,30 +102,28 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
     step = step or (lambda msg: None)
     if not ids:
         raise InvalidInput("no ids to delete")
-    store = open_store(root, settings)
-    manifest = load_current(store)
     wanted = np.unique(np.asarray(ids, np.int64))
-    step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
-    shards = _load_all(store, manifest, settings)
-    held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
-    unknown = wanted[~np.isin(wanted, held)].tolist()
-    if len(unknown) == len(wanted):
-        raise NotFound(f"none of the {len(wanted)} id(s) is in the index, e.g. {unknown[:3]}")
-    version = check_new_version(store, version)
-    parts, removed = [], 0
-    for s in shards:
-        drop = np.isin(s.ids, wanted)
-        index = s.index
-        if drop.any():
-            try:
-                index, n = faiss_util.remove_ids(s.index, s.ids[drop])
-            except RuntimeError as e:
-                raise NotSupported(f"{manifest.factory} shards cannot delete ids "
-                                   f"({str(e).splitlines()[-1]}); rebuild without them") from None
-            removed += n
-        parts.append(Shard(s.entry.shard, index, s.ids[~drop], s.uris[~drop].tolist()))
-    step(f"removed {removed} vectors ({len(unknown)} id(s) not found)")
-    template = manifest.model_copy(update={"version": version, "source": {
-        **manifest.source, "deleted": removed, "previous": manifest.version}})
-    quantizer = faiss_util.ivf_quantizer(shards[0].index)
-    return write_version(store, template, parts, quantizer, True, step), removed, unknown
+
+    def delete(manifest: Manifest, shards: list[LoadedShard], name: str):
+        held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
+        unknown = wanted[~np.isin(wanted, held)].tolist()
+        if len(unknown) == len(wanted):
+            raise NotFound(f"none of the {len(wanted)} id(s) is in the index, e.g. {unknown[:3]}")
+        parts, removed = [], 0
+        for s in shards:
+            drop = np.isin(s.ids, wanted)
+            index = s.index
+            if drop.any():
+                try:
+                    index, n = faiss_util.remove_ids(s.index, s.ids[drop])
+                except RuntimeError as e:
+                    raise NotSupported(f"{manifest.factory} shards cannot delete ids "
+                                       f"({str(e).splitlines()[-1]}); rebuild without them") from None
+                removed += n
+            parts.append(Shard(s.entry.shard, index, s.ids[~drop], s.uris[~drop].tolist()))
+        step(f"removed {removed} vectors ({len(unknown)} id(s) not found)")
+        template = manifest.model_copy(update={"version": name, "source": {
+            **manifest.source, "deleted": removed, "previous": manifest.version}})
+        return parts, template, (removed, unknown)
+
+    return change_index(root, delete, settings, step, version)

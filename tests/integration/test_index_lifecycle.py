@@ -71,7 +71,7 @@ def test_build_add_delete_stage_publish_rollback_gc(catalogue):
     listing = ok(cli("index", "versions", str(idx), home=home))
     assert f"* {after_delete.version}" in listing and "v3" in listing and "v1" in listing
 
-    ok(cli("index", "gc", str(idx), "--keep", "1", home=home))
+    ok(cli("index", "gc", str(idx), "--keep", "1", "--grace", "0", home=home))
     left = list_versions(store)
     assert after_delete.version in left and after_add.version in left and "v1" not in left
     assert IndexSearcher(str(idx), Settings(home=home)).search(x[:1], k=1)[0][0].uri == "img/0.jpg"
