@@ -138,3 +138,22 @@ def test_publishing_while_the_s3_server_is_down(s3, tmp_path):
     assert load_current(store).version == v2.version
     searcher = IndexSearcher("s3://work/idx")
     assert searcher.manifest.count == 30_000
+
+
+def test_put_if_is_a_compare_and_swap_on_the_s3_server(s3, settings):
+    from services.common.errors import Conflict
+
+    store = open_store("s3://cas/prefix", settings)
+    store.put_if("CURRENT", b"one", None)  # If-None-Match: * creates it
+    with pytest.raises(Conflict):
+        store.put_if("CURRENT", b"again", None)  # ... only once
+    data, token = store.get_versioned("CURRENT")
+    store.put_if("CURRENT", b"two", token)  # If-Match the ETag read
+    with pytest.raises(Conflict):
+        store.put_if("CURRENT", b"three", token)  # the ETag moved on: refused
+    assert store.get_bytes("CURRENT") == b"two" and data == b"one"
+    assert store.modified("CURRENT") > time.time() - 60
+    store.put_bytes("dir/a", b"a")
+    store.put_bytes("dir/sub/b", b"b")
+    store.delete_prefix("dir")
+    assert store.list() == ["CURRENT"]
