@@ -105,7 +105,7 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
     if as_json:
         print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
                           "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,
-                          "resumed": summary.resumed, "duplicates": summary.duplicates}))
+                          "resumed": summary.resumed, "duplicates": summary.duplicates, "redone": summary.redone}))
     else:
         out.print(summary.line(), highlight=False)
     if summary.embedded == 0:

@@ -6,8 +6,9 @@ other columns, or null).
 
 Resumable runs: the catalogue is cut into chunks of part_rows images in a stable order; chunk i is
 written as `parts/part-<i>-<digest of its uris>.parquet`, then a marker `done/part-<i>-<digest>.json`
-(rows, errors, checksum). A rerun skips every chunk whose marker exists, so a killed run loses at most the
-chunks in flight, and nothing is embedded twice. Markers live in `done/` (not beside the parts) so
+(rows, errors, the part's checksum, a checksum of the marker itself). A rerun skips every chunk whose
+marker and part verify, so a killed run loses at most the chunks in flight, nothing is embedded twice, and
+a damaged or missing part is embedded again. Markers live in `done/` (not beside the parts) so
 `parts/` stays a plain parquet dataset.
 """
 
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from services.common.checksums import sha256_bytes, verified_bytes
 from services.common.errors import Corrupt, InvalidInput, NotFound
+from services.common.faults import crash_point
 from services.common.store import Store
 
 META_KEY = "embeddings.json"
@@ -63,14 +65,59 @@ def plan_chunks(uris: list[str], rows: int, ids: list[int] | None = None,
             for n, i in enumerate(range(0, len(uris), rows))]
 
 
-def done_markers(store: Store, chunks: list[Chunk]) -> dict[int, dict]:
-    """The markers of chunks a previous run finished (one listing, not one request per chunk)."""
+@dataclass
+class Finished:
+    """A chunk an earlier run finished, verified: its done marker and the part's uri, sha256, error columns."""
+    marker: dict
+    table: pa.Table
+
+
+@dataclass
+class Resume:
+    done: dict[int, Finished]  # chunk number -> what an earlier run finished (verified)
+    redo: list[str]  # chunks with a marker that failed verification, and why: embedded again
+
+
+def marker_bytes(part: dict, model: str) -> bytes:
+    """A done marker: the part's key, rows and checksum, the model, and a checksum of the marker itself."""
+    body = {**part, "model": model}
+    return json.dumps({**body, "check": sha256_bytes(json.dumps(body, sort_keys=True).encode())}).encode()
+
+
+def _read_marker(data: bytes) -> dict:
+    marker = json.loads(data)
+    body = {k: v for k, v in marker.items() if k != "check"}
+    if not isinstance(marker.get("sha256"), str) or \
+            marker.get("check") != sha256_bytes(json.dumps(body, sort_keys=True).encode()):
+        raise ValueError("marker does not match its checksum")
+    return marker
+
+
+def resume_state(store: Store, chunks: list[Chunk]) -> Resume:
+    """What an earlier run finished, each chunk verified before it is trusted: its marker matches its own
+    checksum, and its part is there and matches the checksum in the marker. A chunk that fails either is
+    embedded again. (One listing, not one request per chunk; each finished part is read once, here.)"""
     present = set(store.list("parts")) | set(store.list("done"))
-    out = {}
+    resume = Resume({}, [])
     for c in chunks:
-        if f"done/{c.name}.json" in present and f"parts/{c.name}.parquet" in present:
-            out[c.number] = json.loads(store.get_bytes(f"done/{c.name}.json"))
-    return out
+        marker_key, part_key = f"done/{c.name}.json", f"parts/{c.name}.parquet"
+        if marker_key not in present:
+            continue  # not finished: a part without its marker was in flight
+        try:
+            marker = _read_marker(store.get_bytes(marker_key))
+        except (ValueError, UnicodeDecodeError):
+            resume.redo.append(f"{c.name}: damaged done marker")
+            continue
+        try:
+            data = verified_bytes(store, part_key, marker["sha256"])
+        except NotFound:
+            resume.redo.append(f"{c.name}: part missing")
+            continue
+        except Corrupt:
+            resume.redo.append(f"{c.name}: damaged part (checksum mismatch)")
+            continue
+        resume.done[c.number] = Finished(marker, pq.read_table(io.BytesIO(data), columns=["uri", "sha256", "error"]))
+    return resume
 
 
 def id_from_sha256(sha: str) -> int:
@@ -91,32 +138,31 @@ class PartWriter:
     Without a plan, a part every part_rows rows (synthetic data)."""
 
     def __init__(self, store: Store, spec, part_rows: int = 5000, plan: list[Chunk] | None = None,
-                 done: dict[int, dict] | None = None):
+                 done: dict[int, Finished] | None = None):
         self.store, self.spec, self.part_rows = store, spec, part_rows
         self.plan = list(plan) if plan is not None else None
-        self.done = [done[n] for n in sorted(done or {})]
+        self.done = [done[n].marker for n in sorted(done or {})]
         self.buffer: list[dict] = []
         self.parts: list[dict] = []
         self.seen: dict[str, str] = {}  # sha256 -> first uri
         self.failed: list[tuple[str, str]] = []  # (uri, error) of this run
         self.rows = self.embedded = self.errors = self.duplicates = 0
         self.reasons: dict[str, int] = {}
-        for marker in self.done:
-            self._resume(marker)
+        for n in sorted(done or {}):
+            self._resume(done[n].table)
 
-    def _resume(self, marker: dict) -> None:
-        """Count a finished part and remember its images, so later duplicates are still caught."""
-        table = pq.read_table(io.BytesIO(self.store.get_bytes(marker["key"])), columns=["uri", "sha256", "error"])
+    def _resume(self, table: pa.Table) -> None:
+        """Count a finished part (from its verified rows, not the marker's figures) and remember its images,
+        so later duplicates are still caught."""
         for uri, sha, err in zip(*(table[c].to_pylist() for c in ("uri", "sha256", "error"))):
+            self.rows += 1
             if err is None:
                 self.seen.setdefault(sha, uri)
+                self.embedded += 1
             else:
                 self.failed.append((uri, err))
-        self.rows += marker["rows"]
-        self.embedded += marker["embedded"]
-        self.errors += marker["rows"] - marker["embedded"]
-        for r, n in marker["reasons"].items():
-            self.reasons[r] = self.reasons.get(r, 0) + n
+                self.errors += 1
+                self.reasons[reason_of(err)] = self.reasons.get(reason_of(err), 0) + 1
 
     def mark_duplicates(self, batch: dict) -> None:
         """Before the model: with content ids, a row whose image was already seen (earlier, or higher in
@@ -176,6 +222,7 @@ class PartWriter:
         pq.write_table(table, buf)
         data = buf.getvalue()
         self.store.put_bytes(f"parts/{name}.parquet", data)
+        crash_point("embed.part-written")
         reasons: dict[str, int] = {}
         for e in cols["error"]:
             if e:
@@ -183,7 +230,8 @@ class PartWriter:
         part = {"key": f"parts/{name}.parquet", "rows": table.num_rows, "reasons": reasons,
                 "embedded": sum(e is None for e in cols["error"]), "sha256": sha256_bytes(data)}
         if marker:  # written after the part: a marker always names a complete part
-            self.store.put_bytes(f"done/{name}.json", json.dumps({**part, "model": self.spec.fingerprint}).encode())
+            self.store.put_bytes(f"done/{name}.json", marker_bytes(part, self.spec.fingerprint))
+            crash_point("embed.marker-written")
         self.parts.append(part)
         self.buffer = []
 

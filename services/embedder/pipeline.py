@@ -23,7 +23,7 @@ from services.common.errors import ImsearchError, Incompatible, InvalidInput, No
 from services.common.folders import IMAGE_EXTENSIONS, is_image_name
 from services.common.images import decode_image, probe_image
 from services.common.store import open_store, read_uri
-from services.embedder.embeddings import META_KEY, PartWriter, done_markers, plan_chunks
+from services.embedder.embeddings import META_KEY, Finished, PartWriter, plan_chunks, resume_state
 from services.embedder.gpu_decode import JPEG_MODES
 from services.embedder.spec import resolve_spec
 
@@ -210,6 +210,7 @@ class EmbedSummary:
     engine: str = "local"
     resumed: int = 0  # images a previous run had already embedded (or failed)
     duplicates: int = 0
+    redone: list[str] = field(default_factory=list)  # chunks of an earlier run that failed verification
 
     @property
     def skipped(self) -> int:
@@ -219,6 +220,8 @@ class EmbedSummary:
         text = f"{self.embedded} embedded, {self.skipped} skipped"
         if self.resumed:
             text += f" ({self.resumed} done by an earlier run)"
+        if self.redone:
+            text += f"; {len(self.redone)} chunk(s) of an earlier run embedded again ({', '.join(self.redone[:3])})"
         if self.reasons:
             text += ": " + "; ".join(f"{n}× {r}" for r, n in self.reasons.most_common(8))
         return text
@@ -298,12 +301,15 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     spec = resolve_spec(model, weights)
     store = open_store(out, settings)
     chunks = plan_chunks(catalogue.uris, settings.part_rows, catalogue.ids, catalogue.metadata)
-    done = done_markers(store, chunks)
+    resume = resume_state(store, chunks)
+    done = resume.done
     _check_same_model(store, spec, done)
+    for reason in resume.redo:
+        log.warning("embedding a chunk again: %s", reason)
     pending = [c for c in chunks if c.number not in done]
     todo = [u for c in pending for u in c.uris]
     summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=choose_engine(len(todo), settings, engine),
-                           resumed=len(catalogue.uris) - len(todo))
+                           resumed=len(catalogue.uris) - len(todo), redone=resume.redo)
     writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done)
     run = _run_ray if summary.engine == "ray" else _run_local
     log.info("embedding %d images with %s via %s into %s (%d already done)", len(todo), spec.name,
@@ -321,14 +327,14 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     return summary
 
 
-def _check_same_model(store, spec, done: dict[int, dict]) -> None:
+def _check_same_model(store, spec, done: dict[int, Finished]) -> None:
     """A rerun into a folder written by another model would mix vector spaces: refuse it, whether the
     earlier run finished (embeddings.json) or was killed (its chunks' done markers)."""
     try:
         meta = json.loads(store.get_bytes(META_KEY))
     except (NotFound, ValueError):
         meta = {}
-    found = {meta.get("model", {}).get("fingerprint")} | {m.get("model") for m in done.values()}
+    found = {meta.get("model", {}).get("fingerprint")} | {f.marker.get("model") for f in done.values()}
     other = found - {None, spec.fingerprint}
     if other:
         raise Incompatible(f"{store.url} holds embeddings of another model ({', '.join(sorted(other))}); this "

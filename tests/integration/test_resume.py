@@ -1,4 +1,5 @@
-"""kill -9 `imsearch embed` midway, run the same command again: it resumes and loses nothing."""
+"""kill -9 `imsearch embed` midway — in-process and on Ray Data with 2 model actors — or at a named crash
+point, run the same command again: it resumes, embeds every image exactly once and loses nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
@@ -20,9 +22,18 @@ ROOT = Path(__file__).resolve().parents[2]
 N, PART = 120, 10
 
 
-def embed_cmd(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "embed", str(src), "--out", str(out), "--engine", "local",
-            "--json"]
+def embed_cmd(src: Path, out: Path, engine: str = "local") -> list[str]:
+    return [sys.executable, "-m", "services.cli", "embed", str(src), "--out", str(out), "--engine", engine, "--json"]
+
+
+def write_catalogue(src: Path, n: int) -> None:
+    src.mkdir()
+    for i in range(n):
+        (src / f"img-{i:04d}.png").write_bytes(encode(pattern(64, 48, seed=i)))
+
+
+def markers(out: Path) -> int:
+    return len(list((out / "done").glob("*.json"))) if (out / "done").is_dir() else 0
 
 
 def test_kill_9_midway_then_rerun_embeds_the_rest_exactly_once(tmp_path):
@@ -63,3 +74,71 @@ def test_kill_9_midway_then_rerun_embeds_the_rest_exactly_once(tmp_path):
 
     again = subprocess.run(embed_cmd(src, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout)["resumed"] == N  # a finished catalogue: nothing to embed
+
+
+def test_kill_9_of_a_ray_run_with_two_actors_then_rerun_embeds_every_image_exactly_once(tmp_path):
+    src, out = tmp_path / "catalogue", tmp_path / "emb"
+    write_catalogue(src, 60)
+    env = {**os.environ, "IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_PART_ROWS": "5",
+           "IMSEARCH_BATCH_SIZE": "5", "IMSEARCH_RAY_ACTORS": "2"}
+    # Its own session: the private Ray instance the run starts is cleaned up with it after the test (Ray's
+    # dashboard and runtime-env agents outlive a kill -9 of the driver).
+    proc = subprocess.Popen(embed_cmd(src, out, "ray"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while markers(out) < 2:  # two chunks finished: the actors are running and writing
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no parts written"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # the driver, as `kill -9 PID` would
+        proc.wait(10)
+        finished = markers(out)
+        assert 2 <= finished < 12 and not (out / "embeddings.json").exists()
+        rerun = subprocess.run(embed_cmd(src, out, "ray"), cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=300, start_new_session=True)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["engine"] == "ray" and summary["resumed"] == finished * 5 and summary["embedded"] == 60
+    emb = read_embeddings(LocalStore(out))
+    assert sorted(Path(u).name for u in emb.uris) == [f"img-{i:04d}.png" for i in range(60)]  # each once
+    assert len(set(emb.ids.tolist())) == 60
+
+
+@pytest.mark.parametrize("point", ["embed.part-written", "embed.marker-written"])
+def test_a_crash_between_part_and_marker_loses_nothing_and_embeds_nothing_twice(tmp_path, point):
+    src, out = tmp_path / "catalogue", tmp_path / "emb"
+    write_catalogue(src, 30)
+    env = {**os.environ, "IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_PART_ROWS": "10"}
+    crashed = subprocess.run(embed_cmd(src, out), cwd=ROOT, env={**env, "IMSEARCH_CRASH_AT": point},
+                             capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr  # died at the point, with the first part on disk
+    assert len(list((out / "parts").glob("*.parquet"))) == 1 and markers(out) == (point == "embed.marker-written")
+    rerun = subprocess.run(embed_cmd(src, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["resumed"] == (10 if point == "embed.marker-written" else 0) and summary["embedded"] == 30
+    emb = read_embeddings(LocalStore(out))
+    assert len(emb.uris) == len(set(emb.uris)) == 30
+
+
+def test_a_damaged_part_is_embedded_again_and_the_summary_says_so(tmp_path):
+    src, out = tmp_path / "catalogue", tmp_path / "emb"
+    write_catalogue(src, 30)
+    env = {**os.environ, "IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_PART_ROWS": "10"}
+    first = subprocess.run(embed_cmd(src, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    part = sorted((out / "parts").glob("*.parquet"))[1]
+    part.write_bytes(part.read_bytes()[:-40] + b"\0" * 40)  # bit rot in a finished part
+    (out / "embeddings.json").unlink()  # as if the run had been killed before it finished
+    rerun = subprocess.run(embed_cmd(src, out)[:-1], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "(20 done by an earlier run); 1 chunk(s) of an earlier run embedded again" in rerun.stdout, rerun.stdout
+    assert "damaged part" in rerun.stdout
+    emb = read_embeddings(LocalStore(out))  # every part verifies against embeddings.json
+    assert len(emb.uris) == len(set(emb.uris)) == 30

@@ -9,7 +9,7 @@ import pytest
 
 from services.common.errors import Corrupt
 from services.common.store import LocalStore
-from services.embedder.embeddings import PartWriter, done_markers, plan_chunks, read_embeddings
+from services.embedder.embeddings import PartWriter, plan_chunks, read_embeddings, resume_state
 from services.embedder.spec import ModelSpec
 
 DIM = 4
@@ -40,7 +40,7 @@ def test_a_rerun_skips_finished_chunks_and_the_result_is_whole(tmp_path):
     chunks = plan_chunks(uris, 3)
     first = PartWriter(store, spec(tmp_path), 3, plan=chunks, done={})
     first.add(batch(uris[:7], shas[:7]))  # two chunks written, the third in flight: then "kill -9"
-    done = done_markers(store, chunks)
+    done = resume_state(store, chunks).done
     assert sorted(done) == [0, 1]
 
     pending = [c for c in chunks if c.number not in done]
@@ -102,8 +102,8 @@ def test_a_killed_run_of_another_model_is_not_resumed(tmp_path):
     chunks = plan_chunks(["a", "b", "c"], 2)
     first = spec(tmp_path)
     PartWriter(store, first, 2, plan=chunks, done={}).add(batch(["a", "b"], [sha(1), sha(2)]))  # then killed
-    done = done_markers(store, chunks)
-    assert done[0]["model"] == first.fingerprint
+    done = resume_state(store, chunks).done
+    assert done[0].marker["model"] == first.fingerprint
     _check_same_model(store, first, done)  # the same model resumes
     other_weights = tmp_path / "other.bin"
     other_weights.write_bytes(b"other")
@@ -139,3 +139,29 @@ def test_duplicates_within_one_batch_and_user_ids(tmp_path):
     b = batch(uris, [sha(1), sha(1), sha(2)])
     w.mark_duplicates(b)
     assert b["error"].tolist() == ["", "", ""]
+
+
+@pytest.mark.parametrize("damage", ["marker garbage", "marker edited", "part edited", "part missing"])
+def test_a_damaged_or_missing_chunk_of_an_earlier_run_is_embedded_again(tmp_path, damage):
+    store = LocalStore(tmp_path / "out")
+    uris = [f"img/{i:03d}.jpg" for i in range(6)]
+    chunks = plan_chunks(uris, 3)
+    PartWriter(store, spec(tmp_path), 3, plan=chunks, done={}).add(batch(uris[:6], [sha(i) for i in range(6)]))
+    marker, part = f"done/{chunks[1].name}.json", f"parts/{chunks[1].name}.parquet"
+    if damage == "marker garbage":
+        store.put_bytes(marker, b"{not json")
+    elif damage == "marker edited":  # still JSON, but not what was written: its own checksum fails
+        store.put_bytes(marker, store.get_bytes(marker).replace(b'"rows": 3', b'"rows": 30'))
+    elif damage == "part edited":
+        store.put_bytes(part, store.get_bytes(part)[:-20] + b"x" * 20)
+    else:
+        store.delete(part)
+    resume = resume_state(store, chunks)
+    assert sorted(resume.done) == [0]  # the sound chunk is kept
+    assert len(resume.redo) == 1 and chunks[1].name in resume.redo[0]
+
+    again = PartWriter(store, spec(tmp_path), 3, plan=[chunks[1]], done=resume.done)
+    again.add(batch(uris[3:], [sha(i) for i in range(3, 6)]))
+    again.close("test")
+    emb = read_embeddings(store)
+    assert emb.uris == uris and len(set(emb.ids.tolist())) == 6  # every image exactly once
