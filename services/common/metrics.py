@@ -8,6 +8,8 @@ REQUESTS = Counter("imsearch_requests_total", "requests by service, method and s
 LATENCY = Histogram("imsearch_request_seconds", "request latency", ["service", "method"],
                     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 CACHE = Counter("imsearch_cache_total", "router cache lookups", ["result"])  # hit | miss
+CACHE_REJECTED = Counter("imsearch_cache_rejected_total", "cache values that were not a sealed answer to their key "
+                         "(served as a miss, then overwritten)", ["reason"])  # format|truncated|version|checksum|parse
 FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
 ASSIGNED = Counter("imsearch_router_assigned_total", "fan-outs whose IVF lists the router chose once for all shards")
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])

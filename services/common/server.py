@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import signal
 import time
@@ -82,7 +83,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     """Calls must carry `authorization: Bearer <token>`; health checks stay open for probes."""
 
     def __init__(self, token: str):
-        self.expected = f"Bearer {token}"
+        self.expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -92,7 +93,8 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return await continuation(details)
-        if dict(details.invocation_metadata or ()).get("authorization") != self.expected:
+        given = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
+        if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle on the token
             return self.deny
         return await continuation(details)
 

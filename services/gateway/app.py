@@ -18,6 +18,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import grpc
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,17 +27,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.config import Settings
 from services.common.convert import hits_from_proto
-from services.common.errors import ImsearchError, InvalidInput, TooLarge, http_status
+from services.common.errors import ImsearchError, InvalidInput, TooLarge, Unauthenticated, http_status
+from services.common.validate import INT64_MAX, INT64_MIN, UINT32_MAX, check_id, check_k, check_range, quote
 from services.gateway.catalogue import Catalogue
-from services.gateway.limits import RateLimit, key_of, parse_keys
+from services.gateway.limits import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_S, RateLimit, key_of, parse_keys
 from services.searcher.client import RouterClient, batch_request, search_request
+from services.searcher.feedback import MAX_FEEDBACK
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -44,29 +47,34 @@ REQUESTS = Counter("imsearch_gateway_requests_total", "HTTP requests", ["path", 
 LATENCY = Histogram("imsearch_gateway_latency_seconds", "HTTP request latency", ["path"])
 
 
+# Every number is checked against its protobuf field's range here: out of range is a 400 naming the field.
+Id = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+UInt32 = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+
+
 class Feedback(BaseModel):
-    relevant: list[int] = Field(default_factory=list)
-    not_relevant: list[int] = Field(default_factory=list)
+    relevant: list[Id] = Field(default_factory=list, max_length=MAX_FEEDBACK)
+    not_relevant: list[Id] = Field(default_factory=list, max_length=MAX_FEEDBACK)
 
 
 class Query(BaseModel):
     """One of: vector, id (catalogue id), uri (of a catalogue image), image_b64 (encoded image)."""
     vector: list[float] | None = None
-    id: int | None = None
+    id: Id | None = None
     uri: str | None = None
     image_b64: str | None = None
 
 
 class SearchBody(Query):
-    k: int = 10
-    nprobe: int = 0
+    k: UInt32 = 10
+    nprobe: UInt32 = 0
     feedback: Feedback = Field(default_factory=Feedback)
 
 
 class BatchBody(BaseModel):
     queries: list[Query]
-    k: int = 10
-    nprobe: int = 0
+    k: UInt32 = 10
+    nprobe: UInt32 = 0
 
 
 @dataclass
@@ -77,6 +85,7 @@ class Gateway:
     catalogue: Catalogue
     keys: list[str]
     limit: RateLimit
+    failures: RateLimit  # failed key attempts per address: guesses cannot run at line speed
     max_upload: int  # bytes: an upload travels on to the router in one gRPC message
     client: RouterClient | None = None  # opened with the app's event loop (lifespan)
 
@@ -84,14 +93,28 @@ class Gateway:
     def from_settings(cls, router_address: str, index_url: str, settings: Settings) -> "Gateway":
         return cls(settings, router_address, Catalogue(index_url, settings), parse_keys(settings.gateway_api_keys),
                    RateLimit(settings.gateway_rate_per_s, settings.gateway_burst),
+                   RateLimit(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST),
                    min(settings.max_image_bytes, settings.max_message_bytes - 64 * 1024))
 
+    @property
+    def max_body(self) -> int:
+        return self.max_upload + 64 * 1024  # the image plus form fields
+
     def guard(self, request: Request) -> None:
-        """Keys, rate limit and upload size of a /v1 call, before any body is read."""
-        caller = key_of(request.headers, self.keys) or (request.client.host if request.client else "?")
+        """Keys, rate limit and upload size of a /v1 call, before any body is read. A failed key attempt is
+        charged to the caller's address (in the rate limit, and in a limit of its own)."""
+        address = request.client.host if request.client else "?"
+        try:
+            caller = key_of(request.headers, self.keys) or address
+        except Unauthenticated:
+            self.failures.take(f"address {address}")
+            self.limit.take(f"address {address}")
+            raise
         self.limit.take(caller)
-        size = int(request.headers.get("content-length") or 0)
-        if size > self.max_upload + 64 * 1024:  # the image plus form fields
+        size = request.headers.get("content-length") or "0"
+        if not size.isdigit():
+            raise InvalidInput(f"content-length {quote(size)} is not a byte count")
+        if int(size) > self.max_body:
             raise TooLarge(f"request body of {size} bytes over the upload limit of {self.max_upload} bytes")
 
     def to_query(self, q: Query) -> pb.Query:
@@ -117,6 +140,8 @@ class Gateway:
         return self.catalogue.id_of(uri)
 
     async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback) -> dict:
+        check_k(k, self.settings.max_k)
+        check_range("nprobe", nprobe, 0, UINT32_MAX)
         start = time.perf_counter()
         reply = await self.client.call("Search", search_request(query, k, nprobe, feedback.relevant,
                                                                 feedback.not_relevant))
@@ -142,6 +167,40 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+class BodyLimit:
+    """ASGI middleware: a /v1 request body is read up to `limit` bytes, chunked or not, and answered 413
+    the moment it goes past — without reading the rest; a body within the limit is handed on whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                error = TooLarge(f"request body over the upload limit of {self.limit} bytes")
+                return await error_response(error)(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body, handed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
@@ -162,15 +221,21 @@ async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> d
             raise TooLarge(f"image over the upload limit of {gw.max_upload} bytes")
         if not data:
             raise InvalidInput("empty file (0 bytes)")
-        feedback = Feedback(relevant=_ids(form.get("relevant")), not_relevant=_ids(form.get("not_relevant")))
-        return await gw.search(pb.Query(image=data), _int(form.get("k"), 10), _int(form.get("nprobe"), 0), feedback)
+        try:
+            feedback = Feedback(relevant=_ids(form.get("relevant")), not_relevant=_ids(form.get("not_relevant")))
+        except ValidationError as e:
+            raise InvalidInput(field_error(e.errors())) from None
+        k, nprobe = _int("k", form.get("k"), 10), _int("nprobe", form.get("nprobe"), 0)
+        return await gw.search(pb.Query(image=data), k, nprobe, feedback)
     if kind.startswith("application/json"):
         try:
             body = SearchBody.model_validate_json(await request.body())
-        except ValueError as e:
-            raise InvalidInput(f"bad JSON query: {str(e).splitlines()[0]}") from None
-        return await gw.search(gw.to_query(body), body.k, body.nprobe, body.feedback)
-    raise InvalidInput(f"content type {kind or 'missing'}: send multipart/form-data (field 'image') or JSON")
+        except ValidationError as e:
+            raise InvalidInput(field_error(e.errors())) from None
+        query = await asyncio.to_thread(gw.to_query, body)  # a uri is looked up in the catalogue: storage
+        return await gw.search(query, body.k, body.nprobe, body.feedback)
+    raise InvalidInput(f"content type {quote(kind) if kind else 'missing'}: send multipart/form-data "
+                       "(field 'image') or JSON")
 
 
 @routes.post("/v1/search/batch", summary="Several JSON queries in one call")
@@ -178,8 +243,9 @@ async def batch_endpoint(body: BatchBody, gw: Gateway = Depends(gateway)) -> dic
     start = time.perf_counter()
     if not body.queries:
         raise InvalidInput("a batch needs at least one query")
-    reply = await gw.client.call("SearchBatch", batch_request([gw.to_query(q) for q in body.queries], body.k,
-                                                              body.nprobe))
+    check_k(body.k, gw.settings.max_k)
+    queries = await asyncio.to_thread(lambda: [gw.to_query(q) for q in body.queries])
+    reply = await gw.client.call("SearchBatch", batch_request(queries, body.k, body.nprobe))
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,
             "missing_shards": list(reply.missing_shards), "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             "results": [answer(r, body.k, start)["results"] for r in reply.results]}
@@ -243,10 +309,21 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
+def field_error(errors) -> str:
+    """'field.path: what is wrong' of the first validation error (never the input itself)."""
+    first = errors[0] if errors else {}
     where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    return error_response(InvalidInput(f"{where}: {first.get('msg', 'invalid request')}"))
+    return f"{where or 'JSON body'}: {first.get('msg', 'invalid request')}"
+
+
+async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(InvalidInput(field_error(exc.errors())))
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: logged whole, answered as JSON like every other error (never a plain-text 500)."""
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"error": {"code": "INTERNAL", "message": "internal error"}}, status_code=500)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -266,7 +343,8 @@ async def lifespan(app: FastAPI):
 def create_app(router_address: str, index_url: str, settings: Settings) -> FastAPI:
     app = FastAPI(title="imsearch gateway", version="1", lifespan=lifespan,
                   description="Search a catalogue of images by image, vector or catalogue id.")
-    app.state.gateway = Gateway.from_settings(router_address, index_url, settings)
+    app.state.gateway = gw = Gateway.from_settings(router_address, index_url, settings)
+    app.add_middleware(BodyLimit, limit=gw.max_body)  # innermost: after the guard's key and rate checks
     app.middleware("http")(guard)
     origins = [o.strip() for o in settings.gateway_cors_origins.split(",") if o.strip()]
     if origins:  # added last, so outermost: preflights and the guard's 401/429 answers get CORS headers
@@ -276,20 +354,29 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
     app.add_exception_handler(grpc.RpcError, domain_error)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     app.include_router(routes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
-def _int(value, default: int) -> int:
+def _int(name: str, value, default: int) -> int:
+    """A form field as a 32-bit unsigned integer (the protobuf field it goes into)."""
     if value in (None, ""):
         return default
     try:
-        return int(value)
+        return check_range(name, int(value), 0, UINT32_MAX)
     except (TypeError, ValueError):
-        raise InvalidInput(f"expected an integer, got {value!r}") from None
+        raise InvalidInput(f"{name}: expected an integer, got {quote(value)}") from None
 
 
 def _ids(value) -> list[int]:
-    """'12,40' -> [12, 40] (form fields of the feedback)."""
-    return [_int(v, 0) for v in str(value or "").replace(" ", ",").split(",") if v]
+    """'12,40' -> [12, 40] (form fields of the feedback): 64-bit catalogue ids."""
+    out = []
+    for v in str(value or "").replace(" ", ",").split(","):
+        if v:
+            try:
+                out.append(check_id("feedback id", int(v)))
+            except ValueError:
+                raise InvalidInput(f"feedback id: expected an integer, got {quote(v)}") from None
+    return out

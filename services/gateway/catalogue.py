@@ -12,6 +12,7 @@ from services.common.config import Settings
 from services.common.errors import NotFound
 from services.common.images import thumbnail_jpeg
 from services.common.store import open_store, read_uri
+from services.common.validate import quote
 from services.index.docs import all_docs
 from services.index.versions import load_current
 
@@ -64,7 +65,7 @@ class Catalogue:
         if uri not in self.by_uri:
             self.refresh()
         if uri not in self.by_uri:
-            raise NotFound(f"{uri} is not in the catalogue (only catalogue images can be searched by uri)")
+            raise NotFound(f"{quote(uri, 200)} is not in the catalogue (only catalogue images can be searched by uri)")
         return self.by_uri[uri]
 
     def thumbnail(self, id_: int) -> bytes:

@@ -7,6 +7,10 @@ import time
 
 from services.common.errors import RateLimited, Unauthenticated
 
+# Failed key attempts per client address, whatever the configured rate limit: 10 at once, then one a second.
+AUTH_FAILURES_PER_S = 1.0
+AUTH_FAILURE_BURST = 10
+
 
 def parse_keys(secret) -> list[str]:
     return [k.strip() for k in secret.get_secret_value().split(",") if k.strip()] if secret else []

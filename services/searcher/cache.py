@@ -3,6 +3,10 @@
 Keys hash the query together with k, nprobe and the index version, so a newly published
 index never serves stale hits. Redis being down costs nothing but the cache: calls are
 skipped for a short while after a failure, then tried again.
+
+Values are sealed: a format tag, the index version and a checksum over the key, the version and the
+answer. Whatever else Redis returns — garbage, a truncated value, another version's answer, another
+key's answer copied here — is a miss (counted by reason) and overwritten, never an error or a wrong hit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,31 @@ from typing import Awaitable, Callable, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+TAG = b"imsearch-cache/1\n"
+
+
+def seal(key: str, version: str, answer: bytes) -> bytes:
+    """TAG, version, newline, sha256(key | version | answer) (32 bytes), answer."""
+    v = version.encode()
+    return TAG + v + b"\n" + hashlib.sha256(key.encode() + b"|" + v + b"|" + answer).digest() + answer
+
+
+def unseal(key: str, version: str, value: bytes) -> tuple[bytes | None, str]:
+    """(the answer, "") when value is a sealed answer to this key at this version, else (None, why not)."""
+    if not value.startswith(TAG):
+        return None, "format"
+    rest = value[len(TAG):]
+    v, sep, rest = rest.partition(b"\n")
+    if not sep or len(rest) < 32:
+        return None, "truncated"
+    if v != version.encode():
+        return None, "version"
+    digest, answer = rest[:32], rest[32:]
+    if hashlib.sha256(key.encode() + b"|" + v + b"|" + answer).digest() != digest:
+        return None, "checksum"
+    return answer, ""
 
 
 def cache_key(version: str, k: int, nprobe: int, query: bytes) -> str:

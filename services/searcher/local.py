@@ -11,6 +11,7 @@ from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import open_store
+from services.common.validate import check_k
 from services.index import faiss_util
 from services.index.merge import hit_lists, merge_topk
 from services.index.shards import LoadedShard, load_shard, shared_quantizer
@@ -26,11 +27,6 @@ def check_assign(assign: tuple[np.ndarray, np.ndarray], nq: int, quantizer) -> t
     if Iq.size and (Iq.min() < -1 or Iq.max() >= quantizer.ntotal):
         raise InvalidInput(f"coarse assignment names lists outside 0..{quantizer.ntotal - 1}")
     return Dq, Iq
-
-
-def check_k(k: int, max_k: int) -> None:
-    if not 1 <= k <= max_k:
-        raise InvalidInput(f"k must be between 1 and {max_k}, got {k}")
 
 
 class IndexSearcher:

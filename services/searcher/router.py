@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
@@ -46,13 +47,13 @@ from services.common.errors import (
     from_status,
 )
 from services.common.store import open_store
+from services.common.validate import check_k
 from services.index import faiss_util
 from services.index.manifest import Manifest, load_version
 from services.index.merge import merge_topk
 from services.index.shards import load_quantizer
-from services.searcher.cache import QueryCache, SingleFlight, cache_key
+from services.searcher.cache import QueryCache, SingleFlight, cache_key, seal, unseal
 from services.searcher.feedback import check_counts, requery
-from services.searcher.local import check_k
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
@@ -320,23 +321,40 @@ class SearcherService(pb_grpc.SearcherServicer):
             return await self._search_one(request, context.time_remaining())
         # The query and its feedback, encoded together (one message: unambiguous bytes).
         asked = pb.SearchRequest(query=request.query, feedback=request.feedback).SerializeToString()
-        key = cache_key(self.router.version, request.k, request.nprobe, asked)
+        version = self.router.version
+        key = cache_key(version, request.k, request.nprobe, asked)
 
         async def lookup_or_fetch() -> pb.SearchResponse:
             # Inside the flight: concurrent identical requests share one Redis lookup and at most
             # one fan-out, and the flight ends only after the answer is stored.
-            cached = await self.cache.get(key)
-            metrics.CACHE.labels("hit" if cached else "miss").inc()
-            if cached:
-                reply = pb.SearchResponse.FromString(cached)
-                reply.cached = True
+            reply = self._cached(key, version, await self.cache.get(key))
+            metrics.CACHE.labels("hit" if reply else "miss").inc()
+            if reply:
                 return reply
             reply = await self._search_one(request, context.time_remaining())
-            if reply.coverage == 1.0 and reply.index_version == self.router.version:  # never cache partial answers
-                await self.cache.set(key, reply.SerializeToString())
+            if reply.coverage == 1.0 and reply.index_version == version:  # never cache partial answers
+                await self.cache.set(key, seal(key, version, reply.SerializeToString()))
             return reply
 
         return await self.flights.run(key, lookup_or_fetch)
+
+    @staticmethod
+    def _cached(key: str, version: str, value: bytes | None) -> pb.SearchResponse | None:
+        """The cached answer, or None for a miss: nothing there, or anything but a sealed answer to this key
+        at this version (counted, then overwritten by the fresh answer)."""
+        if value is None:
+            return None
+        answer, why = unseal(key, version, value)
+        if answer is None:
+            metrics.CACHE_REJECTED.labels(why).inc()
+            return None
+        try:
+            reply = pb.SearchResponse.FromString(answer)
+        except DecodeError:
+            metrics.CACHE_REJECTED.labels("parse").inc()
+            return None
+        reply.cached = True
+        return reply
 
     @server.rpc
     async def Info(self, request, context) -> pb.IndexInfo:
@@ -366,7 +384,7 @@ class SearcherService(pb_grpc.SearcherServicer):
             return self._stamp(reply, answer)
         for q in range(len(vectors)):
             self._fill(reply.results.add(), answer, q)
-        return reply
+        return self._stamp(reply, answer)  # the batch's version and coverage, as a columnar answer has
 
 
 def remote_embedder(address: str, settings: Settings, metadata) -> tuple[Embed, pb_grpc.EmbedderStub]:

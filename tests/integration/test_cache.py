@@ -112,3 +112,37 @@ def test_concurrent_distinct_queries_share_fan_outs(cached_cluster):
     replies = asyncio.run(burst())
     assert all(r.coverage == 1.0 and len(r.hits) == 5 for r in replies)
     assert fanouts(metrics_port) - before < len(queries)  # batched: fewer fan-outs than queries
+
+
+def cache_rejected(metrics_port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^imsearch_cache_rejected_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def test_poisoned_cache_values_are_misses_never_errors_or_wrong_hits(cached_cluster):
+    import redis
+
+    from services.searcher.cache import seal
+
+    router, rds, metrics_port = cached_cluster
+    queries = random_unit_vectors(12, DIM, seed=9)
+    with SearchClient(router.address) as client:
+        truth = [[h.id for h in client.search(q, k=5).hits] for q in queries]  # fills 12 cache keys
+        db = redis.Redis(port=rds.port)
+        keys = sorted(db.scan_iter("imsearch:q:*"))
+        assert len(keys) == 12
+        values = [db.get(k) for k in keys]
+        version = client.search(queries[0], k=5).index_version
+        poison = [b"garbage", values[0][:40], values[1][:-3],  # garbage, truncated twice
+                  seal(keys[3].decode(), "v-another", values[3][-50:]),  # a well-formed answer of another version
+                  values[5]]  # another key's sealed answer: well-formed, the wrong hits
+        for i, key in enumerate(keys):
+            db.set(key, poison[i % len(poison)])
+        again = [client.search(q, k=5) for q in queries]
+        third = [client.search(q, k=5) for q in queries]
+    assert [[h.id for h in r.hits] for r in again] == truth  # 0 wrong hits, 0 errors
+    assert not any(r.cached for r in again) and all(r.cached for r in third)  # missed, then overwritten
+    assert [[h.id for h in r.hits] for r in third] == truth and version
+    rejected = cache_rejected(metrics_port)
+    assert rejected.get("format", 0) >= 3 and rejected.get("checksum", 0) >= 3 and rejected.get("version", 0) >= 2

@@ -164,3 +164,86 @@ def test_a_frozen_shard_past_the_gateway_deadline_is_504_and_the_gateway_recover
         vector = read_embeddings(LocalStore(catalogue / "emb")).vectors[0].tolist()
         ok = http.post("/v1/search", json={"vector": vector, "k": 3})
         assert ok.status_code == 200 and ok.json()["coverage"] == 1.0
+
+
+def test_numbers_out_of_their_protobuf_range_are_400s_naming_the_field(stack):
+    tmp, _, gateway = stack
+    uri = str(sorted((tmp / "photos").iterdir())[0])
+    png = encode(Image.new("RGB", (32, 32), (9, 9, 9)))
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        for body, field in [({"uri": uri, "k": -1}, "k"), ({"uri": uri, "nprobe": -1}, "nprobe"),
+                            ({"id": 2**63}, "id"), ({"uri": uri, "k": 2**32}, "k"),
+                            ({"uri": uri, "feedback": {"relevant": [2**64]}}, "feedback.relevant"),
+                            ({"uri": uri, "feedback": {"not_relevant": [-(2**63) - 1]}}, "feedback.not_relevant"),
+                            ({"uri": uri, "k": 5000}, "k")]:
+            status, code, message = error_of(http.post("/v1/search", json=body))
+            assert (status, code) == (400, "INVALID_ARGUMENT") and message.startswith(field), (body, message)
+        for form, field in [({"k": "-1"}, "k"), ({"k": str(2**40)}, "k"), ({"nprobe": "x"}, "nprobe"),
+                            ({"relevant": str(2**64)}, "feedback id")]:
+            status, code, message = error_of(http.post("/v1/search", files={"image": ("q.png", png)}, data=form))
+            assert (status, code) == (400, "INVALID_ARGUMENT") and message.startswith(field), (form, message)
+        status, _, message = error_of(http.post("/v1/search/batch", json={"queries": [{"id": 2**63}]}))
+        assert status == 400 and message.startswith("queries.0.id"), message
+        assert http.post("/v1/search", json={"uri": uri, "k": 3}).status_code == 200  # still serving
+
+
+def test_error_messages_quote_only_a_short_prefix_of_what_was_sent(stack):
+    _, _, gateway = stack
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        status, _, message = error_of(http.post("/v1/search", json={"uri": "/nowhere/" + "x" * 20_000}))
+        assert status == 404 and len(message) < 400, len(message)
+        png = encode(Image.new("RGB", (32, 32)))
+        status, _, message = error_of(http.post("/v1/search", files={"image": ("q.png", png)}, data={"k": "9x" * 5000}))
+        assert status == 400 and len(message) < 200, len(message)
+        status, _, message = error_of(http.post("/v1/search", content=b"{}", headers={"content-type": "y" * 9000}))
+        assert status == 400 and len(message) < 300, len(message)
+
+
+def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_sent(served):
+    import socket
+
+    gateway = served(IMSEARCH_MAX_IMAGE_BYTES=str(1 << 20)).gateway  # ~1 MiB limit
+    chunk, total, sent = b"A" * 65536, 64 << 20, 0
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as s:
+        s.sendall(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        s.setblocking(False)
+        reply = b""
+        while sent < total and not reply:
+            try:
+                s.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+            except BlockingIOError:  # the server stopped reading: wait for its answer
+                pass
+            try:
+                reply = s.recv(65536)
+            except BlockingIOError:
+                pass
+        s.settimeout(10)
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            more = s.recv(65536)
+            if not more:
+                break
+            reply += more
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head[:100]
+    assert b"AAAA" not in body and len(body) < 1000, body[:200]  # nothing of the body echoed back
+    assert sent < total // 2, sent  # answered while the client was still sending
+
+
+def test_failed_key_guesses_are_rate_limited_per_address(served):
+    gateway = served(IMSEARCH_GATEWAY_API_KEYS="right-key").gateway  # no request rate limit configured
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        codes = [http.get("/v1/index", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(14)]
+        assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}, codes
+        assert http.get("/v1/index", headers={"X-API-Key": "right-key"}).status_code == 200  # the key still works
+
+
+def test_a_batch_reports_its_version_and_coverage_like_a_single_search(stack):
+    tmp, _, gateway = stack
+    uris = [str(p) for p in sorted((tmp / "photos").iterdir())[:3]]
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        single = http.post("/v1/search", json={"uri": uris[0], "k": 2}).json()
+        batch = http.post("/v1/search/batch", json={"queries": [{"uri": u} for u in uris], "k": 2}).json()
+    assert batch["index_version"] == single["index_version"] != ""
+    assert batch["coverage"] == 1.0 and batch["partial"] is False and batch["missing_shards"] == []

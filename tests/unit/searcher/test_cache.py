@@ -61,3 +61,17 @@ def test_cache_keys_change_with_version_k_and_nprobe():
     assert len({base, cache_key("v2", 10, 0, b"q"), cache_key("v1", 11, 0, b"q"), cache_key("v1", 10, 4, b"q"),
                 cache_key("v1", 10, 0, b"r")}) == 5
     assert base == cache_key("v1", 10, 0, b"q")
+
+
+def test_a_sealed_value_opens_only_under_its_own_key_and_version():
+    from services.searcher.cache import seal, unseal
+
+    value = seal("k1", "v1", b"answer")
+    assert unseal("k1", "v1", value) == (b"answer", "")
+    assert unseal("k2", "v1", value) == (None, "checksum")  # another key's answer copied here
+    assert unseal("k1", "v2", value) == (None, "version")
+    assert unseal("k1", "v1", value[:-1]) == (None, "checksum")
+    assert unseal("k1", "v1", value[:20]) == (None, "truncated")
+    assert unseal("k1", "v1", b"\x08\x01garbage") == (None, "format")
+    forged = value[:-len(b"answer")] + b"ANSWER"  # same header, other payload
+    assert unseal("k1", "v1", forged) == (None, "checksum")
