@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")
     reload_interval_s: float = Field(2.0, gt=0, description="shard servers look for a new published version")
     shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
+    hedge_after_ms: float = Field(20.0, gt=0, description="a shard call slower than this (or the shard's recent "
+                                                          "p95, if longer) is also sent to the next replica")
+    hedge_budget: float = Field(0.1, ge=0, le=1, description="hedges per shard call, at most (a token budget)")
+    eject_after: int = Field(5, gt=0, description="failures, timeouts or lost hedges in a row that take a replica "
+                                                  "out of service")
+    eject_s: float = Field(1.0, gt=0, description="first back-off of an ejected replica before a health probe "
+                                                  "(doubles while it fails, up to 30 s)")
     embed_batch: int = Field(32, gt=0, description="online embedder: images per model batch")
     embed_max_wait_ms: float = Field(5.0, ge=0, description="online embedder: wait this long to fill a batch")
     embed_timeout_s: float = Field(10.0, gt=0, description="router -> embedder call deadline")

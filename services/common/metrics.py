@@ -12,6 +12,9 @@ CACHE_REJECTED = Counter("imsearch_cache_rejected_total", "cache values that wer
                          "(served as a miss, then overwritten)", ["reason"])  # format|truncated|version|checksum|parse
 FANOUTS = Counter("imsearch_fanouts_total", "router fan-outs to the shards")
 ASSIGNED = Counter("imsearch_router_assigned_total", "fan-outs whose IVF lists the router chose once for all shards")
+HEDGES = Counter("imsearch_hedges_total", "shard calls also sent to a second replica (the first was slow)", ["shard"])
+EJECTIONS = Counter("imsearch_replica_ejections_total", "replicas taken out of service", ["shard", "replica"])
+REPLICA_EJECTED = Gauge("imsearch_replica_ejected", "1 while a replica is out of service", ["shard", "replica"])
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
 IN_FLIGHT = Gauge("imsearch_in_flight", "calls being handled", ["service"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -54,12 +53,10 @@ from services.index.merge import merge_topk
 from services.index.shards import load_quantizer
 from services.searcher.cache import QueryCache, SingleFlight, cache_key, seal, unseal
 from services.searcher.feedback import check_counts, requery
+from services.searcher.replicas import ReplicaSet
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
-# Errors that mean "this replica cannot answer now": try the next one.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 Embed = Callable[[list[bytes]], Awaitable[np.ndarray]]
 
 
@@ -99,10 +96,8 @@ def shard_budget(client_remaining: float | None, shard_timeout: float) -> float:
 class Router:
     def __init__(self, shards: list[list[str]], settings: Settings, embed: Embed | None = None):
         self.settings, self.embed = settings, embed
-        self.channels = [[server.channel(a, settings) for a in replicas] for replicas in shards]
-        self.stubs = [[pb_grpc.ShardStub(c) for c in chans] for chans in self.channels]
-        self.turn = [itertools.count() for _ in shards]  # round-robin over replicas
         self.metadata = server.bearer_metadata(settings.token())
+        self.shards = [ReplicaSet(n, replicas, settings, self.metadata) for n, replicas in enumerate(shards)]
         self.dim: int | None = None
         self.fingerprint = ""
         self.batchers: dict[tuple[int, int], DynamicBatcher] = {}
@@ -111,25 +106,9 @@ class Router:
         self.version = ""  # the index version of the last answer: part of every cache key
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
-        """Call `method` on one replica after another until one answers (its reply) or the deadline
-        passes (None)."""
-        loop = asyncio.get_running_loop()
-        replicas = self.stubs[shard]
-        start = next(self.turn[shard])
-        for i in range(len(replicas)):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                return await getattr(replicas[(start + i) % len(replicas)], method)(
-                    request, timeout=remaining, metadata=self.metadata)
-            except grpc.aio.AioRpcError as e:
-                metrics.SHARD_ERRORS.labels(str(shard), e.code().name).inc()
-                if e.code() not in RETRYABLE:  # the request itself is wrong: every replica would say so
-                    raise from_status(e.code(), e.details(), f"shard {shard}") from None
-                log.warning("shard %d replica %d failed: %s %s", shard, (start + i) % len(replicas),
-                            e.code().name, e.details())
-        return None
+        """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
+        None when none answered before the deadline."""
+        return await self.shards[shard].ask(method, request, deadline)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None) -> Answer:
         check_k(k, self.settings.max_k)
@@ -151,11 +130,11 @@ class Router:
         answered = {s: r for s, r in answered.items() if r.index_version == version}
         per_shard = [(s, *unpack_results(r, len(queries))) for s, r in answered.items()]
         merged = merge_topk(per_shard, k)
-        missing = sorted(set(range(len(self.stubs))) - set(answered))
+        missing = sorted(set(range(len(self.shards))) - set(answered))
         if missing:
             metrics.PARTIAL.inc()
         self._follow_rollout(answered, version)
-        return Answer(*merged, version, len(answered) / len(self.stubs), missing)
+        return Answer(*merged, version, len(answered) / len(self.shards), missing)
 
     async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray,
                        deadline: float) -> dict[int, pb.ShardSearchResponse]:
@@ -171,13 +150,13 @@ class Router:
             request.MergeFrom(pb.ShardSearchRequest(**pack_assign(Dq, Iq)))
             metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
-        replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.stubs))))
+        replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.shards))))
         return {s: r for s, r in enumerate(replies) if r is not None}
 
     def _follow_rollout(self, answered: dict[int, pb.ShardSearchResponse], version: str) -> None:
         """Move to a new version once every shard has it loaded (the next request uses it)."""
         latest = {r.latest_version for r in answered.values()}
-        if len(answered) == len(self.stubs) and len(latest) == 1:
+        if len(answered) == len(self.shards) and len(latest) == 1:
             self.version = latest.pop() or version
         elif not self.version:
             self.version = version
@@ -228,16 +207,15 @@ class Router:
 
     async def shard_infos(self, timeout: float = 2.0) -> list[pb.ShardInfo | None]:
         """Each shard's Info from the first replica that answers (None for a shard with none)."""
+        deadline = asyncio.get_running_loop().time() + timeout
 
-        async def info(replicas):
-            for stub in replicas:
-                try:
-                    return await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
-                except grpc.aio.AioRpcError:
-                    continue
-            return None
+        async def info(n: int) -> pb.ShardInfo | None:
+            try:
+                return await self._ask(n, pb.InfoRequest(), deadline, "Info")
+            except ImsearchError:
+                return None
 
-        return list(await asyncio.gather(*(info(r) for r in self.stubs)))
+        return list(await asyncio.gather(*(info(n) for n in range(len(self.shards)))))
 
     async def refresh_version(self, timeout: float = 2.0) -> str:
         """Learn version, dim and model from the shards' Info (best effort: shards may be down)."""
@@ -253,7 +231,7 @@ class Router:
         deadline = asyncio.get_running_loop().time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.FetchRequest(ids=ids)
         vectors: list = [None] * len(ids)
-        replies = await asyncio.gather(*(self._ask(n, request, deadline, "Fetch") for n in range(len(self.stubs))))
+        replies = await asyncio.gather(*(self._ask(n, request, deadline, "Fetch") for n in range(len(self.shards))))
         for reply in replies:
             for i, (found, v) in enumerate(zip(reply.found if reply else [], reply.vectors if reply else [])):
                 if found:
@@ -270,7 +248,7 @@ class Router:
     async def close(self) -> None:
         for batcher in self.batchers.values():
             await batcher.stop()
-        await asyncio.gather(*(c.close() for chans in self.channels for c in chans))
+        await asyncio.gather(*(rs.close() for rs in self.shards))
 
 
 class SearcherService(pb_grpc.SearcherServicer):

@@ -5,9 +5,11 @@ Redis restarts, or the router gets SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -16,6 +18,7 @@ from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
 from services.indexer.build import build_index
 from services.searcher.loadtest import Workload, run_load
+from services.stack.part import free_port
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
 DIM, SHARDS, REPLICAS = 32, 2, 2
@@ -32,9 +35,19 @@ def index(tmp_path_factory):
 
 @pytest.fixture()
 def cluster(index, tmp_path, start_stack):
-    stack = start_stack(index / "idx", replicas=REPLICAS, redis=True, router_index=False,
+    stack = start_stack(index / "idx", replicas=REPLICAS, redis=True, router_index=False, metrics_port=free_port(),
                         env={"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_SHARD_TIMEOUT_S": "1"})
     return stack.shards, stack.router, stack.redis
+
+
+def router_metric(cluster, name: str, **labels) -> float:
+    """A metric of the router's /metrics page (0 when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster[1].env['IMSEARCH_METRICS_PORT']}/metrics",
+                                  timeout=5).read().decode()
+    for m in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) == labels:
+            return float(m.group(2))
+    return 0.0
 
 
 def workload(index, by: str = "id") -> Workload:
@@ -105,3 +118,35 @@ def test_sigterm_drains_the_router(index, cluster):
     assert set(report["statuses"]) <= {"OK", "UNAVAILABLE", "CANCELLED"}, report
     assert report["statuses"].get("CANCELLED", 0) <= 6, report
     assert report["statuses"]["OK"] > 50, report
+
+
+def test_a_hung_replica_costs_at_most_a_hedge_and_is_ejected_then_readmitted(index, cluster):
+    """SIGSTOP: the replica accepts calls and never answers. Its sibling must take its calls (hedged, then
+    alone once it is ejected), and a health probe must re-admit it after SIGCONT."""
+    replicas, router, _ = cluster
+    work = workload(index, "vector")
+    mix = {"new": 1.0}  # never-seen vectors: every call reaches the shards (no cache hits)
+    healthy = asyncio.run(run_load(router.address, work, mix, 3.0, concurrency=6, timeout=5)).summary()
+    hung = replicas[0][0]
+    timer = threading.Timer(1.0, hung.send, (signal.SIGSTOP,))
+    timer.start()
+    try:
+        stopped = asyncio.run(run_load(router.address, work, mix, 5.0, concurrency=6, timeout=5)).summary()
+        ejected = router_metric(cluster, "imsearch_replica_ejected", shard="0", replica=hung.address)
+        hedges = router_metric(cluster, "imsearch_hedges_total", shard="0")
+    finally:
+        timer.cancel()
+        hung.send(signal.SIGCONT)
+    assert stopped["statuses"] == {"OK": stopped["calls"]} and stopped["calls"] > 200, stopped
+    assert stopped["partial_answers"] <= 0.001 * stopped["calls"], stopped  # coverage 1.0 on >= 99.9 % of calls
+    hedge_delay_ms = 20 + healthy["p95_ms"]  # the floor, or the shard's recent p95 if longer (bounded by both)
+    assert stopped["p99_ms"] <= 2 * healthy["p99_ms"] + hedge_delay_ms, (healthy, stopped)
+    assert ejected == 1 and hedges >= 1, (ejected, hedges)
+    deadline = time.monotonic() + 40  # probed with a doubling back-off: re-admitted once it answers again
+    while router_metric(cluster, "imsearch_replica_ejected", shard="0", replica=hung.address) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert router_metric(cluster, "imsearch_replica_ejected", shard="0", replica=hung.address) == 0
+    print(f"healthy p50/p99 {healthy['p50_ms']}/{healthy['p99_ms']} ms; one replica stopped: "
+          f"{stopped['calls']} calls, {stopped['partial_answers']} partial, p50/p99 {stopped['p50_ms']}/"
+          f"{stopped['p99_ms']} ms, {hedges:.0f} hedges")
