@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr("minioadmin")
     s3_secure: bool = False
     s3_region: str | None = None
-    s3_retry_s: float = Field(30.0, ge=0, description="keep retrying S3 calls that fail to connect (backoff)")
+    s3_retry_s: float = Field(30.0, ge=0, description="an S3 operation, retries with backoff included, ends within "
+                                                      "this (a down, hung or throttling server)")
+    s3_timeout_s: float = Field(10.0, gt=0, description="connect and read timeout of one S3 request")
 
     # --- images
     max_image_pixels: int = Field(64_000_000, gt=0, description="decompression-bomb limit")

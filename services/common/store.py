@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -235,18 +236,24 @@ class S3Store:
         return _join(self.prefix, key)
 
     def _call(self, fn, *args, **kwargs):
-        """One client operation, retried with exponential backoff while the server is unreachable or
-        answers 5xx/throttling, for up to IMSEARCH_S3_RETRY_S; then Unavailable. 404 → NotFound at once."""
-        delay, deadline = 0.2, time.monotonic() + self.settings.s3_retry_s
-        while True:
-            try:
-                return self._once(fn, *args, **kwargs)
-            except Unavailable as e:
-                if not getattr(e, "retry", True) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("S3 call failed (%s); retrying in %.1fs", e, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """One client operation, retried with exponential backoff while the server is unreachable, hangs or
+        answers 5xx/throttling; the whole operation, every attempt's connect and read included, ends within
+        IMSEARCH_S3_RETRY_S (each attempt also within IMSEARCH_S3_TIMEOUT_S), then Unavailable.
+        404 → NotFound at once."""
+        delay, deadline = 0.2, time.monotonic() + max(self.settings.s3_retry_s, MIN_ATTEMPT_S)
+        outer, _budget.deadline = getattr(_budget, "deadline", None), deadline
+        try:
+            while True:
+                try:
+                    return self._once(fn, *args, **kwargs)
+                except Unavailable as e:
+                    if not getattr(e, "retry", True) or time.monotonic() + delay + MIN_ATTEMPT_S > deadline:
+                        raise
+                    log.warning("S3 call failed (%s); retrying in %.1fs", e, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            _budget.deadline = outer
 
     def _once(self, fn, *args, **kwargs):
         from minio.error import S3Error
@@ -274,7 +281,8 @@ class S3Store:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._ensure_bucket()
-        self._call(self.client.put_object, self.bucket, self._key(key), io.BytesIO(data), len(data))
+        # A fresh stream per attempt: a retried PUT must send the bytes again from the start.
+        self._call(lambda: self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data)))
 
     def put_file(self, key: str, path: Path) -> None:
         self._ensure_bucket()
@@ -357,16 +365,46 @@ class S3Store:
         return f"s3://{_join(self.bucket, self._key(key))}"
 
 
+MIN_ATTEMPT_S = 0.05
+_budget = threading.local()  # the deadline of the S3 operation this thread is running (S3Store._call)
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _bounded_pool(settings: Settings):
+    """minio's HTTP client with our timeouts: every request's connect and read are cut to what is left of
+    its operation's budget (a hung endpoint cannot hold a call past IMSEARCH_S3_RETRY_S), no retries of its
+    own (S3Store._call retries, with backoff, within the same budget)."""
+    import certifi
+    import urllib3
+
+    per_attempt = settings.s3_timeout_s
+
+    class BoundedPool(urllib3.PoolManager):
+        def urlopen(self, method, url, redirect=True, **kw):
+            deadline = getattr(_budget, "deadline", None)
+            left = per_attempt if deadline is None else max(MIN_ATTEMPT_S, min(per_attempt,
+                                                                              deadline - time.monotonic()))
+            kw["timeout"] = urllib3.Timeout(connect=left, read=left)
+            return super().urlopen(method, url, redirect=redirect, **kw)
+
+    return BoundedPool(maxsize=16, cert_reqs="CERT_REQUIRED" if settings.s3_secure else "CERT_NONE",
+                       ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(), retries=False)
+
+
 def make_minio_client(settings: Settings):
+    """One client per endpoint and credentials, shared (connections reused: no new pool and bucket-region
+    round trip per image on the ingestion path)."""
     from minio import Minio
 
-    return Minio(
-        settings.s3_endpoint,
-        access_key=settings.s3_access_key.get_secret_value(),
-        secret_key=settings.s3_secret_key.get_secret_value(),
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-    )
+    key = (settings.s3_endpoint, settings.s3_access_key.get_secret_value(), settings.s3_secret_key.get_secret_value(),
+           settings.s3_secure, settings.s3_region, settings.s3_timeout_s, os.getpid())  # pid: no pool across a fork
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = Minio(settings.s3_endpoint, access_key=key[1], secret_key=key[2],
+                                  secure=settings.s3_secure, region=settings.s3_region,
+                                  http_client=_bounded_pool(settings))
+        return _clients[key]
 
 
 def open_store(url: str | Path, settings: Settings | None = None) -> Store:

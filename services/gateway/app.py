@@ -15,8 +15,9 @@ import asyncio
 import base64
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -34,7 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.config import Settings
 from services.common.convert import hits_from_proto
-from services.common.errors import ImsearchError, InvalidInput, TooLarge, Unauthenticated, http_status
+from services.common.errors import (
+    DeadlineExceeded,
+    ImsearchError,
+    InvalidInput,
+    TooLarge,
+    Unauthenticated,
+    http_status,
+)
 from services.common.validate import INT64_MAX, INT64_MIN, UINT32_MAX, check_id, check_k, check_range, quote
 from services.gateway.catalogue import Catalogue
 from services.gateway.limits import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_S, RateLimit, key_of, parse_keys
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 REQUESTS = Counter("imsearch_gateway_requests_total", "HTTP requests", ["path", "status"])
 LATENCY = Histogram("imsearch_gateway_latency_seconds", "HTTP request latency", ["path"])
+STORAGE_THREADS = 8  # catalogue and thumbnail reads in flight at once
 
 
 # Every number is checked against its protobuf field's range here: out of range is a 400 naming the field.
@@ -88,6 +97,7 @@ class Gateway:
     failures: RateLimit  # failed key attempts per address: guesses cannot run at line speed
     max_upload: int  # bytes: an upload travels on to the router in one gRPC message
     client: RouterClient | None = None  # opened with the app's event loop (lifespan)
+    storage: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(STORAGE_THREADS, "storage"))
 
     @classmethod
     def from_settings(cls, router_address: str, index_url: str, settings: Settings) -> "Gateway":
@@ -116,6 +126,23 @@ class Gateway:
             raise InvalidInput(f"content-length {quote(size)} is not a byte count")
         if int(size) > self.max_body:
             raise TooLarge(f"request body of {size} bytes over the upload limit of {self.max_upload} bytes")
+
+    async def stored(self, fn, *args):
+        """A storage read (catalogue, thumbnails) in the gateway's own bounded thread pool, never on the event
+        loop, and waited for at most the gateway's deadline: a hung store costs those calls a 504, nothing
+        else (searches by image, vector or id and /healthz never touch storage)."""
+        future = asyncio.get_running_loop().run_in_executor(self.storage, fn, *args)
+        try:
+            return await asyncio.wait_for(future, self.settings.gateway_timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the index storage did not answer within {self.settings.gateway_timeout_s} s") \
+                from None
+
+    async def query(self, q: Query) -> pb.Query:
+        """The protobuf query; only a uri the loaded catalogue does not know goes to storage (the pool)."""
+        if q.uri is not None and self.catalogue.known(q.uri) is None:
+            return await self.stored(self.to_query, q)
+        return self.to_query(q)
 
     def to_query(self, q: Query) -> pb.Query:
         given = [name for name in ("vector", "id", "uri", "image_b64") if getattr(q, name) is not None]
@@ -147,17 +174,23 @@ class Gateway:
                                                                 feedback.not_relevant))
         out = answer(reply, k, start)
         if query.WhichOneof("query") == "id":  # a catalogue image: the page shows it as the query
-            out["query"] = {"id_str": str(query.id), "thumbnail": f"/v1/images/{query.id}"}
+            out["query"] = {"id_str": str(query.id), "thumbnail": thumbnail_link(query.id, reply.index_version)}
         return out
 
 
 def answer(reply: pb.SearchResponse, k: int, start: float) -> dict:
     hits = hits_from_proto(pb.HitList(hits=reply.hits))
-    return {"k": k, "index_version": reply.index_version, "coverage": reply.coverage,
+    version = reply.index_version
+    return {"k": k, "index_version": version, "coverage": reply.coverage,
             "partial": reply.coverage < 1.0, "missing_shards": list(reply.missing_shards),
             "cached": reply.cached, "latency_ms": round((time.perf_counter() - start) * 1000, 2),
-            "results": [{**h.as_dict(), "id_str": str(h.id), "thumbnail": f"/v1/images/{h.id}"}
-                        for h in hits]}  # id_str: 64-bit ids lose digits as JavaScript numbers
+            # id_str: 64-bit ids lose digits as JavaScript numbers; a thumbnail comes from the version that answered
+            "results": [{**h.as_dict(), "id_str": str(h.id), "thumbnail": thumbnail_link(h.id, version)}
+                        for h in hits]}
+
+
+def thumbnail_link(id_: int, version: str = "") -> str:
+    return f"/v1/images/{id_}" + (f"?version={version}" if version else "")
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -232,7 +265,7 @@ async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> d
             body = SearchBody.model_validate_json(await request.body())
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
-        query = await asyncio.to_thread(gw.to_query, body)  # a uri is looked up in the catalogue: storage
+        query = await gw.query(body)
         return await gw.search(query, body.k, body.nprobe, body.feedback)
     raise InvalidInput(f"content type {quote(kind) if kind else 'missing'}: send multipart/form-data "
                        "(field 'image') or JSON")
@@ -244,16 +277,17 @@ async def batch_endpoint(body: BatchBody, gw: Gateway = Depends(gateway)) -> dic
     if not body.queries:
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
-    queries = await asyncio.to_thread(lambda: [gw.to_query(q) for q in body.queries])
+    queries = [await gw.query(q) for q in body.queries]
     reply = await gw.client.call("SearchBatch", batch_request(queries, body.k, body.nprobe))
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,
             "missing_shards": list(reply.missing_shards), "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             "results": [answer(r, body.k, start)["results"] for r in reply.results]}
 
 
-@routes.get("/v1/images/{id_}", summary="Thumbnail of a catalogue image (JPEG, at most 256 px)")
-async def image_endpoint(id_: int, gw: Gateway = Depends(gateway)) -> Response:
-    data = await asyncio.to_thread(gw.catalogue.thumbnail, id_)
+@routes.get("/v1/images/{id_}", summary="Thumbnail of a catalogue image (JPEG, at most 256 px), of the published "
+                                        "version or of `version`")
+async def image_endpoint(id_: Id, version: str | None = None, gw: Gateway = Depends(gateway)) -> Response:
+    data = await gw.stored(gw.catalogue.thumbnail, id_, version)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
@@ -273,10 +307,14 @@ async def healthz() -> dict:
 
 @routes.get("/readyz", include_in_schema=False)
 async def readyz(gw: Gateway = Depends(gateway)) -> JSONResponse:
+    """Ready while the router answers; "degraded" (still 200: searches work) while storage fails, so
+    thumbnails and searches by uri may not."""
     try:
         await gw.client.info(timeout=2.0)
     except grpc.RpcError as e:
         return JSONResponse({"status": "unavailable", "router": e.code().name}, status_code=503)
+    if gw.catalogue.storage_error:
+        return JSONResponse({"status": "degraded", "storage": gw.catalogue.storage_error})
     return JSONResponse({"status": "ready"})
 
 
@@ -335,9 +373,11 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 async def lifespan(app: FastAPI):
     gw: Gateway = app.state.gateway
     gw.client = RouterClient.from_settings(gw.router_address, gw.settings)
-    await asyncio.to_thread(gw.catalogue.refresh)
-    yield
+    loading = asyncio.get_running_loop().run_in_executor(gw.storage, gw.catalogue.refresh)  # not waited for:
+    loading.add_done_callback(lambda f: f.exception() and log.warning("catalogue not loaded yet: %s", f.exception()))
+    yield  # a slow or hung store must not hold the gateway's start
     await gw.client.close()
+    gw.storage.shutdown(wait=False, cancel_futures=True)
 
 
 def create_app(router_address: str, index_url: str, settings: Settings) -> FastAPI:

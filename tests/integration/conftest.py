@@ -3,6 +3,8 @@ processes (shard servers, router, Redis, gateway) started through services.stack
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from services.common.config import Settings
@@ -62,3 +64,82 @@ def redis_server():
         yield part
     finally:
         part.stop()
+
+
+class HangingProxy:
+    """A TCP proxy in front of a server that can be switched to hang: connections are still accepted, but
+    nothing goes through in either direction — an endpoint that accepts calls and never answers."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+
+        self.upstream, self.hung, self.open = upstream_port, threading.Event(), True
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while self.open:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        src.settimeout(0.05)
+        while self.open:
+            if self.hung.is_set():  # hold the bytes: the peer sees a silent, open connection
+                time.sleep(0.05)
+                continue
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def hang(self) -> None:
+        self.hung.set()
+
+    def resume(self) -> None:
+        self.hung.clear()
+
+    def close(self) -> None:
+        self.open = False
+        self.listener.close()
+
+
+@pytest.fixture()
+def hanging_s3(s3):
+    """The test's S3 server (moto) behind a proxy that can hang (.hang() / .resume(); .endpoint)."""
+    proxy = HangingProxy(s3.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -38,7 +38,8 @@ def test_search_by_upload_id_uri_vector_and_batch(stack):
         assert body["results"][0]["uri"] == str(target) and len(body["results"]) == 5
         assert body["coverage"] == 1.0 and not body["partial"] and body["index_version"]
         top = body["results"][0]
-        assert top["id_str"] == str(top["id"]) and top["thumbnail"] == f"/v1/images/{top['id']}"
+        assert top["id_str"] == str(top["id"])
+        assert top["thumbnail"] == f"/v1/images/{top['id']}?version={body['index_version']}"
         thumb = http.get(top["thumbnail"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
