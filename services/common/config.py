@@ -71,6 +71,8 @@ class Settings(BaseSettings):
                                                      "are busy share the next one")
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")
     reload_interval_s: float = Field(2.0, gt=0, description="shard servers look for a new published version")
+    max_version_lag_s: float = Field(600.0, gt=0, description="a shard serving an older version than CURRENT names "
+                                                              "for longer reports NOT_SERVING (to be replaced)")
     shard_timeout_s: float = Field(2.0, gt=0, description="default deadline of a shard call")
     hedge_after_ms: float = Field(20.0, gt=0, description="a shard call slower than this (or the shard's recent "
                                                           "p95, if longer) is also sent to the next replica")

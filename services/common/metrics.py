@@ -16,6 +16,10 @@ HEDGES = Counter("imsearch_hedges_total", "shard calls also sent to a second rep
 EJECTIONS = Counter("imsearch_replica_ejections_total", "replicas taken out of service", ["shard", "replica"])
 REPLICA_EJECTED = Gauge("imsearch_replica_ejected", "1 while a replica is out of service", ["shard", "replica"])
 SHARD_ERRORS = Counter("imsearch_shard_errors_total", "failed shard calls", ["shard", "code"])
+SHARD_VERSION_LAG = Gauge("imsearch_shard_version_lag_seconds", "how long a shard has served an older version than "
+                          "CURRENT names (0: up to date)", ["shard"])
+SHARD_LOAD_FAILURES = Counter("imsearch_shard_load_failures_total", "published versions a shard could not load",
+                              ["shard"])
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
 IN_FLIGHT = Gauge("imsearch_in_flight", "calls being handled", ["service"])
 QUEUE_DEPTH = Gauge("imsearch_queue_depth", "requests waiting for a batch", ["queue"])  # embed | fanout

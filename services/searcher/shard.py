@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import time
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
@@ -38,6 +39,14 @@ class ShardService(pb_grpc.ShardServicer):
         self.index, self.number, self.settings = index, shard, settings
         self.versions: dict[str, IndexSearcher] = {searcher.version: searcher}
         self.latest = searcher.version
+        self.published = searcher.version  # what CURRENT named when last read
+        self.failed_version = self.failed_error = ""
+        self.behind_since: float | None = None  # monotonic: since when CURRENT names a version not served
+        self.running: server.Running | None = None  # for readiness: set once serving
+        self.serving = True
+
+    def lag(self) -> float:
+        return 0.0 if self.behind_since is None else time.monotonic() - self.behind_since
 
     def _searcher(self, version: str) -> IndexSearcher:
         searcher = self.versions.get(version or self.latest)
@@ -46,22 +55,51 @@ class ShardService(pb_grpc.ShardServicer):
         return searcher
 
     async def watch(self, interval: float) -> None:
-        """Poll the index's CURRENT pointer; load a new version beside the old, then switch."""
+        """Poll the index's CURRENT pointer; load a new version beside the old, then switch. A version that
+        cannot load is kept visible (Info, metrics, log), and a shard that stays behind past
+        IMSEARCH_MAX_VERSION_LAG_S reports NOT_SERVING so an orchestrator replaces it."""
         loop = asyncio.get_running_loop()
         store = open_store(self.index, self.settings)
         while True:
             await asyncio.sleep(interval)
             try:
-                version = json.loads(await loop.run_in_executor(None, store.get_bytes, POINTER_KEY))["version"]
-                if version == self.latest:
-                    continue
-                searcher = await loop.run_in_executor(None, load, self.index, self.number, self.settings)
-            except Exception as e:  # a half-published or broken version: keep serving what we have
-                log.warning("shard %d: cannot load the published version yet: %s", self.number, e)
-                continue
-            self.versions = {self.latest: self.versions[self.latest], searcher.version: searcher}
-            self.latest = searcher.version
-            log.info("shard %d now serves version %s", self.number, self.latest)
+                self.published = json.loads(await loop.run_in_executor(None, store.get_bytes, POINTER_KEY))["version"]
+            except Exception as e:  # noqa: BLE001 - storage unreachable or the pointer damaged: keep serving
+                log.warning("shard %d: cannot read the published version: %s", self.number, e)
+            else:
+                if self.published != self.latest:
+                    await self._follow(self.published)
+            await self._report()
+
+    async def _follow(self, version: str) -> None:
+        if self.behind_since is None:
+            self.behind_since = time.monotonic()
+        try:
+            searcher = await asyncio.get_running_loop().run_in_executor(None, load, self.index, self.number,
+                                                                        self.settings)
+        except Exception as e:  # noqa: BLE001 - a half-published or broken version: keep serving what we have
+            if (version, str(e)) != (self.failed_version, self.failed_error):
+                log.error("shard %d: cannot load version %s (serving %s): %s", self.number, version, self.latest, e)
+                metrics.SHARD_LOAD_FAILURES.labels(str(self.number)).inc()
+            self.failed_version, self.failed_error = version, str(e)[:500]
+            return
+        self.versions = {self.latest: self.versions[self.latest], searcher.version: searcher}
+        self.latest = searcher.version
+        if self.latest == self.published:
+            self.behind_since = None
+            self.failed_version = self.failed_error = ""
+        log.info("shard %d now serves version %s", self.number, self.latest)
+
+    async def _report(self) -> None:
+        lag = self.lag()
+        metrics.SHARD_VERSION_LAG.labels(str(self.number)).set(lag)
+        serving = lag <= self.settings.max_version_lag_s
+        if self.running is not None and serving != self.serving:
+            self.serving = serving
+            await self.running.set_serving(serving)
+            if not serving:
+                log.error("shard %d: %.0f s behind the published version %s: NOT_SERVING", self.number, lag,
+                          self.published)
 
     @server.rpc
     async def Search(self, request: pb.ShardSearchRequest, context) -> pb.ShardSearchResponse:
@@ -91,7 +129,9 @@ class ShardService(pb_grpc.ShardServicer):
         entry, manifest = searcher.shards[0].entry, searcher.manifest
         return pb.ShardInfo(shard=entry.shard, count=entry.count, sha256=entry.sha256,
                             index_version=searcher.version, file=entry.file, dim=manifest.dim,
-                            model_fingerprint=manifest.model.get("fingerprint", ""))
+                            model_fingerprint=manifest.model.get("fingerprint", ""),
+                            published_version=self.published, failed_version=self.failed_version,
+                            failed_error=self.failed_error, version_lag_seconds=self.lag())
 
 
 async def serve(index: str, shard: int, port: int = 0, settings: Settings | None = None,
@@ -101,6 +141,7 @@ async def serve(index: str, shard: int, port: int = 0, settings: Settings | None
     searcher = await asyncio.get_running_loop().run_in_executor(None, load, index, shard, settings)
     service = ShardService(searcher, index, shard, settings)
     running = await server.start([(pb_grpc.add_ShardServicer_to_server, service, SERVICE)], port, settings, host)
+    service.running = running
     running.tasks.append(asyncio.get_running_loop().create_task(service.watch(settings.reload_interval_s)))
     metrics.serve_metrics(settings.metrics_port, host)
     log.info("shard %d of %s (version %s) serving on %s:%d", shard, index, searcher.version, host, running.port)

@@ -44,6 +44,7 @@ class StackSpec:
     gateway_port: int = 0
     shard_port: int = 0  # the first shard server's port, the others follow; 0: free ports
     metrics_port: int | None = None  # the router's Prometheus port; None: IMSEARCH_METRICS_PORT as set
+    shard_metrics: bool = False  # give every shard server a Prometheus port of its own (its Part's env says which)
     env: dict[str, str] = field(default_factory=dict)  # IMSEARCH_* for every part
     router_env: dict[str, str] = field(default_factory=dict)  # ... and for the router only
 
@@ -115,8 +116,9 @@ class Stack:
         for n in numbers:
             group = []
             for r in range(self.spec.replicas):
+                env = {"IMSEARCH_METRICS_PORT": str(free_port())} if self.spec.shard_metrics else None
                 group.append(self._service(f"shard-{n}-{r}", "services.searcher.shard",
-                                           ["--index", self.spec.index, "--shard", str(n)], port))
+                                           ["--index", self.spec.index, "--shard", str(n)], port, env))
                 port = port + 1 if port else 0
             self.shards.append(group)
 

@@ -97,7 +97,7 @@ class ShardSearchResponse(_message.Message):
     def __init__(self, scores: _Optional[bytes] = ..., ids: _Optional[bytes] = ..., uris: _Optional[_Iterable[str]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ..., latest_version: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard", "count", "sha256", "index_version", "file", "dim", "model_fingerprint")
+    __slots__ = ("shard", "count", "sha256", "index_version", "file", "dim", "model_fingerprint", "published_version", "failed_version", "failed_error", "version_lag_seconds")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,10 @@ class ShardInfo(_message.Message):
     FILE_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAILED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ERROR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     count: int
     sha256: str
@@ -112,7 +116,11 @@ class ShardInfo(_message.Message):
     file: str
     dim: int
     model_fingerprint: str
-    def __init__(self, shard: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[str] = ..., index_version: _Optional[str] = ..., file: _Optional[str] = ..., dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    published_version: str
+    failed_version: str
+    failed_error: str
+    version_lag_seconds: float
+    def __init__(self, shard: _Optional[int] = ..., count: _Optional[int] = ..., sha256: _Optional[str] = ..., index_version: _Optional[str] = ..., file: _Optional[str] = ..., dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., published_version: _Optional[str] = ..., failed_version: _Optional[str] = ..., failed_error: _Optional[str] = ..., version_lag_seconds: _Optional[float] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("ids",)
