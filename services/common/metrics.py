@@ -20,6 +20,7 @@ SHARD_VERSION_LAG = Gauge("imsearch_shard_version_lag_seconds", "how long a shar
                           "CURRENT names (0: up to date)", ["shard"])
 SHARD_LOAD_FAILURES = Counter("imsearch_shard_load_failures_total", "published versions a shard could not load",
                               ["shard"])
+IMAGES_DECODED = Counter("imsearch_images_decoded_total", "images given to the decoder", ["result"])  # ok | refused
 PARTIAL = Counter("imsearch_partial_answers_total", "answers with coverage < 1")
 IN_FLIGHT = Gauge("imsearch_in_flight", "calls being handled", ["service"])
 QUEUE_DEPTH = Gauge("imsearch_queue_depth", "requests waiting for a batch", ["queue"])  # embed | fanout

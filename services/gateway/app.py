@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 REQUESTS = Counter("imsearch_gateway_requests_total", "HTTP requests", ["path", "status"])
 LATENCY = Histogram("imsearch_gateway_latency_seconds", "HTTP request latency", ["path"])
+ROUTER_CALLS = Counter("imsearch_gateway_router_calls_total", "requests that reached the router (a protobuf request "
+                       "built from the HTTP one)", ["method"])
 STORAGE_THREADS = 8  # catalogue and thumbnail reads in flight at once
 
 
@@ -170,8 +172,9 @@ class Gateway:
         check_k(k, self.settings.max_k)
         check_range("nprobe", nprobe, 0, UINT32_MAX)
         start = time.perf_counter()
-        reply = await self.client.call("Search", search_request(query, k, nprobe, feedback.relevant,
-                                                                feedback.not_relevant))
+        request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant)
+        ROUTER_CALLS.labels("Search").inc()
+        reply = await self.client.call("Search", request)
         out = answer(reply, k, start)
         if query.WhichOneof("query") == "id":  # a catalogue image: the page shows it as the query
             out["query"] = {"id_str": str(query.id), "thumbnail": thumbnail_link(query.id, reply.index_version)}
@@ -278,7 +281,9 @@ async def batch_endpoint(body: BatchBody, gw: Gateway = Depends(gateway)) -> dic
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
     queries = [await gw.query(q) for q in body.queries]
-    reply = await gw.client.call("SearchBatch", batch_request(queries, body.k, body.nprobe))
+    request = batch_request(queries, body.k, body.nprobe)
+    ROUTER_CALLS.labels("SearchBatch").inc()
+    reply = await gw.client.call("SearchBatch", request)
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,
             "missing_shards": list(reply.missing_shards), "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             "results": [answer(r, body.k, start)["results"] for r in reply.results]}
