@@ -61,6 +61,8 @@ def test_a_hung_store_does_not_hold_the_gateway(hanging_s3, start_stack, tmp_pat
         assert all(code == 200 and s < 1.0 for code, s in health), health
         assert all(code == 200 and s < 2.0 for code, s in searches), searches
         assert all(code == 504 and s < 4.0 for code, s in thumb_results), thumb_results  # the gateway's deadline
+        print(f"store hung: /healthz {max(s for _, s in health):.3f} s, vector searches "
+              f"{max(s for _, s in searches):.3f} s, thumbnails 504 after {max(s for _, s in thumb_results):.2f} s")
         deadline = time.monotonic() + 10  # the storage reads give up within their budget: readiness says so
         while http.get("/readyz").json()["status"] != "degraded" and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -99,5 +101,6 @@ def test_embed_and_publish_against_a_hung_store_end_in_one_line_within_the_budge
         assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "S3" in errors[0], errors
         assert seconds < 3 + 12, seconds  # the retry budget, plus the process's start (model load for embed)
+        print(f"{args[0]} against a hung store: exit {proc.returncode} after {seconds:.1f} s: {errors[0]}")
     hanging_s3.resume()
     assert load_current(open_store(root)) == before  # CURRENT untouched, still whole
