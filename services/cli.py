@@ -16,7 +16,8 @@ from rich.table import Table
 
 from services.common.errors import ImsearchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain click help: typer's rich panels print a "<bool>" type beside every flag, which takes no value.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Distributed image search: embed a catalogue, build a sharded index, search it.")
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -112,7 +113,7 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
         raise typer.Exit(1)
 
 
-index_app = typer.Typer(no_args_is_help=True, help="Build an index and change it while it serves: versions under "
+index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build an index and change it while it serves: versions under "
                                                     "one root, CURRENT flipped atomically.")
 app.add_typer(index_app, name="index")
 
@@ -496,7 +497,7 @@ def health(
     raise typer.Exit(0 if healthy(address, _settings().tls_ca, timeout) else 1)
 
 
-cluster_app = typer.Typer(no_args_is_help=True, help="The whole system on this machine as real processes.")
+cluster_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The whole system on this machine as real processes.")
 app.add_typer(cluster_app, name="cluster")
 CLUSTER_DIR = Path(".imsearch/cluster")
 

@@ -93,3 +93,30 @@ def test_upload_click_feedback_and_partial_answer(browser_page, tmp_path):
     page.locator("#by-uri button").click()
     page.wait_for_selector("#error:has-text('404')")
     assert not errors, errors
+
+
+BROKEN_IMAGES = ("() => [...document.images].filter(i => i.offsetParent !== null"
+                 " && !(i.complete && i.naturalWidth > 0)).length")
+
+
+def test_the_page_before_the_first_search_and_after_a_failed_one(browser_page):
+    page, tmp, _, errors = browser_page
+    page.wait_for_selector("#index-info:has-text('12 images')")
+    # Before the first search: the search controls and nothing else (no empty query frame, no feedback bar).
+    assert page.locator("#query-row").is_hidden() and page.locator("#feedback-bar").is_hidden()
+    assert page.locator("#error").is_hidden() and page.locator("#partial").is_hidden()
+    assert page.locator(".hit").count() == 0 and page.evaluate(BROKEN_IMAGES) == 0
+    page.screenshot(path=str(SHOTS / "05-before-first-search.png"), full_page=True)
+
+    target = sorted((tmp / "photos").iterdir())[1]
+    page.locator("#uri").fill(str(target))
+    page.locator("#by-uri button").click()
+    page.wait_for_selector(".hit >> nth=5")
+    page.locator("#uri").fill("/not/in/the/catalogue.jpg")
+    page.locator("#by-uri button").click()
+    page.wait_for_selector("#error:has-text('404')")
+    # The error replaces the answer: no results of the earlier query below it, no broken query image.
+    assert page.locator(".hit").count() == 0 and page.locator("#query-row").is_hidden()
+    assert page.evaluate(BROKEN_IMAGES) == 0
+    page.screenshot(path=str(SHOTS / "06-after-a-failed-search.png"), full_page=True)
+    assert not errors, errors

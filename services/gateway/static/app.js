@@ -45,7 +45,7 @@ async function run(query, withFeedback = false) {
   $("error").hidden = true;
   $("status").textContent = "searching…";
   $("query-row").hidden = false;
-  $("query-img").src = query.src;
+  setQueryImage(query.src);
   try {
     let answer;
     if (query.kind === "image") {
@@ -61,14 +61,23 @@ async function run(query, withFeedback = false) {
     }
     show(answer, withFeedback);
   } catch (e) {
-    $("status").textContent = "";
+    // The error replaces the answer: no results of an earlier query stay below it, no query image.
+    $("results").replaceChildren();
+    $("partial").hidden = true;
+    $("query-row").hidden = true;
     $("error").textContent = e.message;
     $("error").hidden = false;
   }
 }
 
+function setQueryImage(src) {
+  const img = $("query-img");
+  img.hidden = !src;  // a query without an image of its own (a uri) shows none until the answer names one
+  if (src) img.src = src;
+}
+
 function show(answer, withFeedback) {
-  if (answer.query) $("query-img").src = answer.query.thumbnail;
+  if (answer.query) setQueryImage(answer.query.thumbnail);
   const coverage = Math.round(answer.coverage * 100);
   $("status").textContent = `${answer.results.length} results · ${answer.latency_ms} ms · index ${answer.index_version}` +
     ` · coverage ${coverage}%` + (answer.cached ? " · cached" : "") + (withFeedback ? " · with feedback" : "");
@@ -86,6 +95,13 @@ function hitCard(hit) {
   const id = hit.id_str;  // a string: 64-bit ids do not fit JavaScript numbers
   card.dataset.id = id;
   const img = document.createElement("img");
+  img.addEventListener("error", () => {  // an unreadable thumbnail: say so, never a broken image
+    const none = document.createElement("div");
+    none.className = "no-thumb";
+    none.textContent = "no thumbnail";
+    none.title = hit.uri;
+    img.replaceWith(none);
+  });
   img.src = hit.thumbnail;
   img.alt = hit.uri;
   img.title = "search by this image: " + hit.uri;
@@ -139,4 +155,5 @@ $("by-uri").addEventListener("submit", (e) => {
   run({ kind: "json", body, src: body.id !== undefined ? `/v1/images/${body.id}` : "" });
 });
 $("rerun").addEventListener("click", () => last && run(last, true));
+$("query-img").addEventListener("error", () => { $("query-img").hidden = true; });
 loadIndex();
