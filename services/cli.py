@@ -96,25 +96,32 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
         task = bar.add_task("embed", total=None, errors=0, rate="-")
         start: list[float] = []  # (time, rows) of the first report: a resumed run's rate counts new rows only
 
+        said = [0.0]  # when a line was last printed (no terminal: no bar)
+
         def progress(done: int, total: int, errors: int) -> None:
             now = time.monotonic()
             start or start.extend((now, done))
             rate = (done - start[1]) / (now - start[0]) if now > start[0] else 0.0
             bar.update(task, completed=done, total=total, errors=errors, rate=f"{rate:.1f}")
+            if not err.is_terminal and not as_json and (now - said[0] >= 10 or done == total):
+                said[0] = now
+                err.print(f"• embedding: {done}/{total} images, {errors} errors, {rate:.1f} img/s", highlight=False)
 
         summary = embed_catalogue(source, out_url, settings=settings, progress=progress, **options)
     if as_json:
         print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
                           "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,
-                          "resumed": summary.resumed, "duplicates": summary.duplicates, "redone": summary.redone}))
+                          "resumed": summary.resumed, "embedded_this_run": summary.embedded_now,
+                          "duplicates": summary.duplicates, "redone": summary.redone}))
     else:
         out.print(summary.line(), highlight=False)
     if summary.embedded == 0:
         raise typer.Exit(1)
 
 
-index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build an index and change it while it serves: versions under "
-                                                    "one root, CURRENT flipped atomically.")
+index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Build an index and change it while it serves: versions under one root, CURRENT "
+                             "flipped atomically.")
 app.add_typer(index_app, name="index")
 
 
@@ -170,7 +177,7 @@ def index_publish(root: str = typer.Argument(..., help="index root"),
     from services.index.versions import publish
 
     settings = _settings()
-    pointer = publish(open_store(root, settings), version, settings.home / "cache")
+    pointer = publish(open_store(root, settings), version, settings.home / "cache", _step(False))
     out.print(f"published {pointer.version} (previous: {(pointer.history or ['none'])[0]})", highlight=False)
 
 
@@ -182,21 +189,26 @@ def index_rollback(root: str = typer.Argument(..., help="index root")) -> None:
     from services.index.versions import rollback
 
     settings = _settings()
-    pointer = rollback(open_store(root, settings), settings.home / "cache")
+    pointer = rollback(open_store(root, settings), settings.home / "cache", _step(False))
     out.print(f"rolled back: {pointer.version} is published", highlight=False)
 
 
 @index_app.command("versions")
 @cli_errors
 def index_versions(root: str = typer.Argument(..., help="index root")) -> None:
-    """List the versions under the root; * marks the published one."""
+    """List the versions under the root, oldest first: when written, size, and which is published (*),
+    which rollback can return to, which are staged."""
     from services.common.store import open_store
-    from services.index.versions import list_versions, read_pointer
+    from services.index.versions import describe_versions
 
-    store = open_store(root, _settings())
-    current = getattr(read_pointer(store), "version", None)
-    for v in list_versions(store):
-        out.print(f"{'*' if v == current else ' '} {v}", highlight=False)
+    rows = describe_versions(open_store(root, _settings()))
+    if not rows:
+        out.print("no versions", highlight=False)
+    for r in rows:
+        count = f"{r['count']:>10,} vectors" if r["count"] is not None else " " * 18
+        shards = f"{r['shards']} shard(s)" if r["shards"] is not None else ""
+        out.print(f"{'*' if r['state'] == 'published' else ' '} {r['version']:<28} {r['created_at']:<24} {count}  "
+                  f"{shards:<10} {r['factory']:<24} {r['state']}", highlight=False)
 
 
 @index_app.command("add")
@@ -267,7 +279,7 @@ def _search(index_: str, query: str, settings, k: int = 10, nprobe: int | None =
     from services.searcher.local import search_uri
 
     relevant, not_relevant = parse_marks(feedback)
-    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings)
+    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings, _step(as_json))
     if as_json:
         print(json.dumps({"query": query, "index_version": version, "k": k, "results": [h.as_dict() for h in hits]}))
         return
@@ -294,9 +306,10 @@ def info(
     store = open_store(index_, settings)
     m = load_current(store)
     if verify:
-        from services.searcher.local import IndexSearcher
+        from services.index.versions import verify_version
 
-        IndexSearcher(index_, settings).close()  # loading verifies every checksum
+        _step(as_json)(f"verifying every file of {m.version}")
+        verify_version(store, m, settings.home / "cache")
     if as_json:
         print(m.model_dump_json(indent=1))
         return
@@ -324,27 +337,35 @@ def serve(
     http_port: Optional[int] = typer.Option(None, help="web page + HTTP API port (default IMSEARCH_GATEWAY_PORT, "
                                                        "0: a free port)"),
     http: bool = typer.Option(True, help="also start the HTTP gateway and web page"),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="a Redis query cache (default: when "
+                                                                          "redis-server is installed)"),
 ) -> None:
-    """Serve an index on one machine: a shard server process per shard, the router, and the web page."""
-    _serve(index_, _settings(), port, host, shard_ports, http_port, http)
+    """Serve an index on one machine: a shard server process per shard, the router, the web page (and a
+    Redis query cache when redis-server is installed)."""
+    _serve(index_, _settings(), port, host, shard_ports, http_port, http, cache)
 
 
 def _serve(index_: str, settings, port: int = 50050, host: str = "127.0.0.1", shard_ports: int = 0,
-           http_port: int | None = None, http: bool = True) -> None:
-    """The stack attached to this command until Ctrl-C / SIGTERM (logs under IMSEARCH_HOME/serve/logs)."""
+           http_port: int | None = None, http: bool = True, cache: bool | None = None) -> None:
+    """The stack attached to this command until Ctrl-C / SIGTERM (logs under IMSEARCH_HOME/serve/logs).
+    cache: a Redis query cache (None: when redis-server is installed)."""
     from services.common.store import open_store
     from services.index.versions import load_current
-    from services.stack.part import free_port
+    from services.stack.part import binary, free_port
     from services.stack.stack import Stack, StackSpec, wait_for_signal
 
     manifest = load_current(open_store(index_, settings))
     gateway_port = settings.gateway_port if http_port is None else (http_port or free_port())
+    cache = binary("redis-server") is not None if cache is None else cache
     spec = StackSpec(index_, host=host, router_port=port, shard_port=shard_ports, gateway=http,
-                     gateway_port=gateway_port)
+                     gateway_port=gateway_port, redis=cache)
     logs = settings.home / "serve"
     with Stack(spec, logs, step=_step(False)).up() as stack:
         err.print(f"• {len(stack.shards)} shard server(s) up: {', '.join(g[0].address for g in stack.shards)}; "
                   f"logs in {logs / 'logs'}", highlight=False)
+        err.print(f"• query cache: Redis on {stack.redis.address}" if stack.redis else
+                  "• no query cache (redis-server is not installed, or --no-cache): a repeated query is searched "
+                  "again and answers cached: false", highlight=False)
         out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{stack.router.port}",
                   highlight=False)
         if http:
@@ -469,6 +490,8 @@ def loadtest(
     new = load_images(images) if weights.get("new") else []
 
     def once(r: float) -> dict:
+        _step(as_json)(f"driving {router_} for {seconds:g} s, " + (f"{r:.0f} calls/s" if r else
+                                                                   f"{concurrency} clients as fast as they go"))
         work = Workload(new, pool, zipf, batch)
         return asyncio.run(run_load(router_, work, weights, seconds, concurrency, r, settings.token(),
                                     tls_ca=settings.tls_ca)).summary()
@@ -497,7 +520,8 @@ def health(
     raise typer.Exit(0 if healthy(address, _settings().tls_ca, timeout) else 1)
 
 
-cluster_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The whole system on this machine as real processes.")
+cluster_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="The whole system on this machine as real processes.")
 app.add_typer(cluster_app, name="cluster")
 CLUSTER_DIR = Path(".imsearch/cluster")
 

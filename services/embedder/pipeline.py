@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -51,6 +52,11 @@ def list_images(source: str, settings: Settings | None = None) -> list[str]:
 def list_catalogue(source: str, settings: Settings | None = None) -> Catalogue:
     if source.lower().endswith(MANIFEST_EXTENSIONS):
         return read_manifest(source, settings)
+    if "://" not in source and not Path(source).expanduser().exists():
+        raise NotFound(f"{source} does not exist")
+    if "://" not in source and Path(source).expanduser().is_file():
+        raise InvalidInput(f"{source} is a file: give a folder of images, an s3:// prefix, or a manifest "
+                           f"({', '.join(MANIFEST_EXTENSIONS)})")
     store = open_store(source, settings)
     uris = sorted(store.uri(k) for k in store.list() if is_image_name(k))
     if not uris:
@@ -209,6 +215,7 @@ class EmbedSummary:
     reasons: Counter = field(default_factory=Counter)
     engine: str = "local"
     resumed: int = 0  # images a previous run had already embedded (or failed)
+    resumed_embedded: int = 0  # ... of which embedded
     duplicates: int = 0
     redone: list[str] = field(default_factory=list)  # chunks of an earlier run that failed verification
 
@@ -216,10 +223,21 @@ class EmbedSummary:
     def skipped(self) -> int:
         return self.total - self.embedded
 
+    @property
+    def embedded_now(self) -> int:
+        return self.embedded - self.resumed_embedded
+
     def line(self) -> str:
-        text = f"{self.embedded} embedded, {self.skipped} skipped"
-        if self.resumed:
-            text += f" ({self.resumed} done by an earlier run)"
+        """What this run did, then what the folder holds (when an earlier run did part of it)."""
+        if self.total and self.resumed == self.total:
+            text = (f"nothing to embed: all {self.total} images were done by an earlier run "
+                    f"({self.embedded} embedded, {self.skipped} skipped)")
+        elif self.resumed:
+            now = self.total - self.resumed
+            text = (f"{self.embedded_now} embedded, {now - self.embedded_now} skipped in this run; {self.resumed} "
+                    f"done by an earlier run ({self.embedded} embedded, {self.skipped} skipped in all)")
+        else:
+            text = f"{self.embedded} embedded, {self.skipped} skipped"
         if self.redone:
             text += f"; {len(self.redone)} chunk(s) of an earlier run embedded again ({', '.join(self.redone[:3])})"
         if self.reasons:
@@ -311,6 +329,7 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=choose_engine(len(todo), settings, engine),
                            resumed=len(catalogue.uris) - len(todo), redone=resume.redo)
     writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done)
+    summary.resumed_embedded = writer.embedded
     run = _run_ray if summary.engine == "ray" else _run_local
     log.info("embedding %d images with %s via %s into %s (%d already done)", len(todo), spec.name,
              summary.engine, out, summary.resumed)

@@ -119,7 +119,8 @@ def relevance(ranked: Ranked, labels: list[str], label_of: dict[str, str]) -> li
 
 def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int | None = None,
                  progress: Progress | None = None, exact: bool = True,
-                 vectors: np.ndarray | None = None, qe: int = 0) -> ClassesResult:
+                 vectors: np.ndarray | None = None, qe: int = 0,
+                 step: Callable[[str], None] = lambda msg: None) -> ClassesResult:
     """Every labelled image queries the index; relevant = same label, the query itself excluded.
 
     vectors: the images' embeddings when already at hand (else they are embedded here).
@@ -132,12 +133,16 @@ def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int
     if vectors is None:
         vectors = embed_files(searcher, [it.path.read_bytes() for it in items], progress)
     depth = min(depth or searcher.manifest.count, searcher.manifest.count)
+    if qe:
+        step(f"query expansion (αQE) with {qe} neighbours per query")
     queries = expand_queries(searcher, vectors, qe, uris) if qe else vectors
+    step(f"ranking the index for {len(items)} queries (depth {depth})")
     ranked = rank_index(searcher, queries, depth, uris)
     rels = relevance(ranked, labels, label_of)
     metrics = summarise(rels, n_rel) | {"depth": depth, "index_vectors": searcher.manifest.count}
     exact_metrics = None
     if exact and len(items) <= EXACT_MAX:
+        step("ranking the same embeddings by exact search, for comparison")
         exact_metrics = summarise(relevance(rank_exact(vectors, uris), labels, label_of), n_rel)
         metrics["mAP_exact"] = exact_metrics["mAP"]
         metrics["mAP_index_over_exact"] = metrics["mAP"] / exact_metrics["mAP"]
@@ -198,7 +203,8 @@ SCORE_NORMS = ("none", "margin")
 
 
 def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 10, predictions: int = 1,
-                    score_norm: str = "none", progress: Progress | None = None, qe: int = 0) -> CopyResult:
+                    score_norm: str = "none", progress: Progress | None = None, qe: int = 0,
+                    step: Callable[[str], None] = lambda msg: None) -> CopyResult:
     """μAP over the first `predictions` results of every query pooled by score, recall@1 and @k.
 
     score_norm "margin" subtracts each query's k-th score (its background level: a distractor's
@@ -211,6 +217,7 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
     vectors = embed_files(searcher, [q.image for q in queries], progress)
     if qe:
         vectors = expand_queries(searcher, vectors, qe, [""] * len(queries))
+    step(f"ranking the index for {len(queries)} copy queries")
     ranked = rank_index(searcher, vectors, k, [""] * len(queries))
     norm = (lambda sc: sc - sc[-1]) if score_norm == "margin" else (lambda sc: sc)
     scores = np.concatenate([norm(sc)[:predictions] for sc in ranked.scores])

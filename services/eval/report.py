@@ -7,6 +7,7 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -18,15 +19,6 @@ from services.eval.protocols import ClassesResult, CopyResult
 THUMB = 96
 GALLERY_ROWS = 6
 GALLERY_K = 6
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen on servers
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def thumbnail(src: bytes | str, mark: str | None = None) -> Image.Image:
@@ -126,7 +118,8 @@ def metrics_rows(metrics: dict) -> list[dict]:
     return [{"metric": k, "value": v} for k, v in metrics.items()]
 
 
-def classes_report(result: ClassesResult, out: Path, title: str, extra: dict | None = None) -> None:
+def classes_report(result: ClassesResult, out: Path, title: str, extra: dict | None = None,
+                   step: Callable[[str], None] = lambda msg: None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": result.metrics, "exact": result.exact_metrics, "per_class": result.per_class,
                **(extra or {})}
@@ -135,8 +128,11 @@ def classes_report(result: ClassesResult, out: Path, title: str, extra: dict | N
         writer = csv.DictWriter(f, fieldnames=list(result.per_class[0]))
         writer.writeheader()
         writer.writerows(result.per_class)
+    step(f"writing the report to {out}: precision-recall curves")
     pr_plot(result.pr_levels, result.pr_by_class, out / "pr_curves.png", "precision-recall per class (grey)")
+    step(f"t-SNE and UMAP maps of {len(result.vectors)} vectors (the slow part of the report)")
     images = ["pr_curves.png"] + embedding_plots(result.vectors, result.labels, out)
+    step("galleries of the best and worst queries")
     label_of = dict(zip(result.uris, result.labels))
     order = np.argsort(np.nan_to_num(result.ap, nan=2.0))  # NaN (no relevant item) not among the worst
     for name, picks in (("gallery_worst.png", order[:GALLERY_ROWS]),
@@ -151,8 +147,10 @@ def classes_report(result: ClassesResult, out: Path, title: str, extra: dict | N
     write_summary(out, title, sections, images)
 
 
-def copydetect_report(result: CopyResult, out: Path, title: str, extra: dict | None = None) -> None:
+def copydetect_report(result: CopyResult, out: Path, title: str, extra: dict | None = None,
+                      step: Callable[[str], None] = lambda msg: None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    step(f"writing the report to {out}: galleries of found and missed copies")
     (out / "metrics.json").write_text(json.dumps({"metrics": result.metrics, "recall@1_by_edit": result.by_edit,
                                                   **(extra or {})}, indent=1))
     copies = [i for i, q in enumerate(result.queries) if q.source]

@@ -85,8 +85,8 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
                                      settings)
         searcher = IndexSearcher(index, settings)
         step(f"{len(items)} queries against {searcher.manifest.count} vectors ({searcher.manifest.factory})")
-        result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors, qe=opts.qe)
-        report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts))
+        result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors, qe=opts.qe, step=step)
+        report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts), step)
         return result.metrics
     files = image_files(opts.data)
     if opts.index is None:
@@ -102,8 +102,8 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
     queries = p.make_copy_queries(catalogue, distractors, opts.seed)
     step(f"{len(queries)} copy queries ({len(distractors)} distractors) against {searcher.manifest.count} vectors")
     result = p.copydetect_eval(searcher, queries, predictions=opts.predictions, score_norm=opts.score_norm,
-                               progress=progress, qe=opts.qe)
-    report.copydetect_report(result, opts.out, f"copy detection: {opts.data}", _about(searcher, opts))
+                               progress=progress, qe=opts.qe, step=step)
+    report.copydetect_report(result, opts.out, f"copy detection: {opts.data}", _about(searcher, opts), step)
     return result.metrics
 
 

@@ -12,7 +12,7 @@ CURRENT = {"version", "manifest_sha256", "history": [earlier versions, newest fi
 
 from __future__ import annotations
 
-import calendar
+import datetime
 import json
 import re
 import time
@@ -126,23 +126,25 @@ def verify_version(store: Store, manifest: Manifest, cache: Path) -> None:
         verified_bytes(store, version_key(manifest.version, manifest.quantizer.file), manifest.quantizer.sha256)
 
 
-def publish(store: Store, version: str, cache: Path) -> Pointer:
+def publish(store: Store, version: str, cache: Path, step: Step | None = None) -> Pointer:
     """Point CURRENT at a written (staged) version, its files verified first."""
     base = read_pointer(store)
     manifest, data = load_version(store, version)
     if base is not None and version in base.deleting:
         raise Conflict(f"{version} is being removed by `imsearch index gc`; it cannot be published")
+    (step or (lambda msg: None))(f"verifying the {2 * len(manifest.shards)} shard files of {version}")
     verify_version(store, manifest, cache)
     return advance(store, base, version, data)
 
 
-def rollback(store: Store, cache: Path) -> Pointer:
+def rollback(store: Store, cache: Path, step: Step | None = None) -> Pointer:
     """Back to the version published before the current one, its files verified first."""
     base = current_pointer(store)
     if not base.history:
         raise NotFound(f"index {store.url}: no earlier version to roll back to")
     target = base.history[0]
     manifest, data = load_version(store, target)
+    (step or (lambda msg: None))(f"verifying the {2 * len(manifest.shards)} shard files of {target}")
     verify_version(store, manifest, cache)
     return advance(store, base, target, data, base.history[1:])
 
@@ -157,7 +159,7 @@ def version_age(store: Store, version: str, now: float) -> float:
     newest of its files."""
     try:
         manifest, _ = load_version(store, version)
-        return now - calendar.timegm(time.strptime(manifest.created_at, "%Y-%m-%dT%H:%M:%SZ"))
+        return now - datetime.datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00")).timestamp()
     except (NotFound, Corrupt, ValueError):
         keys = store.list(version_prefix(version))
         return now - max((store.modified(k) for k in keys), default=now)
@@ -241,3 +243,23 @@ def staging_target(url: str, open_store) -> tuple[str, str] | None:
     if root and name and is_index(open_store(root)) and not is_index(open_store(url)):
         return root, name
     return None
+
+
+def describe_versions(store: Store) -> list[dict]:
+    """Every written version, oldest first: name, created_at, count, shards, factory, and its state —
+    published, earlier (rollback can return to it; n = how many steps back), staged, or being removed."""
+    pointer = read_pointer(store)
+    history = pointer.history if pointer else []
+    rows = []
+    for v in list_versions(store):
+        try:
+            m, _ = load_version(store, v)
+        except (Corrupt, NotFound):
+            rows.append({"version": v, "created_at": "", "count": None, "shards": None, "factory": "",
+                         "state": "damaged manifest"})
+            continue
+        state = ("published" if pointer and v == pointer.version else "being removed" if pointer and v in
+                 pointer.deleting else f"earlier (rollback {history.index(v) + 1})" if v in history else "staged")
+        rows.append({"version": v, "created_at": m.created_at, "count": m.count, "shards": len(m.shards),
+                     "factory": m.factory, "state": state})
+    return sorted(rows, key=lambda r: (r["created_at"], r["version"]))

@@ -4,8 +4,8 @@ Files first, pointer last: a crash leaves CURRENT intact; a lost race leaves the
 
 from __future__ import annotations
 
+import datetime
 import logging
-import time
 from typing import Callable
 
 from services.common.checksums import sha256_bytes
@@ -19,6 +19,11 @@ from services.index.shards import Shard
 from services.index.versions import Pointer, advance
 
 log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    """UTC with milliseconds: versions written within one second still sort in the order written."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 Step = Callable[[str], None]
 
 
@@ -36,7 +41,7 @@ def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer,
         entry = FileEntry(file=QUANTIZER_FILE, sha256=sha256_bytes(blob))
     crash_point("index.shards-written")
     manifest = template.model_copy(update={
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": entries, "quantizer": entry,
+        "created_at": now_iso(), "shards": entries, "quantizer": entry,
         "count": sum(e.count for e in entries)})
     data = write_manifest(out, manifest)
     crash_point("index.manifest-written")

@@ -128,10 +128,13 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         params = params_from_factory(f"PCAW{whiten_dim},L2norm,{factory}" if whiten_dim else factory)
     rng = np.random.default_rng(0)
     trained = faiss_util.make_index(dim, params.factory)
-    sample = train_sample(emb.vectors, params, rng)
-    step(f"training {params.factory} on {len(sample)} of {n} vectors")
-    faiss_util.train(trained, sample)
-    del sample
+    if trained.is_trained:  # exact (Flat) search: nothing to learn
+        step(f"{params.factory}: exact search, nothing to train")
+    else:
+        sample = train_sample(emb.vectors, params, rng)
+        step(f"training {params.factory} on {len(sample)} of {n} vectors")
+        faiss_util.train(trained, sample)
+        del sample
     step(f"adding {n} vectors to {shards} shard(s)")
     parts = split_shards(trained, emb, shards)
     tuned, tuning = tune_nprobe(parts, emb, params, settings.target_recall, rng)
@@ -143,7 +146,8 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     template = Manifest(
         version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
         params=params.as_dict() | ({"dba": dba} if dba else {}), nprobe=nprobe, k_factor=params.k_factor,
-        count=0, duplicates_dropped=dropped, tuning=tuning, shards=[],
+        count=0, duplicates_dropped=dropped + int(emb.meta.get("reasons", {}).get("duplicate", 0)),
+        tuning=tuning, shards=[],
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
     try:

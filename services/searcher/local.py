@@ -133,7 +133,8 @@ class IndexSearcher:
 
 
 def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, relevant: list[int] = (),
-               not_relevant: list[int] = (), settings: Settings | None = None) -> tuple[str, list[Hit]]:
+               not_relevant: list[int] = (), settings: Settings | None = None,
+               step=lambda msg: None) -> tuple[str, list[Hit]]:
     """The stage behind `imsearch search`: the query image at a uri (file or s3://), embedded with the index's
     own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process.
     Returns (index version, hits)."""
@@ -143,8 +144,12 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
     settings = settings or get_settings()
     check_k(k, settings.max_k)  # before the seconds spent loading the index and model
     data = read_uri(query, settings)
+    step(f"loading the index at {index}")
     searcher = IndexSearcher(index, settings)
     try:
+        m = searcher.manifest
+        step(f"loading model {m.model.get('name')} to embed the query (index {m.version}: {m.count} vectors in "
+             f"{len(m.shards)} shard(s))")
         vector = searcher.embed_images([data])
         if relevant or not_relevant:
             vector = requery(vector[0], searcher.fetch(list(relevant) + list(not_relevant)), len(relevant), settings)

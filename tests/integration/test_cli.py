@@ -170,3 +170,38 @@ def test_nothing_embedded_exits_non_zero(tmp_path):
 def test_invalid_settings_stop_the_start(tmp_path):
     proc = run("info", str(tmp_path), env_home=tmp_path, IMSEARCH_BATCH_SIZE="0", IMSEARCH_DEVICE="tpu")
     assert_one_line_error(proc, "invalid settings", "IMSEARCH_BATCH_SIZE", "IMSEARCH_DEVICE")
+
+
+def test_every_line_says_what_happened_in_this_run(built):
+    tmp, expected, embed, index = built
+    home = tmp / "home"
+    # info counts the duplicate embed reported (1x duplicate), not 0
+    assert "1× duplicate" in embed.stdout
+    assert "duplicates dropped=1" in run("info", str(tmp / "idx"), env_home=home).stdout
+    # a Flat index trains nothing, and says so
+    assert "nothing to train" in index.stderr and "training Flat" not in index.stderr
+    # a rerun over a finished folder embeds nothing, and says so
+    again = run("embed", str(tmp / "photos"), "--out", str(tmp / "emb"), env_home=home)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"nothing to embed: all {expected['total']} images were done by an earlier run "
+                                   f"({expected['embedded']} embedded, {expected['skipped']} skipped)"), again.stdout
+    # a missing path is named as missing
+    assert_one_line_error(run("embed", str(tmp / "no" / "such" / "dir"), "--out", str(tmp / "e3"), env_home=home),
+                          "does not exist")
+    # search says what it waits for while it loads
+    query = tmp / "query.jpg"
+    query.write_bytes(encode(pattern(120, 90, seed=3), "JPEG"))
+    res = run("search", str(tmp / "idx"), str(query), "-k", "1", env_home=home)
+    assert res.returncode == 0 and "loading the index" in res.stderr and "loading model lite0-gem" in res.stderr
+
+
+def test_index_versions_lists_oldest_first_with_time_size_and_state(tmp_path):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(50, 8, seed=1))
+    home, idx = tmp_path / "home", tmp_path / "idx"
+    for args in (("--version", "vA"), ("--version", "vB"), ("--out", f"{idx}/v2")):
+        out = args if args[0] == "--out" else ("--out", str(idx), *args)
+        assert run("index", "build", str(tmp_path / "emb"), *out, env_home=home).returncode == 0
+    lines = [line for line in run("index", "versions", str(idx), env_home=home).stdout.splitlines() if line.strip()]
+    assert [line[2:].split()[0] for line in lines] == ["vA", "vB", "v2"]  # by creation, not by name
+    assert lines[0].endswith("earlier (rollback 1)") and lines[1].startswith("* vB") and lines[2].endswith("staged")
+    assert all("50 vectors" in line and "1 shard(s)" in line and "Flat" in line for line in lines)

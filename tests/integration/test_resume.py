@@ -138,7 +138,8 @@ def test_a_damaged_part_is_embedded_again_and_the_summary_says_so(tmp_path):
     (out / "embeddings.json").unlink()  # as if the run had been killed before it finished
     rerun = subprocess.run(embed_cmd(src, out)[:-1], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert "(20 done by an earlier run); 1 chunk(s) of an earlier run embedded again" in rerun.stdout, rerun.stdout
+    assert ("10 embedded, 0 skipped in this run; 20 done by an earlier run (30 embedded, 0 skipped in all); "
+            "1 chunk(s) of an earlier run embedded again") in rerun.stdout, rerun.stdout
     assert "damaged part" in rerun.stdout
     emb = read_embeddings(LocalStore(out))  # every part verifies against embeddings.json
     assert len(emb.uris) == len(set(emb.uris)) == 30

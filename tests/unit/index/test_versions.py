@@ -76,7 +76,7 @@ def test_a_build_that_started_before_a_delete_does_not_publish_over_it(index):
     tmp, settings, ids = index
 
     def step(msg: str) -> None:
-        if msg.startswith("training"):  # mid-build, a takedown delete is published
+        if msg.startswith("adding"):  # mid-build, a takedown delete is published
             delete_from_index(str(tmp / "idx"), ids[:2], settings)
 
     with pytest.raises(Conflict, match="kept staged as v3"):
