@@ -1,16 +1,25 @@
 # One command runs the demo, one runs the tests (`.ci/run` calls `make test`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A build of torch that runs on CPU and CUDA; on aarch64 use TORCH="torch==2.9.1 torchvision==0.24.1".
-TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Installs are pinned by requirements/*.lock (Linux x86_64, Python 3.11; `make lock` regenerates them from
+# pyproject.toml). Elsewhere the ranges of pyproject.toml are installed, with a torch build for the machine:
+# on aarch64 use TORCH="torch==2.9.1 torchvision==0.24.1".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARCH := $(shell uname -m)
+LOCKED = requirements/dev.lock requirements/serve.lock requirements/embed.lock
 
-.PHONY: demo test install protos clean
+.PHONY: demo test install protos lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/dev.lock
 	python3 -m venv $(VENV)
+ifeq ($(ARCH),x86_64)
+	$(PY) -m pip install -q -r requirements/dev.lock
+	$(PY) -m pip install -q --no-deps -e .
+else
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[all,dev]"
+endif
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +33,15 @@ test: install
 
 protos: install
 	$(PY) scripts/gen_protos.py
+
+# dev: everything, for the tests and `make demo`; serve: the slim serving image; embed: the embedder image.
+# Needs uv in the venv (the dev extra has it).
+lock:
+	printf 'torch==2.14.1\ntorchvision==0.29.1\n' > requirements/torch.txt
+	for set in "dev:--extra all --extra dev" "serve:--extra serve" "embed:--extra embed --extra ray"; do \
+	  $(VENV)/bin/uv pip compile pyproject.toml $${set#*:} -c requirements/torch.txt --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --no-header -q -o requirements/$${set%%:*}.lock || exit 1; \
+	done
 
 clean:
 	rm -rf .imsearch test-artifacts

@@ -66,10 +66,12 @@ class Part:
     proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def python(cls, name: str, module: str, args: list[str], port: int | None = None, **kw) -> "Part":
-        """`python -m module args --port PORT` (a free port when none is given)."""
+    def python(cls, name: str, module: str, args: list[str], port: int | None = None, python: str | None = None,
+               **kw) -> "Part":
+        """`python -m module args --port PORT` (a free port when none is given; this interpreter unless
+        another is named)."""
         port = port or free_port()
-        return cls(name, [sys.executable, "-m", module, *args, "--port", str(port)], port, **kw)
+        return cls(name, [python or sys.executable, "-m", module, *args, "--port", str(port)], port, **kw)
 
     @classmethod
     def redis(cls, port: int | None = None, **kw) -> "Part":

@@ -45,6 +45,7 @@ class StackSpec:
     shard_port: int = 0  # the first shard server's port, the others follow; 0: free ports
     metrics_port: int | None = None  # the router's Prometheus port; None: IMSEARCH_METRICS_PORT as set
     shard_metrics: bool = False  # give every shard server a Prometheus port of its own (its Part's env says which)
+    python: str | None = None  # the interpreter of the services (another install); None: this one
     env: dict[str, str] = field(default_factory=dict)  # IMSEARCH_* for every part
     router_env: dict[str, str] = field(default_factory=dict)  # ... and for the router only
 
@@ -80,7 +81,8 @@ class Stack:
     def _service(self, name: str, module: str, args: list[str], port: int = 0, env: dict | None = None,
                  health: str = "grpc") -> Part:
         return self._part(Part.python(name, module, [*args, "--host", self.spec.host], port or free_port(),
-                                      health=health, env={"IMSEARCH_METRICS_PORT": "0", **(env or {})}))
+                                      health=health, env={"IMSEARCH_METRICS_PORT": "0", **(env or {})},
+                                      python=self.spec.python))
 
     def up(self, timeout: float = 180.0) -> "Stack":
         """Start every part, tier by tier, each waited on until healthy; on any failure stop them all."""
@@ -133,7 +135,8 @@ class Stack:
                                  "IMSEARCH_REDIS_URL": f"redis://{self.redis.address}/0" if self.redis else None
                                  }.items() if v is not None}
         self.router = self._part(Part.python("router", "services.searcher.router", [*args, "--host", spec.host],
-                                             spec.router_port or free_port(), env={**env, **spec.router_env}))
+                                             spec.router_port or free_port(), env={**env, **spec.router_env},
+                                             python=spec.python))
 
     def _wait(self, parts: list[Part], timeout: float = 180.0) -> None:
         for p in parts:
