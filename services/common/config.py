@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     gateway_rate_per_s: float = Field(0.0, ge=0, description="requests per second per key (or client); 0: no limit")
     gateway_burst: int = Field(20, gt=0, description="requests a key may make at once before the rate applies")
     gateway_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: none")
+    gateway_trusted_proxies: str = Field("", description="comma-separated addresses / networks of proxies (an "
+                                                         "ingress) whose X-Forwarded-For is believed; empty: none")
     gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
 
     def token(self) -> str | None:

@@ -26,7 +26,9 @@ def main() -> None:
     setup_logging(settings.log_level, settings.log_format)
     port = settings.gateway_port if args.port is None else args.port
     print(f"imsearch gateway on http://{args.host}:{port}/ (router {args.router})", flush=True)
-    uvicorn.run(create_app(args.router, args.index, settings), host=args.host, port=port, log_level="warning")
+    # A client's address comes from X-Forwarded-For only when the peer is a trusted proxy (an ingress).
+    uvicorn.run(create_app(args.router, args.index, settings), host=args.host, port=port, log_level="warning",
+                proxy_headers=True, forwarded_allow_ips=settings.gateway_trusted_proxies)
 
 
 if __name__ == "__main__":

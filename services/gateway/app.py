@@ -104,25 +104,26 @@ class Gateway:
     @classmethod
     def from_settings(cls, router_address: str, index_url: str, settings: Settings) -> "Gateway":
         return cls(settings, router_address, Catalogue(index_url, settings), parse_keys(settings.gateway_api_keys),
-                   RateLimit(settings.gateway_rate_per_s, settings.gateway_burst),
-                   RateLimit(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST),
+                   RateLimit(settings.gateway_rate_per_s, settings.gateway_burst, settings.redis_url),
+                   RateLimit(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST, settings.redis_url),
                    min(settings.max_image_bytes, settings.max_message_bytes - 64 * 1024))
 
     @property
     def max_body(self) -> int:
         return self.max_upload + 64 * 1024  # the image plus form fields
 
-    def guard(self, request: Request) -> None:
+    async def guard(self, request: Request) -> None:
         """Keys, rate limit and upload size of a /v1 call, before any body is read. A failed key attempt is
-        charged to the caller's address (in the rate limit, and in a limit of its own)."""
+        charged to the caller's address (in the rate limit, and in a limit of its own). The address is the
+        forwarded one only behind a trusted proxy (IMSEARCH_GATEWAY_TRUSTED_PROXIES, applied by uvicorn)."""
         address = request.client.host if request.client else "?"
         try:
-            caller = key_of(request.headers, self.keys) or address
+            caller = key_of(request.headers, self.keys)
         except Unauthenticated:
-            self.failures.take(f"address {address}")
-            self.limit.take(f"address {address}")
+            await self.failures.take(f"failed key from {address}")
+            await self.limit.take(f"address {address}")
             raise
-        self.limit.take(caller)
+        await self.limit.take(f"key {caller}" if caller else f"address {address}")
         size = request.headers.get("content-length") or "0"
         if not size.isdigit():
             raise InvalidInput(f"content-length {quote(size)} is not a byte count")
@@ -199,7 +200,7 @@ def thumbnail_link(id_: int, version: str = "") -> str:
 def error_response(exc: BaseException) -> JSONResponse:
     status, code = http_status(exc)
     message = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-    headers = {"Retry-After": "1"} if status == 429 else None
+    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 429 else None
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -339,7 +340,7 @@ async def guard(request: Request, call_next):
     label = path if not path.startswith("/v1/images/") else "/v1/images/{id}"
     try:
         if path.startswith("/v1/"):
-            request.app.state.gateway.guard(request)
+            await request.app.state.gateway.guard(request)
         response = await call_next(request)
     except (ImsearchError, grpc.RpcError) as e:
         response = error_response(e)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import logging
+import math
 import time
 
 from services.common.errors import RateLimited, Unauthenticated
 
+log = logging.getLogger(__name__)
 # Failed key attempts per client address, whatever the configured rate limit: 10 at once, then one a second.
 AUTH_FAILURES_PER_S = 1.0
 AUTH_FAILURE_BURST = 10
@@ -31,21 +34,38 @@ def key_of(headers, keys: list[str]) -> str | None:
 
 
 class RateLimit:
-    """rate tokens per second, up to burst; one bucket per caller."""
+    """Calls per caller (an API key, or a client address) in a moving window, counted in Redis when a URL is
+    given — every gateway then shares one count — else in this process (the `limits` library, either way).
 
-    def __init__(self, rate: float, burst: int, clock=time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, time)
+    rate calls/s with bursts of `burst`: a window of ceil(burst / rate) s holding max(burst, rate × window)
+    calls. A store that fails lets the call through (logged): a cache outage must not become an outage."""
 
-    def take(self, caller: str) -> None:
+    def __init__(self, rate: float, burst: int, redis_url: str | None = None):
+        self.rate = rate
+        if rate <= 0:
+            return
+        from limits import RateLimitItemPerSecond
+        from limits.aio.strategies import MovingWindowRateLimiter
+        from limits.storage import storage_from_string
+
+        window = max(1, math.ceil(burst / rate))
+        self.item = RateLimitItemPerSecond(max(burst, math.floor(rate * window)), window)
+        # redis-py's asyncio client (already here for the router's cache), not limits' default coredis
+        storage = (storage_from_string(f"async+{redis_url}", implementation="redispy") if redis_url
+                   else storage_from_string("async+memory://"))
+        self.limiter = MovingWindowRateLimiter(storage)
+
+    async def take(self, caller: str) -> None:
         if self.rate <= 0:
             return
-        now = self.clock()
-        tokens, then = self.buckets.get(caller, (float(self.burst), now))
-        tokens = min(self.burst, tokens + (now - then) * self.rate)
-        if tokens < 1:
-            self.buckets[caller] = (tokens, now)
-            raise RateLimited(f"rate limit {self.rate:g}/s exceeded; retry in {(1 - tokens) / self.rate:.1f} s")
-        self.buckets[caller] = (tokens - 1, now)
-        if len(self.buckets) > 100_000:  # forget idle callers so the table cannot grow without bound
-            self.buckets = {c: v for c, v in self.buckets.items() if now - v[1] < 60}
+        try:
+            if await self.limiter.hit(self.item, caller):
+                return
+            stats = await self.limiter.get_window_stats(self.item, caller)
+        except Exception as e:  # noqa: BLE001 - the limit store is down: serve rather than refuse
+            log.warning("rate-limit store unavailable (%s): not limiting", e)
+            return
+        retry = max(1, math.ceil(stats.reset_time - time.time()))
+        error = RateLimited(f"rate limit {self.rate:g}/s exceeded; retry in {retry} s")
+        error.retry_after = retry
+        raise error

@@ -248,3 +248,44 @@ def test_a_batch_reports_its_version_and_coverage_like_a_single_search(stack):
         batch = http.post("/v1/search/batch", json={"queries": [{"uri": u} for u in uris], "k": 2}).json()
     assert batch["index_version"] == single["index_version"] != ""
     assert batch["coverage"] == 1.0 and batch["partial"] is False and batch["missing_shards"] == []
+
+
+def test_two_gateways_share_one_rate_limit_through_redis_with_a_real_retry_after(served, redis_server, catalogue):
+    from services.stack.part import Part
+
+    env = {"IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0", "IMSEARCH_GATEWAY_RATE_PER_S": "0.5",
+           "IMSEARCH_GATEWAY_BURST": "4", "IMSEARCH_HOME": str(catalogue / "home")}
+    first = served(**env)
+    second = Part.python("gateway-2", "services.gateway", ["--router", first.router.address, "--index",
+                                                           str(catalogue / "idx")], env=env, health="http").start()
+    try:
+        codes = []
+        for i in range(6):  # alternate between the two: one budget of 4 calls per 8 s for this client
+            gw = (first.gateway, second)[i % 2]
+            codes.append(httpx.get(gw.url + "/v1/index", timeout=10))
+        assert [r.status_code for r in codes] == [200, 200, 200, 200, 429, 429], [r.status_code for r in codes]
+        assert all(2 <= int(r.headers["retry-after"]) <= 8 for r in codes[4:]), [r.headers for r in codes[4:]]
+    finally:
+        second.stop()
+
+
+def test_forwarded_addresses_count_only_behind_a_trusted_proxy(served, catalogue):
+    from services.stack.part import Part
+
+    env = {"IMSEARCH_GATEWAY_RATE_PER_S": "0.2", "IMSEARCH_GATEWAY_BURST": "2"}
+    trusting = served(IMSEARCH_GATEWAY_TRUSTED_PROXIES="127.0.0.1", **env)
+    plain = Part.python("gateway-plain", "services.gateway", ["--router", trusting.router.address, "--index",
+                                                              str(catalogue / "idx")],
+                        env={**env, "IMSEARCH_HOME": str(catalogue / "home")}, health="http").start()
+    try:
+        def codes(gw, client: str, n: int = 3) -> list[int]:
+            return [httpx.get(gw.url + "/v1/index", headers={"X-Forwarded-For": client}, timeout=10).status_code
+                    for _ in range(n)]
+
+        # behind the trusted proxy (this test, on 127.0.0.1) each forwarded client has its own budget
+        assert codes(trusting.gateway, "10.0.0.1") == [200, 200, 429]
+        assert codes(trusting.gateway, "10.0.0.2") == [200, 200, 429]
+        # untrusted, the header is ignored: every "client" is this one address
+        assert codes(plain, "10.0.0.3", 2) + codes(plain, "10.0.0.4", 1) == [200, 200, 429]
+    finally:
+        plain.stop()

@@ -16,19 +16,19 @@ def test_keys_from_either_header_and_refused_when_wrong():
     assert key_of({}, []) is None  # keys off: anyone
 
 
-def test_token_bucket_per_caller():
-    now = [0.0]
-    limit = RateLimit(rate=2.0, burst=3, clock=lambda: now[0])
-    for _ in range(3):
-        limit.take("a")
-    with pytest.raises(RateLimited) as e:
-        limit.take("a")
-    assert http_status(e.value) == (429, "RESOURCE_EXHAUSTED")
-    limit.take("b")  # another caller has its own bucket
-    now[0] = 0.5  # 2/s for 0.5 s: one token back
-    limit.take("a")
-    with pytest.raises(RateLimited):
-        limit.take("a")
-    unlimited = RateLimit(rate=0, burst=1)  # rate 0: no limit at all
-    for _ in range(10):
-        unlimited.take("x")
+def test_a_moving_window_per_caller_with_a_real_retry_after():
+    import asyncio
+
+    async def main():
+        limit = RateLimit(rate=2.0, burst=3)  # a window of 2 s holding 4 calls
+        for _ in range(4):
+            await limit.take("a")
+        with pytest.raises(RateLimited) as e:
+            await limit.take("a")
+        assert http_status(e.value) == (429, "RESOURCE_EXHAUSTED") and 1 <= e.value.retry_after <= 2
+        await limit.take("b")  # another caller has its own window
+        unlimited = RateLimit(rate=0, burst=1)  # rate 0: no limit at all
+        for _ in range(10):
+            await unlimited.take("x")
+
+    asyncio.run(main())
