@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import TooLarge
 
 
@@ -17,6 +17,7 @@ from services.common.errors import TooLarge
 class _Job:
     rows: np.ndarray
     future: asyncio.Future
+    trace: object = None  # the caller's trace context (tracing.current())
 
 
 class DynamicBatcher:
@@ -33,6 +34,7 @@ class DynamicBatcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
         self.workers, self.tasks = workers, []
         self.depth = metrics.QUEUE_DEPTH.labels(name)
+        self.name = name
         self.batches = 0  # batch calls made (for tests and metrics)
 
     def start(self) -> None:
@@ -40,7 +42,7 @@ class DynamicBatcher:
         self.tasks = [asyncio.get_running_loop().create_task(self._run()) for _ in range(self.workers)]
 
     async def submit(self, rows: np.ndarray):
-        job = _Job(rows, asyncio.get_running_loop().create_future())
+        job = _Job(rows, asyncio.get_running_loop().create_future(), tracing.current())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -81,10 +83,11 @@ class DynamicBatcher:
             self.depth.set(self.queue.qsize())
             try:
                 rows = np.concatenate([j.rows for j in jobs])
-                if self.is_async:
-                    out = await self.fn(rows)
-                else:
-                    out = await loop.run_in_executor(None, self.fn, rows)
+                with tracing.for_batch([j.trace for j in jobs], f"{self.name} batch"):
+                    if self.is_async:
+                        out = await self.fn(rows)
+                    else:
+                        out = await loop.run_in_executor(None, self.fn, rows)
                 self.batches += 1
                 start = 0
                 for job in jobs:

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="query cache, e.g. redis://localhost:6379/0")
     cache_ttl_s: int = Field(3600, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
+    otlp_endpoint: str | None = Field(None, description="host:port of an OTLP/gRPC collector: traces are exported "
+                                                        "there (unset: no tracing)")
+    otlp_secure: bool = Field(False, description="TLS to the OTLP collector")
 
     # --- HTTP gateway
     gateway_port: int = Field(8080, ge=0, le=65535)

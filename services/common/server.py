@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.config import Settings
 from services.common.errors import ImsearchError
 
@@ -169,7 +169,7 @@ def run_service(start: Callable[[], Awaitable[tuple[Running, Callable[[], Awaita
 
     settings = get_settings()
     setup_logging("info" if settings.log_level == "warning" else settings.log_level, settings.log_format)
-
+    tracing.setup(what.replace(" ", "-"), settings)  # "shard 3" -> service "shard-3"; before any server or channel
     async def run() -> None:
         try:
             running, cleanup = await start()

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     import uvicorn
 
+    from services.common import tracing
     from services.common.config import get_settings
     from services.common.logs import setup_logging
     from services.gateway.app import create_app
@@ -24,6 +25,7 @@ def main() -> None:
     args = build_parser().parse_args()
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
+    tracing.setup("gateway", settings)
     port = settings.gateway_port if args.port is None else args.port
     print(f"imsearch gateway on http://{args.host}:{port}/ (router {args.router})", flush=True)
     # A client's address comes from X-Forwarded-For only when the peer is a trusted proxy (an ingress).

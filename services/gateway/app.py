@@ -33,6 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protos.imsearch.v1 import imsearch_pb2 as pb
+from services.common import tracing
 from services.common.config import Settings
 from services.common.convert import hits_from_proto
 from services.common.errors import (
@@ -402,6 +403,7 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(routes)
+    tracing.instrument_fastapi(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
