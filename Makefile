@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARCH := $(shell uname -m)
 LOCKED = requirements/dev.lock requirements/serve.lock requirements/embed.lock
 
-.PHONY: demo test install protos lock clean
+.PHONY: demo test install protos observability lock clean
 
 $(VENV)/.installed: pyproject.toml requirements/dev.lock
 	python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 protos: install
 	$(PY) scripts/gen_protos.py
+
+# deploy/k8s/common/observability.yaml from deploy/observability/rules.yml (after editing the rules)
+observability: install
+	$(PY) scripts/gen_k8s_observability.py
 
 # dev: everything, for the tests and `make demo`; serve: the slim serving image; embed: the embedder image.
 # Needs uv in the venv (the dev extra has it).

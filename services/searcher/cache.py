@@ -30,6 +30,10 @@ def seal(key: str, version: str, answer: bytes) -> bytes:
     return TAG + v + b"\n" + hashlib.sha256(key.encode() + b"|" + v + b"|" + answer).digest() + answer
 
 
+# Why a cached value is refused: unseal's reasons, and "parse" for a sealed answer that is not a SearchResponse.
+REJECTIONS = ("format", "truncated", "version", "checksum", "parse")
+
+
 def unseal(key: str, version: str, value: bytes) -> tuple[bytes | None, str]:
     """(the answer, "") when value is a sealed answer to this key at this version, else (None, why not)."""
     if not value.startswith(TAG):

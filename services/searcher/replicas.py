@@ -67,6 +67,7 @@ class ReplicaSet:
         self.turn = itertools.count()
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)  # seconds of recent answered calls
         self.tokens = self.max_tokens = max(2.0, 100 * settings.hedge_budget)  # a reserve for a bad minute
+        metrics.HEDGES.labels(str(shard))  # every series exists from the start: a dashboard shows 0, not nothing
         for r in self.replicas:
             metrics.REPLICA_EJECTED.labels(**r.label()).set(0)
 

@@ -51,7 +51,7 @@ from services.index import faiss_util
 from services.index.manifest import Manifest, load_version
 from services.index.merge import merge_topk
 from services.index.shards import load_quantizer
-from services.searcher.cache import QueryCache, SingleFlight, cache_key, seal, unseal
+from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
 
@@ -77,8 +77,17 @@ class Answer:
                       None if self.uris is None else self.uris[rows], self.version, self.coverage, self.missing)
 
 
-def parse_shards(spec: str) -> list[list[str]]:
-    """'a:1|b:1,a:2' -> [['a:1', 'b:1'], ['a:2']] (shard i = i-th comma group, '|' = replicas)."""
+def parse_shards(spec: str, count: int | None = None) -> list[list[str]]:
+    """'a:1|b:1,a:2' -> [['a:1', 'b:1'], ['a:2']] (shard i = i-th comma group, '|' = replicas). With a count,
+    the spec is one group templated on {i}: ('s-{i}.a:1|s-{i}.b:1', 2) -> [['s-0.a:1', 's-0.b:1'], [...]]
+    (a StatefulSet's pod names, whatever the number of shards)."""
+    if count is not None:
+        if count < 1 or "{i}" not in spec or "," in spec:
+            raise InvalidInput(f"bad --shards {spec!r} with --shard-count {count}: expected one "
+                               "host:port[|host:port] group naming the shard as {i}, and a count of at least 1")
+        spec = ",".join(spec.replace("{i}", str(i)) for i in range(count))
+    elif "{i}" in spec:
+        raise InvalidInput(f"--shards {spec!r} names shard {{i}}: say how many shards with --shard-count")
     groups = [[a.strip() for a in group.split("|") if a.strip()] for group in spec.split(",")]
     if not groups or any(not g for g in groups):
         raise InvalidInput(f"bad --shards {spec!r}: expected host:port[|host:port],... one group per shard")
@@ -255,6 +264,11 @@ class SearcherService(pb_grpc.SearcherServicer):
     def __init__(self, router: Router, settings: Settings, cache: QueryCache | None = None):
         self.router, self.settings, self.cache = router, settings, cache
         self.flights = SingleFlight()
+        if cache is not None:  # every cache series exists from the start: the dashboard shows 0, not nothing
+            for result in ("hit", "miss"):
+                metrics.CACHE.labels(result)
+            for why in REJECTIONS:
+                metrics.CACHE_REJECTED.labels(why)
 
     async def _vectors(self, queries: list[pb.Query]) -> np.ndarray:
         kinds = {q.WhichOneof("query") for q in queries}
@@ -418,7 +432,9 @@ async def serve(shards: list[list[str]], port: int = 0, settings: Settings | Non
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
-    ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard")
+    ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard; or, with "
+                                                    "--shard-count, one group naming the shard as {i}")
+    ap.add_argument("--shard-count", type=int, help="expand a --shards template on {i} to this many shards")
     ap.add_argument("--index", help="index root: the router then assigns IVF lists once for all shards, and "
                                     "embeds query images with the index's model (unless --embedder)")
     ap.add_argument("--embedder", help="host:port of an Embedder service for query images")
@@ -431,8 +447,8 @@ def main() -> None:
     args = build_parser().parse_args()
 
     async def start():
-        running, router = await serve(parse_shards(args.shards), args.port, index=args.index, host=args.host,
-                                      embedder=args.embedder)
+        running, router = await serve(parse_shards(args.shards, args.shard_count), args.port, index=args.index,
+                                      host=args.host, embedder=args.embedder)
         return running, router.close
 
     server.run_service(start, "router", args.host)

@@ -44,6 +44,7 @@ class ShardService(pb_grpc.ShardServicer):
         self.behind_since: float | None = None  # monotonic: since when CURRENT names a version not served
         self.running: server.Running | None = None  # for readiness: set once serving
         self.serving = True
+        metrics.SHARD_LOAD_FAILURES.labels(str(shard))  # 0 from the start: `increase` sees the first failure
 
     def lag(self) -> float:
         return 0.0 if self.behind_since is None else time.monotonic() - self.behind_since

@@ -44,7 +44,7 @@ class StackSpec:
     gateway_port: int = 0
     shard_port: int = 0  # the first shard server's port, the others follow; 0: free ports
     metrics_port: int | None = None  # the router's Prometheus port; None: IMSEARCH_METRICS_PORT as set
-    shard_metrics: bool = False  # give every shard server a Prometheus port of its own (its Part's env says which)
+    service_metrics: bool = False  # a Prometheus port for every shard server and the embedder (in its Part's env)
     python: str | None = None  # the interpreter of the services (another install); None: this one
     env: dict[str, str] = field(default_factory=dict)  # IMSEARCH_* for every part
     router_env: dict[str, str] = field(default_factory=dict)  # ... and for the router only
@@ -84,6 +84,9 @@ class Stack:
                                       health=health, env={"IMSEARCH_METRICS_PORT": "0", **(env or {})},
                                       python=self.spec.python))
 
+    def _metrics_env(self) -> dict | None:
+        return {"IMSEARCH_METRICS_PORT": str(free_port())} if self.spec.service_metrics else None
+
     def up(self, timeout: float = 180.0) -> "Stack":
         """Start every part, tier by tier, each waited on until healthy; on any failure stop them all."""
         try:
@@ -110,7 +113,7 @@ class Stack:
         if spec.ray:
             self.ray = self._part(ray_part())
         if spec.embedder is True:
-            self.embedder = self._service("embedder", "services.embedder", [])
+            self.embedder = self._service("embedder", "services.embedder", [], env=self._metrics_env())
 
     def _start_shards(self) -> None:
         numbers = self.spec.shards if self.spec.shards is not None else shard_numbers(self.spec.index)
@@ -118,7 +121,7 @@ class Stack:
         for n in numbers:
             group = []
             for r in range(self.spec.replicas):
-                env = {"IMSEARCH_METRICS_PORT": str(free_port())} if self.spec.shard_metrics else None
+                env = self._metrics_env()
                 group.append(self._service(f"shard-{n}-{r}", "services.searcher.shard",
                                            ["--index", self.spec.index, "--shard", str(n)], port, env))
                 port = port + 1 if port else 0

@@ -45,7 +45,7 @@ def test_a_shard_that_cannot_load_the_next_version_shows_its_lag_and_answers_sta
     build_index(str(tmp_path / "emb-one"), str(root), shards=2, settings=settings, version="v1")
     env = {"IMSEARCH_HOME": str(tmp_path / "home"), "IMSEARCH_RELOAD_INTERVAL_S": "0.2",
            "IMSEARCH_MAX_VERSION_LAG_S": "2"}
-    stack = start_stack(root, router_index=False, gateway=True, shard_metrics=True, env=env)
+    stack = start_stack(root, router_index=False, gateway=True, service_metrics=True, env=env)
     shard0, shard1 = stack.shards[0][0], stack.shards[1][0]
 
     # v2 is written and verified, then one of its files rots before shard 1 reads it; CURRENT moves to it.

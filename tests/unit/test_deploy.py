@@ -1,20 +1,27 @@
-"""deploy/docker-compose.yml and deploy/k8s/ against the code (no container runtime here): every service
-command parses with that service's own argument parser, every port / probe / address lines up, every
-IMSEARCH_* variable is a setting with a valid value, every imsearch CLI call names real options."""
+"""deploy/docker-compose.yml, deploy/k8s/ and deploy/observability/ against the code (no container runtime
+here): every service command parses with that service's own argument parser, every port / probe / address
+lines up, every IMSEARCH_* variable is a setting with a valid value, every imsearch CLI call names real
+options, the rules pass promtool and name only metrics the code exports."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import typer
 import yaml
+from prometheus_client import REGISTRY
 
+from scripts import gen_k8s_observability
 from services.cli import app
 from services.common.config import Settings
+from services.searcher.router import parse_shards
+from tests.helpers import need
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MODULES = {"services.searcher.shard", "services.searcher.router", "services.embedder", "services.gateway"}
@@ -119,11 +126,23 @@ def test_compose_ingest_job_uses_real_cli_options(compose):
 
 
 # ---------------------------------------------------------------------------------------------- k8s
+# The manifests as Kubernetes gets them: rendered by `kubectl kustomize` (offline), the base (one replica of
+# every shard) and the replicated overlay (two).
 
-@pytest.fixture(scope="module")
-def k8s():
-    docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+LAYOUTS = ["base", "overlays/replicated"]
+
+
+def render(layout: str) -> dict:
+    kubectl = need("kubectl", "kubectl kustomize renders deploy/k8s")
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / layout)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def k8s(request):
+    return render(request.param)
 
 
 def workloads(k8s):
@@ -132,11 +151,33 @@ def workloads(k8s):
             yield kind, name, doc, doc["spec"]["template"]["spec"]["containers"][0]
 
 
+def shard_sets(k8s) -> list[dict]:
+    return [doc for kind, _, doc, c in workloads(k8s) if c["command"][2] == "services.searcher.shard"]
+
+
+def router_args(k8s):
+    router = next(c for _, n, _, c in workloads(k8s) if n == "router")
+    return parser_of("services.searcher.router").parse_args(router["args"])
+
+
+def test_every_layout_lists_every_file():
+    """A manifest no kustomization names would never be applied."""
+    rendered = set()
+    for layout in LAYOUTS:
+        rendered |= set(render(layout))
+    files = [d for f in (DEPLOY / "k8s").rglob("*.yaml") if f.name != "kustomization.yaml"
+             for d in yaml.safe_load_all(f.read_text()) if d]
+    for d in files:
+        kind, name = d["kind"], d["metadata"]["name"]
+        assert any(k == kind and n.startswith(name) for k, n in rendered), f"{kind} {name} is never rendered"
+
+
 def test_k8s_has_every_part(k8s):
     kinds = {(k, n) for k, n in k8s}
-    assert {("StatefulSet", "shard"), ("Deployment", "router"), ("Deployment", "gateway"),
-            ("Deployment", "embedder"), ("RayJob", "imsearch-ingest"), ("ConfigMap", "imsearch-config"),
-            ("Secret", "imsearch-secrets")} <= kinds
+    assert {("Deployment", "router"), ("Deployment", "gateway"), ("Deployment", "embedder"),
+            ("RayJob", "imsearch-ingest"), ("ConfigMap", "imsearch-config"), ("Secret", "imsearch-secrets"),
+            ("PrometheusRule", "imsearch")} <= kinds
+    assert shard_sets(k8s), "no shard StatefulSet"
     assert k8s[("RayJob", "imsearch-ingest")]["apiVersion"].startswith("ray.io/")  # KubeRay
 
 
@@ -157,21 +198,38 @@ def test_k8s_commands_ports_probes(k8s):
                 assert "grpc" in spec, f"{name}: gRPC services are probed with gRPC health"
         svc = services[doc["spec"].get("serviceName", name)]
         assert svc["spec"]["selector"] == doc["spec"]["selector"]["matchLabels"]
+        assert doc["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports, name
         assert c["resources"]["requests"], f"{name} has no resource requests"
 
 
-def test_k8s_addresses_reach_real_pods(k8s):
-    shard = k8s[("StatefulSet", "shard")]
-    router = next(c for _, n, _, c in workloads(k8s) if n == "router")
-    args = parser_of("services.searcher.router").parse_args(router["args"])
-    pods = {f"shard-{i}.shard" for i in range(shard["spec"]["replicas"])}
-    named = [address(r) for g in args.shards.split(",") for r in g.split("|")]
-    assert {h for h, _ in named} == pods and {p for _, p in named} == {50061}
+def test_no_two_workloads_select_the_same_pods(k8s):
+    """Replicas of the shard set are separate StatefulSets: a selector matching another set's pods would
+    let one controller adopt the other's pods."""
+    sets = list(workloads(k8s))
+    for _, a, doc_a, _ in sets:
+        for _, b, doc_b, _ in sets:
+            if a != b:
+                selector = doc_a["spec"]["selector"]["matchLabels"].items()
+                assert not selector <= doc_b["spec"]["template"]["metadata"]["labels"].items(), (a, b)
+
+
+def test_the_router_asks_every_replica_of_every_shard(k8s):
+    """The router's --shards (a template on {i}, expanded by the router's own parser) names pod i of every
+    shard set for shard i, and each set has exactly --shard-count pods."""
+    args = router_args(k8s)
+    groups = parse_shards(args.shards, args.shard_count)
+    sets = shard_sets(k8s)
+    for s in sets:
+        assert s["spec"]["replicas"] == len(groups), f"{s['metadata']['name']} runs {s['spec']['replicas']} pods"
+    for i, group in enumerate(groups):
+        hosts = {address(r) for r in group}
+        assert hosts == {(f"{s['metadata']['name']}-{i}.{s['spec']['serviceName']}", 50061) for s in sets}, i
     assert address(args.embedder) == ("embedder", 50051)
     gateway = next(c for _, n, _, c in workloads(k8s) if n == "gateway")
     assert address(parser_of("services.gateway").parse_args(gateway["args"]).router) == ("router", 50050)
-    assert "pod-index" in str(shard["spec"]["template"]["spec"]["containers"][0]["env"][0])  # shard = ordinal
+    for s in sets:  # shard = the pod's ordinal
+        assert "pod-index" in str(s["spec"]["template"]["spec"]["containers"][0]["env"][0])
 
 
 def test_k8s_env_settings_and_secrets(k8s):
@@ -206,3 +264,85 @@ def test_gpu_requests_and_ingest_job(k8s):
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == 1
     for call in job["entrypoint"].split("&&"):
         cli_call_ok(shlex.split(call))
+
+
+def test_every_service_is_scraped_on_the_port_that_serves_metrics(k8s):
+    """Each ServiceMonitor selects a Service whose named port reaches the container port that serves
+    /metrics: IMSEARCH_METRICS_PORT for the gRPC services, the HTTP port for the gateway."""
+    metrics_port = int(k8s[("ConfigMap", "imsearch-config")]["data"]["IMSEARCH_METRICS_PORT"])
+    monitors = [d for (k, _), d in k8s.items() if k == "ServiceMonitor"]
+    services = [d for (k, _), d in k8s.items() if k == "Service"]
+    scraped = set()
+    for m in monitors:
+        selector = m["spec"]["selector"]["matchLabels"].items()
+        chosen = [s for s in services if selector <= s["metadata"].get("labels", {}).items()]
+        assert chosen, f"{m['metadata']['name']} selects no Service"
+        port_name = m["spec"]["endpoints"][0]["port"]
+        for s in chosen:
+            port = next(p for p in s["spec"]["ports"] if p["name"] == port_name)
+            workload = next(d for _, _, d, _ in workloads(k8s)
+                            if d["spec"]["selector"]["matchLabels"].items() >= s["spec"]["selector"].items())
+            c = workload["spec"]["template"]["spec"]["containers"][0]
+            args = parser_of(c["command"][2]).parse_args([a.replace("$(SHARD)", "0") for a in c["args"]])
+            assert port["targetPort"] == (args.port if c["command"][2] == "services.gateway" else metrics_port)
+            scraped.add(c["command"][2])
+    assert scraped == MODULES
+
+
+def test_the_prometheus_rule_is_rules_yml():
+    rule = render("base")[("PrometheusRule", "imsearch")]
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert (DEPLOY / "k8s" / "common" / "observability.yaml").read_text() == gen_k8s_observability.render(), \
+        "deploy/k8s/common/observability.yaml is stale: run `make observability`"
+
+
+# ---------------------------------------------------------------------------------------------- rules
+# Prometheus rules and the Grafana dashboard (deploy/observability/); the integration test
+# tests/integration/test_observability.py evaluates them on a real Prometheus.
+
+RULES = DEPLOY / "observability" / "rules.yml"
+
+
+def promtool(*args: str) -> str:
+    tool = need("promtool", "Debian package prometheus")
+    out = subprocess.run([tool, *args], capture_output=True, text=True, cwd=RULES.parent)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_promtool_checks_the_rules():
+    assert "SUCCESS" in promtool("check", "rules", RULES.name)
+
+
+def test_promtool_unit_tests_pass():
+    print(promtool("test", "rules", "rules_test.yml"))
+
+
+def test_every_alert_has_a_unit_test_that_fires_it():
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load((RULES.parent / "rules_test.yml").read_text())["tests"]
+    fired = {c["alertname"] for t in tests for c in t.get("alert_rule_test", []) if c.get("exp_alerts")}
+    assert alerts and alerts == fired, f"alerts no test fires: {alerts - fired}"
+
+
+def test_rules_and_dashboard_name_only_metrics_the_code_exports():
+    """A renamed metric would leave a dashboard panel empty and an alert silent: every imsearch_* name in
+    the rules and the dashboard is a metric a service registers (or a recording rule)."""
+    importlib.import_module("services.gateway.app")  # registers the gateway's metrics
+    exported = {collector.name for collector in REGISTRY.collect()}  # a counter's family name has no _total
+    recorded = {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "record" in r}
+    text = RULES.read_text() + (RULES.parent / "grafana-dashboard.json").read_text()
+    names = set(re.findall(r"\b(imsearch_[a-z_]+|imsearch:[a-z0-9_:]+)", text))
+    for name in names:
+        family = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert family in exported or name in recorded, f"{name} is not exported"
+    assert recorded <= names  # every recording rule is used by a panel or an alert
+
+
+def test_the_dashboard_is_grafana_json_with_a_query_per_panel():
+    board = json.loads((RULES.parent / "grafana-dashboard.json").read_text())
+    panels = board["panels"]
+    assert board["title"] and len(panels) >= 10
+    assert len({p["id"] for p in panels}) == len(panels)
+    for p in panels:
+        assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
