@@ -2,7 +2,8 @@
 health check that says it is ready, started attached (a child of this process) or detached (its own
 session, outliving this process), stopped with SIGTERM then SIGKILL.
 
-Liveness comes from psutil (not /proc by hand, which macOS lacks)."""
+Liveness and process trees come from psutil (not /proc by hand, which macOS lacks): stopping a part stops
+whatever it started, even a child that moved to a session of its own."""
 
 from __future__ import annotations
 
@@ -43,6 +44,19 @@ def alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def reap(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM the processes still running (psutil checks a pid was not reused), SIGKILL them after grace."""
+    alive_ = [p for p in procs if p.is_running()]
+    for p in alive_:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, left = psutil.wait_procs(alive_, timeout=grace)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=5)
 
 
 def binary(name: str) -> str | None:
@@ -145,18 +159,32 @@ class Part:
         if self.running():
             os.killpg(self.pid, sig) if self.detached else os.kill(self.pid, sig)
 
+    def descendants(self) -> list[psutil.Process]:
+        """Every process this part started, however deep, wherever it went (a session of its own, as Ray's
+        daemons take): read before a stop, since an orphan no longer shows whose it was."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True) if self.running() else []
+        except psutil.Error:
+            return []
+
     def kill(self) -> None:
-        """kill -9: no goodbye; returns once the process is gone."""
+        """kill -9, the part and everything it started: no goodbye; returns once they are gone."""
+        tree = self.descendants()
         self.send(signal.SIGKILL)
         self.wait_gone(10.0)
+        reap(tree, 0.0)
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM (a graceful drain), SIGKILL after `grace` seconds."""
+        """SIGTERM (a graceful drain), SIGKILL after `grace` seconds; then the same for whatever it started
+        and left running."""
         if not self.running():
             return
+        tree = self.descendants()
         self.send(signal.SIGTERM)
         if not self.wait_gone(grace):
-            self.kill()
+            self.send(signal.SIGKILL)
+            self.wait_gone(10.0)
+        reap(tree, grace)
 
     def wait_gone(self, seconds: float) -> bool:
         """True once the process has exited (within `seconds`)."""

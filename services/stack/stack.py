@@ -22,7 +22,7 @@ from typing import Callable
 
 from services.common.errors import InvalidInput, NotFound
 from services.common.store import atomic_write
-from services.stack.part import Part, binary, free_port
+from services.stack.part import Part, binary, free_port, reap
 
 STATE = "cluster.json"
 S3_KINDS = ("none", "minio", "moto")
@@ -175,8 +175,10 @@ def shard_numbers(index: str) -> list[int]:
 
 
 def stop_all(parts: list[Part], grace: float = 15.0, step: Callable[[str], None] = lambda msg: None) -> None:
-    """SIGTERM every part at once (a detached part's whole session: Ray's children too), SIGKILL what is
-    left after `grace`."""
+    """SIGTERM every part at once (a detached part's whole session), SIGKILL what is left after `grace`;
+    then the same for whatever they started that still runs (found through psutil, even in sessions of
+    their own, as Ray's daemons are)."""
+    trees = [proc for p in parts for proc in p.descendants()]  # before: an orphan no longer shows whose it was
     for p in parts:
         step(f"stopping {p.name} (pid {p.pid})")
         p.send(signal.SIGTERM)
@@ -184,6 +186,7 @@ def stop_all(parts: list[Part], grace: float = 15.0, step: Callable[[str], None]
     for p in parts:
         if not p.wait_gone(max(0.0, deadline - time.monotonic())):
             p.kill()
+    reap(trees, max(0.0, deadline - time.monotonic()))
 
 
 def s3_part(kind: str, workdir: Path | None) -> Part:
