@@ -39,30 +39,24 @@ def rate(read, names: list[str], threads: int) -> float:
     return len(names) / (time.perf_counter() - t)
 
 
+def get(client: Minio, name: str) -> bytes:
+    r = client.get_object("catalogue", name)
+    try:
+        return r.read()
+    finally:
+        r.close()
+        r.release_conn()
+
+
 def bare_reader(endpoint: str):
     """The plain minio-client loop: one client, get_object, read, release."""
     client = Minio(endpoint, access_key="testing", secret_key="testing", secure=False)
-
-    def read(name: str) -> bytes:
-        r = client.get_object("catalogue", name)
-        try:
-            return r.read()
-        finally:
-            r.close()
-            r.release_conn()
-    return read
+    return lambda name: get(client, name)
 
 
 def old_reader(endpoint: str):
     """What read_uri did before: a new client for every object."""
-    def read(name: str) -> bytes:
-        r = Minio(endpoint, access_key="testing", secret_key="testing", secure=False).get_object("catalogue", name)
-        try:
-            return r.read()
-        finally:
-            r.close()
-            r.release_conn()
-    return read
+    return lambda name: get(Minio(endpoint, access_key="testing", secret_key="testing", secure=False), name)
 
 
 def main() -> None:
