@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 from services.common.errors import Corrupt
@@ -38,18 +39,28 @@ def verified_bytes(store: Store, key: str, sha256: str, against: str = "") -> by
 
 def verified_file(store: Store, key: str, sha256: str, cache: Path) -> Path:
     """A local, checksum-verified path of a stored file: the file itself on a local store, else a copy
-    downloaded once into `cache` under its checksum (streamed to disk: shards can be larger than RAM)."""
+    downloaded once into `cache` under its checksum (streamed to disk: shards can be larger than RAM).
+
+    Several processes may share one cache (one IMSEARCH_HOME): each downloads into a temp name of its own
+    (minio's fget_object writes `dest.<etag>.part.minio`, so a shared dest interleaves two downloads in one
+    file) and only a verified copy is renamed into place, so the cache never holds a damaged file."""
     local = store.local_path(key)
-    if local is None:
-        local = cache / f"{sha256}{Path(key).suffix}"
-        if local.is_file() and file_sha256(local) == sha256:
-            return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        part = local.with_name(f"{TMP_PREFIX}{local.name}")
+    if local is not None:
+        if not local.is_file():
+            raise Corrupt(f"file missing: {store.uri(key)}")
+        if file_sha256(local) != sha256:
+            raise mismatch(store, key)
+        return local
+    local = cache / f"{sha256}{Path(key).suffix}"
+    if local.is_file() and file_sha256(local) == sha256:
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    part = local.with_name(f"{TMP_PREFIX}{local.name}-{uuid.uuid4().hex[:12]}")
+    try:
         store.get_file(key, part)
-        os.replace(part, local)
-    if not local.is_file():
-        raise Corrupt(f"file missing: {store.uri(key)}")
-    if file_sha256(local) != sha256:
-        raise mismatch(store, key)
+        if file_sha256(part) != sha256:
+            raise mismatch(store, key)
+        os.replace(part, local)  # atomic: a reader sees no file or a whole, verified one
+    finally:
+        part.unlink(missing_ok=True)
     return local
