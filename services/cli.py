@@ -137,12 +137,16 @@ def index_build(
                                                       "index stages version NAME without publishing it"),
     shards: int = typer.Option(1, help="number of shards"),
     index_factory: Optional[str] = typer.Option(None, help="faiss factory string; default: chosen from N"),
-    whiten_dim: Optional[int] = typer.Option(None, help="learn PCA-whitening to this dimension"),
+    pca: Optional[int] = typer.Option(None, help="learn a centred PCA to this many dimensions (0: off) "
+                                                 "[default: IMSEARCH_PCA_DIM, 256]"),
+    whiten: Optional[float] = typer.Option(None, help="whitening of that PCA: eigenvalue power 0..1, 1 = full "
+                                                      "[default: IMSEARCH_WHITEN_POWER, 0]"),
     nprobe: Optional[int] = typer.Option(None, help="default nprobe; default: tuned to the target recall"),
     memory_budget_gb: Optional[float] = typer.Option(None, help="RAM budget for all shards together"),
     version: Optional[str] = typer.Option(None, help="version name (default: from the time)"),
     publish: bool = typer.Option(True, help="flip CURRENT to the new version when written"),
-    dba: int = typer.Option(0, help="database-side augmentation: re-weight each vector with N neighbours"),
+    dba: Optional[int] = typer.Option(None, help="database-side augmentation: re-weight each vector with N "
+                                                 "neighbours, 0: off [default: IMSEARCH_DBA, 0]"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Build a sharded index from embeddings (and publish it)."""
@@ -154,8 +158,8 @@ def index_build(
     staged = staging_target(out_, lambda url: open_store(url, settings)) if version is None else None
     if staged:
         out_, version, publish = staged[0], staged[1], False
-    manifest = build_index(embeddings, out_, shards, index_factory, whiten_dim, nprobe, settings, _step(as_json),
-                           version=version, publish_it=publish, dba=dba)
+    manifest = build_index(embeddings, out_, shards, index_factory, nprobe, settings, _step(as_json),
+                           version=version, publish_it=publish, dba=dba, pca_dim=pca, whiten=whiten)
     _report_build(manifest, publish, as_json)
 
 
@@ -388,14 +392,17 @@ def eval_(
     out_: Path = typer.Option(Path("eval-report"), "--out", "-o", help="report directory"),
     index_factory: Optional[str] = typer.Option(None, help="faiss factory of the index built from --data"),
     shards: int = typer.Option(1, help="shards of the index built from --data"),
-    whiten_dim: Optional[int] = typer.Option(None, help="PCA-whitening learned on the catalogue, to this dim"),
+    pca: Optional[int] = typer.Option(None, help="centred PCA dimensions of the index built from --data (0: off) "
+                                                 "[default: IMSEARCH_PCA_DIM]"),
+    whiten: Optional[float] = typer.Option(None, help="its whitening power 0..1 [default: IMSEARCH_WHITEN_POWER]"),
     model: Optional[str] = typer.Option(None, help="model of the index built from --data (name or checkpoint)"),
     depth: Optional[int] = typer.Option(None, help="results ranked per query (default: the whole index)"),
     seed: int = typer.Option(0, help="seed of the copy transforms"),
     predictions: int = typer.Option(1, help="copydetect: results per query pooled into uAP (1..10)"),
     score_norm: str = typer.Option("none", help="copydetect: none | margin (minus the query's 10th score)"),
     qe: int = typer.Option(0, help="query-side αQE with N neighbours (0: off)"),
-    dba: int = typer.Option(0, help="database-side augmentation (N neighbours) of the index built from --data"),
+    dba: Optional[int] = typer.Option(None, help="database-side augmentation (N neighbours) of the index built "
+                                                 "from --data, 0: off [default: IMSEARCH_DBA]"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
 ) -> None:
     """Measure retrieval quality (mAP, P@k, ANMRR, uAP ...) on a real index; writes a report directory."""
@@ -405,7 +412,7 @@ def eval_(
 
     opts = EvalOptions(protocol=protocol, index=index_, data=data, out=out_, queries=queries,
                        ground_truth=ground_truth, distractors=distractors, factory=index_factory, shards=shards,
-                       whiten_dim=whiten_dim, depth=depth, seed=seed, model=model, predictions=predictions,
+                       pca=pca, whiten=whiten, depth=depth, seed=seed, model=model, predictions=predictions,
                        score_norm=score_norm, qe=qe, dba=dba)
     with Progress(TextColumn("embedding queries"), BarColumn(), MofNCompleteColumn(), console=err,
                   disable=as_json or not err.is_terminal) as bar:

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     memory_budget_gb: float = Field(8.0, gt=0)
     flat_max: int = Field(20_000, ge=0, description="below this N, shards are exact Flat indexes")
     target_recall: float = Field(0.95, gt=0, le=1)
+    pca_dim: int = Field(256, ge=0, description="index build: learn a mean-centred PCA of the catalogue to this "
+                                                "many dimensions (0: index the model's vectors as they are)")
+    whiten_power: float = Field(0.0, ge=0, le=1, description="index build: shrinkage whitening of the PCA, "
+                                                             "eigenvalue power 0..1 (1 = full whitening)")
+    dba: int = Field(0, ge=0, description="index build: database-side augmentation, each vector re-weighted "
+                                          "with this many nearest neighbours (0: off; it helps category search "
+                                          "and hurts near-duplicate search, README Quality)")
+    dba_max: int = Field(200_000, ge=0, description="DBA by default only up to this many vectors (its exact "
+                                                    "neighbour search grows with N^2); --dba asks for it anyway")
     max_k: int = Field(1000, gt=0)
     # Rocchio relevance feedback weights: query, mean of relevant hits, mean of not relevant hits
     feedback_alpha: float = Field(1.0, ge=0)

@@ -132,6 +132,7 @@ def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int
     n_rel = [counts[lab] - 1 for lab in labels]
     if vectors is None:
         vectors = embed_files(searcher, [it.path.read_bytes() for it in items], progress)
+    vectors = searcher.to_index_space(vectors)  # as the index holds them: QE and the exact baseline need that
     depth = min(depth or searcher.manifest.count, searcher.manifest.count)
     if qe:
         step(f"query expansion (αQE) with {qe} neighbours per query")
@@ -214,7 +215,7 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
         raise InvalidInput("copy detection needs queries that are copies of catalogue images")
     if score_norm not in SCORE_NORMS or not 1 <= predictions <= k:
         raise InvalidInput(f"score normalisation must be one of {SCORE_NORMS} and predictions within 1..{k}")
-    vectors = embed_files(searcher, [q.image for q in queries], progress)
+    vectors = searcher.to_index_space(embed_files(searcher, [q.image for q in queries], progress))
     if qe:
         vectors = expand_queries(searcher, vectors, qe, [""] * len(queries))
     step(f"ranking the index for {len(queries)} copy queries")

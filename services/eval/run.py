@@ -35,14 +35,15 @@ class EvalOptions:
     distractors: str | None = None
     factory: str | None = None
     shards: int = 1
-    whiten_dim: int | None = None
+    pca: int | None = None  # projection of the index built from --data (None: the build's defaults)
+    whiten: float | None = None
     depth: int | None = None
     seed: int = 0
     model: str | None = None
     predictions: int = 1
     score_norm: str = "none"
     qe: int = 0  # αQE neighbours (0: off)
-    dba: int = 0  # DBA neighbours of the index built from --data (0: off)
+    dba: int | None = None  # DBA neighbours of the index built from --data (None: the build's default)
 
 
 def prepare_index(paths: list[Path], work: Path, opts: EvalOptions, settings: Settings,
@@ -50,8 +51,8 @@ def prepare_index(paths: list[Path], work: Path, opts: EvalOptions, settings: Se
     """Embed the catalogue and build a real (sharded, IVF/PQ when asked) index from it under work/."""
     step(f"embedding {len(paths)} catalogue images into {work / 'emb'}")
     embed_catalogue([str(x) for x in paths], str(work / "emb"), model=opts.model, engine="local", settings=settings)
-    build_index(str(work / "emb"), str(work / "index"), opts.shards, opts.factory, opts.whiten_dim,
-                settings=settings, step=step, dba=opts.dba)
+    build_index(str(work / "emb"), str(work / "index"), opts.shards, opts.factory, settings=settings, step=step,
+                dba=opts.dba, pca_dim=opts.pca, whiten=opts.whiten)
     return str(work / "index")
 
 
@@ -136,4 +137,5 @@ def _about(searcher: IndexSearcher, opts: EvalOptions) -> dict:
                       "shards": len(man.shards), "nprobe": man.nprobe, "model": man.model.get("name"),
                       "fingerprint": man.model.get("fingerprint")},
             "protocol": opts.protocol, "data": opts.data, "seed": opts.seed, "qe": opts.qe,
-            "dba": man.params.get("dba", 0)}
+            "dba": man.params.get("dba", 0), "pca_dim": man.params.get("pca_dim", 0),
+            "whiten_power": man.params.get("whiten_power", 0)}

@@ -5,6 +5,7 @@
   versions/<version>/shard-00000.faiss         one faiss index per shard (shards.py)
   versions/<version>/shard-00000.docs.parquet  the shard's ids and uris (docs.py)
   versions/<version>/quantizer.faiss           plain IVF: the coarse quantizer, for routers
+  versions/<version>/projection.npz            the learned projection of model vectors (projection.py)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ POINTER_KEY = "CURRENT"
 VERSIONS = "versions"
 MANIFEST = "manifest.json"
 QUANTIZER_FILE = "quantizer.faiss"
+PROJECTION_FILE = "projection.npz"
 
 
 def version_prefix(version: str) -> str:

@@ -32,7 +32,7 @@ class Manifest(BaseModel):
     version: str
     created_at: str
     model: dict  # ModelSpec.describe(): name, arch, dim, fingerprint, ...
-    dim: int  # dimension of the vectors the index takes (before any in-index transform)
+    dim: int  # dimension of the vectors the index holds (after the projection, when there is one)
     metric: str = "inner_product"
     factory: str
     params: dict  # IndexParams + nprobe
@@ -44,6 +44,12 @@ class Manifest(BaseModel):
     tuning: dict = {}
     shards: list[ShardEntry]
     quantizer: FileEntry | None = None  # plain IVF: the coarse quantizer alone, for routers
+    projection: FileEntry | None = None  # model vectors -> index vectors (projection.py); None: used as they are
+
+    @property
+    def model_dim(self) -> int:
+        """Dimension of the model's vectors, which queries arrive in."""
+        return int(self.model.get("dim") or self.dim)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(indent=1).encode()

@@ -13,8 +13,9 @@ from services.common.faults import crash_point
 from services.common.store import Store
 from services.index import faiss_util
 from services.index.docs import docs_bytes
-from services.index.layout import QUANTIZER_FILE, docs_file, shard_file, version_key
+from services.index.layout import PROJECTION_FILE, QUANTIZER_FILE, docs_file, shard_file, version_key
 from services.index.manifest import FileEntry, Manifest, ShardEntry, write_manifest
+from services.index.projection import Projection
 from services.index.shards import Shard
 from services.index.versions import Pointer, advance
 
@@ -28,20 +29,22 @@ Step = Callable[[str], None]
 
 
 def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer, publish_it: bool = True,
-                  step: Step | None = None, base: Pointer | None = None) -> Manifest:
-    """Write the shards of template.version, its manifest (count, files, checksums filled in), and when
-    publish_it move CURRENT from `base` (the pointer read when the change started; None: a new index) to it.
-    Returns the manifest written; Conflict (the version staged) when another writer moved CURRENT first."""
+                  step: Step | None = None, base: Pointer | None = None,
+                  projection: Projection | None = None) -> Manifest:
+    """Write the shards of template.version (and its projection), its manifest (count, files, checksums filled
+    in), and when publish_it move CURRENT from `base` (the pointer read when the change started; None: a new
+    index) to it. Returns the manifest written; Conflict (the version staged) when another writer moved
+    CURRENT first."""
     step = step or (lambda msg: log.info(msg))
     entries = [_write_shard(out, template.version, s, step) for s in parts]
-    entry = None
-    if quantizer is not None:  # routers can assign lists once for all shards
-        blob = faiss_util.to_bytes(quantizer)
-        out.put_bytes(version_key(template.version, QUANTIZER_FILE), blob)
-        entry = FileEntry(file=QUANTIZER_FILE, sha256=sha256_bytes(blob))
+    # routers can assign lists once for all shards
+    quantizer_entry = _write_file(out, template.version, QUANTIZER_FILE,
+                                  None if quantizer is None else faiss_util.to_bytes(quantizer))
+    projection_entry = _write_file(out, template.version, PROJECTION_FILE,
+                                   None if projection is None else projection.to_bytes())
     crash_point("index.shards-written")
     manifest = template.model_copy(update={
-        "created_at": now_iso(), "shards": entries, "quantizer": entry,
+        "created_at": now_iso(), "shards": entries, "quantizer": quantizer_entry, "projection": projection_entry,
         "count": sum(e.count for e in entries)})
     data = write_manifest(out, manifest)
     crash_point("index.manifest-written")
@@ -51,6 +54,13 @@ def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer,
     else:
         step(f"wrote {manifest.version} at {out.url} (not published: `imsearch index publish`)")
     return manifest
+
+
+def _write_file(out: Store, version: str, file: str, blob: bytes | None) -> FileEntry | None:
+    if blob is None:
+        return None
+    out.put_bytes(version_key(version, file), blob)
+    return FileEntry(file=file, sha256=sha256_bytes(blob))
 
 
 def _write_shard(out: Store, version: str, s: Shard, step: Step) -> ShardEntry:

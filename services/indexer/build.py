@@ -12,9 +12,10 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, InvalidInput
 from services.common.store import open_store
 from services.embedder.embeddings import Embeddings, read_embeddings
-from services.index import descriptors, faiss_util
+from services.index import descriptors, faiss_util, projection
 from services.index.manifest import Manifest
 from services.index.merge import merge_topk
+from services.index.projection import Projection
 from services.index.shards import Shard
 from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, write_version
@@ -97,11 +98,38 @@ def tune_nprobe(shards: list[Shard], emb: Embeddings, params: IndexParams, targe
     return nprobe, {"recall_at_10": curve[nprobe], **info, "curve": {str(p): r for p, r in curve.items()}}
 
 
+def learn_projection(vectors: np.ndarray, pca_dim: int, power: float, step: Step) -> Projection | None:
+    """The catalogue's centred PCA (shrinkage-whitened by `power`), or None when there is too little to
+    learn it from (said in a step, with why)."""
+    projection.check_options(pca_dim, power)
+    why = projection.skip_reason(len(vectors), vectors.shape[1], pca_dim)
+    if why:
+        step(f"projection {why}")
+        return None
+    whiten = f", whitening power {power:g}" if power else ""
+    step(f"learning the projection: centred PCA {vectors.shape[1]} -> {pca_dim} dimensions{whiten}")
+    return projection.train(vectors, pca_dim, power)
+
+
+def choose_dba(n: int, dba: int | None, settings: Settings, step: Step) -> int:
+    """Neighbours of database-side augmentation: as asked, else the default where the catalogue allows it."""
+    if dba is None:
+        dba = settings.dba if n <= settings.dba_max else 0
+        if settings.dba and n > settings.dba_max:
+            step(f"DBA off: {n} vectors > IMSEARCH_DBA_MAX {settings.dba_max} (--dba N asks for it anyway)")
+        dba = dba if n > dba else 0  # a catalogue of a handful of images has no neighbours to speak of
+    if dba:
+        step(f"DBA: each vector re-weighted with its {dba} nearest neighbours")
+    return dba
+
+
 def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
-                whiten_dim: int | None = None, nprobe: int | None = None, settings: Settings | None = None,
-                step: Step | None = None, version: str | None = None, publish_it: bool = True,
-                dba: int = 0) -> Manifest:
-    """dba: database-side augmentation with that many neighbours (0: off); vectors are indexed augmented."""
+                nprobe: int | None = None, settings: Settings | None = None, step: Step | None = None,
+                version: str | None = None, publish_it: bool = True, dba: int | None = None,
+                pca_dim: int | None = None, whiten: float | None = None) -> Manifest:
+    """pca_dim / whiten: the learned projection (None: IMSEARCH_PCA_DIM / IMSEARCH_WHITEN_POWER; pca_dim 0:
+    none); dba: database-side augmentation with that many neighbours (None: IMSEARCH_DBA up to
+    IMSEARCH_DBA_MAX vectors; 0: off). Vectors are indexed projected, then augmented."""
     settings = settings or get_settings()
     step = step or (lambda msg: log.info(msg))
     if not 1 <= shards <= 1024:
@@ -120,12 +148,16 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     if n == 0:
         raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): "
                            "nothing to index")
+    projection = learn_projection(emb.vectors, settings.pca_dim if pca_dim is None else pca_dim,
+                                  settings.whiten_power if whiten is None else whiten, step)
+    if projection is not None:
+        emb.vectors = projection.apply(emb.vectors)
+        dim = projection.out_dim
+    dba = choose_dba(n, dba, settings, step)
     if dba:
-        step(f"DBA: each vector re-weighted with its {dba} nearest neighbours")
         emb.vectors = descriptors.dba(emb.vectors, dba)
-    params = choose_params(n, dim, settings.memory_budget_gb * 2**30, settings.flat_max, whiten_dim)
-    if factory:
-        params = params_from_factory(f"PCAW{whiten_dim},L2norm,{factory}" if whiten_dim else factory)
+    params = params_from_factory(factory) if factory else choose_params(
+        n, dim, settings.memory_budget_gb * 2**30, settings.flat_max)
     rng = np.random.default_rng(0)
     trained = faiss_util.make_index(dim, params.factory)
     if trained.is_trained:  # exact (Flat) search: nothing to learn
@@ -143,15 +175,17 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         tuning["nprobe_tuned"], tuning["nprobe_from"] = tuned, "user"
     nprobe = nprobe or tuned
 
+    learned = {"pca_dim": projection.out_dim, "whiten_power": projection.power} if projection else {}
     template = Manifest(
         version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
-        params=params.as_dict() | ({"dba": dba} if dba else {}), nprobe=nprobe, k_factor=params.k_factor,
+        params=params.as_dict() | ({"dba": dba} if dba else {}) | learned, nprobe=nprobe, k_factor=params.k_factor,
         count=0, duplicates_dropped=dropped + int(emb.meta.get("reasons", {}).get("duplicate", 0)),
         tuning=tuning, shards=[],
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})
     try:
-        return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step, base)
+        return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step, base,
+                             projection)
     except Conflict as e:
         raise Conflict(f"{e}; this build is kept staged as {version}: `imsearch index publish {out.url} {version}` "
                        "makes it current anyway, or rebuild") from None

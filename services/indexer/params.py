@@ -44,30 +44,25 @@ def choose_pq_m(dim: int, max_bytes: float) -> int:
     raise InvalidInput(f"memory budget too small: not even 1 byte per vector for dim {dim}")
 
 
-def choose_params(n: int, dim: int, budget_bytes: float, flat_max: int = 20_000,
-                  whiten_dim: int | None = None) -> IndexParams:
+def choose_params(n: int, dim: int, budget_bytes: float, flat_max: int = 20_000) -> IndexParams:
     if n <= 0:
         raise InvalidInput("cannot choose index parameters for an empty catalogue")
-    if whiten_dim is not None and not 0 < whiten_dim <= dim:
-        raise InvalidInput(f"whitening dimension must be in 1..{dim}, got {whiten_dim}")
-    d = whiten_dim or dim
-    prefix = f"PCAW{d},L2norm," if whiten_dim else ""
     if n <= flat_max:
-        return IndexParams(prefix + "Flat", "flat", bytes_per_vector=4 * d + ID_BYTES)
+        return IndexParams("Flat", "flat", bytes_per_vector=4 * dim + ID_BYTES)
     nlist = choose_nlist(n)
     per_vector = budget_bytes / n
-    if 4 * d + ID_BYTES <= per_vector:
-        return IndexParams(f"{prefix}IVF{nlist},Flat", "ivf-flat", nlist, bytes_per_vector=4 * d + ID_BYTES)
+    if 4 * dim + ID_BYTES <= per_vector:
+        return IndexParams(f"IVF{nlist},Flat", "ivf-flat", nlist, bytes_per_vector=4 * dim + ID_BYTES)
     if n < PQ_TRAIN_POINTS:
         raise InvalidInput(f"budget too small for IVF-Flat and {n} vectors are too few to train PQ codes "
                            f"(need {PQ_TRAIN_POINTS}); raise the memory budget")
     overhead = 2 * ID_BYTES  # IVF list ids + the IDMap wrapper's ids (Refine has no add_with_ids)
-    if per_vector - overhead - d >= 1:
-        m = choose_pq_m(d, per_vector - overhead - d)
-        return IndexParams(f"{prefix}IVF{nlist},PQ{m},Refine(SQ8)", "ivf-pq-sq8", nlist, m, k_factor=8,
-                           bytes_per_vector=m + d + overhead)
-    m = choose_pq_m(d, per_vector - ID_BYTES)
-    return IndexParams(f"{prefix}IVF{nlist},PQ{m}", "ivf-pq", nlist, m, bytes_per_vector=m + ID_BYTES)
+    if per_vector - overhead - dim >= 1:
+        m = choose_pq_m(dim, per_vector - overhead - dim)
+        return IndexParams(f"IVF{nlist},PQ{m},Refine(SQ8)", "ivf-pq-sq8", nlist, m, k_factor=8,
+                           bytes_per_vector=m + dim + overhead)
+    m = choose_pq_m(dim, per_vector - ID_BYTES)
+    return IndexParams(f"IVF{nlist},PQ{m}", "ivf-pq", nlist, m, bytes_per_vector=m + ID_BYTES)
 
 
 def params_from_factory(factory: str) -> IndexParams:

@@ -9,6 +9,7 @@ both land instead of one silently undoing the other.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -17,16 +18,18 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, Incompatible, InvalidInput, NotFound, NotSupported
 from services.common.store import Store, open_store
 from services.embedder.embeddings import Embeddings, read_embeddings
-from services.index import faiss_util
+from services.index import descriptors, faiss_util
 from services.index.layout import version_prefix
 from services.index.manifest import Manifest
+from services.index.merge import merge_topk
+from services.index.projection import Projection, load_projection
 from services.index.shards import LoadedShard, Shard, load_shard
 from services.index.versions import check_new_version, load_current, load_published
 from services.index.writer import Step, write_version
 from services.indexer.build import dedupe
 
-# (base manifest, its loaded shards, new version name) -> (shards to write, manifest template, result)
-Change = Callable[[Manifest, list[LoadedShard], str], tuple[list[Shard], Manifest, tuple]]
+# (base manifest, its loaded shards, its projection, new version name) -> (shards to write, manifest template, result)
+Change = Callable[[Manifest, list[LoadedShard], Projection | None, str], tuple[list[Shard], Manifest, tuple]]
 
 
 def change_index(root: str, change: Change, settings: Settings, step: Step, version: str | None = None) -> tuple:
@@ -37,10 +40,11 @@ def change_index(root: str, change: Change, settings: Settings, step: Step, vers
         name = check_new_version(store, version)
         step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
         shards = [load_shard(store, manifest, e, settings.home / "cache") for e in manifest.shards]
-        parts, template, result = change(manifest, shards, name)
+        projection = load_projection(store, manifest)  # carried over: every version holds all its files
+        parts, template, result = change(manifest, shards, projection, name)
         quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
         try:
-            return (write_version(store, template, parts, quantizer, True, step, base), *result)
+            return (write_version(store, template, parts, quantizer, True, step, base, projection), *result)
         except Conflict as e:
             _discard(store, name)
             if attempt == settings.write_retries:
@@ -63,17 +67,18 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
     emb, _ = dedupe(read_embeddings(open_store(emb_url, settings)))
     check_addable(load_current(open_store(root, settings)), emb, emb_url)  # before loading any shard
 
-    def add(manifest: Manifest, shards: list[LoadedShard], name: str):
+    def add(manifest: Manifest, shards: list[LoadedShard], projection: Projection | None, name: str):
         check_addable(manifest, emb, emb_url)
         held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
         new = ~np.isin(emb.ids, held)
         if not new.any():
             raise InvalidInput(f"every one of the {len(emb.ids)} embeddings in {emb_url} is already indexed")
+        vectors = index_vectors(emb.vectors, new, manifest, shards, projection, step)
         parts = []
         for s in shards:  # shard = id mod S, as at build time
             rows = np.flatnonzero(new & (emb.ids % len(shards) == s.entry.shard))
             if len(rows):
-                faiss_util.add(s.index, emb.vectors[rows], emb.ids[rows])
+                faiss_util.add(s.index, vectors[rows], emb.ids[rows])
             parts.append(Shard(s.entry.shard, s.index, np.concatenate([s.ids, emb.ids[rows]]),
                                [*s.uris.tolist(), *(emb.uris[i] for i in rows)]))
         added = int(new.sum())
@@ -90,9 +95,39 @@ def check_addable(manifest: Manifest, emb: Embeddings, emb_url: str) -> None:
         raise Incompatible(f"{emb_url} was embedded with {emb.meta['model'].get('name')} "
                            f"({emb.meta['model'].get('fingerprint')}); the index holds "
                            f"{manifest.model.get('name')} ({manifest.model.get('fingerprint')}) vectors")
-    if manifest.params.get("dba"):
-        raise NotSupported(f"{manifest.version} was built with DBA (each vector re-weighted by its neighbours): "
-                           "new images would not be, so rebuild the index with them instead")
+    if emb.vectors.shape[1] != manifest.model_dim:
+        raise Incompatible(f"{emb_url} holds {emb.vectors.shape[1]}-d vectors; the index takes "
+                           f"{manifest.model_dim}-d model vectors")
+
+
+def index_vectors(vectors: np.ndarray, new: np.ndarray, manifest: Manifest, shards: list[LoadedShard],
+                  projection: Projection | None, step: Step) -> np.ndarray:
+    """Model vectors made as the indexed ones were: projected, then (rows `new` only) augmented with their
+    neighbours when the index was built with DBA."""
+    if projection is not None:
+        vectors = projection.apply(vectors)
+    n = int(manifest.params.get("dba", 0))
+    if n and new.any():
+        step(f"DBA: each new vector re-weighted with its {n} nearest indexed or new neighbours "
+             "(indexed vectors keep theirs until a rebuild)")
+        vectors = vectors.copy()
+        vectors[new] = descriptors.dba_new(vectors[new], n, functools.partial(nearest_stored, shards, manifest))
+    return vectors
+
+
+def nearest_stored(shards: list[LoadedShard], manifest: Manifest, queries: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sims (m, n), stored vectors (m, n, d)) of each query's n nearest indexed vectors, over every shard."""
+    parts = [(s.entry.shard, *faiss_util.search(s.index, queries, n, manifest.nprobe, manifest.k_factor))
+             for s in shards]
+    D, I, S, _ = merge_topk(parts, n)
+    stored = np.zeros((*I.shape, queries.shape[1]), np.float32)
+    for s in shards:
+        s.enable_fetch()
+        mine = (S == s.entry.shard) & (I >= 0)
+        for (r, c), v in zip(np.argwhere(mine), s.fetch(I[mine].tolist())):
+            stored[r, c] = v
+    return np.where(I >= 0, D, -np.inf).astype(np.float32), stored
 
 
 def delete_from_index(root: str, ids: list[int], settings: Settings | None = None, step: Step | None = None,
@@ -104,7 +139,7 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
         raise InvalidInput("no ids to delete")
     wanted = np.unique(np.asarray(ids, np.int64))
 
-    def delete(manifest: Manifest, shards: list[LoadedShard], name: str):
+    def delete(manifest: Manifest, shards: list[LoadedShard], projection: Projection | None, name: str):
         held = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
         unknown = wanted[~np.isin(wanted, held)].tolist()
         if len(unknown) == len(wanted):

@@ -14,6 +14,7 @@ from services.common.store import open_store
 from services.common.validate import check_k
 from services.index import faiss_util
 from services.index.merge import hit_lists, merge_topk
+from services.index.projection import load_projection, to_index_space
 from services.index.shards import LoadedShard, load_shard, shared_quantizer
 from services.index.versions import load_current
 
@@ -47,6 +48,7 @@ class IndexSearcher:
         self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index) for e in entries]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
         self.quantizer = shared_quantizer([s.index for s in self.shards])
+        self.projection = load_projection(self.store, self.manifest)
 
     @property
     def version(self) -> str:
@@ -61,14 +63,12 @@ class IndexSearcher:
 
         assign = (scores, lists), each (nq, nprobe): a coarse assignment made elsewhere (the router)
         for plain IVF shards; then nprobe is its width."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
-        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
-            raise InvalidInput(f"query vectors have shape {queries.shape}; this index takes "
-                               f"{self.manifest.dim}-d vectors ({self.manifest.model.get('name')})")
         if not np.isfinite(queries).all():
             raise InvalidInput("query vectors contain NaN or infinity")
+        queries = np.ascontiguousarray(self.to_index_space(queries))
         check_k(k, self.settings.max_k)
         nprobe = nprobe or self.manifest.nprobe
         if nprobe < 1:
@@ -94,6 +94,10 @@ class IndexSearcher:
         per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 and len(self.shards) > 1
                          else map(one, self.shards))
         return merge_topk(per_shard, k)
+
+    def to_index_space(self, vectors: np.ndarray) -> np.ndarray:
+        """Model vectors projected as the index's were; index vectors (fetched by id) as they are."""
+        return to_index_space(self.projection, vectors, self.manifest)
 
     def fetch(self, ids: list[int]) -> np.ndarray:
         """Stored vectors of catalogue ids from whichever shard holds them (NotFound for unknown ids)."""
@@ -150,7 +154,7 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
         m = searcher.manifest
         step(f"loading model {m.model.get('name')} to embed the query (index {m.version}: {m.count} vectors in "
              f"{len(m.shards)} shard(s))")
-        vector = searcher.embed_images([data])
+        vector = searcher.to_index_space(searcher.embed_images([data]))
         if relevant or not_relevant:
             vector = requery(vector[0], searcher.fetch(list(relevant) + list(not_relevant)), len(relevant), settings)
         return searcher.version, searcher.search(vector, k, nprobe)[0]

@@ -50,6 +50,7 @@ from services.common.validate import check_k
 from services.index import faiss_util
 from services.index.manifest import Manifest, load_version
 from services.index.merge import merge_topk
+from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
 from services.searcher.feedback import check_counts, requery
@@ -112,6 +113,7 @@ class Router:
         self.batchers: dict[tuple[int, int], DynamicBatcher] = {}
         self.index_url: str | None = None  # lets the router assign IVF lists once for all shards
         self.coarse: dict[str, tuple | None] = {}
+        self.spaces: dict[str, tuple[Manifest, Projection | None]] = {}  # version -> its projection
         self.version = ""  # the index version of the last answer: part of every cache key
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
@@ -119,14 +121,16 @@ class Router:
         None when none answered before the deadline."""
         return await self.shards[shard].ask(method, request, deadline)
 
-    async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None) -> Answer:
+    async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None,
+                     version: str = "") -> Answer:
+        """version: the version the queries were projected for (pinned; "" = the router's current one)."""
         check_k(k, self.settings.max_k)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         data, dim = pack_queries(queries)
         request = pb.ShardSearchRequest(queries=data, dim=dim, k=k, nprobe=nprobe)
-        answered = await self._fan_out(request, queries, deadline)
-        if not answered and self.version and loop.time() < deadline:
+        answered = await self._fan_out(request, queries, deadline, version)
+        if not answered and self.version and not version and loop.time() < deadline:
             # Every shard may have moved past our version (two publishes in a row): re-learn it once.
             if self.version != await self.refresh_version():
                 answered = await self._fan_out(request, queries, deadline)
@@ -146,11 +150,11 @@ class Router:
         return Answer(*merged, version, len(answered) / len(self.shards), missing)
 
     async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray,
-                       deadline: float) -> dict[int, pb.ShardSearchResponse]:
-        request.index_version = self.version  # pinned: shards keep the previous version during a rollout
+                       deadline: float, version: str = "") -> dict[int, pb.ShardSearchResponse]:
+        request.index_version = version or self.version  # pinned: shards keep the previous version in a rollout
         request.ClearField("assign")
         request.ClearField("assign_scores")
-        coarse = self._coarse_for(self.version)
+        coarse = self._coarse_for(request.index_version)
         if coarse is not None:  # choose the inverted lists once here instead of once per shard
             quantizer, default_nprobe = coarse
             nprobe = min(request.nprobe or default_nprobe, quantizer.ntotal)
@@ -171,18 +175,18 @@ class Router:
             self.version = version
 
     async def search_shared(self, queries: np.ndarray, k: int, nprobe: int = 0,
-                            timeout: float | None = None) -> Answer:
+                            timeout: float | None = None, version: str = "") -> Answer:
         """Like search, but fanned out together with the other requests waiting when every fan-out
         slot is busy: one fan-out for many requests (per-call gRPC cost dominates small requests).
         A caller whose deadline is tighter than the shard budget goes alone, with its own deadline."""
         check_k(k, self.settings.max_k)
         queries = np.asarray(queries, np.float32)
         if timeout is not None and timeout < self.settings.shard_timeout_s:
-            return await self.search(queries, k, nprobe, timeout)
-        key = (k, nprobe, queries.shape[1])  # only alike requests share a fan-out
+            return await self.search(queries, k, nprobe, timeout, version)
+        key = (k, nprobe, queries.shape[1], version)  # only alike requests share a fan-out
         batcher = self.batchers.get(key)
         if batcher is None:
-            batcher = DynamicBatcher(functools.partial(self.search, k=k, nprobe=nprobe),
+            batcher = DynamicBatcher(functools.partial(self.search, k=k, nprobe=nprobe, version=version),
                                      self.settings.max_batch, 0.0, self.settings.router_queue,
                                      workers=self.settings.router_fanouts, name="fanout")
             batcher.start()
@@ -197,6 +201,26 @@ class Router:
             self.coarse[version] = None
             asyncio.get_running_loop().run_in_executor(None, self._load_coarse, version)
         return self.coarse[version]
+
+    async def to_index_space(self, vectors: np.ndarray) -> tuple[np.ndarray, str]:
+        """(query vectors in the index's space, the version whose projection made them: "" when none did).
+
+        A projected index is searched with projected queries, made here with the projection of the version
+        the fan-out is then pinned to. Without --index the router cannot load it: model vectors go to the
+        shards as they are, and each shard projects them itself."""
+        version = self.version
+        if not self.index_url or not version:
+            return vectors, ""
+        if version not in self.spaces:
+            loop = asyncio.get_running_loop()
+            manifest = await loop.run_in_executor(None, self.manifest, version)
+            store = open_store(self.index_url, self.settings)
+            projection = await loop.run_in_executor(None, load_projection, store, manifest)
+            self.spaces = {v: s for v, s in self.spaces.items() if v == self.version} | {version: (manifest,
+                                                                                                  projection)}
+        manifest, projection = self.spaces[version]
+        vectors = to_index_space(projection, vectors, manifest)
+        return vectors, version if projection is not None else ""
 
     def manifest(self, version: str) -> Manifest:
         """The manifest of one published version of the index (blocking I/O: run in a thread)."""
@@ -274,8 +298,8 @@ class SearcherService(pb_grpc.SearcherServicer):
         kinds = {q.WhichOneof("query") for q in queries}
         if None in kinds:
             raise InvalidInput("a query needs an image, a vector or an id")
-        if kinds == {"vector"}:
-            return vectors_from_proto([q.vector for q in queries], self.router.dim)
+        if kinds == {"vector"}:  # the router checks their width against the index when it has --index
+            return vectors_from_proto([q.vector for q in queries], None if self.router.index_url else self.router.dim)
         if kinds == {"image"}:
             if self.router.embed is None:
                 raise NotSupported("this router has no embedder: send vectors")
@@ -297,13 +321,15 @@ class SearcherService(pb_grpc.SearcherServicer):
         return self._stamp(reply, answer)
 
     async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
-        vectors = await self._vectors([request.query])
+        vectors, version = await self.router.to_index_space(await self._vectors([request.query]))
         relevant, not_relevant = list(request.feedback.relevant), list(request.feedback.not_relevant)
         if relevant or not_relevant:
             check_counts(relevant, not_relevant)
             marked = await self.router.fetch(relevant + not_relevant, timeout)
+            if marked.shape[1] != vectors.shape[1]:
+                raise NotSupported("relevance feedback on a projected index needs the router started with --index")
             vectors = requery(vectors[0], marked, len(relevant), self.settings)
-        answer = await self.router.search_shared(vectors[:1], request.k, request.nprobe, timeout)
+        answer = await self.router.search_shared(vectors[:1], request.k, request.nprobe, timeout, version)
         return self._fill(pb.SearchResponse(), answer, 0)
 
     @server.rpc
@@ -368,8 +394,9 @@ class SearcherService(pb_grpc.SearcherServicer):
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
         if len(request.queries) > self.settings.max_batch:
             raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
-        vectors = await self._vectors(list(request.queries))
-        answer = await self.router.search_shared(vectors, request.k, request.nprobe, context.time_remaining())
+        vectors, version = await self.router.to_index_space(await self._vectors(list(request.queries)))
+        answer = await self.router.search_shared(vectors, request.k, request.nprobe, context.time_remaining(),
+                                                 version)
         reply = pb.SearchBatchResponse()
         if request.columnar:
             fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
@@ -403,7 +430,7 @@ def local_embedder(index: str, settings: Settings) -> tuple[Embed, int]:
     async def embed(images: list[bytes]) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(None, searcher.embed_images, images)
 
-    return embed, searcher.manifest.dim
+    return embed, searcher.manifest.model_dim
 
 
 async def serve(shards: list[list[str]], port: int = 0, settings: Settings | None = None,

@@ -107,7 +107,7 @@ class ShardService(pb_grpc.ShardServicer):
         searcher = self._searcher(request.index_version)  # one reference for the whole call: swaps can't split it
         if request.k == 0:
             raise InvalidInput("k must be at least 1")
-        queries = unpack_queries(request.queries, request.dim, searcher.manifest.dim)
+        queries = unpack_queries(request.queries, request.dim)  # model or index vectors: search_arrays checks
         if len(queries) > self.settings.max_batch:
             raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")
         assign = unpack_assign(request, len(queries))
@@ -129,7 +129,7 @@ class ShardService(pb_grpc.ShardServicer):
         searcher = self._searcher("")
         entry, manifest = searcher.shards[0].entry, searcher.manifest
         return pb.ShardInfo(shard=entry.shard, count=entry.count, sha256=entry.sha256,
-                            index_version=searcher.version, file=entry.file, dim=manifest.dim,
+                            index_version=searcher.version, file=entry.file, dim=manifest.model_dim,
                             model_fingerprint=manifest.model.get("fingerprint", ""),
                             published_version=self.published, failed_version=self.failed_version,
                             failed_error=self.failed_error, version_lag_seconds=self.lag())

@@ -84,23 +84,44 @@ def test_ids_are_content_hashes_and_duplicates_are_dropped(tmp_path, settings):
     assert emb.ids[0] == id_from_sha256(hashlib.sha256(b"same-0").hexdigest())
 
 
-def test_whitening_is_learned_in_the_index(tmp_path, settings):
+@pytest.mark.parametrize("whiten", [0.0, 1.0])
+def test_the_projection_is_learned_at_build_and_queries_are_projected_with_it(tmp_path, settings, whiten):
     x = random_unit_vectors(2000, 32, seed=6, clusters=10)
     write_fake_embeddings(tmp_path / "emb", x)
-    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), whiten_dim=16, settings=settings)
-    assert m.factory.startswith("PCAW16,L2norm") and m.dim == 32
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, pca_dim=8, whiten=whiten,
+                    settings=settings)
+    assert m.dim == 8 and m.model_dim == 32 and m.projection is not None
+    assert m.params["pca_dim"] == 8 and m.params["whiten_power"] == whiten
     s = IndexSearcher(str(tmp_path / "idx"), settings)
     emb = read_embeddings(LocalStore(tmp_path / "emb"))
-    assert s.search(emb.vectors[:5], k=1)[0][0].id == emb.ids[0]
+    assert [row[0].id for row in s.search(emb.vectors[:5], k=1)] == emb.ids[:5].tolist()  # model vectors in
+    stored = s.fetch(emb.ids[:5].tolist())
+    assert stored.shape == (5, 8) and np.allclose(stored, s.projection.apply(emb.vectors[:5]), atol=1e-5)
+    assert [row[0].id for row in s.search(stored, k=1)] == emb.ids[:5].tolist()  # index vectors in, as they are
+    with pytest.raises(InvalidInput, match="takes 8 or 32-d vectors"):
+        s.search(np.ones((1, 16), np.float32))
+
+
+def test_a_catalogue_too_small_or_a_model_too_narrow_is_indexed_unprojected(tmp_path, settings):
+    steps = []
+    write_fake_embeddings(tmp_path / "small", random_unit_vectors(100, 64, seed=1))
+    m = build_index(str(tmp_path / "small"), str(tmp_path / "a"), pca_dim=32, settings=settings, step=steps.append)
+    assert m.projection is None and m.dim == 64 and "pca_dim" not in m.params
+    assert any("too few to learn 32 dimensions" in s for s in steps), steps
+    write_fake_embeddings(tmp_path / "narrow", random_unit_vectors(2000, 16, seed=1))
+    m = build_index(str(tmp_path / "narrow"), str(tmp_path / "b"), settings=settings, step=steps.append)  # 128
+    assert m.projection is None and m.dim == 16 and any("have 16 dimensions" in s for s in steps)
+    with pytest.raises(InvalidInput, match="whiten"):
+        build_index(str(tmp_path / "narrow"), str(tmp_path / "c"), pca_dim=8, whiten=2, settings=settings)
 
 
 def test_user_factory_overrides_the_choice(tmp_path, settings):
     write_fake_embeddings(tmp_path / "emb", random_unit_vectors(3000, 16))
     m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="IVF32,Flat", settings=settings)
     assert m.factory == "IVF32,Flat" and m.params["nlist"] == 32 and 1 <= m.nprobe <= 32
-    m = build_index(str(tmp_path / "emb"), str(tmp_path / "w"), factory="IVF32,Flat", whiten_dim=8, nprobe=5,
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "w"), factory="IVF32,Flat", pca_dim=8, nprobe=5,
                     settings=settings)
-    assert m.factory == "PCAW8,L2norm,IVF32,Flat" and m.nprobe == 5 and m.tuning["nprobe_from"] == "user"
+    assert m.factory == "IVF32,Flat" and m.dim == 8 and m.nprobe == 5 and m.tuning["nprobe_from"] == "user"
     with pytest.raises(InvalidInput, match="factory"):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx2"), factory="IVFxyz,Nope", settings=settings)
 

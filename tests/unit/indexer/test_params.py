@@ -38,13 +38,6 @@ def test_plain_pq_when_nothing_else_fits():
     assert p.bytes_per_vector * 10_000_000 <= 1 * GB
 
 
-def test_whitening_prefixes_the_factory():
-    p = choose_params(100, 1280, GB, whiten_dim=64)
-    assert p.factory == "PCAW64,L2norm,Flat"
-    with pytest.raises(InvalidInput):
-        choose_params(100, 128, GB, whiten_dim=256)
-
-
 def test_empty_and_impossible_budgets_are_clear_errors():
     with pytest.raises(InvalidInput, match="empty"):
         choose_params(0, 128, GB)

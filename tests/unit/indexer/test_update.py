@@ -1,11 +1,12 @@
 """index delete / add on the index kinds the builder chooses, checked against what search returns."""
 
+import numpy as np
 import pytest
 
 from services.common.config import Settings
-from services.common.errors import NotSupported
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
+from services.index.descriptors import weighted_sum
 from services.indexer.build import build_index
 from services.indexer.update import add_to_index, delete_from_index
 from services.searcher.local import IndexSearcher
@@ -28,10 +29,45 @@ def test_deleted_ids_are_gone_from_search_and_the_rest_stays(tmp_path, factory):
     assert [row[0].id for row in hits[2:]] == [int(ids[2]), int(ids[3])]
 
 
-def test_adding_to_a_dba_index_is_refused(tmp_path):
+def test_an_add_to_a_dba_index_augments_the_new_vectors_and_leaves_the_indexed_ones(tmp_path):
+    """An add re-weights each new vector with its 2 nearest among the indexed (as stored: augmented) and the
+    other new vectors; the indexed vectors keep theirs until a rebuild."""
     settings = Settings(home=tmp_path / "home")
-    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(300, 16, seed=2))
-    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="Flat", settings=settings, dba=2)
-    write_fake_embeddings(tmp_path / "new", random_unit_vectors(10, 16, seed=3))
-    with pytest.raises(NotSupported, match="DBA"):
-        add_to_index(str(tmp_path / "idx"), str(tmp_path / "new"), settings)
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(300, 16, seed=2, clusters=6))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, factory="Flat", settings=settings, dba=2)
+    before = IndexSearcher(str(tmp_path / "idx"), settings)
+    old_ids = read_embeddings(LocalStore(tmp_path / "emb")).ids.tolist()
+    stored_before = before.fetch(old_ids)
+    new = random_unit_vectors(10, 16, seed=3, clusters=6)
+    write_fake_embeddings(tmp_path / "new", new, first_row=1000)
+    new_ids = read_embeddings(LocalStore(tmp_path / "new")).ids.tolist()
+
+    manifest, added, _ = add_to_index(str(tmp_path / "idx"), str(tmp_path / "new"), settings)
+    after = IndexSearcher(str(tmp_path / "idx"), settings)
+    assert added == 10 and manifest.params["dba"] == 2
+    assert np.array_equal(after.fetch(old_ids), stored_before)
+    pool = np.concatenate([stored_before, new])  # what each new vector's neighbours are drawn from
+    for i, v in enumerate(new):
+        sims = pool @ v
+        sims[len(old_ids) + i] = -np.inf  # not itself
+        top = np.argsort(-sims)[:2]
+        want = weighted_sum(v[None], pool[top][None], sims[top][None])[0]
+        assert np.allclose(after.fetch([new_ids[i]])[0], want, atol=1e-5), i
+
+
+
+def test_adds_and_deletes_keep_the_projection_and_project_new_vectors_with_it(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(1000, 32, seed=4, clusters=8))
+    first = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, pca_dim=8, settings=settings)
+    new = random_unit_vectors(5, 32, seed=5)
+    write_fake_embeddings(tmp_path / "new", new, first_row=5000)
+    new_ids = read_embeddings(LocalStore(tmp_path / "new")).ids.tolist()
+    added, _, _ = add_to_index(str(tmp_path / "idx"), str(tmp_path / "new"), settings)
+    assert added.projection.sha256 == first.projection.sha256 and added.dim == 8
+    searcher = IndexSearcher(str(tmp_path / "idx"), settings)
+    assert [row[0].id for row in searcher.search(new, k=1)] == new_ids
+    assert np.allclose(searcher.fetch(new_ids), searcher.projection.apply(new), atol=1e-5)
+    deleted, removed, _ = delete_from_index(str(tmp_path / "idx"), new_ids[:2], settings)
+    assert removed == 2 and deleted.projection.sha256 == first.projection.sha256
+    assert IndexSearcher(str(tmp_path / "idx"), settings).search(new[2:], k=1)[0][0].id == new_ids[2]
