@@ -26,7 +26,6 @@ CLASSES = [  # (label, EvalOptions changes)
     ("same, IVF16,PQ64x8 in 2 shards", {"factory": "IVF16,PQ64x8", "shards": 2}),
     ("average pooling (GeM p=1)", {"model": "lite0-gem@p=1"}),
     ("multi-scale 1, 1/√2, 1/2", {"model": "lite0-gem@ms"}),
-    ("PCA-whitening to 256 (learned on the catalogue)", {"whiten_dim": 256}),
     ("αQE, 2 neighbours", {"qe": 2}),
     ("DBA, 2 neighbours", {"dba": 2}),
 ]
@@ -35,8 +34,6 @@ COPYDETECT = [
     ("top-10 of every query pooled", {"predictions": 10}),
     ("score normalisation: minus the 10th score", {"score_norm": "margin"}),
     ("multi-scale 1, 1/√2, 1/2", {"model": "lite0-gem@ms"}),
-    ("PCA-whitening to 256", {"whiten_dim": 256}),
-    ("multi-scale + whitening + normalisation", {"model": "lite0-gem@ms", "whiten_dim": 256, "score_norm": "margin"}),
 ]
 
 

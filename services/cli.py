@@ -403,6 +403,8 @@ def eval_(
     qe: int = typer.Option(0, help="query-side αQE with N neighbours (0: off)"),
     dba: Optional[int] = typer.Option(None, help="database-side augmentation (N neighbours) of the index built "
                                                  "from --data, 0: off [default: IMSEARCH_DBA]"),
+    plots: bool = typer.Option(False, "--plots", help="classes: also draw t-SNE and UMAP maps of the vectors "
+                                                       "(minutes on thousands of images)"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
 ) -> None:
     """Measure retrieval quality (mAP, P@k, ANMRR, uAP ...) on a real index; writes a report directory."""
@@ -413,7 +415,7 @@ def eval_(
     opts = EvalOptions(protocol=protocol, index=index_, data=data, out=out_, queries=queries,
                        ground_truth=ground_truth, distractors=distractors, factory=index_factory, shards=shards,
                        pca=pca, whiten=whiten, depth=depth, seed=seed, model=model, predictions=predictions,
-                       score_norm=score_norm, qe=qe, dba=dba)
+                       score_norm=score_norm, qe=qe, dba=dba, plots=plots)
     with Progress(TextColumn("embedding queries"), BarColumn(), MofNCompleteColumn(), console=err,
                   disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("eval", total=None)

@@ -7,6 +7,7 @@ labelled   any query set with a ground truth: query id -> relevant database ids 
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Callable
 
 import numpy as np
 
-from services.common.errors import InvalidInput
+from services.common.config import get_settings
+from services.common.errors import ImsearchError, InvalidInput
 from services.common.folders import LabelledImage
+from services.common.images import decode_image
 from services.eval import metrics as m
 from services.eval.datasets import flatten
 from services.eval.transforms import ALL_EDITS, random_copy
@@ -27,7 +30,9 @@ EXACT_MAX = 20_000  # an exact N x N similarity matrix beyond this costs too muc
 K_REPORT = (1, 5, 10)
 
 
+@functools.lru_cache(maxsize=1 << 20)
 def norm_uri(uri: str) -> str:
+    """One spelling per file (cached: a classes run meets every uri once per query, N² times)."""
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
@@ -180,11 +185,17 @@ class CopyQuery:
 
 
 def make_copy_queries(catalogue: list[Path], distractors: list[Path], seed: int = 0,
-                      n_edits: int = 2) -> list[CopyQuery]:
-    """One transformed copy of every catalogue image, and one of every distractor (not in the index)."""
-    rng = np.random.default_rng(seed)
+                      n_edits: int = 2, step: Callable[[str], None] = lambda msg: None) -> list[CopyQuery]:
+    """One transformed copy of every catalogue image, and one of every distractor (not in the index).
+    A file that is not a readable image is skipped with the reason `imsearch embed` gives."""
+    rng, limits = np.random.default_rng(seed), get_settings()
     out = []
     for path, is_copy in [(p, True) for p in catalogue] + [(p, False) for p in distractors]:
+        try:  # the checks (and messages) of the embedder
+            decode_image(path.read_bytes(), 32, limits.max_image_bytes, limits.max_image_pixels)
+        except (ImsearchError, OSError) as e:
+            step(f"skipped {path}: {e}")
+            continue
         img, edits = random_copy(flatten(path), rng, ALL_EDITS, n_edits)
         buf = io.BytesIO()
         img.convert("RGB").save(buf, "JPEG", quality=90)

@@ -119,7 +119,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
 
 
 def classes_report(result: ClassesResult, out: Path, title: str, extra: dict | None = None,
-                   step: Callable[[str], None] = lambda msg: None) -> None:
+                   step: Callable[[str], None] = lambda msg: None, plots: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": result.metrics, "exact": result.exact_metrics, "per_class": result.per_class,
                **(extra or {})}
@@ -130,8 +130,10 @@ def classes_report(result: ClassesResult, out: Path, title: str, extra: dict | N
         writer.writerows(result.per_class)
     step(f"writing the report to {out}: precision-recall curves")
     pr_plot(result.pr_levels, result.pr_by_class, out / "pr_curves.png", "precision-recall per class (grey)")
-    step(f"t-SNE and UMAP maps of {len(result.vectors)} vectors (the slow part of the report)")
-    images = ["pr_curves.png"] + embedding_plots(result.vectors, result.labels, out)
+    images = ["pr_curves.png"]
+    if plots:
+        step(f"t-SNE and UMAP maps of {len(result.vectors)} vectors (the slow part of the report)")
+        images += embedding_plots(result.vectors, result.labels, out)
     step("galleries of the best and worst queries")
     label_of = dict(zip(result.uris, result.labels))
     order = np.argsort(np.nan_to_num(result.ap, nan=2.0))  # NaN (no relevant item) not among the worst

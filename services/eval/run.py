@@ -44,6 +44,7 @@ class EvalOptions:
     score_norm: str = "none"
     qe: int = 0  # αQE neighbours (0: off)
     dba: int | None = None  # DBA neighbours of the index built from --data (None: the build's default)
+    plots: bool = False  # t-SNE and UMAP maps of the vectors (minutes on thousands of images)
 
 
 def prepare_index(paths: list[Path], work: Path, opts: EvalOptions, settings: Settings,
@@ -87,7 +88,8 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
         searcher = IndexSearcher(index, settings)
         step(f"{len(items)} queries against {searcher.manifest.count} vectors ({searcher.manifest.factory})")
         result = p.classes_eval(searcher, items, opts.depth, progress, vectors=vectors, qe=opts.qe, step=step)
-        report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts), step)
+        report.classes_report(result, opts.out, f"classes protocol: {opts.data}", _about(searcher, opts), step,
+                              opts.plots)
         return result.metrics
     files = image_files(opts.data)
     if opts.index is None:
@@ -100,7 +102,7 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
     if not catalogue:
         raise InvalidInput(f"no images found in {opts.data}")
     searcher = IndexSearcher(index, settings)
-    queries = p.make_copy_queries(catalogue, distractors, opts.seed)
+    queries = p.make_copy_queries(catalogue, distractors, opts.seed, step=step)
     step(f"{len(queries)} copy queries ({len(distractors)} distractors) against {searcher.manifest.count} vectors")
     result = p.copydetect_eval(searcher, queries, predictions=opts.predictions, score_norm=opts.score_norm,
                                progress=progress, qe=opts.qe, step=step)

@@ -28,7 +28,7 @@ def classes_run(tmp_path_factory):
     items = [s for c in biggest for s in [s for s in stamps if s.label == c][:PER_CLASS]]
     write_class_folder(items, tmp / "data")
     proc = run("eval", "--protocol", "classes", "--data", str(tmp / "data"), "--out", str(tmp / "report"),
-               "--index-factory", "IVF4,PQ16x4", "--shards", "2", "--json", env_home=tmp / "home")
+               "--index-factory", "IVF4,PQ16x4", "--shards", "2", "--plots", "--json", env_home=tmp / "home")
     assert proc.returncode == 0, proc.stderr
     return tmp, json.loads(proc.stdout.strip().splitlines()[-1]), items
 
@@ -88,11 +88,15 @@ def test_labelled_protocol_with_revisited_ground_truth(classes_run):
 
 
 def test_copydetect_on_real_photos(tmp_path):
+    """A file that is not an image among the photos is skipped with embed's reason, not a traceback."""
     data = tmp_path / "photos"
     write_class_folder(skimage_photos(), data)
+    (data / "broken.jpg").write_bytes(b"this is not a JPEG")
     proc = run("eval", "--protocol", "copydetect", "--data", str(data), "--out", str(tmp_path / "report"),
                "--json", env_home=tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
+    assert "broken.jpg: not an image: unknown or unsupported format" in proc.stderr, proc.stderr
+    assert not (tmp_path / "report" / "tsne.png").exists()  # maps only with --plots
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     n = len(skimage_photos())
     assert metrics["distractors"] == len(range(0, n, 5)) and metrics["copies"] == n - metrics["distractors"]
