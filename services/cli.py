@@ -271,19 +271,21 @@ def search(
     nprobe: Optional[int] = typer.Option(None, help="lists probed per shard (default: the index's tuned value)"),
     feedback: list[str] = typer.Option([], help="Rocchio re-query: +ID relevant, -ID not relevant "
                                                 "(e.g. --feedback +12 +40 -7)"),
+    qe: int = typer.Option(0, help="query expansion (αQE): search again with the query re-weighted by its top "
+                                   "QE hits (0: off)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Search an index with a query image, in-process (no servers needed)."""
-    _search(index_, query, _settings(), k, nprobe, feedback, as_json)
+    _search(index_, query, _settings(), k, nprobe, feedback, as_json, qe)
 
 
 def _search(index_: str, query: str, settings, k: int = 10, nprobe: int | None = None, feedback: list[str] = (),
-            as_json: bool = False) -> None:
+            as_json: bool = False, qe: int = 0) -> None:
     from services.searcher.feedback import parse_marks
     from services.searcher.local import search_uri
 
     relevant, not_relevant = parse_marks(feedback)
-    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings, _step(as_json))
+    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings, _step(as_json), qe)
     if as_json:
         print(json.dumps({"query": query, "index_version": version, "k": k, "results": [h.as_dict() for h in hits]}))
         return

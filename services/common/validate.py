@@ -27,6 +27,14 @@ def check_k(k: int, max_k: int) -> None:
         raise InvalidInput(f"k must be between 1 and {max_k}, got {quote(k)}")
 
 
+MAX_QE = 50  # αQE neighbours: each is a stored-vector lookup on every shard
+
+
+def check_qe(qe: int) -> None:
+    if not 0 <= qe <= MAX_QE:
+        raise InvalidInput(f"qe must be between 0 and {MAX_QE} (neighbours of query expansion), got {quote(qe)}")
+
+
 def check_id(name: str, value: int) -> int:
     """A catalogue id: a signed 64-bit integer (faiss ids are int64)."""
     return check_range(name, value, INT64_MIN, INT64_MAX)

@@ -44,7 +44,16 @@ from services.common.errors import (
     Unauthenticated,
     http_status,
 )
-from services.common.validate import INT64_MAX, INT64_MIN, UINT32_MAX, check_id, check_k, check_range, quote
+from services.common.validate import (
+    INT64_MAX,
+    INT64_MIN,
+    UINT32_MAX,
+    check_id,
+    check_k,
+    check_qe,
+    check_range,
+    quote,
+)
 from services.gateway.catalogue import Catalogue
 from services.gateway.limits import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_S, RateLimit, key_of, parse_keys
 from services.searcher.client import RouterClient, batch_request, search_request
@@ -80,6 +89,7 @@ class Query(BaseModel):
 class SearchBody(Query):
     k: UInt32 = 10
     nprobe: UInt32 = 0
+    qe: UInt32 = 0  # αQE neighbours (0: off)
     feedback: Feedback = Field(default_factory=Feedback)
 
 
@@ -87,6 +97,7 @@ class BatchBody(BaseModel):
     queries: list[Query]
     k: UInt32 = 10
     nprobe: UInt32 = 0
+    qe: UInt32 = 0
 
 
 @dataclass
@@ -170,11 +181,12 @@ class Gateway:
             return int(tail[1].split("?")[0])
         return self.catalogue.id_of(uri)
 
-    async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback) -> dict:
+    async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0) -> dict:
         check_k(k, self.settings.max_k)
         check_range("nprobe", nprobe, 0, UINT32_MAX)
+        check_qe(qe)
         start = time.perf_counter()
-        request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant)
+        request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe)
         ROUTER_CALLS.labels("Search").inc()
         reply = await self.client.call("Search", request)
         out = answer(reply, k, start)
@@ -263,15 +275,16 @@ async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> d
             feedback = Feedback(relevant=_ids(form.get("relevant")), not_relevant=_ids(form.get("not_relevant")))
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
-        k, nprobe = _int("k", form.get("k"), 10), _int("nprobe", form.get("nprobe"), 0)
-        return await gw.search(pb.Query(image=data), k, nprobe, feedback)
+        k, nprobe, qe = (_int(name, form.get(name), default) for name, default in (("k", 10), ("nprobe", 0),
+                                                                                     ("qe", 0)))
+        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe)
     if kind.startswith("application/json"):
         try:
             body = SearchBody.model_validate_json(await request.body())
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
         query = await gw.query(body)
-        return await gw.search(query, body.k, body.nprobe, body.feedback)
+        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe)
     raise InvalidInput(f"content type {quote(kind) if kind else 'missing'}: send multipart/form-data "
                        "(field 'image') or JSON")
 
@@ -282,8 +295,9 @@ async def batch_endpoint(body: BatchBody, gw: Gateway = Depends(gateway)) -> dic
     if not body.queries:
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
+    check_qe(body.qe)
     queries = [await gw.query(q) for q in body.queries]
-    request = batch_request(queries, body.k, body.nprobe)
+    request = batch_request(queries, body.k, body.nprobe, qe=body.qe)
     ROUTER_CALLS.labels("SearchBatch").inc()
     reply = await gw.client.call("SearchBatch", request)
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,

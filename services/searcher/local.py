@@ -11,7 +11,7 @@ from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import open_store
-from services.common.validate import check_k
+from services.common.validate import check_k, check_qe
 from services.index import faiss_util
 from services.index.merge import hit_lists, merge_topk
 from services.index.projection import load_projection, to_index_space
@@ -138,15 +138,17 @@ class IndexSearcher:
 
 def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, relevant: list[int] = (),
                not_relevant: list[int] = (), settings: Settings | None = None,
-               step=lambda msg: None) -> tuple[str, list[Hit]]:
+               step=lambda msg: None, qe: int = 0) -> tuple[str, list[Hit]]:
     """The stage behind `imsearch search`: the query image at a uri (file or s3://), embedded with the index's
     own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process.
     Returns (index version, hits)."""
     from services.common.store import read_uri
+    from services.searcher.expansion import expand, found_ids
     from services.searcher.feedback import requery
 
     settings = settings or get_settings()
     check_k(k, settings.max_k)  # before the seconds spent loading the index and model
+    check_qe(qe)
     data = read_uri(query, settings)
     step(f"loading the index at {index}")
     searcher = IndexSearcher(index, settings)
@@ -157,6 +159,10 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
         vector = searcher.to_index_space(searcher.embed_images([data]))
         if relevant or not_relevant:
             vector = requery(vector[0], searcher.fetch(list(relevant) + list(not_relevant)), len(relevant), settings)
+        if qe:
+            step(f"query expansion with the top {qe} hits")
+            D, I, _, _ = searcher.search_arrays(vector, qe, nprobe)
+            vector = expand(vector, I, D, searcher.fetch(found_ids(I)))
         return searcher.version, searcher.search(vector, k, nprobe)[0]
     finally:
         searcher.close()

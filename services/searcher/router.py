@@ -46,13 +46,14 @@ from services.common.errors import (
     from_status,
 )
 from services.common.store import open_store
-from services.common.validate import check_k
+from services.common.validate import check_k, check_qe
 from services.index import faiss_util
 from services.index.manifest import Manifest, load_version
 from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
+from services.searcher.expansion import expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
 
@@ -260,7 +261,15 @@ class Router:
         return self.version
 
     async def fetch(self, ids: list[int], timeout: float | None = None) -> np.ndarray:
-        """Stored vectors of catalogue ids, asked of every shard at once (any sharding rule works)."""
+        """Stored vectors of catalogue ids, asked of every shard at once (any sharding rule works); each id
+        once, in calls of at most IMSEARCH_MAX_BATCH ids (what a shard takes)."""
+        unique, where = np.unique(np.asarray(ids, np.int64), return_inverse=True)
+        step = self.settings.max_batch
+        parts = await asyncio.gather(*(self._fetch(unique[i:i + step].tolist(), timeout)
+                                       for i in range(0, len(unique), step)))
+        return np.concatenate(parts)[where.ravel()] if parts else np.zeros((0, self.dim or 0), np.float32)
+
+    async def _fetch(self, ids: list[int], timeout: float | None) -> np.ndarray:
         deadline = asyncio.get_running_loop().time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.FetchRequest(ids=ids)
         vectors: list = [None] * len(ids)
@@ -329,8 +338,24 @@ class SearcherService(pb_grpc.SearcherServicer):
             if marked.shape[1] != vectors.shape[1]:
                 raise NotSupported("relevance feedback on a projected index needs the router started with --index")
             vectors = requery(vectors[0], marked, len(relevant), self.settings)
-        answer = await self.router.search_shared(vectors[:1], request.k, request.nprobe, timeout, version)
+        answer = await self._search(vectors[:1], request.k, request.nprobe, request.qe, timeout, version)
         return self._fill(pb.SearchResponse(), answer, 0)
+
+    async def _search(self, vectors: np.ndarray, k: int, nprobe: int, qe: int, timeout: float | None,
+                      version: str) -> Answer:
+        """One search, or with qe two: the first finds each query's qe nearest, whose stored vectors (one
+        Fetch fan-out) re-weight it for the second. A partial first round makes the answer partial."""
+        check_qe(qe)
+        if not qe:
+            return await self.router.search_shared(vectors, k, nprobe, timeout, version)
+        first = await self.router.search_shared(vectors, qe, nprobe, timeout, version)
+        wanted = found_ids(first.ids)
+        fetched = await self.router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
+        answer = await self.router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
+                                                 timeout, version)
+        answer.coverage = min(answer.coverage, first.coverage)
+        answer.missing = sorted(set(answer.missing) | set(first.missing))
+        return answer
 
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -338,7 +363,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         if self.cache is None or not self.router.version:
             return await self._search_one(request, context.time_remaining())
         # The query and its feedback, encoded together (one message: unambiguous bytes).
-        asked = pb.SearchRequest(query=request.query, feedback=request.feedback).SerializeToString()
+        asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe).SerializeToString()
         version = self.router.version
         key = cache_key(version, request.k, request.nprobe, asked)
 
@@ -395,8 +420,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         if len(request.queries) > self.settings.max_batch:
             raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
         vectors, version = await self.router.to_index_space(await self._vectors(list(request.queries)))
-        answer = await self.router.search_shared(vectors, request.k, request.nprobe, context.time_remaining(),
-                                                 version)
+        answer = await self._search(vectors, request.k, request.nprobe, request.qe, context.time_remaining(), version)
         reply = pb.SearchBatchResponse()
         if request.columnar:
             fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)

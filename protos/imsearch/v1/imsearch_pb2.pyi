@@ -157,16 +157,18 @@ class Feedback(_message.Message):
     def __init__(self, relevant: _Optional[_Iterable[int]] = ..., not_relevant: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "k", "nprobe", "feedback")
+    __slots__ = ("query", "k", "nprobe", "feedback", "qe")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    QE_FIELD_NUMBER: _ClassVar[int]
     query: Query
     k: int
     nprobe: int
     feedback: Feedback
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ...) -> None: ...
+    qe: int
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., qe: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "index_version", "coverage", "missing_shards", "cached")
@@ -183,16 +185,18 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe", "columnar")
+    __slots__ = ("queries", "k", "nprobe", "columnar", "qe")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     COLUMNAR_FIELD_NUMBER: _ClassVar[int]
+    QE_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     k: int
     nprobe: int
     columnar: bool
-    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ...) -> None: ...
+    qe: int
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ..., qe: _Optional[int] = ...) -> None: ...
 
 class HitColumns(_message.Message):
     __slots__ = ("k", "ids", "scores", "uris", "shards")
