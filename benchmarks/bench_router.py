@@ -8,7 +8,8 @@ servers and a router, and prints:
     columnar answer (bulk callers) and the per-query Hit messages;
   * single-query latency p50/p99 with C concurrent clients, and the cache-hit p50 with Redis.
 Everything (load client, router, shard servers) shares this machine's cores, as raw faiss does.
-Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32] [--concurrency 8]
+  * single-query latency with αQE (--qe) against plain search, 1 and C clients.
+Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32] [--concurrency 8] [--qe 10]
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: in
 
 
 async def latencies(address: str, queries: np.ndarray, k: int, clients: int, per_client: int,
-                    repeat: bool = False) -> np.ndarray:
+                    repeat: bool = False, qe: int = 0) -> np.ndarray:
     async with RouterClient(address, timeout=30) as client:
         out: list[float] = []
 
@@ -82,7 +83,7 @@ async def latencies(address: str, queries: np.ndarray, k: int, clients: int, per
             for j in range(per_client):
                 q = queries[0 if repeat else (c * per_client + j) % len(queries)]
                 t = time.perf_counter()
-                await client.search(q, k)
+                await client.search(q, k, qe=qe)
                 out.append(time.perf_counter() - t)
 
         await asyncio.gather(*(one_client(c) for c in range(clients)))
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=8, help="SearchBatch calls in flight")
+    ap.add_argument("--qe", type=int, default=10, help="αQE neighbours of the expanded-query latency rows")
     ap.add_argument("--fanouts", type=int, default=2, help="router fan-outs in flight (IMSEARCH_ROUTER_FANOUTS); "
                                                           "requests beyond share a fan-out")
     args = ap.parse_args()
@@ -157,6 +159,12 @@ def main() -> None:
             lat = asyncio.run(latencies(router.address, queries, k, args.clients, 20))
             print(f"single query, {args.clients} clients: p50 {np.percentile(lat, 50):.2f} ms, "
                   f"p99 {np.percentile(lat, 99):.2f} ms")
+            for clients in (1, args.clients):  # αQE: a first round of qe, a Fetch, the expanded search
+                plain = asyncio.run(latencies(router.address, queries[1000:], k, clients, 200 // clients))
+                qe = asyncio.run(latencies(router.address, queries[1000:], k, clients, 200 // clients, qe=args.qe))
+                print(f"αQE {args.qe}, {clients} client(s): p50 {np.percentile(qe, 50):.2f} ms vs plain "
+                      f"{np.percentile(plain, 50):.2f} ms (x{np.percentile(qe, 50) / np.percentile(plain, 50):.2f}), "
+                      f"p99 {np.percentile(qe, 99):.2f} vs {np.percentile(plain, 99):.2f} ms")
             asyncio.run(latencies(router.address, queries, k, 1, 2, repeat=True))  # fill the cache
             hit = asyncio.run(latencies(router.address, queries, k, 1, 200, repeat=True))
             print(f"cache hit, 1 client: p50 {np.percentile(hit, 50):.2f} ms, p99 {np.percentile(hit, 99):.2f} ms")

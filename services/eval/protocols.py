@@ -184,17 +184,18 @@ class CopyQuery:
     image: bytes
 
 
-def make_copy_queries(catalogue: list[Path], distractors: list[Path], seed: int = 0,
-                      n_edits: int = 2, step: Callable[[str], None] = lambda msg: None) -> list[CopyQuery]:
+def make_copy_queries(catalogue: list[Path], distractors: list[Path], seed: int = 0, n_edits: int = 2,
+                      skipped: dict[str, str] | None = None) -> list[CopyQuery]:
     """One transformed copy of every catalogue image, and one of every distractor (not in the index).
-    A file that is not a readable image is skipped with the reason `imsearch embed` gives."""
+    A file that is not a readable image is left out, with the reason `imsearch embed` gives in `skipped`."""
     rng, limits = np.random.default_rng(seed), get_settings()
+    skipped = {} if skipped is None else skipped
     out = []
     for path, is_copy in [(p, True) for p in catalogue] + [(p, False) for p in distractors]:
         try:  # the checks (and messages) of the embedder
             decode_image(path.read_bytes(), 32, limits.max_image_bytes, limits.max_image_pixels)
         except (ImsearchError, OSError) as e:
-            step(f"skipped {path}: {e}")
+            skipped[str(path)] = str(e)
             continue
         img, edits = random_copy(flatten(path), rng, ALL_EDITS, n_edits)
         buf = io.BytesIO()

@@ -102,11 +102,16 @@ def run_eval(opts: EvalOptions, settings: Settings, step: Callable[[str], None],
     if not catalogue:
         raise InvalidInput(f"no images found in {opts.data}")
     searcher = IndexSearcher(index, settings)
-    queries = p.make_copy_queries(catalogue, distractors, opts.seed, step=step)
+    skipped: dict[str, str] = {}
+    queries = p.make_copy_queries(catalogue, distractors, opts.seed, skipped=skipped)
+    for path, why in skipped.items():
+        step(f"skipped {path}: {why}")
     step(f"{len(queries)} copy queries ({len(distractors)} distractors) against {searcher.manifest.count} vectors")
     result = p.copydetect_eval(searcher, queries, predictions=opts.predictions, score_norm=opts.score_norm,
                                progress=progress, qe=opts.qe, step=step)
-    report.copydetect_report(result, opts.out, f"copy detection: {opts.data}", _about(searcher, opts), step)
+    result.metrics["skipped_files"] = len(skipped)  # which and why: in metrics.json
+    report.copydetect_report(result, opts.out, f"copy detection: {opts.data}",
+                             _about(searcher, opts) | {"skipped_files": skipped}, step)
     return result.metrics
 
 
