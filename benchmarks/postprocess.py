@@ -9,13 +9,15 @@ embeddings, scored two ways, because image search is used for both:
   the top-1 scores pooled, recall@1.
 
 The projection is learned on the whole catalogue, as `imsearch index build` learns it.
-Data: ../shared/data/caltech101-dev (50 classes, 2,608 photos), embedded once into OUT/emb.
-Usage: python -m benchmarks.postprocess [--data DIR] [--out DIR]
+Data: ../shared/data/caltech101-dev (50 classes, 2,608 photos), embedded once per model into OUT/<model>/
+(the embedding's img/s is printed when it runs: the backbone's speed on this machine).
+Usage: python -m benchmarks.postprocess [--data DIR] [--out DIR] [--model lite0-gem|lite1-gem|lite2-gem|...]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +77,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "caltech101-dev"))
     ap.add_argument("--out", default="/tmp/imsearch-postprocess")
+    ap.add_argument("--model", default="lite0-gem")
     args = ap.parse_args()
-    out, settings = Path(args.out), Settings(home=Path(args.out) / "home", ray_min_images=10**9)
+    out, settings = Path(args.out) / args.model, Settings(home=Path(args.out) / "home", ray_min_images=10**9)
     if not (out / "emb" / "embeddings.json").exists():
-        embed_catalogue(args.data, str(out / "emb"), engine="local", settings=settings)
+        start = time.perf_counter()
+        summary = embed_catalogue(args.data, str(out / "emb"), model=args.model, engine="local", settings=settings)
+        print(f"embedded with {args.model}: {summary.embedded_now / (time.perf_counter() - start):.1f} img/s "
+              "(decode + model, this machine)")
     emb = read_embeddings(LocalStore(out / "emb"))
     x, labels = emb.vectors, np.array([Path(u).parent.name for u in emb.uris])
     order = np.random.default_rng(1).permutation(len(x))
@@ -87,7 +93,8 @@ def main() -> None:
     if not copies_file.exists():
         queries = make_copy_queries([Path(emb.uris[i]) for i in catalogue], [Path(emb.uris[i]) for i in distractors])
         model = load_embedder(emb.meta["model"]["name"], None, "cpu")
-        pixels = [decode_image(q.image, 224, 10**8, 10**8).pixels for q in queries]
+        size = model.spec.image_size
+        pixels = [decode_image(q.image, size, 10**8, 10**8).pixels for q in queries]
         np.save(copies_file, np.concatenate([model.embed(np.stack(pixels[i:i + 32]))
                                              for i in range(0, len(pixels), 32)]))
     copies = np.load(copies_file)

@@ -60,13 +60,20 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
         if tuple(self.spec.scales) == (1.0,):
-            return l2n(self.pool(self.backbone.forward_features(x)))
+            return l2n(self.describe(self.backbone.forward_features(x)))
         total = 0
         for s in self.spec.scales:  # multi-scale: one descriptor per input scale, summed
             xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True,
                                                   align_corners=False)
-            total = total + l2n(self.pool(self.backbone.forward_features(xs)))
+            total = total + l2n(self.describe(self.backbone.forward_features(xs)))
         return l2n(total)
+
+    def describe(self, features: torch.Tensor) -> torch.Tensor:
+        """A CNN's feature map (B, C, H, W) -> GeM; a transformer's tokens (B, N, C) -> its class token, as
+        DINO- and CLIP-style retrieval uses it (the token mean when the model has none)."""
+        if features.ndim == 3:
+            return features[:, 0] if getattr(self.backbone, "num_prefix_tokens", 0) else features.mean(dim=1)
+        return self.pool(features)
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray) -> np.ndarray:

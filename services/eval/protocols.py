@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -62,33 +63,82 @@ def summarise(rels: list[np.ndarray], n_rel: list[int]) -> dict[str, float]:
 
 
 @dataclass
+class Docs:
+    """Ids and their uris (each normalised once), sorted by id: rankings are read by id, vectorised, instead of
+    resolving a path for every result of every query (N² calls)."""
+    ids: np.ndarray  # int64, sorted
+    uris: np.ndarray  # object, aligned with ids
+
+    @classmethod
+    def of_index(cls, searcher: IndexSearcher) -> "Docs":
+        ids = np.concatenate([s.ids for s in searcher.shards])
+        uris = np.concatenate([s.uris for s in searcher.shards])
+        order = np.argsort(ids, kind="stable")
+        return cls(ids[order], np.array([norm_uri(str(u)) for u in uris[order]], dtype=object))
+
+    @classmethod
+    def of_rows(cls, uris: list[str]) -> "Docs":
+        """Row numbers as ids (an exact ranking of vectors against each other)."""
+        return cls(np.arange(len(uris), dtype=np.int64), np.asarray(uris, dtype=object))
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        return np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+
+    def uris_of(self, ids: np.ndarray) -> np.ndarray:
+        pos = self.positions(ids)
+        return np.where(self.ids[pos] == ids, self.uris[pos], "")
+
+    def ids_of(self, uris: list[str]) -> np.ndarray:
+        """The id of each uri (-1 where the index does not hold it)."""
+        row = dict(zip(self.uris.tolist(), self.ids.tolist()))
+        return np.array([row.get(u, -1) for u in uris], dtype=np.int64)
+
+
+class LazyUris(Sequence):
+    """ranked.uris[q]: the uris of one query's results, looked up when asked (reports read a few rows)."""
+
+    def __init__(self, ids: list[np.ndarray], docs: Docs):
+        self.ids, self.docs = ids, docs
+
+    def __getitem__(self, q):
+        return self.docs.uris_of(self.ids[q])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
 class Ranked:
-    """Per query: the uris of its results, their scores and ids, best first, the query itself removed."""
-    uris: list[np.ndarray]
+    """Per query: the ids of its results and their scores, best first, the query itself removed."""
+    ids: list[np.ndarray]
     scores: list[np.ndarray]
-    ids: list[np.ndarray] = field(default_factory=list)
+    docs: Docs
+
+    @property
+    def uris(self) -> LazyUris:
+        return LazyUris(self.ids, self.docs)
 
 
-def rank_index(searcher: IndexSearcher, vectors: np.ndarray, depth: int, exclude: list[str]) -> Ranked:
-    """Search the index with depth results per query; drop the query's own uri from its list."""
+def rank_index(searcher: IndexSearcher, vectors: np.ndarray, depth: int, exclude: np.ndarray | None = None,
+               docs: Docs | None = None) -> Ranked:
+    """Search the index with depth results per query; drop the query's own id (exclude; -1: none)."""
     # Evaluation ranks deeper than a serving request may (max_k), so it raises the cap for itself.
     searcher.settings = searcher.settings.model_copy(update={"max_k": max(searcher.settings.max_k, depth + 1)})
-    out = Ranked([], [], [])
+    exclude = np.full(len(vectors), -1, np.int64) if exclude is None else exclude
+    out = Ranked([], [], docs or Docs.of_index(searcher))
     for i in range(0, len(vectors), 256):
-        D, I, _, U = searcher.search_arrays(vectors[i:i + 256], depth + 1)
-        for d, ids, u, own in zip(D, I, U, exclude[i:i + 256]):
-            found = ids >= 0
-            u = np.array([norm_uri(x) for x in u[found]], dtype=object)
-            keep = u != own
-            out.uris.append(u[keep][:depth])
-            out.scores.append(d[found][keep][:depth])
-            out.ids.append(ids[found][keep][:depth])
+        D, I, _, _ = searcher.search_arrays(vectors[i:i + 256], depth + 1)
+        for d, ids, own in zip(D, I, exclude[i:i + 256]):
+            keep = (ids >= 0) & (ids != own)
+            out.ids.append(ids[keep][:depth])
+            out.scores.append(d[keep][:depth])
     return out
 
 
-def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, n: int, exclude: list[str]) -> np.ndarray:
+def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, n: int, exclude: np.ndarray | None = None,
+                   docs: Docs | None = None) -> np.ndarray:
     """αQE: each query re-weighted with its top n results' stored vectors (the query itself excluded)."""
-    first = rank_index(searcher, vectors, n, exclude)
+    first = rank_index(searcher, vectors, n, exclude, docs)
     if any(len(ids) < n for ids in first.ids):
         raise InvalidInput(f"query expansion with {n} neighbours needs an index of more than {n} vectors")
     neighbours = searcher.fetch(np.concatenate(first.ids).tolist()).reshape(len(vectors), n, -1)
@@ -100,8 +150,7 @@ def rank_exact(vectors: np.ndarray, uris: list[str]) -> Ranked:
     sims = vectors @ vectors.T
     np.fill_diagonal(sims, -np.inf)
     order = np.argsort(-sims, axis=1, kind="stable")[:, :-1]
-    arr = np.asarray(uris, dtype=object)
-    return Ranked([arr[o] for o in order], [s[o] for s, o in zip(sims, order)])
+    return Ranked(list(order), list(np.take_along_axis(sims, order, axis=1)), Docs.of_rows(uris))
 
 
 @dataclass
@@ -119,7 +168,10 @@ class ClassesResult:
 
 
 def relevance(ranked: Ranked, labels: list[str], label_of: dict[str, str]) -> list[np.ndarray]:
-    return [np.array([label_of.get(u) == lab for u in r], dtype=bool) for r, lab in zip(ranked.uris, labels)]
+    """Per query: which results share its label (vectorised: label codes looked up by id)."""
+    code = {lab: c for c, lab in enumerate(sorted(set(labels)))}
+    doc_code = np.array([code.get(label_of.get(u), -1) for u in ranked.docs.uris.tolist()], dtype=np.int64)
+    return [doc_code[ranked.docs.positions(ids)] == code[lab] for ids, lab in zip(ranked.ids, labels)]
 
 
 def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int | None = None,
@@ -141,9 +193,11 @@ def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int
     depth = min(depth or searcher.manifest.count, searcher.manifest.count)
     if qe:
         step(f"query expansion (αQE) with {qe} neighbours per query")
-    queries = expand_queries(searcher, vectors, qe, uris) if qe else vectors
+    docs = Docs.of_index(searcher)
+    own = docs.ids_of(uris)
+    queries = expand_queries(searcher, vectors, qe, own, docs) if qe else vectors
     step(f"ranking the index for {len(items)} queries (depth {depth})")
-    ranked = rank_index(searcher, queries, depth, uris)
+    ranked = rank_index(searcher, queries, depth, own, docs)
     rels = relevance(ranked, labels, label_of)
     metrics = summarise(rels, n_rel) | {"depth": depth, "index_vectors": searcher.manifest.count}
     exact_metrics = None
@@ -163,7 +217,8 @@ def per_class_figures(rels, n_rel, labels, ranked: Ranked, label_of, levels) -> 
     """Per class: 1-NN classification precision/recall/F1, mean AP, and the mean PR curve."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    predicted = [label_of.get(r[0], "?") if len(r) else "?" for r in ranked.uris]
+    firsts = ranked.docs.uris_of(np.array([ids[0] if len(ids) else -1 for ids in ranked.ids], np.int64))
+    predicted = [label_of.get(u, "?") for u in firsts.tolist()]
     classes = sorted(set(labels))
     p, r, f, support = precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
     rows, curves = [], {}
@@ -229,9 +284,9 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
         raise InvalidInput(f"score normalisation must be one of {SCORE_NORMS} and predictions within 1..{k}")
     vectors = searcher.to_index_space(embed_files(searcher, [q.image for q in queries], progress))
     if qe:
-        vectors = expand_queries(searcher, vectors, qe, [""] * len(queries))
+        vectors = expand_queries(searcher, vectors, qe)
     step(f"ranking the index for {len(queries)} copy queries")
-    ranked = rank_index(searcher, vectors, k, [""] * len(queries))
+    ranked = rank_index(searcher, vectors, k)
     norm = (lambda sc: sc - sc[-1]) if score_norm == "margin" else (lambda sc: sc)
     scores = np.concatenate([norm(sc)[:predictions] for sc in ranked.scores])
     correct = np.concatenate([(r == q.source)[:predictions] for r, q in zip(ranked.uris, queries)])
@@ -278,7 +333,7 @@ def labelled_eval(searcher: IndexSearcher, queries: list[tuple[str, bytes]], gt:
     """Any query set with a ground truth of relevant uris; adds Easy/Medium/Hard mAP for revisited sets."""
     vectors = embed_files(searcher, [img for _, img in queries], progress)
     depth = min(depth or searcher.manifest.count, searcher.manifest.count)
-    ranked = rank_index(searcher, vectors, depth, [""] * len(queries))
+    ranked = rank_index(searcher, vectors, depth)
     revisited = all(isinstance(v, dict) for v in gt.values())
     relevant = [{norm_uri(u) for key in (("easy", "hard") if revisited else (None,))
                  for u in (gt[q].get(key, []) if revisited else gt[q])} for q, _ in queries]

@@ -1,4 +1,4 @@
-"""The real Lite0 backbone and the Ray pipeline (local Ray, real actors)."""
+"""The real Lite0/1/2 backbones and the Ray pipeline (local Ray, real actors)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from tests.helpers import encode, pattern
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-def test_lite0_weights_load_in_order_and_classify_a_cat():
-    """Our backbone + the package's own classifier must recognise scikit-image's cat (Chelsea)."""
-    embedder = load_embedder("lite0-gem", device="cpu")
+@pytest.mark.parametrize("name,size", [("lite0-gem", 224), ("lite1-gem", 240), ("lite2-gem", 260)])
+def test_lite_weights_load_in_order_and_classify_a_cat(name, size):
+    """Our backbone + the package's own classifier must recognise scikit-image's cat (Chelsea), at the
+    model's native input size."""
+    embedder = load_embedder(name, device="cpu")
+    assert embedder.spec.image_size == size and embedder.spec.dim == 1280
     state = torch.load(embedder.spec.weights, map_location="cpu", weights_only=True)
     chelsea = next(i.path for i in skimage_photos() if i.label == "chelsea")
-    pixels = np.array(Image.open(chelsea).convert("RGB").resize((224, 224)))[None]
+    pixels = np.array(Image.open(chelsea).convert("RGB").resize((size, size)))[None]
     with torch.inference_mode():
         x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - embedder.mean) / embedder.std
         features = embedder.backbone.forward_features(x).mean(dim=(2, 3))

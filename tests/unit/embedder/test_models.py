@@ -71,3 +71,20 @@ def test_multi_scale_descriptor_is_the_normalised_sum_of_scales(tmp_path):
     total = single.embed(pixels) + v_half.numpy()
     expected = total / np.linalg.norm(total, axis=1, keepdims=True)
     assert both.embed(pixels) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_transformer_from_a_weights_file_is_described_by_its_class_token(tmp_path):
+    """DINO- or CLIP-style weights as a file: `timm:<vit arch>@norm=...`; the descriptor is the class token."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    spec = resolve_spec("timm:vit_tiny_patch16_224@norm=imagenet", tmp_path / "vit.pth")
+    assert spec.dim == 192 and spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    assert resolve_spec("timm:vit_tiny_patch16_224@norm=clip", tmp_path / "vit.pth").fingerprint != spec.fingerprint
+    emb = Embedder(spec, device="cpu")
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - emb.mean) / emb.std
+    with torch.no_grad():
+        cls = torch.nn.functional.normalize(vit.eval().forward_features(x)[:, 0], dim=1).numpy()
+    assert emb.embed(pixels) == pytest.approx(cls, abs=1e-5)
+    with pytest.raises(InvalidInput, match="norm=half"):
+        resolve_spec("timm:vit_tiny_patch16_224@norm=mine", tmp_path / "vit.pth")

@@ -1,6 +1,7 @@
-"""Protocol building blocks that need no model or index."""
+"""Protocol building blocks, without a model (vectors given; indexes in-process)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +57,36 @@ def test_ground_truth_files_are_checked(tmp_path):
     pq.write_table(pa.table({"name": ["q1"]}), tmp_path / "bad.parquet")
     with pytest.raises(InvalidInput, match="lacks columns"):
         p.read_ground_truth(str(tmp_path / "bad.parquet"), str(tmp_path / "gt.json"))
+
+
+def test_classes_metrics_read_by_id_equal_the_same_metrics_computed_by_brute_force(tmp_path, monkeypatch):
+    """The id-based, vectorised ranking of a real (in-process) index gives the metrics a per-uri brute force
+    gives on the same vectors; the query itself is never among its results."""
+    from services.common.config import Settings
+    from services.common.folders import LabelledImage
+    from services.indexer.build import build_index
+    from services.searcher.local import IndexSearcher
+    from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+    monkeypatch.chdir(tmp_path)  # the fake catalogue's uris are relative: img/<row>.jpg
+    n, classes = 600, 12
+    x = random_unit_vectors(n, 16, seed=5, clusters=classes)
+    write_fake_embeddings(tmp_path / "emb", x)
+    settings = Settings(home=tmp_path / "h")
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=3, settings=settings)
+    labels = [f"c{(x[i] @ x[:classes].T).argmax()}" for i in range(n)]  # a label per vector, near-class-like
+    items = [LabelledImage(Path(f"img/{i}.jpg"), lab) for i, lab in enumerate(labels)]
+    result = p.classes_eval(IndexSearcher(str(tmp_path / "idx"), settings), items, vectors=x)
+
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)[:, :-1]
+    lab = np.array(labels)
+    rel = lab[order] == lab[:, None]
+    n_rel = rel.sum(1)
+    ap = (np.cumsum(rel, 1) / np.arange(1, n) * rel).sum(1) / np.maximum(n_rel, 1)
+    assert result.metrics["mAP"] == pytest.approx(ap[n_rel > 0].mean(), abs=1e-6)
+    assert result.metrics["P@1"] == pytest.approx(rel[n_rel > 0, 0].mean())
+    assert result.metrics["mAP_exact"] == pytest.approx(result.metrics["mAP"], abs=1e-6)  # a Flat index
+    assert not any(u.endswith(f"/img/{q}.jpg") for q in (0, 1, 599) for u in result.ranked.uris[q])
+    assert result.ranked.uris[0][0].endswith(f"img/{order[0, 0]}.jpg")
