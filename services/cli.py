@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.common.errors import ImsearchError
+from services.common.errors import ImsearchError, InvalidInput
 
 # Plain click help: typer's rich panels print a "<bool>" type beside every flag, which takes no value.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -602,17 +602,24 @@ def _cluster_table(workdir: Path, rows) -> None:
 @app.command()
 @cli_errors
 def datasets(
-    name: str = typer.Argument(..., help="tuxpaint (Debian tuxpaint-stamps-default photos) | skimage"),
+    name: str = typer.Argument(..., help="tuxpaint (Debian tuxpaint-stamps-default photos) | skimage | a folder "
+                                         "of class subfolders (e.g. to --split it)"),
     out_: Path = typer.Argument(..., metavar="OUT", help="folder to write <class>/<image>.jpg into"),
     min_per_class: int = typer.Option(8, help="tuxpaint: keep classes with at least this many images"),
     split: bool = typer.Option(False, help="classes alternately into OUT/train and OUT/test (unseen-classes)"),
 ) -> None:
     """Write a real labelled image set as a folder of class subfolders (input of `eval --protocol classes`)."""
+    from services.common.folders import class_folder
     from services.eval.datasets import skimage_photos, split_classes, tuxpaint_stamps, write_class_folder
 
-    if name not in ("tuxpaint", "skimage"):
-        raise typer.BadParameter(f"unknown data set {name!r}: tuxpaint or skimage")
-    items = tuxpaint_stamps(min_per_class=min_per_class) if name == "tuxpaint" else skimage_photos()
+    if name == "tuxpaint":
+        items = tuxpaint_stamps(min_per_class=min_per_class)
+    elif name == "skimage":
+        items = skimage_photos()
+    elif Path(name).is_dir():
+        items = class_folder(name)
+    else:
+        raise InvalidInput(f"unknown data set {name!r}: tuxpaint, skimage or a folder of class subfolders")
     parts = dict(zip(("train", "test"), split_classes(items))) if split else {"": items}
     for part, chosen in parts.items():
         n = write_class_folder(chosen, out_ / part)

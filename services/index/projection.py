@@ -129,5 +129,6 @@ def to_index_space(projection: Projection | None, vectors: np.ndarray, manifest:
     if projection is not None and vectors.ndim == 2 and vectors.shape[1] == manifest.model_dim:
         return projection.apply(vectors)
     accepted = sorted({manifest.dim, manifest.model_dim if projection is not None else manifest.dim})
-    raise InvalidInput(f"this index takes {' or '.join(map(str, accepted))}-d vectors "
-                       f"({manifest.model.get('name')}), got shape {vectors.shape}")
+    got = vectors.shape[-1] if vectors.ndim == 2 else f"shape {vectors.shape}"
+    raise InvalidInput(f"query vectors have dim {got}; this index takes {' or '.join(map(str, accepted))}-d "
+                       f"vectors ({manifest.model.get('name')})")

@@ -144,3 +144,18 @@ def test_train_then_evaluate_on_unseen_classes(tmp_path):
     assert_one_line_error(run("eval", "--protocol", "unseen-classes", "--data", str(tmp_path / "train"), "--model",
                               str(model), "--out", str(tmp_path / "r2"), env_home=tmp_path / "home"),
                           "not an unseen-classes evaluation")
+
+
+def test_a_folder_of_class_subfolders_splits_into_train_and_test_classes(tmp_path):
+    for c, colour in enumerate(("red", "green", "blue", "white")):
+        for i in range(2):
+            (tmp_path / "photos" / f"class{c}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40 + i, 30), colour).save(tmp_path / "photos" / f"class{c}" / f"{i}.png")
+    proc = run("datasets", str(tmp_path / "photos"), str(tmp_path / "split"), "--split", env_home=tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    train = sorted(p.name for p in (tmp_path / "split" / "train").iterdir())
+    test = sorted(p.name for p in (tmp_path / "split" / "test").iterdir())
+    assert (train, test) == (["class0", "class2"], ["class1", "class3"])
+    assert len(list((tmp_path / "split" / "train").rglob("*.jpg"))) == 4
+    assert_one_line_error(run("datasets", str(tmp_path / "nowhere"), str(tmp_path / "x"), env_home=tmp_path / "home"),
+                          "unknown data set")
