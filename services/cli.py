@@ -325,6 +325,8 @@ def info(
         f"vectors   {m.count}  dim={m.dim}  metric={m.metric}  duplicates dropped={m.duplicates_dropped}",
         f"index     {m.factory}  ({m.params.get('kind')})  nprobe={m.nprobe}  k_factor={m.k_factor}",
         f"tuning    recall@10={m.tuning.get('recall_at_10')} on {m.tuning.get('queries')} queries vs exact",
+        "vectors   " + (f"centred PCA {m.model_dim} -> {m.dim} (whitening power {m.params.get('whiten_power', 0):g})"
+                        if m.projection else "as the model gives them") + f", DBA {m.params.get('dba', 0) or 'off'}",
     ]
     for s in m.shards:
         lines.append(f"shard {s.shard:<3} {s.count:>10} vectors  {s.bytes / 2**20:8.1f} MiB  sha256 {s.sha256[:16]}…")

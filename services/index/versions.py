@@ -122,8 +122,9 @@ def verify_version(store: Store, manifest: Manifest, cache: Path) -> None:
     for e in manifest.shards:
         verified_file(store, version_key(manifest.version, e.file), e.sha256, cache)
         verified_bytes(store, version_key(manifest.version, e.docs_file), e.docs_sha256)
-    if manifest.quantizer is not None:
-        verified_bytes(store, version_key(manifest.version, manifest.quantizer.file), manifest.quantizer.sha256)
+    for extra in (manifest.quantizer, manifest.projection):
+        if extra is not None:
+            verified_bytes(store, version_key(manifest.version, extra.file), extra.sha256)
 
 
 def publish(store: Store, version: str, cache: Path, step: Step | None = None) -> Pointer:

@@ -161,3 +161,15 @@ def test_put_if_is_a_compare_and_swap_between_processes(tmp_path):
     assert sum(wins.get(timeout=5) for _ in procs) == 200
     assert int(store.get_bytes("counter")) == 200  # no increment lost
     assert store.list() == ["counter"]  # the lock file is not a key
+
+
+def test_publish_verifies_the_projection_too(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(400, 32, seed=1))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), settings=settings, version="v1", pca_dim=8)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), settings=settings, version="v2", pca_dim=8,
+                publish_it=False)
+    (tmp_path / "idx" / "versions" / "v2" / "projection.npz").write_bytes(b"damaged")
+    with pytest.raises(Corrupt, match="projection.npz"):
+        publish(LocalStore(tmp_path / "idx"), "v2", settings.home / "cache")
+    assert load_current(LocalStore(tmp_path / "idx")).version == "v1"
