@@ -122,8 +122,5 @@ def interpolated_pr(rel, n_relevant: int, levels: np.ndarray) -> np.ndarray:
     precision = tp / np.arange(1, len(rel) + 1)
     recall = tp / n_relevant
     best = np.maximum.accumulate(precision[::-1])[::-1] if len(rel) else precision
-    out = np.zeros(len(levels))
-    for i, r in enumerate(levels):
-        reached = np.flatnonzero(recall >= r - 1e-12)
-        out[i] = best[reached[0]] if len(reached) else 0.0
-    return out
+    first = np.searchsorted(recall, np.asarray(levels) - 1e-12, side="left")  # recall only grows down the list
+    return np.where(first < len(rel), best[np.minimum(first, max(len(rel) - 1, 0))] if len(rel) else 0.0, 0.0)

@@ -58,11 +58,12 @@ class IndexSearcher:
         return hit_lists(*self.search_arrays(queries, k, nprobe))
 
     def search_arrays(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
-                      assign: tuple[np.ndarray, np.ndarray] | None = None):
+                      assign: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = True):
         """(D, I, S, uris), each (nq, k), best first; id -1 / uri "" where fewer than k results.
 
         assign = (scores, lists), each (nq, nprobe): a coarse assignment made elsewhere (the router)
-        for plain IVF shards; then nprobe is its width."""
+        for plain IVF shards; then nprobe is its width. with_uris False: uris None (evaluation reads
+        rankings by id: looking up k uris per query is most of a deep search's merge)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -84,11 +85,11 @@ class IndexSearcher:
             def one(shard: LoadedShard):
                 params = shard.params(nprobe, self.manifest.k_factor)
                 D, I = faiss_util.search_preassigned(shard.index, queries, k, Iq, Dq, params)
-                return shard.entry.shard, D, I, shard.uris_of(I)
+                return (shard.entry.shard, D, I, shard.uris_of(I)) if with_uris else (shard.entry.shard, D, I)
         else:
             def one(shard: LoadedShard):
                 D, I = shard.index.search(queries, k, params=shard.params(nprobe, self.manifest.k_factor))
-                return shard.entry.shard, D, I, shard.uris_of(I)
+                return (shard.entry.shard, D, I, shard.uris_of(I)) if with_uris else (shard.entry.shard, D, I)
 
         # Threads pay off for batches; single queries are faster searched shard after shard.
         per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 and len(self.shards) > 1

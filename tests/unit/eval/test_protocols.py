@@ -22,12 +22,19 @@ def test_summarise_hand_case_and_queries_without_relevant_items_left_out():
         p.summarise([np.array([0])], [0])
 
 
-def test_rank_exact_drops_the_query_itself():
+def test_exact_relevance_ranks_class_mates_among_all_others_without_the_query_itself():
     v = np.eye(3, dtype=np.float32)
     v[1] = [0.8, 0.6, 0]
-    ranked = p.rank_exact(v, ["a", "b", "c"])
-    assert ranked.uris[0].tolist() == ["b", "c"]  # a: b is closer than c, a itself absent
-    assert len(ranked.uris[2]) == 2 and "c" not in ranked.uris[2]
+    rel = p.exact_relevance(v, ["x", "x", "y"])
+    assert [r.tolist() for r in rel] == [[True, False], [True, False], [False, False]]  # a: b first, then c
+    rng = np.random.default_rng(0)  # against argsort, at random
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    labels = [f"c{i % 5}" for i in range(50)]
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)[:, :-1]
+    want = np.array(labels)[order] == np.array(labels)[:, None]
+    assert np.array_equal(np.stack(p.exact_relevance(x, labels, batch=7)), want)
 
 
 def _image(path, colour):
