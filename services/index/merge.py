@@ -14,7 +14,8 @@ def merge_topk(per_shard: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray, 
     are read, not every shard's k.
 
     Higher score is better (inner product). faiss's -1 ids (fewer than k results) sort last and
-    stay -1. Ties break on the smaller id, so the result does not depend on shard order.
+    stay -1. Ties break on the smaller id, so the result does not depend on shard order (up to
+    LEXSORT_MAX merged columns; see _order).
     """
     if not per_shard:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32), None
