@@ -52,6 +52,7 @@ class Replica:
     retry_at: float = 0.0  # monotonic: when an ejected replica is probed again
     backoff: float = 0.0
     probing: bool = False
+    timer: asyncio.TimerHandle | None = None  # the next probe of an ejected replica
 
     def __post_init__(self):
         self.stub = pb_grpc.ShardStub(self.channel)
@@ -86,10 +87,22 @@ class ReplicaSet:
         start = next(self.turn)
         turn = [self.replicas[(start + i) % len(self.replicas)] for i in range(len(self.replicas))]
         for r in turn:
-            if r.ejected and not r.probing and now >= r.retry_at:
-                r.probing = True
-                asyncio.get_running_loop().create_task(self._probe(r))
+            if r.ejected and now >= r.retry_at:  # due (its timer has not fired yet): probe now
+                self._start_probe(r)
         return [r for r in turn if not r.ejected] + [r for r in turn if r.ejected]
+
+    def _schedule_probe(self, r: Replica) -> None:
+        """Probe an ejected replica at its retry time whether or not calls come: a quiet shard's replica
+        comes back too (and its gauge with it)."""
+        if r.timer is not None:
+            r.timer.cancel()
+        r.timer = asyncio.get_running_loop().call_later(max(0.0, r.retry_at - time.monotonic()),
+                                                        self._start_probe, r)
+
+    def _start_probe(self, r: Replica) -> None:
+        if r.ejected and not r.probing:
+            r.probing = True
+            asyncio.get_running_loop().create_task(self._probe(r))
 
     def may_hedge(self) -> bool:
         return self.tokens >= 1.0
@@ -112,6 +125,7 @@ class ReplicaSet:
         if not r.ejected and r.strikes >= self.settings.eject_after:
             r.ejected, r.backoff = True, self.settings.eject_s
             r.retry_at = time.monotonic() + r.backoff
+            self._schedule_probe(r)
             metrics.EJECTIONS.labels(**r.label()).inc()
             metrics.REPLICA_EJECTED.labels(**r.label()).set(1)
             log.warning("shard %d replica %s ejected after %d %s in a row", self.shard, r.address, r.strikes, why)
@@ -133,6 +147,7 @@ class ReplicaSet:
         else:
             r.backoff = min(MAX_BACKOFF_S, max(r.backoff, self.settings.eject_s) * 2)
             r.retry_at = time.monotonic() + r.backoff
+            self._schedule_probe(r)
 
     async def ask(self, method: str, request, deadline: float):
         """The first answer of the shard's replicas to `method`, hedged; None when none answered in time.
@@ -195,4 +210,7 @@ class ReplicaSet:
                     self.failed(r, "slow calls")
 
     async def close(self) -> None:
+        for r in self.replicas:
+            if r.timer is not None:
+                r.timer.cancel()
         await asyncio.gather(*(r.channel.close() for r in self.replicas))
