@@ -294,7 +294,8 @@ def _run_ray(uris: list[str], model: str, weights: str | None, settings: Setting
                         fn_kwargs={"size": size, "settings": settings, "defer_jpeg": bool(gpus)}, num_cpus=1)
     ds = ds.map_batches(EmbedStage, batch_size=settings.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"model": model, "weights": weights, "device": settings.device},
-                        concurrency=settings.ray_actors, num_gpus=gpus, num_cpus=0 if gpus else 1)
+                        compute=ray.data.ActorPoolStrategy(size=settings.ray_actors),  # `concurrency`: deprecated
+                        num_gpus=gpus, num_cpus=0 if gpus else 1)
     yield from ds.iter_batches(batch_size=settings.batch_size, batch_format="numpy")
 
 
