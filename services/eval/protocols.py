@@ -7,7 +7,6 @@ labelled   any query set with a ground truth: query id -> relevant database ids 
 
 from __future__ import annotations
 
-import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from services.common.images import decode_image
 from services.eval import metrics as m
 from services.eval.datasets import flatten
 from services.eval.transforms import ALL_EDITS, random_copy
-from services.index.descriptors import alpha_qe
+from services.searcher.expansion import expand, found_ids
 from services.searcher.local import IndexSearcher
 
 Progress = Callable[[int], None]
@@ -31,9 +30,8 @@ EXACT_MAX = 20_000  # an exact N x N similarity matrix beyond this costs too muc
 K_REPORT = (1, 5, 10)
 
 
-@functools.lru_cache(maxsize=1 << 20)
 def norm_uri(uri: str) -> str:
-    """One spelling per file (cached: a classes run meets every uri once per query, N² times)."""
+    """One spelling per file (called once per document: rankings are read by id, see Docs)."""
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
@@ -83,11 +81,6 @@ class Docs:
         uris = np.concatenate([s.uris for s in searcher.shards])
         order = np.argsort(ids, kind="stable")
         return cls(ids[order], np.array([norm_uri(str(u)) for u in uris[order]], dtype=object))
-
-    @classmethod
-    def of_rows(cls, uris: list[str]) -> "Docs":
-        """Row numbers as ids (an exact ranking of vectors against each other)."""
-        return cls(np.arange(len(uris), dtype=np.int64), np.asarray(uris, dtype=object))
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Where each id is in self.ids (ids it lacks: any position; uris_of checks). A hash lookup (pandas'
@@ -155,8 +148,8 @@ def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, n: int, exclude
     first = rank_index(searcher, vectors, n, exclude, docs)
     if any(len(ids) < n for ids in first.ids):
         raise InvalidInput(f"query expansion with {n} neighbours needs an index of more than {n} vectors")
-    neighbours = searcher.fetch(np.concatenate(first.ids).tolist()).reshape(len(vectors), n, -1)
-    return alpha_qe(vectors, neighbours, np.stack(first.scores))
+    ids = np.stack(first.ids)
+    return expand(vectors, ids, np.stack(first.scores), searcher.fetch(found_ids(ids)))
 
 
 def exact_relevance(vectors: np.ndarray, labels: list[str], batch: int = 512) -> list[np.ndarray]:

@@ -12,10 +12,11 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, InvalidInput
 from services.common.store import open_store
 from services.embedder.embeddings import Embeddings, read_embeddings
-from services.index import descriptors, faiss_util, projection
+from services.index import descriptors, faiss_util
 from services.index.manifest import Manifest
 from services.index.merge import merge_topk
-from services.index.projection import Projection
+from services.index.projection import Projection, check_options, skip_reason
+from services.index.projection import train as train_projection
 from services.index.shards import Shard
 from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, write_version
@@ -101,14 +102,14 @@ def tune_nprobe(shards: list[Shard], emb: Embeddings, params: IndexParams, targe
 def learn_projection(vectors: np.ndarray, pca_dim: int, power: float, step: Step) -> Projection | None:
     """The catalogue's centred PCA (shrinkage-whitened by `power`), or None when there is too little to
     learn it from (said in a step, with why)."""
-    projection.check_options(pca_dim, power)
-    why = projection.skip_reason(len(vectors), vectors.shape[1], pca_dim)
+    check_options(pca_dim, power)
+    why = skip_reason(len(vectors), vectors.shape[1], pca_dim)
     if why:
         step(f"projection {why}")
         return None
     whiten = f", whitening power {power:g}" if power else ""
     step(f"learning the projection: centred PCA {vectors.shape[1]} -> {pca_dim} dimensions{whiten}")
-    return projection.train(vectors, pca_dim, power)
+    return train_projection(vectors, pca_dim, power)
 
 
 def choose_dba(n: int, dba: int | None, settings: Settings, step: Step) -> int:

@@ -82,14 +82,16 @@ class IndexSearcher:
         if self.quantizer is not None:
             nprobe = Iq.shape[1]  # faiss reads nprobe entries per query from the assignment
 
-            def one(shard: LoadedShard):
+            def shard_search(shard: LoadedShard):
                 params = shard.params(nprobe, self.manifest.k_factor)
-                D, I = faiss_util.search_preassigned(shard.index, queries, k, Iq, Dq, params)
-                return (shard.entry.shard, D, I, shard.uris_of(I)) if with_uris else (shard.entry.shard, D, I)
+                return faiss_util.search_preassigned(shard.index, queries, k, Iq, Dq, params)
         else:
-            def one(shard: LoadedShard):
-                D, I = shard.index.search(queries, k, params=shard.params(nprobe, self.manifest.k_factor))
-                return (shard.entry.shard, D, I, shard.uris_of(I)) if with_uris else (shard.entry.shard, D, I)
+            def shard_search(shard: LoadedShard):
+                return shard.index.search(queries, k, params=shard.params(nprobe, self.manifest.k_factor))
+
+        def one(shard: LoadedShard):
+            D, I = shard_search(shard)
+            return (shard.entry.shard, D, I, shard.uris_of(I)) if with_uris else (shard.entry.shard, D, I)
 
         # Threads pay off for batches; single queries are faster searched shard after shard.
         per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 and len(self.shards) > 1

@@ -53,7 +53,7 @@ from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
-from services.searcher.expansion import expand, found_ids
+from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
 
@@ -335,8 +335,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         if relevant or not_relevant:
             check_counts(relevant, not_relevant)
             marked = await self.router.fetch(relevant + not_relevant, timeout)
-            if marked.shape[1] != vectors.shape[1]:
-                raise NotSupported("relevance feedback on a projected index needs the router started with --index")
+            check_same_space(marked, vectors, "relevance feedback")
             vectors = requery(vectors[0], marked, len(relevant), self.settings)
         answer = await self._search(vectors[:1], request.k, request.nprobe, request.qe, timeout, version)
         return self._fill(pb.SearchResponse(), answer, 0)
@@ -351,6 +350,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         first = await self.router.search_shared(vectors, qe, nprobe, timeout, version)
         wanted = found_ids(first.ids)
         fetched = await self.router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
+        check_same_space(fetched, vectors, "query expansion")
         answer = await self.router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
                                                  timeout, version)
         answer.coverage = min(answer.coverage, first.coverage)

@@ -4,7 +4,7 @@ import pytest
 from services.common.errors import InvalidInput, NotSupported
 from services.common.validate import check_qe
 from services.index.descriptors import alpha_qe
-from services.searcher.expansion import expand, found_ids
+from services.searcher.expansion import check_same_space, expand, found_ids
 
 
 def test_missing_first_round_hits_weigh_nothing_and_the_rest_weigh_by_similarity_cubed():
@@ -21,8 +21,10 @@ def test_missing_first_round_hits_weigh_nothing_and_the_rest_weigh_by_similarity
 
 
 def test_stored_vectors_of_another_width_are_refused_not_mixed():
-    with pytest.raises(NotSupported, match="--index"):
-        expand(np.ones((1, 8), np.float32), np.array([[1]]), np.array([[0.5]]), np.ones((1, 4), np.float32))
+    for what in ("query expansion", "relevance feedback"):
+        with pytest.raises(NotSupported, match=f"{what} on a projected index needs the router started with --index"):
+            check_same_space(np.ones((1, 4), np.float32), np.ones((1, 8), np.float32), what)
+    check_same_space(np.zeros((0, 4), np.float32), np.ones((1, 8), np.float32), "query expansion")  # none fetched
 
 
 @pytest.mark.parametrize("qe", [-1, 51])
