@@ -34,6 +34,11 @@ def parser_of(module: str):
     return mod.build_parser()
 
 
+def parsed(container: dict):
+    """A k8s container's args as its service's own parser reads them (the shard number $(SHARD) as 0)."""
+    return parser_of(container["command"][2]).parse_args([a.replace("$(SHARD)", "0") for a in container["args"]])
+
+
 def check_env(name: str, value: str | None) -> None:
     """An IMSEARCH_* variable must be a setting, and a literal value must validate."""
     assert name.startswith("IMSEARCH_"), name
@@ -185,7 +190,7 @@ def test_k8s_commands_ports_probes(k8s):
     services = {n: d for (k, n), d in k8s.items() if k == "Service"}
     for kind, name, doc, c in workloads(k8s):
         assert c["command"][:2] == ["python", "-m"] and c["command"][2] in MODULES, name
-        args = parser_of(c["command"][2]).parse_args([a.replace("$(SHARD)", "0") for a in c["args"]])
+        args = parsed(c)
         container_ports = {p["containerPort"] for p in c["ports"]}
         assert args.port in container_ports and args.host == "0.0.0.0", name
         for probe in ("readinessProbe", "livenessProbe"):
@@ -283,7 +288,7 @@ def test_every_service_is_scraped_on_the_port_that_serves_metrics(k8s):
             workload = next(d for _, _, d, _ in workloads(k8s)
                             if d["spec"]["selector"]["matchLabels"].items() >= s["spec"]["selector"].items())
             c = workload["spec"]["template"]["spec"]["containers"][0]
-            args = parser_of(c["command"][2]).parse_args([a.replace("$(SHARD)", "0") for a in c["args"]])
+            args = parsed(c)
             assert port["targetPort"] == (args.port if c["command"][2] == "services.gateway" else metrics_port)
             scraped.add(c["command"][2])
     assert scraped == MODULES
