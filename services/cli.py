@@ -438,7 +438,8 @@ def eval_(
 @app.command()
 @cli_errors
 def train(
-    base: str = typer.Argument("lite0-gem", help="model to fine-tune (registry name, with @options if any)"),
+    base: Optional[str] = typer.Argument(None, help="model to fine-tune (registry name, with @options if any); "
+                                                    "default: IMSEARCH_MODEL"),
     data: str = typer.Option(..., help="folder of class subfolders to train on"),
     out_: Path = typer.Option(..., "--out", "-o", help="checkpoint to write (.pt)"),
     loss: str = typer.Option("multisimilarity", help="triplet | contrastive | multisimilarity | proxyanchor"),
@@ -459,8 +460,9 @@ def train(
     from services.embedder.train import TrainConfig
     from services.embedder.train import train as run_training
 
-    cfg = TrainConfig(base=base, loss=loss, miner=miner, epochs=epochs, batch_size=batch_size, per_class=per_class,
-                      lr=lr, train_stages=train_stages, seed=seed, device=_settings().device)
+    settings = _settings()
+    cfg = TrainConfig(base=base or settings.model, loss=loss, miner=miner, epochs=epochs, batch_size=batch_size,
+                      per_class=per_class, lr=lr, train_stages=train_stages, seed=seed, device=settings.device)
     columns = (TextColumn(f"training ({loss})"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from services.common.config import Settings
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
+
+DEFAULT_MODEL = Settings.model_fields["model"].default  # what an index gets when no --model is given
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

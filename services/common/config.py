@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
 
     # --- embedding
-    model: str = "lite0-gem"
+    # Lite1 over Lite0: +2 points of category mAP on real photos for 18 % of CPU ingestion speed (README "Backbones")
+    model: str = "lite1-gem"
     model_weights: Path | None = Field(None, description="weights file for non-default backbones")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     batch_size: int = Field(32, gt=0, le=4096)

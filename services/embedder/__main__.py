@@ -1,4 +1,4 @@
-"""python -m services.embedder --port 50051 --model lite0-gem"""
+"""python -m services.embedder --port 50051 --model lite1-gem"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Model specs: what a model name means, and the fingerprint that ties vectors to a model.
 
-A model is named by a registry key (`lite0-gem`, the default), by `timm:<arch>` with a
+A model is named by a registry key (`lite1-gem`, the default; `lite0-gem`, `lite2-gem`), by `timm:<arch>` with a
 weights file, or by the path of a checkpoint (`.pt`) that carries its own metadata.
 The fingerprint identifies backbone, weights, pooling and input size: an index records
 it and refuses queries embedded by a different model. No torch import here unless a spec

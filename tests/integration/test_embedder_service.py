@@ -17,7 +17,7 @@ from services.embedder.pipeline import embed_catalogue
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from services.stack.part import Part
-from tests.helpers import encode, write_photos
+from tests.helpers import DEFAULT_MODEL, encode, write_photos
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,9 @@ def test_embed_matches_the_offline_model(photos, embedder):
         stub = pb_grpc.EmbedderStub(channel)
         reply = stub.Embed(pb.EmbedRequest(images=[f.read_bytes() for f in files]), timeout=60)
         info = stub.Info(pb.InfoRequest(), timeout=10)
-    model = load_embedder("lite0-gem", device="cpu")
-    pixels = np.stack([np.array(Image.open(f).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
+    model = load_embedder(DEFAULT_MODEL, device="cpu")  # what the service runs with no --model
+    size = model.spec.image_size
+    pixels = np.stack([np.array(Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
                        for f in files])
     offline = model.embed(pixels)
     online = np.array([v.values for v in reply.vectors], np.float32)

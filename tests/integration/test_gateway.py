@@ -12,7 +12,7 @@ from PIL import Image
 
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
-from tests.helpers import encode
+from tests.helpers import DEFAULT_MODEL, encode
 from tests.integration.conftest import SHARDS
 
 
@@ -61,7 +61,7 @@ def test_search_by_upload_id_uri_vector_and_batch(stack):
         assert error_of(mixed)[:2] == (400, "INVALID_ARGUMENT")  # one kind of query per batch
 
         info = http.get("/v1/index").json()
-        assert info["count"] == 12 and len(info["shards"]) == SHARDS and info["model"]["name"] == "lite0-gem"
+        assert info["count"] == 12 and len(info["shards"]) == SHARDS and info["model"]["name"] == DEFAULT_MODEL
         assert "imsearch_gateway_requests_total" in http.get("/metrics").text
         assert http.get("/openapi.json").json()["paths"]["/v1/search"]
         assert "imsearch" in http.get("/").text

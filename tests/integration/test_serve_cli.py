@@ -14,7 +14,7 @@ from services.embedder.pipeline import embed_catalogue
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from services.stack.part import Part, free_port, wait_http
-from tests.helpers import encode, write_photos
+from tests.helpers import DEFAULT_MODEL, encode, write_photos
 
 
 @pytest.fixture()
@@ -45,7 +45,7 @@ def test_serve_answers_image_queries_and_stops_cleanly(real_index):
                 client.search(b"\xff\xd8\xff broken jpeg")
             assert e.value.code() == StatusCode.INVALID_ARGUMENT and "corrupt" in e.value.details()
             info = client.stub.Info(pb.InfoRequest(), timeout=10)
-            assert (info.model.name, info.factory, info.count, len(info.shards)) == ("lite0-gem", "Flat", 8, 2)
+            assert (info.model.name, info.factory, info.count, len(info.shards)) == (DEFAULT_MODEL, "Flat", 8, 2)
         serve.proc.terminate()
         assert serve.proc.wait(30) == 0
     finally:
