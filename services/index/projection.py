@@ -10,14 +10,19 @@ detection within 1.5 points, recall@1 unchanged, and makes vectors 5x smaller; a
 for "more like this" should take --pca 128 with --dba / qe (README).
 
 faiss trains it (PCAMatrix: handles fewer rows than dimensions, eigenvalue power for whitening); the result
-is kept as a plain affine map (A, b) in an .npz so any process applies it with one matmul, without faiss.
+is kept as a plain affine map (A, b) in an .npz. It is applied by faiss too (a LinearTransform), not by a numpy
+matmul: numpy's OpenBLAS keeps its pthreads spinning after a call, and on a small machine they take the cores
+faiss's OpenMP threads search on next — a batch of 100 queries then took 3x longer to search than to project
+and search with faiss's own BLAS (`python -m benchmarks.projection_cost --factory IVF256,Flat`).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import cached_property
 
+import faiss
 import numpy as np
 
 from services.common.checksums import verified_bytes
@@ -51,9 +56,18 @@ class Projection:
             raise InvalidInput(f"the projection takes {self.in_dim}-d vectors, got shape {vectors.shape}")
         out = np.empty((len(vectors), self.out_dim), np.float32)
         for i in range(0, len(vectors), batch):
-            y = vectors[i:i + batch] @ self.matrix.T + self.bias
-            out[i:i + batch] = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+            out[i:i + batch] = self._transform.apply(np.ascontiguousarray(vectors[i:i + batch]))
+        faiss.normalize_L2(out)
         return out
+
+    @cached_property
+    def _transform(self) -> faiss.LinearTransform:
+        """y = A x + b in faiss (see the module's docstring for why not numpy)."""
+        lt = faiss.LinearTransform(self.in_dim, self.out_dim, True)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.matrix, np.float32).ravel(), lt.A)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.bias, np.float32), lt.b)
+        lt.is_trained = True
+        return lt
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -93,8 +107,6 @@ def skip_reason(n: int, dim: int, pca_dim: int) -> str | None:
 
 def train(vectors: np.ndarray, pca_dim: int, power: float = 0.0, seed: int = 0) -> Projection:
     """Learn the projection on (a sample of) the catalogue's vectors."""
-    import faiss
-
     check_options(pca_dim, power)
     if not 0 < pca_dim < vectors.shape[1]:
         raise InvalidInput(f"PCA to {pca_dim} dimensions needs a model with more than that, not {vectors.shape[1]}")
