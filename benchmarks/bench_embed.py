@@ -19,7 +19,8 @@ import numpy as np
 
 from services.common.config import Settings
 from services.embedder.models import load_embedder
-from services.embedder.pipeline import decode_batch, embed_catalogue
+from services.embedder.pipeline import embed_catalogue
+from services.embedder.stages import decode_batch
 from services.eval.datasets import flatten, skimage_photos
 from services.eval.transforms import random_copy
 

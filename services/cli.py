@@ -94,20 +94,24 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
                TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("embed", total=None, errors=0, rate="-")
-        start: list[float] = []  # (time, rows) of the first report: a resumed run's rate counts new rows only
-
+        since: dict[str, float] = {}  # rows and time at the first batch: start-up and resumed rows do not count
         said = [0.0]  # when a line was last printed (no terminal: no bar)
 
         def progress(done: int, total: int, errors: int) -> None:
             now = time.monotonic()
-            start or start.extend((now, done))
-            rate = (done - start[1]) / (now - start[0]) if now > start[0] else 0.0
+            since.setdefault("before", done)
+            if "rows" not in since and done > since["before"]:
+                since.update(rows=done, time=now)
+            rate = (done - since["rows"]) / (now - since["time"]) if "rows" in since and now > since["time"] else 0.0
             bar.update(task, completed=done, total=total, errors=errors, rate=f"{rate:.1f}")
             if not err.is_terminal and not as_json and (now - said[0] >= 10 or done == total):
                 said[0] = now
-                err.print(f"• embedding: {done}/{total} images, {errors} errors, {rate:.1f} img/s", highlight=False)
+                eta = f", {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+                err.print(f"• embedding: {done}/{total} images, {errors} errors, {rate:.1f} img/s{eta}",
+                          highlight=False)
 
-        summary = embed_catalogue(source, out_url, settings=settings, progress=progress, **options)
+        summary = embed_catalogue(source, out_url, settings=settings, progress=progress,
+                                  say=None if as_json else _step(False), **options)
     if as_json:
         print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
                           "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,

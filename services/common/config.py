@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, gt=0, le=4096)
     ray_address: str | None = None
     ray_min_images: int = Field(2000, ge=0, description="catalogues at least this big go through Ray")
-    ray_actors: int = Field(1, gt=0)
+    ray_actors: int = Field(0, ge=0, description="Ray model actors; 0: one per GPU, or one single-threaded "
+                                                 "actor per CPU of the cluster")
     part_rows: int = Field(5000, gt=0, description="rows per embeddings parquet part")
 
     # --- indexing / search

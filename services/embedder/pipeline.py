@@ -1,8 +1,7 @@
 """Batch embedding of a catalogue: list -> read + decode (CPU) -> model -> parquet parts.
 
-The same two stage functions run in-process (small catalogues: Ray start-up costs seconds)
-or as Ray Data `map_batches` stages: decode as CPU tasks, the model as an actor pool
-(one GPU per actor when there are GPUs).
+The stages (services.embedder.stages) run on the engine the cluster calls for (services.embedder.engines);
+this module lists the catalogue, resumes what an earlier run finished and writes the parts.
 """
 
 from __future__ import annotations
@@ -10,30 +9,24 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-import numpy as np
 import pyarrow.compute as pc
 
-from services.common.checksums import sha256_bytes
 from services.common.config import Settings, get_settings
-from services.common.errors import ImsearchError, Incompatible, InvalidInput, NotFound, Unavailable
+from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.common.folders import IMAGE_EXTENSIONS, is_image_name
-from services.common.images import decode_image, probe_image
 from services.common.store import open_store, read_uri
 from services.embedder.embeddings import META_KEY, Finished, PartWriter, plan_chunks, resume_state
-from services.embedder.gpu_decode import JPEG_MODES
+from services.embedder.engines import Engine, choose_engine, run_local, run_ray
 from services.embedder.spec import resolve_spec
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
-Batch = dict[str, np.ndarray]
 Progress = Callable[[int, int, int], None]  # (rows done, total, errors so far)
-PREFETCH = 2  # batches whose bytes are fetched ahead of the model
 
 
 @dataclass
@@ -110,103 +103,6 @@ def _manifest_ids(column, path: str) -> list[int]:
     return ids
 
 
-def fetch_batch(batch: Batch, settings: Settings) -> Batch:
-    """I/O stage: the bytes of every uri. A missing or unreadable file is that row's error; storage that
-    stays unreachable (after the store's retries) stops the run instead — a rerun resumes it, whereas
-    error rows would be final."""
-    data, err = [], []
-    for uri in batch["uri"]:
-        try:
-            data.append(read_uri(str(uri), settings))
-            err.append("")
-        except Unavailable:
-            raise
-        except ImsearchError as e:
-            data.append(b"")
-            err.append(str(e))
-    return {**batch, "data": np.array(data, dtype=object), "read_error": np.array(err, dtype=object)}
-
-
-def decode_batch(batch: Batch, size: int, settings: Settings, defer_jpeg: bool = False) -> Batch:
-    """CPU stage: read bytes (unless fetched already), hash, decode. A bad image becomes an error row,
-    never an exception. defer_jpeg (the model runs on a GPU): plain JPEGs are only checked here and
-    travel as bytes in a `jpeg` column, for the model stage to decode on the device."""
-    if "data" not in batch:
-        batch = fetch_batch(batch, settings)
-    uris = [str(u) for u in batch["uri"]]
-    n = len(uris)
-    pixels = np.zeros((n, size, size, 3), np.uint8)
-    sha, err, jpeg = [""] * n, [str(e) for e in batch["read_error"]], [b""] * n
-    width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    limits = (settings.max_image_bytes, settings.max_image_pixels)
-    for i, data in enumerate(batch["data"]):
-        if err[i]:
-            continue
-        try:
-            sha[i] = sha256_bytes(data)
-            if defer_jpeg:
-                fmt, mode, width[i], height[i] = probe_image(data, *limits)
-                if fmt == "JPEG" and mode in JPEG_MODES:
-                    jpeg[i] = data
-                    continue
-            d = decode_image(data, size, *limits)
-            pixels[i], width[i], height[i] = d.pixels, d.width, d.height
-        except ImsearchError as e:
-            err[i] = str(e)
-    out = {"uri": np.array(uris, dtype=object), "sha256": np.array(sha, dtype=object),
-           "width": width, "height": height, "error": np.array(err, dtype=object), "pixels": pixels}
-    if defer_jpeg:
-        out["jpeg"] = np.array(jpeg, dtype=object)
-    return out
-
-
-class EmbedStage:
-    """Model stage (a Ray actor in the Ray path): embeds the rows that decoded."""
-
-    def __init__(self, model: str, weights: str | None = None, device: str = "auto"):
-        from services.embedder.models import load_embedder  # torch: only where images get embedded
-
-        self.embedder = load_embedder(model, weights, device)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.embedder.device.type == "cuda"
-
-    def __call__(self, batch: Batch) -> Batch:
-        error = batch["error"].copy()
-        pixels = self._device_pixels(batch, error)
-        ok = np.array([not e for e in error], dtype=bool)
-        vectors = np.zeros((len(ok), self.embedder.spec.dim), np.float32)
-        if ok.any():
-            vectors[ok] = self.embedder.embed(pixels[ok])
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "jpeg")}
-        out["error"], out["vector"] = error, vectors
-        return out
-
-    def _device_pixels(self, batch: Batch, error: np.ndarray):
-        """The batch's pixels; JPEGs left undecoded by decode_batch(defer_jpeg) are decoded on the
-        model's device here (a decode failure becomes that row's error)."""
-        jpeg = batch.get("jpeg")
-        rows = [i for i in range(len(error)) if jpeg is not None and len(jpeg[i]) and not error[i]]
-        if not rows:
-            return batch["pixels"]
-        import torch
-
-        from services.embedder.gpu_decode import decode_on_device
-
-        size, device = batch["pixels"].shape[1], self.embedder.device
-        pixels = torch.from_numpy(batch["pixels"]).to(device)
-        try:  # one batched call (nvjpeg's fast path); it fails whole, so then row by row
-            pixels[rows] = decode_on_device([jpeg[i] for i in rows], size, device)
-        except RuntimeError:
-            for i in rows:
-                try:
-                    pixels[i] = decode_on_device([jpeg[i]], size, device)[0]
-                except RuntimeError as e:
-                    error[i] = f"corrupt JPEG data: {str(e).splitlines()[0]}"
-        return pixels
-
-
 @dataclass
 class EmbedSummary:
     out: str
@@ -245,72 +141,12 @@ class EmbedSummary:
         return text
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def _run_local(uris: list[str], model: str, weights: str | None, settings: Settings,
-               before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
-    size = resolve_spec(model, weights).image_size
-    stage = EmbedStage(model, weights, settings.device)
-    # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model); decoding runs
-    # here, between forwards. Decoding in threads beside torch's own threads measured slower: every
-    # intra-op barrier waits for the core a decode thread took.
-    with ThreadPoolExecutor(max_workers=PREFETCH) as pool:  # one thread per batch in flight
-        batches = [{"uri": np.array(c, dtype=object)} for c in _chunks(uris, settings.batch_size)]
-        futures = [pool.submit(fetch_batch, b, settings) for b in batches[:PREFETCH]]
-        for i in range(len(batches)):
-            fetched = futures[i].result()
-            if i + PREFETCH < len(batches):
-                futures.append(pool.submit(fetch_batch, batches[i + PREFETCH], settings))
-            futures[i] = None  # free the bytes
-            batch = decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu)
-            if before_model:
-                before_model(batch)
-            yield stage(batch)
-
-
-def _run_ray(uris: list[str], model: str, weights: str | None, settings: Settings,
-             before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
-    """before_model is not called: the stages run in other processes. Duplicates are still dropped
-    when written (PartWriter.add), after the actors embedded them."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the CLI draws its own bar
-    ctx.execution_options.preserve_order = True  # parts are cut at chunk boundaries, in catalogue order
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
-        # No address: a private instance ("local"), never whatever `ray start` left running on this host.
-        ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=False)
-    from services.embedder.models import pick_device
-
-    gpus = 1 if pick_device(settings.device).type == "cuda" else 0
-    size = resolve_spec(model, weights).image_size
-    ds = ray.data.from_items([{"uri": u} for u in uris])
-    ds = ds.map_batches(decode_batch, batch_size=settings.batch_size, batch_format="numpy",
-                        fn_kwargs={"size": size, "settings": settings, "defer_jpeg": bool(gpus)}, num_cpus=1)
-    ds = ds.map_batches(EmbedStage, batch_size=settings.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"model": model, "weights": weights, "device": settings.device},
-                        compute=ray.data.ActorPoolStrategy(size=settings.ray_actors),  # `concurrency`: deprecated
-                        num_gpus=gpus, num_cpus=0 if gpus else 1)
-    yield from ds.iter_batches(batch_size=settings.batch_size, batch_format="numpy")
-
-
-def choose_engine(n: int, settings: Settings, engine: str = "auto") -> str:
-    if engine not in ("auto", "local", "ray"):
-        raise InvalidInput(f"engine must be auto, local or ray, not {engine!r}")
-    if engine == "auto":
-        return "ray" if settings.ray_address or n >= settings.ray_min_images else "local"
-    return engine
-
-
 def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = None,
                     weights: str | None = None, engine: str = "auto",
-                    settings: Settings | None = None, progress: Progress | None = None) -> EmbedSummary:
-    """Embed every image of source into parquet parts under out; returns what happened.
+                    settings: Settings | None = None, progress: Progress | None = None,
+                    say: Callable[[str], None] | None = None) -> EmbedSummary:
+    """Embed every image of source into parquet parts under out; returns what happened. say (if given)
+    hears the run's first line: how many images, which model, which engine and why.
 
     Resumes: chunks a previous run over the same catalogue finished are skipped, not re-embedded."""
     settings = settings or get_settings()
@@ -327,13 +163,17 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
         log.warning("embedding a chunk again: %s", reason)
     pending = [c for c in chunks if c.number not in done]
     todo = [u for c in pending for u in c.uris]
-    summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=choose_engine(len(todo), settings, engine),
+    chosen = choose_engine(len(todo), settings, engine) if todo else Engine("local", "nothing left to embed")
+    summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=chosen.name,
                            resumed=len(catalogue.uris) - len(todo), redone=resume.redo)
     writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done)
     summary.resumed_embedded = writer.embedded
-    run = _run_ray if summary.engine == "ray" else _run_local
-    log.info("embedding %d images with %s via %s into %s (%d already done)", len(todo), spec.name,
-             summary.engine, out, summary.resumed)
+    run = run_ray if chosen.name == "ray" else run_local
+    first = (f"embedding {len(todo)} images with {spec.name} on the {chosen.name} engine ({chosen.why}) into {out}"
+             + (f"; {summary.resumed} done by an earlier run" if summary.resumed else ""))
+    log.info(first)
+    if say:
+        say(first)
     if progress:
         progress(writer.rows, summary.total, writer.errors)
     if todo:

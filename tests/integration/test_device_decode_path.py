@@ -4,7 +4,7 @@ vectors as the Pillow path, and a JPEG whose data is broken becomes an error row
 import numpy as np
 
 from services.common.config import Settings
-from services.embedder.pipeline import EmbedStage, decode_batch
+from services.embedder.stages import EmbedStage, decode_batch
 from tests.helpers import encode, jpeg_with_orientation, pattern
 
 

@@ -104,6 +104,8 @@ def test_kill_9_of_a_ray_run_with_two_actors_then_rerun_embeds_every_image_exact
             pass
     assert rerun.returncode == 0, rerun.stderr
     assert "deprecated" not in rerun.stderr, rerun.stderr  # Ray's own API as Ray documents it today
+    # no Ray notice or error line (token authentication, core_worker.cc's actor-restart error, progress bars)
+    assert [line for line in rerun.stderr.splitlines() if line.strip()] == [], rerun.stderr
     summary = json.loads(rerun.stdout)
     assert summary["engine"] == "ray" and summary["resumed"] == finished * 5 and summary["embedded"] == 60
     emb = read_embeddings(LocalStore(out))

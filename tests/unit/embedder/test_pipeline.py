@@ -7,7 +7,9 @@ import pytest
 
 from services.common.config import Settings
 from services.common.errors import InvalidInput, NotFound, Unavailable
-from services.embedder.pipeline import choose_engine, decode_batch, list_catalogue, list_images
+from services.embedder.engines import choose_engine
+from services.embedder.pipeline import list_catalogue, list_images
+from services.embedder.stages import decode_batch
 from tests.helpers import encode, pattern
 
 
@@ -65,24 +67,28 @@ def test_decode_batch_turns_failures_into_error_rows(tmp_path):
     assert (out["width"][0], out["height"][0]) == (64, 48)
 
 
-def test_engine_choice():
+def test_the_engine_is_the_clusters_choice_and_says_why():
     s = Settings(ray_min_images=100)
-    assert choose_engine(99, s) == "local" and choose_engine(100, s) == "ray"
-    assert choose_engine(5, Settings(ray_address="auto")) == "ray"
-    assert choose_engine(10_000, s, "local") == "local"
+    one_machine = [choose_engine(n, s, gpus=0) for n in (99, 100)]
+    assert [e.name for e in one_machine] == ["local", "ray"] and "one machine" in one_machine[0].why
+    cluster = choose_engine(5, Settings(ray_address="ray://head:10001"), gpus=0)
+    assert cluster.name == "ray" and "ray://head:10001" in cluster.why  # any size: the cluster is there
+    assert choose_engine(5, s, gpus=2).name == "ray"  # two GPUs here: one actor each
+    assert choose_engine(5, s, gpus=1).name == "local"
+    assert choose_engine(10_000, s, "local", gpus=4).name == "local"  # asked for
     with pytest.raises(InvalidInput):
         choose_engine(1, s, "spark")
 
 
 def test_unreachable_storage_stops_the_run_instead_of_making_final_error_rows(tmp_path, monkeypatch):
-    from services.embedder import pipeline
+    from services.embedder import stages
 
     def down(uri, settings=None):
         raise Unavailable("cannot reach S3 server")
 
-    monkeypatch.setattr(pipeline, "read_uri", down)
+    monkeypatch.setattr(stages, "read_uri", down)
     with pytest.raises(Unavailable):
-        pipeline.fetch_batch({"uri": np.array(["s3://b/a.jpg"], dtype=object)}, Settings(home=tmp_path))
-    monkeypatch.setattr(pipeline, "read_uri", lambda uri, settings=None: (_ for _ in ()).throw(NotFound("gone")))
-    out = pipeline.fetch_batch({"uri": np.array(["a.jpg"], dtype=object)}, Settings(home=tmp_path))
+        stages.fetch_batch({"uri": np.array(["s3://b/a.jpg"], dtype=object)}, Settings(home=tmp_path))
+    monkeypatch.setattr(stages, "read_uri", lambda uri, settings=None: (_ for _ in ()).throw(NotFound("gone")))
+    out = stages.fetch_batch({"uri": np.array(["a.jpg"], dtype=object)}, Settings(home=tmp_path))
     assert out["read_error"].tolist() == ["gone"]  # a missing file is that row's error
