@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     ray_min_images: int = Field(2000, ge=0, description="catalogues at least this big go through Ray")
     ray_actors: int = Field(0, ge=0, description="Ray model actors; 0: one per GPU, or one single-threaded "
                                                  "actor per CPU of the cluster")
-    part_rows: int = Field(5000, gt=0, description="rows per embeddings parquet part")
+    part_rows: int = Field(5000, gt=0, description="rows per embeddings parquet part (a resumable chunk)")
+    part_seconds: float = Field(30.0, gt=0, description="a chunk in progress is written at least this often "
+                                                        "(in pieces): what a killed embed run can lose")
 
     # --- indexing / search
     memory_budget_gb: float = Field(8.0, gt=0)

@@ -4,12 +4,14 @@ Row columns: id (int64: content hash, or the manifest's id), uri, sha256, width,
 when ok), vector (fixed-size list of float32, null on error rows), metadata (JSON of the manifest's
 other columns, or null).
 
-Resumable runs: the catalogue is cut into chunks of part_rows images in a stable order; chunk i is
-written as `parts/part-<i>-<digest of its uris>.parquet`, then a marker `done/part-<i>-<digest>.json`
-(rows, errors, the part's checksum, a checksum of the marker itself). A rerun skips every chunk whose
-marker and part verify, so a killed run loses at most the chunks in flight, nothing is embedded twice, and
-a damaged or missing part is embedded again. Markers live in `done/` (not beside the parts) so
-`parts/` stays a plain parquet dataset.
+Resumable runs: the catalogue is cut into chunks of part_rows images in a stable order. A chunk is written
+in one or more pieces: whenever part_seconds of work have passed (so a killed run loses under a minute at any
+speed), and when the chunk is complete. The piece of chunk i starting at row r is
+`parts/part-<i>-<digest of the chunk's uris>[-at-<r>].parquet` (no suffix for r = 0), then its marker
+`done/<same name>.json` (start, rows, errors, the part's checksum, a checksum of the marker itself). A rerun
+keeps each chunk's verified pieces from row 0 on and embeds the rest, so a killed run loses at most the piece
+in flight, nothing is embedded twice, and a damaged or missing part is embedded again from where it starts.
+Markers live in `done/` (not beside the parts) so `parts/` stays a plain parquet dataset.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -65,17 +68,36 @@ def plan_chunks(uris: list[str], rows: int, ids: list[int] | None = None,
             for n, i in enumerate(range(0, len(uris), rows))]
 
 
+def piece_name(chunk: Chunk, start: int) -> str:
+    return chunk.name if start == 0 else f"{chunk.name}-at-{start:06d}"
+
+
+def _part_order(part: dict) -> tuple[int, int, str]:
+    """Parts in catalogue order: by chunk number, then by the row their piece starts at."""
+    m = re.search(r"part-(\d+)(?:-[0-9a-f]+)?(?:-at-(\d+))?\.parquet$", part["key"])
+    return (int(m.group(1)), int(m.group(2) or 0), part["key"]) if m else (-1, 0, part["key"])
+
+
 @dataclass
 class Finished:
-    """A chunk an earlier run finished, verified: its done marker and the part's uri, sha256, error columns."""
-    marker: dict
+    """What an earlier run wrote of one chunk, verified, from its row 0 on: the pieces' done markers and
+    their rows' uri, sha256 and error columns."""
+    markers: list[dict]
     table: pa.Table
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
 
 
 @dataclass
 class Resume:
-    done: dict[int, Finished]  # chunk number -> what an earlier run finished (verified)
-    redo: list[str]  # chunks with a marker that failed verification, and why: embedded again
+    done: dict[int, Finished]  # chunk number -> what earlier runs wrote of it (verified): all of it, or a start
+    redo: list[str]  # pieces with a marker that failed verification, and why: embedded again
+
+    def written(self, chunk: Chunk) -> int:
+        """Rows of chunk already written."""
+        return self.done[chunk.number].rows if chunk.number in self.done else 0
 
 
 def marker_bytes(part: dict, model: str) -> bytes:
@@ -94,30 +116,44 @@ def _read_marker(data: bytes) -> dict:
 
 
 def resume_state(store: Store, chunks: list[Chunk]) -> Resume:
-    """What an earlier run finished, each chunk verified before it is trusted: its marker matches its own
-    checksum, and its part is there and matches the checksum in the marker. A chunk that fails either is
-    embedded again. (One listing, not one request per chunk; each finished part is read once, here.)"""
+    """What earlier runs wrote, each piece verified before it is trusted: its marker matches its own
+    checksum, its part is there and matches the checksum in the marker, and it holds the chunk's next uris.
+    A chunk is kept up to its first piece that fails; the rest is embedded again. (One listing, not one
+    request per chunk; each finished part is read once, here.)"""
     present = set(store.list("parts")) | set(store.list("done"))
     resume = Resume({}, [])
     for c in chunks:
-        marker_key, part_key = f"done/{c.name}.json", f"parts/{c.name}.parquet"
-        if marker_key not in present:
-            continue  # not finished: a part without its marker was in flight
-        try:
-            marker = _read_marker(store.get_bytes(marker_key))
-        except (ValueError, UnicodeDecodeError):
-            resume.redo.append(f"{c.name}: damaged done marker")
-            continue
-        try:
-            data = verified_bytes(store, part_key, marker["sha256"])
-        except NotFound:
-            resume.redo.append(f"{c.name}: part missing")
-            continue
-        except Corrupt:
-            resume.redo.append(f"{c.name}: damaged part (checksum mismatch)")
-            continue
-        resume.done[c.number] = Finished(marker, pq.read_table(io.BytesIO(data), columns=["uri", "sha256", "error"]))
+        markers, tables, start = [], [], 0
+        while start < len(c.uris) and f"done/{piece_name(c, start)}.json" in present:
+            name = piece_name(c, start)
+            problem, marker, table = _verify_piece(store, name, c.uris[start:])
+            if problem:
+                resume.redo.append(f"{name}: {problem}")
+                break
+            markers.append(marker)
+            tables.append(table)
+            start += table.num_rows
+        if markers:
+            resume.done[c.number] = Finished(markers, pa.concat_tables(tables))
     return resume
+
+
+def _verify_piece(store: Store, name: str, due: list[str]) -> tuple[str, dict, pa.Table | None]:
+    """(what is wrong with it or "", its marker, its uri/sha256/error rows)."""
+    try:
+        marker = _read_marker(store.get_bytes(f"done/{name}.json"))
+    except (ValueError, UnicodeDecodeError):
+        return "damaged done marker", {}, None
+    try:
+        data = verified_bytes(store, f"parts/{name}.parquet", marker["sha256"])
+    except NotFound:
+        return "part missing", marker, None
+    except Corrupt:
+        return "damaged part (checksum mismatch)", marker, None
+    table = pq.read_table(io.BytesIO(data), columns=["uri", "sha256", "error"])
+    if table["uri"].to_pylist() != due[:table.num_rows]:
+        return "holds other images than the catalogue's next ones", marker, None
+    return "", marker, table
 
 
 def id_from_sha256(sha: str) -> int:
@@ -133,15 +169,19 @@ def reason_of(error: str) -> str:
 class PartWriter:
     """Buffers embedded rows, drops duplicate images, writes parquet parts atomically.
 
-    With a plan (the chunks still to embed, in order) parts are cut at chunk boundaries, named by
-    chunk and each followed by its done marker; `done` holds the markers of chunks finished earlier.
-    Without a plan, a part every part_rows rows (synthetic data)."""
+    With a plan (the chunks still to embed, in order) parts are pieces of chunks: cut at chunk boundaries
+    and whenever part_seconds passed since the last one, named by chunk and first row, each followed by its
+    done marker; `done` holds what earlier runs wrote of each chunk (a chunk of the plan with rows in `done`
+    continues after them). Without a plan, a part every part_rows rows (synthetic data)."""
 
     def __init__(self, store: Store, spec, part_rows: int = 5000, plan: list[Chunk] | None = None,
-                 done: dict[int, Finished] | None = None):
-        self.store, self.spec, self.part_rows = store, spec, part_rows
+                 done: dict[int, Finished] | None = None, part_seconds: float = float("inf")):
+        self.store, self.spec, self.part_rows, self.part_seconds = store, spec, part_rows, part_seconds
         self.plan = list(plan) if plan is not None else None
-        self.done = [done[n].marker for n in sorted(done or {})]
+        self.written = {n: f.rows for n, f in (done or {}).items()}  # rows of each chunk already in parts
+        self.offset = self.written.get(self.plan[0].number, 0) if self.plan else 0  # of plan[0], before buffer
+        self.last_write = time.monotonic()
+        self.done = [m for n in sorted(done or {}) for m in done[n].markers]
         self.buffer: list[dict] = []
         self.parts: list[dict] = []
         self.seen: dict[str, str] = {}  # sha256 -> first uri
@@ -183,7 +223,7 @@ class PartWriter:
 
     def add(self, batch: dict) -> None:
         for i, uri in enumerate(batch["uri"]):
-            chunk, pos = (self.plan[0] if self.plan else None), len(self.buffer)
+            chunk, pos = (self.plan[0] if self.plan else None), self.offset + len(self.buffer)
             if chunk is not None and chunk.uris[pos] != uri:
                 raise Corrupt(f"embedding pipeline returned {uri} where {chunk.uris[pos]} was due")
             user_id = chunk.ids[pos] if chunk is not None and chunk.ids is not None else None
@@ -206,13 +246,22 @@ class PartWriter:
                 self.embedded += 1
             self.buffer.append(row)
             self.rows += 1
-            if chunk is not None and len(self.buffer) == len(chunk.uris):
-                self._flush(chunk.name, marker=True)
+            if chunk is not None and pos + 1 == len(chunk.uris):
+                self._flush_piece()
                 self.plan.pop(0)
+                self.offset = self.written.get(self.plan[0].number, 0) if self.plan else 0
             elif chunk is None and len(self.buffer) >= self.part_rows:
                 self._flush(f"part-{len(self.parts):05d}")
+        if self.plan and self.buffer and time.monotonic() - self.last_write >= self.part_seconds:
+            self._flush_piece()  # a slow chunk is written in pieces: a kill loses under part_seconds of work
 
-    def _flush(self, name: str, marker: bool = False) -> None:
+    def _flush_piece(self) -> None:
+        rows = len(self.buffer)
+        self._flush(piece_name(self.plan[0], self.offset), marker=True, start=self.offset)
+        self.offset += rows
+
+    def _flush(self, name: str, marker: bool = False, start: int = 0) -> None:
+        self.last_write = time.monotonic()
         if not self.buffer:
             return
         cols = {name: [r[name] for r in self.buffer] for name in schema(self.spec.dim).names}
@@ -227,7 +276,7 @@ class PartWriter:
         for e in cols["error"]:
             if e:
                 reasons[reason_of(e)] = reasons.get(reason_of(e), 0) + 1
-        part = {"key": f"parts/{name}.parquet", "rows": table.num_rows, "reasons": reasons,
+        part = {"key": f"parts/{name}.parquet", "start": start, "rows": table.num_rows, "reasons": reasons,
                 "embedded": sum(e is None for e in cols["error"]), "sha256": sha256_bytes(data)}
         if marker:  # written after the part: a marker always names a complete part
             self.store.put_bytes(f"done/{name}.json", marker_bytes(part, self.spec.fingerprint))
@@ -243,7 +292,7 @@ class PartWriter:
         buf = io.BytesIO()
         pq.write_table(pa.table({"uri": pa.array(uris, pa.string()), "error": pa.array(errors, pa.string())}), buf)
         self.store.put_bytes(ERRORS_KEY, buf.getvalue())
-        parts = sorted(self.done + self.parts, key=lambda p: p["key"])
+        parts = sorted(self.done + self.parts, key=_part_order)
         meta = {"format": FORMAT, "model": self.spec.describe(), "dim": self.spec.dim, "source": source,
                 "rows": self.rows, "embedded": self.embedded, "errors": self.errors, "reasons": self.reasons,
                 "duplicates": self.duplicates, "errors_file": ERRORS_KEY, "resumed_parts": len(self.done),

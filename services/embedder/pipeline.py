@@ -161,12 +161,12 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     _check_same_model(store, spec, done)
     for reason in resume.redo:
         log.warning("embedding a chunk again: %s", reason)
-    pending = [c for c in chunks if c.number not in done]
-    todo = [u for c in pending for u in c.uris]
+    pending = [c for c in chunks if resume.written(c) < len(c.uris)]
+    todo = [u for c in pending for u in c.uris[resume.written(c):]]
     chosen = choose_engine(len(todo), settings, engine) if todo else Engine("local", "nothing left to embed")
     summary = EmbedSummary(out=out, total=len(catalogue.uris), engine=chosen.name,
                            resumed=len(catalogue.uris) - len(todo), redone=resume.redo)
-    writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done)
+    writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done, part_seconds=settings.part_seconds)
     summary.resumed_embedded = writer.embedded
     run = run_ray if chosen.name == "ray" else run_local
     first = (f"embedding {len(todo)} images with {spec.name} on the {chosen.name} engine ({chosen.why}) into {out}"
@@ -194,7 +194,7 @@ def _check_same_model(store, spec, done: dict[int, Finished]) -> None:
         meta = json.loads(store.get_bytes(META_KEY))
     except (NotFound, ValueError):
         meta = {}
-    found = {meta.get("model", {}).get("fingerprint")} | {f.marker.get("model") for f in done.values()}
+    found = {meta.get("model", {}).get("fingerprint")} | {m.get("model") for f in done.values() for m in f.markers}
     other = found - {None, spec.fingerprint}
     if other:
         raise Incompatible(f"{store.url} holds embeddings of another model ({', '.join(sorted(other))}); this "

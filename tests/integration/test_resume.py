@@ -1,4 +1,4 @@
-"""kill -9 `imsearch embed` midway — in-process and on Ray Data with 2 model actors — or at a named crash
+"""kill -9 `imsearch embed` midway — in-process and on Ray with 2 model actors — or at a named crash
 point, run the same command again: it resumes, embeds every image exactly once and loses nothing."""
 
 from __future__ import annotations
@@ -111,6 +111,36 @@ def test_kill_9_of_a_ray_run_with_two_actors_then_rerun_embeds_every_image_exact
     emb = read_embeddings(LocalStore(out))
     assert sorted(Path(u).name for u in emb.uris) == [f"img-{i:04d}.png" for i in range(60)]  # each once
     assert len(set(emb.ids.tolist())) == 60
+
+
+def test_kill_9_of_a_ray_run_after_40_s_of_work_keeps_what_it_did_with_the_default_chunk_size(tmp_path):
+    """IMSEARCH_PART_ROWS stays 5,000 (more than the catalogue): before pieces, nothing survived this."""
+    src, out = tmp_path / "catalogue", tmp_path / "emb"
+    write_catalogue(src, 3000)  # ~100 s of work on 2 cores: still running at the kill
+    env = {**os.environ, "IMSEARCH_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "services.cli", "embed", str(src), "--out", str(out), "--engine", "ray"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stderr.readline()  # said once the catalogue is listed: the work (Ray's start-up on) begins
+        assert first.startswith("• embedding 3000 images"), first
+        time.sleep(40)
+        assert proc.poll() is None, "the run ended before the kill: the kill would not interrupt it"
+        assert not (out / "embeddings.json").exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    from services.embedder.embeddings import plan_chunks, resume_state
+    from services.embedder.pipeline import list_images
+
+    chunks = plan_chunks(list_images(str(src)), 5000)
+    kept = resume_state(LocalStore(out), chunks).written(chunks[0])
+    print(f"kill -9 after 40 s: {kept} images kept")
+    assert kept >= 1
 
 
 @pytest.mark.parametrize("point", ["embed.part-written", "embed.marker-written"])

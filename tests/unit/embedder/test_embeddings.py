@@ -103,7 +103,7 @@ def test_a_killed_run_of_another_model_is_not_resumed(tmp_path):
     first = spec(tmp_path)
     PartWriter(store, first, 2, plan=chunks, done={}).add(batch(["a", "b"], [sha(1), sha(2)]))  # then killed
     done = resume_state(store, chunks).done
-    assert done[0].marker["model"] == first.fingerprint
+    assert done[0].markers[0]["model"] == first.fingerprint
     _check_same_model(store, first, done)  # the same model resumes
     other_weights = tmp_path / "other.bin"
     other_weights.write_bytes(b"other")
@@ -165,3 +165,47 @@ def test_a_damaged_or_missing_chunk_of_an_earlier_run_is_embedded_again(tmp_path
     again.close("test")
     emb = read_embeddings(store)
     assert emb.uris == uris and len(set(emb.ids.tolist())) == 6  # every image exactly once
+
+
+def test_a_slow_chunk_is_written_in_pieces_and_a_rerun_continues_after_the_last_one(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    uris = [f"img/{i:03d}.jpg" for i in range(8)]
+    chunks = plan_chunks(uris, 5)  # rows 0-4 and 5-7
+    patient = PartWriter(store, spec(tmp_path), 5, plan=chunks, done={})  # part_seconds: never
+    patient.add(batch(uris[:2], [sha(i) for i in range(2)]))
+    assert store.list("parts") == []  # without a time limit a chunk is written whole, as before
+
+    run = PartWriter(store, spec(tmp_path), 5, plan=chunks, done={}, part_seconds=0.0)  # a piece per batch
+    run.add(batch(uris[:2], [sha(i) for i in range(2)]))
+    run.add(batch(uris[2:4], [sha(i) for i in range(2, 4)]))  # then kill -9, inside chunk 0
+    resume = resume_state(store, chunks)
+    assert resume.written(chunks[0]) == 4 and resume.written(chunks[1]) == 0 and resume.redo == []
+    assert len(resume.done[0].markers) == 2  # rows 0-1 and 2-3
+
+    rerun = PartWriter(store, spec(tmp_path), 5, plan=chunks, done=resume.done, part_seconds=0.0)
+    assert rerun.rows == 4
+    rerun.add(batch(uris[4:], [sha(i) for i in range(4, 8)]))  # chunk 0 goes on at row 4, then chunk 1
+    meta = rerun.close("test")
+    assert [p["key"].split("/")[1] for p in meta["parts"]] == [
+        f"{chunks[0].name}.parquet", f"{chunks[0].name}-at-000002.parquet", f"{chunks[0].name}-at-000004.parquet",
+        f"{chunks[1].name}.parquet"]
+    emb = read_embeddings(store)
+    assert emb.uris == uris and len(set(emb.ids.tolist())) == 8  # in catalogue order, each once
+
+
+def test_a_damaged_piece_is_embedded_again_from_its_first_row_and_the_pieces_before_it_are_kept(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    uris = [f"img/{i:03d}.jpg" for i in range(6)]
+    chunks = plan_chunks(uris, 6)
+    run = PartWriter(store, spec(tmp_path), 6, plan=chunks, done={}, part_seconds=0.0)
+    for i in range(0, 6, 2):
+        run.add(batch(uris[i:i + 2], [sha(j) for j in range(i, i + 2)]))
+    middle = f"parts/{chunks[0].name}-at-000002.parquet"
+    store.put_bytes(middle, store.get_bytes(middle)[:-20] + b"x" * 20)
+    resume = resume_state(store, chunks)
+    assert resume.written(chunks[0]) == 2  # the piece after the damaged one is not trusted either
+    assert len(resume.redo) == 1 and "-at-000002" in resume.redo[0] and "checksum" in resume.redo[0]
+    again = PartWriter(store, spec(tmp_path), 6, plan=chunks, done=resume.done, part_seconds=0.0)
+    again.add(batch(uris[2:], [sha(j) for j in range(2, 6)]))
+    again.close("test")
+    assert read_embeddings(store).uris == uris
