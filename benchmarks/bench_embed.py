@@ -1,9 +1,13 @@
-"""Embedding pipeline throughput vs the raw model forward pass (same model, batch, device, size).
+"""Embedding pipeline throughput vs the raw model forward pass (same model, batch, device, size), per engine.
 
 The pipeline reads files, hashes, decodes, resizes, embeds and writes parquet; the baseline
-embeds the same images already decoded in memory. Prints images/s of both and their ratio.
-Usage: python -m benchmarks.bench_embed [--images 256] [--batch 32] [--engine local|ray] [--rounds 3]
-       [--models lite0-gem,lite1-gem,lite2-gem]
+embeds the same images already decoded in memory. Prints images/s of each and their ratios: pipeline ÷ raw
+forward per engine, and Ray ÷ in-process when both engines run. A Ray run includes starting its model actors
+(each run starts its own, as `imsearch embed` does); the Ray instance is started once by the warm-up, as the
+in-process engine's imports are.
+--photo-px: the long side of the generated JPEGs (320: catalogue thumbnails; 1400: ~1.4-megapixel photos).
+Usage: python -m benchmarks.bench_embed [--images 256] [--batch 32] [--engines local[,ray]] [--rounds 3]
+       [--models lite0-gem,lite1-gem,lite2-gem] [--photo-px 640]
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from services.eval.datasets import flatten, skimage_photos
 from services.eval.transforms import random_copy
 
 
-def make_catalogue(folder: Path, n: int) -> None:
-    """n distinct JPEGs (~640 px) made from scikit-image's photos by random edits (an edit can repeat
-    an earlier file exactly, e.g. JPEG q30 of the same photo: the pipeline would skip it)."""
+def make_catalogue(folder: Path, n: int, long_side: int = 640) -> None:
+    """n distinct JPEGs with a long side of long_side px, made from scikit-image's photos by random edits
+    (an edit can repeat an earlier file exactly, e.g. JPEG q30 of the same photo: the pipeline would skip
+    it)."""
     rng = np.random.default_rng(0)
     photos = [flatten(p.path) for p in skimage_photos()]
     folder.mkdir(parents=True)
@@ -35,6 +40,8 @@ def make_catalogue(folder: Path, n: int) -> None:
     i = 0
     while len(seen) < n:
         img, _ = random_copy(photos[i % len(photos)], rng, n_edits=2)
+        scale = long_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         if buf.getvalue() not in seen:
@@ -47,27 +54,38 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--engine", default="local")
+    ap.add_argument("--engines", "--engine", default="local", help="comma-separated: local, ray")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--models", default="lite0-gem", help="comma-separated; each is timed on the same images, "
-                                                          "and its speed given as a ratio to the first")
+    ap.add_argument("--photo-px", type=int, default=640, help="long side of the generated JPEGs")
+    ap.add_argument("--models", default=Settings.model_fields["model"].default,
+                    help="comma-separated; each is timed on the same images, and its speed given as a ratio to "
+                         "the first")
     args = ap.parse_args()
+    engines = args.engines.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_catalogue(tmp / "images", args.images)
+        make_catalogue(tmp / "images", args.images, args.photo_px)
         first = None
         for model in args.models.split(","):
-            raw, pipe, ratios, size, device = run_model(model, tmp, args)
-            first = first or pipe
+            raw, pipes, size, device = run_model(model, tmp, args, engines)
             cores = os.cpu_count() or 1
-            print(f"model {model}, {size}px, batch {args.batch}, device {device}, {args.images} images, "
-                  f"engine {args.engine}")
-            print(f"raw forward {raw:.1f} img/s; pipeline {pipe:.1f} img/s ({pipe / cores:.1f} img/s per core); "
-                  f"ratio {np.median(ratios):.2f} (median of rounds: {', '.join(f'{x:.2f}' for x in ratios)}); "
-                  f"pipeline speed vs {args.models.split(',')[0]}: {pipe / first:.2f}", flush=True)
+            print(f"model {model}, {size}px, batch {args.batch}, device {device}, {args.images} JPEGs of "
+                  f"{args.photo_px} px (long side), {args.rounds} alternating round(s)")
+            print(f"raw forward {np.median(raw):.1f} img/s")
+            for engine in engines:
+                speed = float(np.median(pipes[engine]))
+                first = first or speed
+                ratios = [p / r for p, r in zip(pipes[engine], raw)]
+                print(f"{engine}: pipeline {speed:.1f} img/s ({speed / cores:.1f} per core); pipeline ÷ raw forward "
+                      f"{np.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)}); "
+                      f"speed vs the first model: {speed / first:.2f}", flush=True)
+            if len(engines) > 1:
+                ratios = [r / lo for r, lo in zip(pipes[engines[1]], pipes[engines[0]])]
+                print(f"{engines[1]} ÷ {engines[0]}: {np.median(ratios):.2f} (rounds: "
+                      f"{', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
 
 
-def run_model(model: str, tmp: Path, args) -> tuple[float, float, list[float], int, str]:
+def run_model(model: str, tmp: Path, args, engines: list[str]) -> tuple[list[float], dict, int, str]:
     embedder = load_embedder(model, device="auto")
     size = embedder.spec.image_size
     settings = Settings(home=tmp / "home", batch_size=args.batch, model=model)
@@ -76,25 +94,27 @@ def run_model(model: str, tmp: Path, args) -> tuple[float, float, list[float], i
     uris = np.array(sorted(str(p) for p in (tmp / "images").iterdir()), dtype=object)
     pixels = decode_batch({"uri": uris}, size, settings)["pixels"]
     embedder.embed(pixels[:args.batch])  # warm-up
-    # Warm-up as for the raw loop: one-time costs (imports, first parquet write, thread pools) are
-    # paid once per process, not per image.
-    embed_catalogue(list(uris[:args.batch]), str(tmp / f"warm-{model}"), engine=args.engine, settings=settings)
-    # Rounds alternate the two loops so that this machine's speed drift (±15 % between minutes)
-    # hits both alike; the ratio reported is the median of the per-round ratios.
-    raws, pipes = [], []
+    # Warm-up as for the raw loop: one-time costs (imports, first parquet write, thread pools, the Ray
+    # instance) are paid once per process, not per image.
+    for engine in engines:
+        embed_catalogue(list(uris[:args.batch]), str(tmp / f"warm-{model}-{engine}"), engine=engine,
+                        settings=settings)
+    # Rounds alternate the loops so that this machine's speed drift (±15 % between minutes)
+    # hits all alike; ratios are medians of the per-round ratios.
+    raws, pipes = [], {e: [] for e in engines}
     for r in range(args.rounds):
         start = time.perf_counter()
         for i in range(0, args.images, args.batch):
             embedder.embed(pixels[i:i + args.batch])
         raws.append(args.images / (time.perf_counter() - start))
-        start = time.perf_counter()
-        summary = embed_catalogue(str(tmp / "images"), str(tmp / f"emb-{model}-{r}"), engine=args.engine,
-                                  settings=settings)
-        pipes.append(summary.embedded / (time.perf_counter() - start))
-        if summary.embedded != args.images:
-            raise SystemExit(f"catalogue not fully embedded: {summary.line()}")
-    ratios = [p / r for p, r in zip(pipes, raws)]
-    return float(np.median(raws)), float(np.median(pipes)), ratios, size, str(embedder.device)
+        for engine in engines:
+            start = time.perf_counter()
+            summary = embed_catalogue(str(tmp / "images"), str(tmp / f"emb-{model}-{engine}-{r}"), engine=engine,
+                                      settings=settings)
+            pipes[engine].append(summary.embedded / (time.perf_counter() - start))
+            if summary.embedded != args.images:
+                raise SystemExit(f"catalogue not fully embedded: {summary.line()}")
+    return raws, pipes, size, str(embedder.device)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def embed(
     model: Optional[str] = typer.Option(None, help="registry name, timm:<arch>, or a checkpoint .pt"),
     weights: Optional[str] = typer.Option(None, help="weights file for timm:<arch> models"),
     engine: str = typer.Option("auto", help="auto | local | ray"),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --engine ray)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address: the auto engine is then Ray"),
     batch_size: Optional[int] = typer.Option(None, help="images per model batch"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -81,7 +81,7 @@ def embed(
     if bool(source) == bool(manifest):
         raise typer.BadParameter("give either SOURCE or --manifest")
     _embed(source or manifest, out_, _settings(ray_address=ray_address, batch_size=batch_size), as_json,
-           model=model, weights=weights, engine="ray" if ray_address else engine)
+           model=model, weights=weights, engine=engine)
 
 
 def _embed(source: str, out_url: str, settings, as_json: bool = False, **options) -> None:
@@ -116,7 +116,8 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
         print(json.dumps({"out": summary.out, "total": summary.total, "embedded": summary.embedded,
                           "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,
                           "resumed": summary.resumed, "embedded_this_run": summary.embedded_now,
-                          "duplicates": summary.duplicates, "redone": summary.redone}))
+                          "duplicates": summary.duplicates, "redone": summary.redone,
+                          "seconds": round(summary.seconds, 2), "nodes": dict(summary.nodes)}))
     else:
         out.print(summary.line(), highlight=False)
     if summary.embedded == 0:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from services.common.config import Settings
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, Unavailable
 from services.embedder.spec import resolve_spec
 from services.embedder.stages import Batch, DecodeEmbedStage, EmbedStage, decode_batch, fetch_batch
 
@@ -98,8 +98,12 @@ def start_ray(settings: Settings) -> None:
     if not ray.is_initialized():
         # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
         # No address: a private instance ("local"), never whatever `ray start` left running on this host.
-        ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        try:
+            ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
+        except ConnectionError as e:  # unreachable, or refused (a cluster with token auth needs RAY_AUTH_TOKEN)
+            cause = str(e.__cause__ or e).splitlines()[0]
+            raise Unavailable(f"cannot reach the Ray cluster at {settings.ray_address}: {cause}") from None
 
 
 def model_actors(settings: Settings, gpus: bool) -> int:

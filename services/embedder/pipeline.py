@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,15 @@ class EmbedSummary:
     resumed_embedded: int = 0  # ... of which embedded
     duplicates: int = 0
     redone: list[str] = field(default_factory=list)  # chunks of an earlier run that failed verification
+    nodes: Counter = field(default_factory=Counter)  # Ray node id -> images it embedded in this run
+    seconds: float = 0.0  # from the first embedded batch to the last (after the engine's start-up), this run
+
+    def per_node(self) -> str:
+        """Each Ray node's share and rate (after start-up), when more than one node worked."""
+        if len(self.nodes) < 2 or not self.seconds:
+            return ""
+        return "; Ray nodes: " + ", ".join(f"{node[:8]} {n} images ({n / self.seconds:.1f} img/s)"
+                                           for node, n in self.nodes.most_common())
 
     @property
     def skipped(self) -> int:
@@ -138,7 +148,7 @@ class EmbedSummary:
             text += f"; {len(self.redone)} chunk(s) of an earlier run embedded again ({', '.join(self.redone[:3])})"
         if self.reasons:
             text += ": " + "; ".join(f"{n}× {r}" for r, n in self.reasons.most_common(8))
-        return text
+        return text + self.per_node()
 
 
 def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = None,
@@ -177,10 +187,14 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     if progress:
         progress(writer.rows, summary.total, writer.errors)
     if todo:
+        start = None
         for batch in run(todo, model, weights, settings, writer.mark_duplicates):
+            start = start or time.monotonic()
             writer.add(batch)
+            summary.nodes.update(n for n in batch.get("node", ()) if n)
             if progress:
                 progress(writer.rows, summary.total, writer.errors)
+        summary.seconds = time.monotonic() - start if start else 0.0
     stats = writer.close(source if isinstance(source, str) else "<list>")
     summary.embedded, summary.reasons = stats["embedded"], Counter(stats["reasons"])
     summary.duplicates = stats["duplicates"]
