@@ -120,14 +120,21 @@ def run_ray(uris: list[str], model: str, weights: str | None, settings: Settings
     """before_model is not called: the stages run in other processes. Duplicates are still dropped
     when written (PartWriter.add), after the actors embedded them. Each batch carries a `node` column (the
     Ray node that embedded it)."""
-    from services.embedder.models import pick_device
+    import ray
 
     start_ray(settings)
     size = resolve_spec(model, weights).image_size
-    if pick_device(settings.device).type == "cuda":
+    if on_gpus(settings, ray.cluster_resources().get("GPU", 0)):
         yield from _ray_data_gpu(uris, model, weights, settings, size)
     else:
         yield from _ray_actors_cpu(uris, model, weights, settings, size)
+
+
+def on_gpus(settings: Settings, cluster_gpus: float) -> bool:
+    """The cluster's GPUs decide, not the driver's device: on KubeRay the driver runs on a CPU-only head."""
+    if settings.device == "cuda" and not cluster_gpus:
+        raise InvalidInput("IMSEARCH_DEVICE=cuda but the Ray cluster has no GPU")
+    return settings.device != "cpu" and cluster_gpus > 0
 
 
 class _PipelineActor(DecodeEmbedStage):

@@ -7,7 +7,7 @@ import pytest
 
 from services.common.config import Settings
 from services.common.errors import InvalidInput, NotFound, Unavailable
-from services.embedder.engines import choose_engine
+from services.embedder.engines import choose_engine, on_gpus
 from services.embedder.pipeline import list_catalogue, list_images
 from services.embedder.stages import decode_batch
 from tests.helpers import encode, pattern
@@ -78,6 +78,13 @@ def test_the_engine_is_the_clusters_choice_and_says_why():
     assert choose_engine(10_000, s, "local", gpus=4).name == "local"  # asked for
     with pytest.raises(InvalidInput):
         choose_engine(1, s, "spark")
+
+
+def test_ray_takes_the_gpu_path_when_the_cluster_has_gpus_whatever_the_driver_has():
+    assert on_gpus(Settings(), 4) and not on_gpus(Settings(), 0)  # auto: the cluster's GPUs decide
+    assert not on_gpus(Settings(device="cpu"), 4)
+    with pytest.raises(InvalidInput, match="no GPU"):
+        on_gpus(Settings(device="cuda"), 0)
 
 
 def test_unreachable_storage_stops_the_run_instead_of_making_final_error_rows(tmp_path, monkeypatch):
