@@ -15,7 +15,7 @@ def merge_topk(per_shard: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray, 
 
     Higher score is better (inner product). faiss's -1 ids (fewer than k results) sort last and
     stay -1. Ties break on the smaller id, so the result does not depend on shard order (up to
-    LEXSORT_MAX merged columns; see _order).
+    LEXSORT_MAX merged columns; see rank_columns).
     """
     if not per_shard:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32), None
@@ -29,7 +29,7 @@ def merge_topk(per_shard: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray, 
     S = np.repeat(np.array([p[0] for p in per_shard], np.int32), widths)[None, :].repeat(len(I), 0)
     missing = I < 0
     D = np.where(missing, -np.inf, D)
-    order = _order(D, np.where(missing, np.iinfo(np.int64).max, I))[:, :k]
+    order = rank_columns(D, np.where(missing, np.iinfo(np.int64).max, I))[:, :k]
     U = _pick_uris([p[3] for p in per_shard], widths, order) if all(len(p) > 3 for p in per_shard) else None
     return (np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1), U)
 
@@ -37,7 +37,7 @@ def merge_topk(per_shard: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray, 
 LEXSORT_MAX = 4096  # merged widths up to this order ties by id; deeper (evaluation) rankings by shard order
 
 
-def _order(D: np.ndarray, tie: np.ndarray) -> np.ndarray:
+def rank_columns(D: np.ndarray, tie: np.ndarray) -> np.ndarray:
     """Columns by score, best first, equal scores by the smaller id. A stable sort of the shards' presorted
     lists is a merge of runs (30x faster than lexsort); rows where two scores tie go through lexsort, so ties
     still break on the id — up to LEXSORT_MAX columns: in a ranking of the whole catalogue (evaluation)

@@ -16,6 +16,7 @@ from services.index import faiss_util
 from services.index.merge import hit_lists, merge_topk
 from services.index.projection import load_projection, to_index_space
 from services.index.shards import LoadedShard, load_shard, shared_quantizer
+from services.index.stacked import stack_shards
 from services.index.versions import load_current
 
 
@@ -48,6 +49,7 @@ class IndexSearcher:
         self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index) for e in entries]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
         self.quantizer = shared_quantizer([s.index for s in self.shards])
+        self.stacked = stack_shards(self.shards)  # plain IVF: all shards as one faiss search
         self.projection = load_projection(self.store, self.manifest)
 
     @property
@@ -76,7 +78,12 @@ class IndexSearcher:
             raise InvalidInput(f"nprobe must be >= 1, got {nprobe}")
 
         if assign is not None:
-            Dq, Iq = check_assign(assign, len(queries), self.quantizer)
+            assign = check_assign(assign, len(queries), self.quantizer)
+        if self.stacked is not None:
+            width = assign[1].shape[1] if assign else min(nprobe, self.stacked.index.nlist)
+            return self.stacked.search(queries, k, width, self.manifest.k_factor, assign, with_uris)
+        if assign is not None:
+            Dq, Iq = assign
         elif self.quantizer is not None:  # one coarse search serves every shard (as faiss IndexShardsIVF)
             Dq, Iq = self.quantizer.search(queries, min(nprobe, self.quantizer.ntotal))
         if self.quantizer is not None:
