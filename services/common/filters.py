@@ -1,0 +1,282 @@
+"""The one filter language of filtered search (issue 21's first part): parsed and validated here for the CLI,
+gRPC and HTTP alike, normalised for cache keys, and evaluated on metadata columns.
+
+Two spellings, one tree:
+* a `--where` expression: `in_stock and category in ("shoes", "bags") and price < 120` — Python's own
+  expression grammar, parsed by the standard `ast` module (never evaluated) and restricted to field names,
+  literals, comparisons (`== != < <= > >=`, chained `10 <= price < 20`), `in` / `not in` a list, `and`, `or`,
+  `not`, parentheses; a bare field is `field == true`;
+* a JSON object: `{"in_stock": true, "category": ["shoes", "bags"], "price": {"lt": 120}}` — keys are fields
+  (all must hold), a list means "in", an object of operators (`eq ne lt lte gt gte in nin`) compares, and
+  `{"and": [...]}`, `{"or": [...]}`, `{"not": {...}}` combine.
+Errors are InvalidInput naming the field or the part that is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from services.common.errors import InvalidInput
+
+Value = Union[str, int, float, bool]
+OPS = {"eq": "==", "ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
+_AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
+MAX_NODES = 256  # a filter is a few conditions; a huge one is an attack on the parser, not a query
+MAX_LIST = 10_000
+
+
+@dataclass(frozen=True)
+class Cmp:
+    field: str
+    op: str  # one of OPS' values
+    value: Value
+
+
+@dataclass(frozen=True)
+class In:
+    field: str
+    values: tuple[Value, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class All:
+    parts: tuple["Node", ...]
+
+
+@dataclass(frozen=True)
+class Any_:
+    parts: tuple["Node", ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    part: "Node"
+
+
+Node = Union[Cmp, In, All, Any_, Not]
+
+
+def parse_where(text: str) -> Node:
+    """A `--where` expression -> the filter tree."""
+    if not text.strip():
+        raise InvalidInput("filter is empty")
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise InvalidInput(f"filter is not an expression: {e.msg} at column {e.offset}") from None
+    if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
+        raise InvalidInput(f"filter has more than {MAX_NODES} parts")
+    return _from_ast(tree)
+
+
+def _from_ast(node: ast.AST) -> Node:
+    if isinstance(node, ast.BoolOp):
+        parts = tuple(_from_ast(v) for v in node.values)
+        return All(parts) if isinstance(node.op, ast.And) else Any_(parts)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return Not(_from_ast(node.operand))
+    if isinstance(node, ast.Name):
+        return Cmp(node.id, "==", True)
+    if isinstance(node, ast.Compare):
+        conditions, left = [], node.left
+        for op, right in zip(node.ops, node.comparators):
+            conditions.append(_comparison(left, op, right))
+            left = right
+        return conditions[0] if len(conditions) == 1 else All(tuple(conditions))
+    raise InvalidInput(f"filter: {ast.unparse(node)!r} is not a condition (field, comparison, in, and/or/not)")
+
+
+def _comparison(left: ast.AST, op: ast.cmpop, right: ast.AST) -> Node:
+    if isinstance(op, (ast.In, ast.NotIn)):
+        if not isinstance(left, ast.Name):
+            raise InvalidInput(f"filter: the left of 'in' must be a field, not {ast.unparse(left)!r}")
+        if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
+            raise InvalidInput(f"filter: {left.id} in ... needs a list such as (\"a\", \"b\")")
+        return In(left.id, _values(left.id, right.elts), isinstance(op, ast.NotIn))
+    if type(op) not in _AST_OPS:
+        raise InvalidInput(f"filter: unsupported comparison {type(op).__name__}")
+    symbol = _AST_OPS[type(op)]
+    left, right = _literal(left), _literal(right)
+    if isinstance(left, ast.Name) and isinstance(right, ast.Constant):
+        return Cmp(left.id, symbol, _value(left.id, right))
+    if isinstance(left, ast.Constant) and isinstance(right, ast.Name):  # 10 < price: price > 10
+        flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}[symbol]
+        return Cmp(right.id, flipped, _value(right.id, left))
+    raise InvalidInput(f"filter: compare a field with a value, not {ast.unparse(left)!r} with {ast.unparse(right)!r}")
+
+
+def _literal(node: ast.AST) -> ast.AST:
+    """JSON's true/false read as Python's True/False."""
+    if isinstance(node, ast.Name) and node.id in ("true", "false"):
+        return ast.Constant(node.id == "true")
+    return node
+
+
+def _value(field: str, node: ast.AST) -> Value:
+    node = _literal(node)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool)):
+        if isinstance(node.value, float) and not np.isfinite(node.value):
+            raise InvalidInput(f"filter: {field} is compared with a number that is not finite")
+        return node.value
+    raise InvalidInput(f"filter: {field} is compared with {ast.unparse(node)!r}, not a string, number or true/false")
+
+
+def _values(field: str, nodes: list[ast.AST]) -> tuple[Value, ...]:
+    if not nodes or len(nodes) > MAX_LIST:
+        raise InvalidInput(f"filter: {field} in ... needs 1 to {MAX_LIST} values")
+    return tuple(_value(field, n) for n in nodes)
+
+
+def parse_json(obj: object) -> Node:
+    """A JSON filter (already decoded) -> the filter tree."""
+    if not isinstance(obj, dict) or not obj:
+        raise InvalidInput("filter must be a non-empty JSON object of field conditions")
+    parts = []
+    for key, cond in obj.items():
+        if key in ("and", "or"):
+            if not isinstance(cond, list) or not cond:
+                raise InvalidInput(f"filter: {key!r} takes a non-empty list of filters")
+            sub = tuple(parse_json(c) for c in cond)
+            parts.append(All(sub) if key == "and" else Any_(sub))
+        elif key == "not":
+            parts.append(Not(parse_json(cond)))
+        else:
+            parts.append(_field_condition(key, cond))
+    node = parts[0] if len(parts) == 1 else All(tuple(parts))
+    if _size(node) > MAX_NODES:
+        raise InvalidInput(f"filter has more than {MAX_NODES} parts")
+    return node
+
+
+def _field_condition(field: str, cond: object) -> Node:
+    if isinstance(cond, list):
+        return In(field, _json_values(field, cond))
+    if isinstance(cond, dict):
+        if not cond:
+            raise InvalidInput(f"filter: {field} has an empty condition")
+        parts: list[Node] = []
+        for op, value in cond.items():
+            if op in ("in", "nin"):
+                if not isinstance(value, list):
+                    raise InvalidInput(f"filter: {field}.{op} takes a list")
+                parts.append(In(field, _json_values(field, value), op == "nin"))
+            elif op in OPS:
+                parts.append(Cmp(field, OPS[op], _json_value(field, value)))
+            else:
+                known = ", ".join([*OPS, "in", "nin"])
+                raise InvalidInput(f"filter: {field} has unknown operator {op!r} (use {known})")
+        return parts[0] if len(parts) == 1 else All(tuple(parts))
+    return Cmp(field, "==", _json_value(field, cond))
+
+
+def _json_value(field: str, value: object) -> Value:
+    if isinstance(value, (str, bool, int)) or (isinstance(value, float) and np.isfinite(value)):
+        return value
+    raise InvalidInput(f"filter: {field} is compared with {json.dumps(value)}, not a string, number or true/false")
+
+
+def _json_values(field: str, values: list) -> tuple[Value, ...]:
+    if not values or len(values) > MAX_LIST:
+        raise InvalidInput(f"filter: {field} in ... needs 1 to {MAX_LIST} values")
+    return tuple(_json_value(field, v) for v in values)
+
+
+def _size(node: Node) -> int:
+    if isinstance(node, (All, Any_)):
+        return 1 + sum(_size(p) for p in node.parts)
+    if isinstance(node, Not):
+        return 1 + _size(node.part)
+    return 1
+
+
+def fields_of(node: Node) -> set[str]:
+    if isinstance(node, (All, Any_)):
+        return set().union(*(fields_of(p) for p in node.parts))
+    if isinstance(node, Not):
+        return fields_of(node.part)
+    return {node.field}
+
+
+def check_fields(node: Node, kinds: dict[str, str]) -> None:
+    """Every field is declared filterable, and compared with values of its kind (str | int | float | bool)."""
+    for leaf in _leaves(node):
+        if leaf.field not in kinds:
+            known = ", ".join(sorted(kinds)) or "none"
+            raise InvalidInput(f"filter: unknown field {leaf.field!r} (filterable: {known})")
+        kind = kinds[leaf.field]
+        values = leaf.values if isinstance(leaf, In) else (leaf.value,)
+        for v in values:
+            if not _fits(v, kind):
+                raise InvalidInput(f"filter: {leaf.field} holds {kind} values, not {json.dumps(v)}")
+        if isinstance(leaf, Cmp) and leaf.op not in ("==", "!=") and kind in ("str", "bool"):
+            raise InvalidInput(f"filter: {leaf.field} holds {kind} values: compare it with == or in, not {leaf.op}")
+
+
+def _fits(value: Value, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _leaves(node: Node):
+    if isinstance(node, (All, Any_)):
+        for p in node.parts:
+            yield from _leaves(p)
+    elif isinstance(node, Not):
+        yield from _leaves(node.part)
+    else:
+        yield node
+
+
+def canonical(node: Node) -> str:
+    """One string per meaning of the spelling: the same filter written two ways (order of and-ed parts, of
+    an in-list, JSON or --where) gives one cache key."""
+    return json.dumps(_canon(node), separators=(",", ":"), sort_keys=True)
+
+
+def _canon(node: Node):
+    if isinstance(node, Cmp):
+        return [node.field, node.op, node.value]
+    if isinstance(node, In):
+        return [node.field, "not in" if node.negate else "in", sorted(set(node.values), key=json.dumps)]
+    if isinstance(node, Not):
+        return ["not", _canon(node.part)]
+    parts = sorted((_canon(p) for p in node.parts), key=json.dumps)
+    return ["and" if isinstance(node, All) else "or", parts]
+
+
+def matches(node: Node, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows (a bool mask) of metadata columns that satisfy the filter; a row without the field (None)
+    satisfies no comparison on it."""
+    if isinstance(node, All):
+        return np.logical_and.reduce([matches(p, columns) for p in node.parts])
+    if isinstance(node, Any_):
+        return np.logical_or.reduce([matches(p, columns) for p in node.parts])
+    if isinstance(node, Not):
+        return ~matches(node.part, columns)
+    col = columns[node.field]
+    present = np.array([v is not None for v in col]) if col.dtype == object else np.ones(len(col), bool)
+    if isinstance(node, In):
+        if col.dtype == object:  # strings (and None): set membership, no sorting of mixed values
+            wanted = set(node.values)
+            hit = np.array([v in wanted for v in col], bool)
+        else:
+            hit = np.isin(col, np.array(node.values))
+        return present & (~hit if node.negate else hit)
+    compare = _COMPARE[node.op]
+    if col.dtype == object:
+        return np.array([v is not None and bool(compare(v, node.value)) for v in col], bool)
+    return compare(col, node.value)
+
+
+_COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+            ">=": operator.ge}

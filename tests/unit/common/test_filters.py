@@ -1,0 +1,109 @@
+"""One filter language: --where and JSON spell the same trees, bad filters name what is wrong, the cache key
+does not depend on the spelling, and the evaluation on metadata columns is what the filter says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import InvalidInput
+from services.common.filters import (
+    All,
+    Cmp,
+    In,
+    Not,
+    canonical,
+    check_fields,
+    fields_of,
+    matches,
+    parse_json,
+    parse_where,
+)
+
+KINDS = {"in_stock": "bool", "category": "str", "price": "float", "market": "str", "stock": "int"}
+
+
+def test_the_issue_example_is_the_same_filter_in_both_spellings():
+    where = parse_where('in_stock and category in ("shoes", "bags") and price < 120')
+    json_ = parse_json({"in_stock": True, "category": ["bags", "shoes"], "price": {"lt": 120}})
+    assert canonical(where) == canonical(json_)
+    assert fields_of(where) == {"in_stock", "category", "price"}
+    check_fields(where, KINDS)
+
+
+@pytest.mark.parametrize("text, tree", [
+    ("price >= 10", Cmp("price", ">=", 10)),
+    ("10 < price", Cmp("price", ">", 10)),
+    ("10 <= price < 20", All((Cmp("price", ">=", 10), Cmp("price", "<", 20)))),
+    ('market not in ("fr",)', In("market", ("fr",), negate=True)),
+    ("not in_stock", Not(Cmp("in_stock", "==", True))),
+    ("in_stock == false", Cmp("in_stock", "==", False)),
+])
+def test_where_expressions(text, tree):
+    assert parse_where(text) == tree
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "empty"),
+    ("price <", "not an expression"),
+    ("__import__('os').system('x')", "not a condition"),
+    ("price < other_field", "compare a field with a value"),
+    ("category in shoes", "needs a list"),
+    ("price < [1]", "compare a field with a value"),
+    ("price + 1 > 3", "compare a field with a value"),
+    (" or ".join(f"price == {i}" for i in range(300)), "more than"),
+])
+def test_bad_where_expressions_say_what_is_wrong(text, words):
+    with pytest.raises(InvalidInput, match=words):
+        parse_where(text)
+
+
+@pytest.mark.parametrize("obj, words", [
+    ({}, "non-empty"),
+    ([], "non-empty"),
+    ({"price": {"lt": "cheap"}}, None),  # a string: fine for the parser, refused by check_fields below
+    ({"price": {"below": 3}}, "unknown operator 'below'"),
+    ({"price": {"lt": float("nan")}}, "not a string, number"),
+    ({"category": []}, "1 to"),
+    ({"or": {}}, "non-empty list"),
+    ({"price": None}, "not a string, number"),
+])
+def test_bad_json_filters_name_the_field(obj, words):
+    if words is None:
+        with pytest.raises(InvalidInput, match="price holds float values"):
+            check_fields(parse_json(obj), KINDS)
+        return
+    with pytest.raises(InvalidInput, match=words):
+        parse_json(obj)
+
+
+def test_fields_are_checked_against_what_the_index_declared():
+    with pytest.raises(InvalidInput, match="unknown field 'colour'.*filterable: category, in_stock"):
+        check_fields(parse_where('colour == "red"'), KINDS)
+    with pytest.raises(InvalidInput, match="category holds str values: compare it with == or in, not <"):
+        check_fields(parse_where('category < "m"'), KINDS)
+    with pytest.raises(InvalidInput, match="in_stock holds bool values, not 1"):
+        check_fields(parse_json({"in_stock": 1}), KINDS)  # 1 is not true: no silent bool/int mix
+
+
+def test_the_cache_key_ignores_the_order_of_parts_and_list_values_but_not_their_meaning():
+    a = parse_where('price < 120 and category in ("a", "b")')
+    b = parse_json({"category": ["b", "a", "a"], "price": {"lt": 120}})
+    assert canonical(a) == canonical(b)
+    assert canonical(a) != canonical(parse_where('price <= 120 and category in ("a", "b")'))
+    assert canonical(parse_where("not in_stock")) != canonical(parse_where("in_stock"))
+
+
+def test_evaluation_on_columns_matches_a_row_by_row_reading():
+    rng = np.random.default_rng(0)
+    n = 500
+    columns = {"in_stock": rng.random(n) < 0.5, "price": rng.uniform(0, 200, n),
+               "category": np.array([rng.choice(["shoes", "bags", "hats", None]) for _ in range(n)], dtype=object)}
+    f = parse_where('in_stock and category in ("shoes", "bags") and price < 120 or category == "hats"')
+    got = matches(f, columns)
+    want = np.array([(s and c in ("shoes", "bags") and p < 120) or c == "hats"
+                     for s, p, c in zip(columns["in_stock"], columns["price"], columns["category"])])
+    assert got.dtype == bool and (got == want).all() and 0 < got.sum() < n
+    missing = columns["category"] == None  # noqa: E711 (elementwise)
+    assert not matches(parse_where('category != "shoes"'), columns)[missing].any()  # no value: no match
+    assert not matches(parse_where('category not in ("shoes",)'), columns)[missing].any()
