@@ -39,13 +39,7 @@ class LoadedShard:
     _fetch_ready: bool = False
 
     def params(self, nprobe: int, k_factor: float):
-        """Search parameters, built once per (nprobe, k_factor): read-only, so threads share them."""
-        key = (nprobe, k_factor)
-        if key not in self._params:
-            # setdefault is atomic: racing threads all use the one stored copy, whose nested
-            # params stay alive with it (faiss holds raw pointers to them).
-            self._params.setdefault(key, faiss_util.search_parameters(self.index, nprobe, k_factor))
-        return self._params[key][0]
+        return cached_params(self._params, self.index, nprobe, k_factor)
 
     def enable_fetch(self) -> None:
         """Prepare id -> stored vector lookups (call before serving: it changes the index)."""
@@ -86,6 +80,17 @@ class LoadedShard:
             return np.full(ids.shape, "", dtype=object)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return np.where(self.ids[pos] == ids, self.uris[pos], "")
+
+
+def cached_params(cache: dict, index: faiss.Index, nprobe: int, k_factor: float):
+    """Search parameters of index, built once per (nprobe, k_factor) into cache: read-only, so threads share
+    them."""
+    key = (nprobe, k_factor)
+    if key not in cache:
+        # setdefault is atomic: racing threads all use the one stored copy, whose nested
+        # params stay alive with it (faiss holds raw pointers to them).
+        cache.setdefault(key, faiss_util.search_parameters(index, nprobe, k_factor))
+    return cache[key][0]
 
 
 def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False) -> LoadedShard:

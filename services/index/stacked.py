@@ -25,7 +25,7 @@ import numpy as np
 
 from services.index import faiss_util
 from services.index.merge import rank_columns
-from services.index.shards import LoadedShard, shared_quantizer
+from services.index.shards import LoadedShard, cached_params
 
 
 def _empty_like(ivf: faiss.IndexIVF) -> faiss.IndexIVF:
@@ -52,16 +52,10 @@ class StackedShards:
     uris: np.ndarray  # uri of ids[i]
     _params: dict = field(default_factory=dict)
 
-    def params(self, nprobe: int, k_factor: float):
-        key = (nprobe, k_factor)
-        if key not in self._params:
-            self._params.setdefault(key, faiss_util.search_parameters(self.index, nprobe, k_factor))
-        return self._params[key][0]
-
     def search(self, queries: np.ndarray, k: int, nprobe: int, k_factor: float,
                assign: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = True):
         """(D, I, S, uris) as merge_topk gives them; assign = (scores, lists) of a coarse search made already."""
-        params = self.params(nprobe, k_factor)
+        params = cached_params(self._params, self.index, nprobe, k_factor)
         if assign is None:
             D, I = self.index.search(queries, k, params=params)
         else:
@@ -86,10 +80,11 @@ class StackedShards:
         return D, I, S, U
 
 
-def stack_shards(shards: list[LoadedShard]) -> StackedShards | None:
-    """Several plain-IVF shards with one quantizer as one index; None for anything else (one shard, Flat,
-    HNSW, a refined index...), which keeps the per-shard search."""
-    if len(shards) < 2 or shared_quantizer([s.index for s in shards]) is None:
+def stack_shards(shards: list[LoadedShard], quantizer: faiss.Index | None) -> StackedShards | None:
+    """Several plain-IVF shards with one quantizer (shared_quantizer's answer, computed once by the caller)
+    as one index; None for anything else (one shard, Flat, HNSW, a refined index...), which keeps the
+    per-shard search."""
+    if len(shards) < 2 or quantizer is None:
         return None
     ivfs = [faiss.downcast_index(s.index) for s in shards]
     if len({(ivf.code_size, type(ivf)) for ivf in ivfs}) != 1:

@@ -49,7 +49,7 @@ class IndexSearcher:
         self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index) for e in entries]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
         self.quantizer = shared_quantizer([s.index for s in self.shards])
-        self.stacked = stack_shards(self.shards)  # plain IVF: all shards as one faiss search
+        self.stacked = stack_shards(self.shards, self.quantizer)  # plain IVF: all shards as one faiss search
         self.projection = load_projection(self.store, self.manifest)
 
     @property

@@ -8,8 +8,8 @@ import pytest
 
 from services.index.manifest import ShardEntry
 from services.index.merge import merge_topk
-from services.index.shards import LoadedShard
-from services.index.stacked import stack_shards
+from services.index.shards import LoadedShard, shared_quantizer
+from services.index.stacked import stack_shards as stack_with
 from tests.helpers import random_unit_vectors
 
 DIM, N = 16, 3000
@@ -31,6 +31,11 @@ def shards_of(factory: str, sizes: tuple[int, ...]) -> tuple[list[LoadedShard], 
         out.append(LoadedShard(entry, ix, ids[start:start + size][order], uris[order]))
         start += size
     return out, x
+
+
+def stack_shards(shards: list[LoadedShard]):
+    """As IndexSearcher stacks them: with the quantizer shared_quantizer finds."""
+    return stack_with(shards, shared_quantizer([s.index for s in shards]))
 
 
 def per_shard(shards: list[LoadedShard], q: np.ndarray, k: int, nprobe: int):
