@@ -8,7 +8,7 @@ Resumable runs: the catalogue is cut into chunks of part_rows images in a stable
 in one or more pieces: whenever part_seconds of work have passed (so a killed run loses under a minute at any
 speed), and when the chunk is complete. The piece of chunk i starting at row r is
 `parts/part-<i>-<digest of the chunk's uris>[-at-<r>].parquet` (no suffix for r = 0), then its marker
-`done/<same name>.json` (start, rows, errors, the part's checksum, a checksum of the marker itself). A rerun
+`done/<same name>.json` (rows, errors, the part's checksum, a checksum of the marker itself). A rerun
 keeps each chunk's verified pieces from row 0 on and embeds the rest, so a killed run loses at most the piece
 in flight, nothing is embedded twice, and a damaged or missing part is embedded again from where it starts.
 Markers live in `done/` (not beside the parts) so `parts/` stays a plain parquet dataset.
@@ -179,7 +179,7 @@ class PartWriter:
         self.store, self.spec, self.part_rows, self.part_seconds = store, spec, part_rows, part_seconds
         self.plan = list(plan) if plan is not None else None
         self.written = {n: f.rows for n, f in (done or {}).items()}  # rows of each chunk already in parts
-        self.offset = self.written.get(self.plan[0].number, 0) if self.plan else 0  # of plan[0], before buffer
+        self.offset = self._written_of_next()  # rows of plan[0] in parts, before the buffer
         self.last_write = time.monotonic()
         self.done = [m for n in sorted(done or {}) for m in done[n].markers]
         self.buffer: list[dict] = []
@@ -249,18 +249,21 @@ class PartWriter:
             if chunk is not None and pos + 1 == len(chunk.uris):
                 self._flush_piece()
                 self.plan.pop(0)
-                self.offset = self.written.get(self.plan[0].number, 0) if self.plan else 0
+                self.offset = self._written_of_next()
             elif chunk is None and len(self.buffer) >= self.part_rows:
                 self._flush(f"part-{len(self.parts):05d}")
         if self.plan and self.buffer and time.monotonic() - self.last_write >= self.part_seconds:
             self._flush_piece()  # a slow chunk is written in pieces: a kill loses under part_seconds of work
 
+    def _written_of_next(self) -> int:
+        return self.written.get(self.plan[0].number, 0) if self.plan else 0
+
     def _flush_piece(self) -> None:
         rows = len(self.buffer)
-        self._flush(piece_name(self.plan[0], self.offset), marker=True, start=self.offset)
+        self._flush(piece_name(self.plan[0], self.offset), marker=True)
         self.offset += rows
 
-    def _flush(self, name: str, marker: bool = False, start: int = 0) -> None:
+    def _flush(self, name: str, marker: bool = False) -> None:
         self.last_write = time.monotonic()
         if not self.buffer:
             return
@@ -276,7 +279,7 @@ class PartWriter:
         for e in cols["error"]:
             if e:
                 reasons[reason_of(e)] = reasons.get(reason_of(e), 0) + 1
-        part = {"key": f"parts/{name}.parquet", "start": start, "rows": table.num_rows, "reasons": reasons,
+        part = {"key": f"parts/{name}.parquet", "rows": table.num_rows, "reasons": reasons,
                 "embedded": sum(e is None for e in cols["error"]), "sha256": sha256_bytes(data)}
         if marker:  # written after the part: a marker always names a complete part
             self.store.put_bytes(f"done/{name}.json", marker_bytes(part, self.spec.fingerprint))
