@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import pytest
 
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
-from services.stack.part import free_port
+from services.stack.part import Part, free_port
 from tests.helpers import encode, pattern
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,52 +29,42 @@ COUNT_NODES = "import ray; ray.init(address='{address}', logging_level='ERROR');
               "print(sum(1 for n in ray.nodes() if n['Alive']))"
 
 
-def start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`ray start --block`: the node's processes stay in this command's session, stopped with it."""
-    return subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats", *args], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+def ray_node(name: str, args: list[str], port: int, token: str, log: Path) -> Part:
+    """`ray start --block` as a Part: its Ray processes are its descendants, stopped with it."""
+    return Part(name, [RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats", *args], port, "port",
+                env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, log=log)
 
 
-def stop_node(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def wait_for_nodes(address: str, env: dict, n: int, deadline: float, node: subprocess.Popen, log: Path) -> None:
+def wait_for_nodes(address: str, env: dict, n: int, deadline: float, node: Part) -> None:
     while True:
-        assert node.poll() is None, log.read_text()[-3000:]  # the node did not start
+        assert node.running(), node.log.read_text()[-3000:]  # the node did not start
         count = subprocess.run([sys.executable, "-c", COUNT_NODES.format(address=address)], env=env,
                                capture_output=True, text=True, timeout=120)
         if count.returncode == 0 and count.stdout.strip() == str(n):
             return
-        assert time.monotonic() < deadline, (count.stderr[-2000:], log.read_text()[-2000:])
+        assert time.monotonic() < deadline, (count.stderr[-2000:], node.log.read_text()[-2000:])
         time.sleep(1)
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    port, token = free_port(), secrets.token_hex(16)
     address = f"127.0.0.1:{port}"
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it (<= 107 bytes)
-    nodes = [start_node(["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp], env,
-                        tmp_path / "head.log")]
+    head = ray_node("ray-head", ["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", temp],
+                    port, token, tmp_path / "head.log")
+    worker = ray_node("ray-worker", ["--address", address], port, token, tmp_path / "worker.log")
+    env = {**os.environ, **head.env}
     try:
         deadline = time.monotonic() + 180
-        wait_for_nodes(address, env, 1, deadline, nodes[0], tmp_path / "head.log")
-        nodes.append(start_node(["--address", address], env, tmp_path / "worker.log"))
-        wait_for_nodes(address, env, 2, deadline, nodes[1], tmp_path / "worker.log")
+        head.start(timeout=120)  # its GCS port is open
+        wait_for_nodes(address, env, 1, deadline, head)
+        worker.spawn()  # no port of its own: ready when the head counts it
+        wait_for_nodes(address, env, 2, deadline, worker)
         yield address, env
     finally:
-        for proc in reversed(nodes):
-            stop_node(proc)
+        worker.stop(grace=20)
+        head.stop(grace=20)
         shutil.rmtree(temp, ignore_errors=True)
 
 
