@@ -152,6 +152,9 @@ def index_build(
     publish: bool = typer.Option(True, help="flip CURRENT to the new version when written"),
     dba: Optional[int] = typer.Option(None, help="database-side augmentation: re-weight each vector with N "
                                                  "neighbours, 0: off [default: IMSEARCH_DBA, 0]"),
+    filterable: Optional[str] = typer.Option(None, help="metadata fields to filter on, e.g. category,in_stock,price; "
+                                                        "'*' every scalar column, '' none [default: "
+                                                        "IMSEARCH_FILTERABLE, *]"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Build a sharded index from embeddings (and publish it)."""
@@ -164,7 +167,8 @@ def index_build(
     if staged:
         out_, version, publish = staged[0], staged[1], False
     manifest = build_index(embeddings, out_, shards, index_factory, nprobe, settings, _step(as_json),
-                           version=version, publish_it=publish, dba=dba, pca_dim=pca, whiten=whiten)
+                           version=version, publish_it=publish, dba=dba, pca_dim=pca, whiten=whiten,
+                           filterable=filterable)
     _report_build(manifest, publish, as_json)
 
 
@@ -332,6 +336,7 @@ def info(
         f"tuning    recall@10={m.tuning.get('recall_at_10')} on {m.tuning.get('queries')} queries vs exact",
         "vectors   " + (f"centred PCA {m.model_dim} -> {m.dim} (whitening power {m.params.get('whiten_power', 0):g})"
                         if m.projection else "as the model gives them") + f", DBA {m.params.get('dba', 0) or 'off'}",
+        "filters   " + (", ".join(f"{k} ({v})" for k, v in m.fields.items()) or "none (no filterable fields)"),
     ]
     for s in m.shards:
         lines.append(f"shard {s.shard:<3} {s.count:>10} vectors  {s.bytes / 2**20:8.1f} MiB  sha256 {s.sha256[:16]}…")

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
                                           "and hurts near-duplicate search, README Quality)")
     dba_max: int = Field(200_000, ge=0, description="DBA by default only up to this many vectors (its exact "
                                                     "neighbour search grows with N^2); --dba asks for it anyway")
+    filterable: str = Field("*", description="index build: metadata fields to filter on, comma-separated; '*' "
+                                             "every scalar column (skipping unique strings such as titles), '' none")
+    filter_cache_mb: float = Field(256, ge=0, description="memory for the matching rows of recent filters, per "
+                                                            "searcher (least recently used dropped first)")
     max_k: int = Field(1000, gt=0)
     # Rocchio relevance feedback weights: query, mean of relevant hits, mean of not relevant hits
     feedback_alpha: float = Field(1.0, ge=0)

@@ -97,6 +97,8 @@ def _comparison(left: ast.AST, op: ast.cmpop, right: ast.AST) -> Node:
     if isinstance(op, (ast.In, ast.NotIn)):
         if not isinstance(left, ast.Name):
             raise InvalidInput(f"filter: the left of 'in' must be a field, not {ast.unparse(left)!r}")
+        if isinstance(right, ast.Constant):  # `category in ("shoes")`: Python reads a string, a user means a list
+            right = ast.Tuple([right])
         if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
             raise InvalidInput(f"filter: {left.id} in ... needs a list such as (\"a\", \"b\")")
         return In(left.id, _values(left.id, right.elts), isinstance(op, ast.NotIn))
@@ -254,9 +256,63 @@ def _canon(node: Node):
     return ["and" if isinstance(node, All) else "or", parts]
 
 
-def matches(node: Node, columns: dict[str, np.ndarray]) -> np.ndarray:
-    """The rows (a bool mask) of metadata columns that satisfy the filter; a row without the field (None)
-    satisfies no comparison on it."""
+@dataclass
+class Column:
+    """One filterable field of a shard's rows, compact: numbers as int64/float64, booleans as bool, strings as
+    int32 codes into a dictionary (a category repeated a million times is stored once); `present` is False
+    where a row has no value."""
+    kind: str  # str | int | float | bool
+    values: np.ndarray
+    present: np.ndarray
+    dictionary: np.ndarray | None = None  # str: the distinct strings, sorted; values are positions in it
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, rows: np.ndarray) -> "Column":
+        return Column(self.kind, self.values[rows], self.present[rows], self.dictionary)
+
+    def python(self) -> list:
+        """The values as Python objects (None where absent), e.g. to write them or to join two columns."""
+        if self.kind == "str":
+            out = self.dictionary[self.values] if len(self.dictionary) else np.full(len(self), None, object)
+        else:
+            out = self.values.astype(object)
+        return [v if p else None for v, p in zip(out.tolist(), self.present.tolist())]
+
+
+_NUMPY = {"int": np.int64, "float": np.float64, "bool": bool}
+
+
+def column(kind: str, values: list) -> Column:
+    """A Column of Python values (None: no value), of a kind kind_of gave."""
+    present = np.array([v is not None for v in values], bool)
+    if kind == "str":
+        dictionary = np.array(sorted({v for v in values if v is not None}), dtype=object)
+        codes = np.searchsorted(dictionary, np.array([v if v is not None else "" for v in values], dtype=object)) \
+            if len(dictionary) else np.zeros(len(values), np.int64)
+        return Column(kind, np.where(present, codes, 0).astype(np.int32), present, dictionary)
+    fill = False if kind == "bool" else 0
+    return Column(kind, np.array([fill if v is None else v for v in values], dtype=_NUMPY[kind]), present)
+
+
+def kind_of(values: list) -> str | None:
+    """The kind of a field's values (None ignored): bool, int, float (ints and floats mixed), str; None when
+    the values are of no single kind (a number here, a string there, a list...)."""
+    kinds = {_KIND.get(type(v)) for v in values if v is not None}
+    if kinds == {"int", "float"}:
+        return "float"
+    if len(kinds) != 1 or None in kinds:
+        return None
+    return kinds.pop()
+
+
+_KIND = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def matches(node: Node, columns: dict[str, Column]) -> np.ndarray:
+    """The rows (a bool mask) of metadata columns that satisfy the filter; a row without the field satisfies no
+    comparison on it (and `not` of that comparison)."""
     if isinstance(node, All):
         return np.logical_and.reduce([matches(p, columns) for p in node.parts])
     if isinstance(node, Any_):
@@ -264,18 +320,49 @@ def matches(node: Node, columns: dict[str, np.ndarray]) -> np.ndarray:
     if isinstance(node, Not):
         return ~matches(node.part, columns)
     col = columns[node.field]
-    present = np.array([v is not None for v in col]) if col.dtype == object else np.ones(len(col), bool)
     if isinstance(node, In):
-        if col.dtype == object:  # strings (and None): set membership, no sorting of mixed values
-            wanted = set(node.values)
-            hit = np.array([v in wanted for v in col], bool)
-        else:
-            hit = np.isin(col, np.array(node.values))
-        return present & (~hit if node.negate else hit)
-    compare = _COMPARE[node.op]
-    if col.dtype == object:
-        return np.array([v is not None and bool(compare(v, node.value)) for v in col], bool)
-    return compare(col, node.value)
+        hit = np.isin(col.values, _encoded(col, node.values))
+        return col.present & (~hit if node.negate else hit)
+    if col.kind == "str":  # == / != on codes (check_fields refuses ordering of strings)
+        codes = _encoded(col, (node.value,))
+        hit = np.isin(col.values, codes)
+        return col.present & (~hit if node.op == "!=" else hit)
+    return col.present & _COMPARE[node.op](col.values, node.value)
+
+
+def _encoded(col: Column, values: tuple) -> np.ndarray:
+    """values as col stores them: codes of the strings its dictionary holds (others match no row)."""
+    if col.kind != "str":
+        return np.array(values, dtype=col.values.dtype if col.kind != "float" else np.float64)
+    pos = np.searchsorted(col.dictionary, np.array(values, dtype=object)) if len(col.dictionary) else np.zeros(0)
+    return np.array([p for p, v in zip(np.atleast_1d(pos).tolist(), values)
+                     if p < len(col.dictionary) and col.dictionary[p] == v], np.int32)
+
+
+def to_json(node: Node) -> dict:
+    """The filter in the JSON language (parse_json reads it back to the same tree): what a router sends its
+    shards."""
+    if isinstance(node, Cmp):
+        return {node.field: {_OP_NAMES[node.op]: node.value}}
+    if isinstance(node, In):
+        return {node.field: {"nin" if node.negate else "in": list(node.values)}}
+    if isinstance(node, Not):
+        return {"not": to_json(node.part)}
+    return {"and" if isinstance(node, All) else "or": [to_json(p) for p in node.parts]}
+
+
+_OP_NAMES = {symbol: name for name, symbol in OPS.items()}
+
+
+def parse_filter(text: str) -> Node:
+    """A filter as text, either spelling: a JSON object (`{"in_stock": true}`) or a --where expression."""
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"filter is not valid JSON: {e.msg} at column {e.colno}") from None
+        return parse_json(obj)
+    return parse_where(text)
 
 
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,

@@ -236,7 +236,8 @@ class PartWriter:
                    "uri": str(uri), "sha256": sha or None, "width": int(batch["width"][i]),
                    "height": int(batch["height"][i]), "error": err or None,
                    "vector": None if err else batch["vector"][i],
-                   "metadata": chunk.metadata[pos] if chunk is not None and chunk.metadata else None}
+                   "metadata": chunk.metadata[pos] if chunk is not None and chunk.metadata
+                   else batch["metadata"][i] if "metadata" in batch else None}
             if err:
                 self.errors += 1
                 self.reasons[reason_of(err)] = self.reasons.get(reason_of(err), 0) + 1
@@ -312,6 +313,7 @@ class Embeddings:
     vectors: np.ndarray  # float32 (N, dim)
     uris: list[str]
     errors: pa.Table  # the error rows: uri, error
+    metadata: list[str | None] | None = None  # per row: JSON of the manifest's other columns (None: none)
 
 
 def read_meta(store: Store) -> dict:
@@ -339,4 +341,8 @@ def read_embeddings(store: Store) -> Embeddings:
     flat = ok["vector"].combine_chunks().values.to_numpy(zero_copy_only=False) if ok.num_rows else np.zeros(0)
     vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(ok.num_rows, dim)
     errors = table.filter(pc.invert(pc.is_null(table["error"]))).select(["uri", "error"])
-    return Embeddings(meta, ok["id"].to_numpy().astype(np.int64), vectors, ok["uri"].to_pylist(), errors)
+    metadata = ok["metadata"].to_pylist() if "metadata" in ok.column_names else None
+    if metadata is not None and not any(metadata):
+        metadata = None
+    return Embeddings(meta, ok["id"].to_numpy().astype(np.int64), vectors, ok["uri"].to_pylist(), errors,
+                      metadata)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,11 @@ def clustered_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0, noi
 
 
 def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthetic", error_rows: int = 0,
-                     part_rows: int = 50_000, uri_prefix: str = "img", first_row: int = 0) -> ModelSpec:
+                     part_rows: int = 50_000, uri_prefix: str = "img", first_row: int = 0,
+                     metadata: list[dict] | None = None) -> ModelSpec:
     """An embeddings folder laid out as `imsearch embed` writes it, from given vectors (row numbers,
-    hence ids and uris, start at first_row: later batches of the same catalogue get new ids)."""
+    hence ids and uris, start at first_row: later batches of the same catalogue get new ids); metadata: each
+    row's manifest columns, as `imsearch embed --manifest` keeps them."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     weights = root / f"{name}.weights"
@@ -40,7 +43,9 @@ def write_embeddings(root: str | Path, vectors: np.ndarray, name: str = "synthet
         sha = [hashlib.sha256(f"{name}-{r}".encode()).hexdigest() for r in rows]
         writer.add({"uri": np.array([f"{uri_prefix}/{r}.jpg" for r in rows], dtype=object),
                     "sha256": np.array(sha, dtype=object), "width": np.full(n, 64), "height": np.full(n, 48),
-                    "error": np.array([""] * n, dtype=object), "vector": chunk})
+                    "error": np.array([""] * n, dtype=object), "vector": chunk,
+                    **({} if metadata is None else {"metadata": [json.dumps(m, sort_keys=True)
+                                                                 for m in metadata[start:start + n]]})})
     if error_rows:
         writer.add({"uri": np.array([f"bad/{i}.jpg" for i in range(error_rows)], dtype=object),
                     "sha256": np.array([""] * error_rows, dtype=object), "width": np.zeros(error_rows),

@@ -108,11 +108,13 @@ def remove_ids(index: faiss.Index, ids: np.ndarray, chunk: int = 65_536) -> tupl
     return fresh, int(np.isin(held, ids).sum())
 
 
-def search_parameters(index: faiss.Index, nprobe: int, k_factor: float):
-    """Per-call parameters (thread-safe, unlike ParameterSpace which mutates the index).
+def search_parameters(index: faiss.Index, nprobe: int, k_factor: float, selector=None):
+    """Per-call parameters (thread-safe, unlike ParameterSpace which mutates the index); with a selector, only
+    the ids it accepts are searched (set on every level: a Refine index reads its base index's parameters).
 
     Returns (params, keepalive): faiss holds raw pointers to nested params, so the Python
-    objects must outlive the search call.
+    objects must outlive the search call. An IndexIDMap swaps a selector into its parameters during a search
+    (not thread-safe): filtered searches pass the IDMap's inner index and positions (filtered.py).
     """
     keep: list = []
 
@@ -135,8 +137,14 @@ def search_parameters(index: faiss.Index, nprobe: int, k_factor: float):
         elif isinstance(ix, faiss.IndexIVF):
             p = faiss.SearchParametersIVF()
             p.nprobe = int(nprobe)
+        elif isinstance(ix, faiss.IndexHNSW) and selector is not None:
+            p = faiss.SearchParametersHNSW()
+        elif selector is not None:
+            p = faiss.SearchParameters()
         else:
             return None
+        if selector is not None:
+            p.sel = selector
         keep.append(p)
         return p
 

@@ -45,6 +45,7 @@ class Manifest(BaseModel):
     shards: list[ShardEntry]
     quantizer: FileEntry | None = None  # plain IVF: the coarse quantizer alone, for routers
     projection: FileEntry | None = None  # model vectors -> index vectors (projection.py); None: used as they are
+    fields: dict[str, str] = {}  # filterable metadata fields and their kinds (str, int, float, bool): fields.py
 
     @property
     def model_dim(self) -> int:

@@ -25,6 +25,7 @@ class Shard:
     index: faiss.Index
     ids: np.ndarray
     uris: list[str]
+    columns: dict = field(default_factory=dict)  # filterable fields: name -> filters.Column, aligned with ids
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LoadedShard:
     index: object  # faiss.Index
     ids: np.ndarray  # sorted int64
     uris: np.ndarray  # object, aligned with ids
+    columns: dict = field(default_factory=dict)  # filterable fields: name -> filters.Column, aligned with ids
     _params: dict = field(default_factory=dict)
     _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
     _sorted_ids: np.ndarray | None = None

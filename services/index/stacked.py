@@ -53,13 +53,21 @@ class StackedShards:
     _params: dict = field(default_factory=dict)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int, k_factor: float,
-               assign: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = True):
-        """(D, I, S, uris) as merge_topk gives them; assign = (scores, lists) of a coarse search made already."""
-        params = cached_params(self._params, self.index, nprobe, k_factor)
+               assign: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = True, selector=None):
+        """(D, I, S, uris) as merge_topk gives them; assign = (scores, lists) of a coarse search made already;
+        selector: only the ids it accepts (a filter, filtered.py)."""
+        if selector is None:
+            params = cached_params(self._params, self.index, nprobe, k_factor)
+        else:  # built per call: the selector differs (cheap next to the search)
+            params, _keep = faiss_util.search_parameters(self.index, nprobe, k_factor, selector)
         if assign is None:
             D, I = self.index.search(queries, k, params=params)
         else:
             D, I = faiss_util.search_preassigned(self.index, queries, k, assign[1], assign[0], params)
+        return self.label(D, I, with_uris)
+
+    def label(self, D: np.ndarray, I: np.ndarray, with_uris: bool = True):
+        """faiss's (D, I) over the stacked shards -> (D, I, S, uris) as merge_topk gives them."""
         missing = I < 0
         D[missing] = -np.inf
         # faiss returns each row by score; rows with equal scores are re-ordered by id, as the merge orders them

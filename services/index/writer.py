@@ -64,7 +64,7 @@ def _write_file(out: Store, version: str, file: str, blob: bytes | None) -> File
 
 
 def _write_shard(out: Store, version: str, s: Shard, step: Step) -> ShardEntry:
-    blob, docs = faiss_util.to_bytes(s.index), docs_bytes(s.ids, s.uris)
+    blob, docs = faiss_util.to_bytes(s.index), docs_bytes(s.ids, s.uris, s.columns)
     file, docs_name = shard_file(s.number), docs_file(s.number)
     out.put_bytes(version_key(version, file), blob)
     out.put_bytes(version_key(version, docs_name), docs)

@@ -12,7 +12,7 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, InvalidInput
 from services.common.store import open_store
 from services.embedder.embeddings import Embeddings, read_embeddings
-from services.index import descriptors, faiss_util
+from services.index import descriptors, faiss_util, fields
 from services.index.manifest import Manifest
 from services.index.merge import merge_topk
 from services.index.projection import Projection, check_options, skip_reason
@@ -34,7 +34,9 @@ def dedupe(emb: Embeddings) -> tuple[Embeddings, int]:
         return emb, 0
     first.sort()
     uris = [emb.uris[i] for i in first]
-    return Embeddings(emb.meta, emb.ids[first], emb.vectors[first], uris, emb.errors), len(emb.ids) - len(first)
+    metadata = None if emb.metadata is None else [emb.metadata[i] for i in first]
+    return (Embeddings(emb.meta, emb.ids[first], emb.vectors[first], uris, emb.errors, metadata),
+            len(emb.ids) - len(first))
 
 
 def train_sample(vectors: np.ndarray, params: IndexParams, rng: np.random.Generator) -> np.ndarray:
@@ -45,8 +47,10 @@ def train_sample(vectors: np.ndarray, params: IndexParams, rng: np.random.Genera
     return vectors[np.sort(rng.choice(len(vectors), want, replace=False))]
 
 
-def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int) -> list[Shard]:
-    """Shard = id mod S: deterministic, so later adds land on the same shard as their id."""
+def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int,
+                 columns: dict | None = None) -> list[Shard]:
+    """Shard = id mod S: deterministic, so later adds land on the same shard as their id. columns: the
+    filterable fields of emb's rows, cut the same way."""
     which = emb.ids % n_shards
     shards = []
     for s in range(n_shards):
@@ -54,7 +58,7 @@ def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int) -> list[S
         index = faiss.deserialize_index(faiss.serialize_index(trained))  # clone_index lacks some transforms
         if len(rows):
             faiss_util.add(index, emb.vectors[rows], emb.ids[rows])
-        shards.append(Shard(s, index, emb.ids[rows], [emb.uris[i] for i in rows]))
+        shards.append(Shard(s, index, emb.ids[rows], [emb.uris[i] for i in rows], fields.take(columns or {}, rows)))
     return shards
 
 
@@ -127,8 +131,9 @@ def choose_dba(n: int, dba: int | None, settings: Settings, step: Step) -> int:
 def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
                 nprobe: int | None = None, settings: Settings | None = None, step: Step | None = None,
                 version: str | None = None, publish_it: bool = True, dba: int | None = None,
-                pca_dim: int | None = None, whiten: float | None = None) -> Manifest:
-    """pca_dim / whiten: the learned projection (None: IMSEARCH_PCA_DIM / IMSEARCH_WHITEN_POWER; pca_dim 0:
+                pca_dim: int | None = None, whiten: float | None = None, filterable: str | None = None) -> Manifest:
+    """filterable: metadata fields to filter on (None: IMSEARCH_FILTERABLE; "*" every scalar column; "" none).
+    pca_dim / whiten: the learned projection (None: IMSEARCH_PCA_DIM / IMSEARCH_WHITEN_POWER; pca_dim 0:
     none); dba: database-side augmentation with that many neighbours (None: IMSEARCH_DBA up to
     IMSEARCH_DBA_MAX vectors; 0: off). Vectors are indexed projected, then augmented."""
     settings = settings or get_settings()
@@ -149,6 +154,10 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     if n == 0:
         raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): "
                            "nothing to index")
+    rows = fields.decode(emb.metadata, n)
+    kinds = fields.choose_fields(rows, settings.filterable if filterable is None else filterable, step)
+    columns = fields.columns_of(rows, kinds)
+    del rows
     projection = learn_projection(emb.vectors, settings.pca_dim if pca_dim is None else pca_dim,
                                   settings.whiten_power if whiten is None else whiten, step)
     if projection is not None:
@@ -169,7 +178,7 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
         faiss_util.train(trained, sample)
         del sample
     step(f"adding {n} vectors to {shards} shard(s)")
-    parts = split_shards(trained, emb, shards)
+    parts = split_shards(trained, emb, shards, columns)
     tuned, tuning = tune_nprobe(parts, emb, params, settings.target_recall, rng)
     step(f"nprobe {tuned}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
     if nprobe is not None:
@@ -180,7 +189,7 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     template = Manifest(
         version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
         params=params.as_dict() | ({"dba": dba} if dba else {}) | learned, nprobe=nprobe, k_factor=params.k_factor,
-        count=0, duplicates_dropped=dropped + int(emb.meta.get("reasons", {}).get("duplicate", 0)),
+        count=0, fields=kinds, duplicates_dropped=dropped + int(emb.meta.get("reasons", {}).get("duplicate", 0)),
         tuning=tuning, shards=[],
         source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
                 "error_rows": int(emb.errors.num_rows)})

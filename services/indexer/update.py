@@ -18,7 +18,7 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, Incompatible, InvalidInput, NotFound, NotSupported
 from services.common.store import Store, open_store
 from services.embedder.embeddings import Embeddings, read_embeddings
-from services.index import descriptors, faiss_util
+from services.index import descriptors, faiss_util, fields
 from services.index.layout import version_prefix
 from services.index.manifest import Manifest
 from services.index.merge import merge_topk
@@ -73,6 +73,7 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
         new = ~np.isin(emb.ids, held)
         if not new.any():
             raise InvalidInput(f"every one of the {len(emb.ids)} embeddings in {emb_url} is already indexed")
+        columns = new_columns(manifest, emb, emb_url, step)
         vectors = index_vectors(emb.vectors, new, manifest, shards, projection, step)
         parts = []
         for s in shards:  # shard = id mod S, as at build time
@@ -80,7 +81,8 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
             if len(rows):
                 faiss_util.add(s.index, vectors[rows], emb.ids[rows])
             parts.append(Shard(s.entry.shard, s.index, np.concatenate([s.ids, emb.ids[rows]]),
-                               [*s.uris.tolist(), *(emb.uris[i] for i in rows)]))
+                               [*s.uris.tolist(), *(emb.uris[i] for i in rows)],
+                               fields.concat(manifest.fields, s.columns, fields.take(columns, rows))))
         added = int(new.sum())
         step(f"adding {added} vectors ({len(emb.ids) - added} already indexed)")
         template = manifest.model_copy(update={"version": name, "source": {
@@ -88,6 +90,16 @@ def add_to_index(root: str, emb_url: str, settings: Settings | None = None, step
         return parts, template, (added, len(emb.ids) - added)
 
     return change_index(root, add, settings, step, version)
+
+
+def new_columns(manifest: Manifest, emb: Embeddings, emb_url: str, step: Step) -> dict:
+    """The index's filterable fields of the added rows (new values of a field are welcome; a value of another
+    kind is not). Columns the index does not filter on are said, not indexed."""
+    rows = fields.decode(emb.metadata, len(emb.ids))
+    extra = sorted({k for r in rows for k in r if k not in manifest.fields and k not in fields.RESERVED})
+    if extra:
+        step(f"not filterable in this index (a rebuild with --filterable indexes them): {', '.join(extra)}")
+    return fields.columns_of(rows, manifest.fields, f"{emb_url}: ")
 
 
 def check_addable(manifest: Manifest, emb: Embeddings, emb_url: str) -> None:
@@ -155,7 +167,8 @@ def delete_from_index(root: str, ids: list[int], settings: Settings | None = Non
                     raise NotSupported(f"{manifest.factory} shards cannot delete ids "
                                        f"({str(e).splitlines()[-1]}); rebuild without them") from None
                 removed += n
-            parts.append(Shard(s.entry.shard, index, s.ids[~drop], s.uris[~drop].tolist()))
+            parts.append(Shard(s.entry.shard, index, s.ids[~drop], s.uris[~drop].tolist(),
+                               fields.take(s.columns, np.flatnonzero(~drop))))
         step(f"removed {removed} vectors ({len(unknown)} id(s) not found)")
         template = manifest.model_copy(update={"version": name, "source": {
             **manifest.source, "deleted": removed, "previous": manifest.version}})

@@ -8,11 +8,13 @@ import numpy as np
 
 from services.common.config import Settings, get_settings
 from services.common.errors import Incompatible, InvalidInput, NotFound
+from services.common.filters import Node, check_fields
 from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import open_store
 from services.common.validate import check_k, check_qe
 from services.index import faiss_util
+from services.index.filtered import FilteredSearch
 from services.index.merge import hit_lists, merge_topk
 from services.index.projection import load_projection, to_index_space
 from services.index.shards import LoadedShard, load_shard, shared_quantizer
@@ -51,21 +53,26 @@ class IndexSearcher:
         self.quantizer = shared_quantizer([s.index for s in self.shards])
         self.stacked = stack_shards(self.shards, self.quantizer)  # plain IVF: all shards as one faiss search
         self.projection = load_projection(self.store, self.manifest)
+        self.filtered = FilteredSearch(self.shards, self.stacked, self.manifest.k_factor, self.settings.filter_cache_mb)
 
     @property
     def version(self) -> str:
         return self.manifest.version
 
-    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
-        return hit_lists(*self.search_arrays(queries, k, nprobe))
+    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
+               where: Node | None = None) -> list[list[Hit]]:
+        return hit_lists(*self.search_arrays(queries, k, nprobe, where=where))
 
     def search_arrays(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
-                      assign: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = True):
+                      assign: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = True,
+                      where: Node | None = None):
         """(D, I, S, uris), each (nq, k), best first; id -1 / uri "" where fewer than k results.
 
         assign = (scores, lists), each (nq, nprobe): a coarse assignment made elsewhere (the router)
         for plain IVF shards; then nprobe is its width. with_uris False: uris None (evaluation reads
-        rankings by id: looking up k uris per query is most of a deep search's merge)."""
+        rankings by id: looking up k uris per query is most of a deep search's merge). where: only rows
+        matching this filter (filtered.py chooses how; an assignment is then not used: a filter widens
+        nprobe)."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -77,6 +84,9 @@ class IndexSearcher:
         if nprobe < 1:
             raise InvalidInput(f"nprobe must be >= 1, got {nprobe}")
 
+        if where is not None:
+            check_fields(where, self.manifest.fields)
+            return self.filtered.search(queries, k, nprobe, where, with_uris)
         if assign is not None:
             assign = check_assign(assign, len(queries), self.quantizer)
         if self.stacked is not None:

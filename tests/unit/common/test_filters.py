@@ -3,6 +3,8 @@ does not depend on the spelling, and the evaluation on metadata columns is what 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -14,10 +16,14 @@ from services.common.filters import (
     Not,
     canonical,
     check_fields,
+    column,
     fields_of,
+    kind_of,
     matches,
+    parse_filter,
     parse_json,
     parse_where,
+    to_json,
 )
 
 KINDS = {"in_stock": "bool", "category": "str", "price": "float", "market": "str", "stock": "int"}
@@ -97,13 +103,45 @@ def test_the_cache_key_ignores_the_order_of_parts_and_list_values_but_not_their_
 def test_evaluation_on_columns_matches_a_row_by_row_reading():
     rng = np.random.default_rng(0)
     n = 500
-    columns = {"in_stock": rng.random(n) < 0.5, "price": rng.uniform(0, 200, n),
-               "category": np.array([rng.choice(["shoes", "bags", "hats", None]) for _ in range(n)], dtype=object)}
+    rows = {"in_stock": (rng.random(n) < 0.5).tolist(), "price": rng.uniform(0, 200, n).tolist(),
+            "category": [rng.choice(["shoes", "bags", "hats", None]) for _ in range(n)]}
+    columns = {name: column(kind_of(values), values) for name, values in rows.items()}
     f = parse_where('in_stock and category in ("shoes", "bags") and price < 120 or category == "hats"')
     got = matches(f, columns)
     want = np.array([(s and c in ("shoes", "bags") and p < 120) or c == "hats"
-                     for s, p, c in zip(columns["in_stock"], columns["price"], columns["category"])])
+                     for s, p, c in zip(rows["in_stock"], rows["price"], rows["category"])])
     assert got.dtype == bool and (got == want).all() and 0 < got.sum() < n
-    missing = columns["category"] == None  # noqa: E711 (elementwise)
+    missing = np.array([c is None for c in rows["category"]])
+    assert missing.any()
     assert not matches(parse_where('category != "shoes"'), columns)[missing].any()  # no value: no match
     assert not matches(parse_where('category not in ("shoes",)'), columns)[missing].any()
+    assert not matches(parse_where('category == "boots"'), columns).any()  # a value no row has
+
+
+def test_columns_store_strings_once_and_give_back_what_they_were_made_of():
+    values = ["shoes", None, "bags", "shoes", "hats"]
+    col = column("str", values)
+    assert col.dictionary.tolist() == ["bags", "hats", "shoes"] and col.values.dtype == np.int32
+    assert col.python() == values and col.take(np.array([4, 1])).python() == ["hats", None]
+    assert column("int", [3, None, 5]).python() == [3, None, 5]
+
+
+def test_the_kind_of_a_field_is_read_from_its_values():
+    assert kind_of([True, None, False]) == "bool"
+    assert kind_of([1, 2, None]) == "int" and kind_of([1, 2.5]) == "float"
+    assert kind_of(["a", "b"]) == "str"
+    assert kind_of([1, "a"]) is None and kind_of([[1], [2]]) is None and kind_of([True, 1]) is None
+
+
+@pytest.mark.parametrize("text", ['in_stock and category in ("shoes", "bags") and price < 120',
+                                  'not (price >= 10 or category != "a")', "10 <= price < 20"])
+def test_a_filter_survives_the_trip_to_json_and_back(text):
+    node = parse_where(text)
+    assert canonical(parse_json(json.loads(json.dumps(to_json(node))))) == canonical(node)
+    assert canonical(parse_filter(json.dumps(to_json(node)))) == canonical(node)
+
+
+def test_a_filter_in_text_may_be_json_or_an_expression_and_bad_json_is_named():
+    assert canonical(parse_filter('{"in_stock": true}')) == canonical(parse_filter("in_stock"))
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        parse_filter('{"in_stock": ')
