@@ -282,23 +282,28 @@ def search(
                                                 "(e.g. --feedback +12 +40 -7)"),
     qe: int = typer.Option(0, help="query expansion (αQE): search again with the query re-weighted by its top "
                                    "QE hits (0: off)"),
+    where: Optional[str] = typer.Option(None, help="only rows matching this filter, e.g. 'in_stock and category "
+                                                   "in (\"shoes\", \"bags\") and price < 120' (or a JSON filter)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Search an index with a query image, in-process (no servers needed)."""
-    _search(index_, query, _settings(), k, nprobe, feedback, as_json, qe)
+    _search(index_, query, _settings(), k, nprobe, feedback, as_json, qe, where)
 
 
 def _search(index_: str, query: str, settings, k: int = 10, nprobe: int | None = None, feedback: list[str] = (),
-            as_json: bool = False, qe: int = 0) -> None:
+            as_json: bool = False, qe: int = 0, where: str | None = None) -> None:
     from services.searcher.feedback import parse_marks
     from services.searcher.local import search_uri
 
     relevant, not_relevant = parse_marks(feedback)
-    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings, _step(as_json), qe)
+    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings, _step(as_json), qe,
+                               where)
     if as_json:
-        print(json.dumps({"query": query, "index_version": version, "k": k, "results": [h.as_dict() for h in hits]}))
+        print(json.dumps({"query": query, "index_version": version, "k": k, "where": where,
+                          "results": [h.as_dict() for h in hits]}))
         return
-    table = Table(title=f"top {len(hits)} for {query}  (index {version})")
+    title = f"top {len(hits)} for {query}" + (f" where {where}" if where else "")
+    table = Table(title=f"{title}  (index {version})")
     for col in ("rank", "score", "id", "shard", "uri"):
         table.add_column(col)
     for rank, h in enumerate(hits, 1):

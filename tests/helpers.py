@@ -56,8 +56,8 @@ def random_unit_vectors(n: int, d: int, seed: int = 0, clusters: int = 0) -> np.
 
 
 def write_fake_embeddings(root, vectors: np.ndarray, name: str = "fake", error_rows: int = 0, part_rows: int = 500,
-                          first_row: int = 0):
-    return write_embeddings(root, vectors, name, error_rows, part_rows, first_row=first_row)
+                          first_row: int = 0, metadata: list[dict] | None = None):
+    return write_embeddings(root, vectors, name, error_rows, part_rows, first_row=first_row, metadata=metadata)
 
 
 def need(tool: str, install: str) -> str:

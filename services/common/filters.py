@@ -29,6 +29,7 @@ OPS = {"eq": "==", "ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 _AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 MAX_NODES = 256  # a filter is a few conditions; a huge one is an attack on the parser, not a query
 MAX_LIST = 10_000
+MAX_FILTER_CHARS = 65_536  # a filter's text: a few conditions, or an in-list of some thousand values
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,8 @@ _OP_NAMES = {symbol: name for name, symbol in OPS.items()}
 
 def parse_filter(text: str) -> Node:
     """A filter as text, either spelling: a JSON object (`{"in_stock": true}`) or a --where expression."""
+    if len(text) > MAX_FILTER_CHARS:
+        raise InvalidInput(f"filter of {len(text)} characters; the limit is {MAX_FILTER_CHARS}")
     if text.lstrip().startswith("{"):
         try:
             obj = json.loads(text)

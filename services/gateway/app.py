@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from services.common.errors import (
     Unauthenticated,
     http_status,
 )
+from services.common.filters import MAX_FILTER_CHARS
 from services.common.validate import (
     INT64_MAX,
     INT64_MIN,
@@ -86,18 +88,38 @@ class Query(BaseModel):
     image_b64: str | None = None
 
 
-class SearchBody(Query):
+class Filtered(BaseModel):
+    """Only catalogue rows matching a filter: `filter` a JSON filter ({"in_stock": true, "price": {"lt": 120}}),
+    or `where` the same as an expression ('in_stock and price < 120'). The router parses and checks it."""
+    filter: dict | None = None
+    where: str | None = Field(None, max_length=MAX_FILTER_CHARS)
+
+    def filter_text(self) -> str:
+        return filter_text(self.filter, self.where)
+
+
+class SearchBody(Query, Filtered):
     k: UInt32 = 10
     nprobe: UInt32 = 0
     qe: UInt32 = 0  # αQE neighbours (0: off)
     feedback: Feedback = Field(default_factory=Feedback)
 
 
-class BatchBody(BaseModel):
+class BatchBody(Filtered):
     queries: list[Query]
     k: UInt32 = 10
     nprobe: UInt32 = 0
     qe: UInt32 = 0
+
+
+def filter_text(obj: dict | str | None, where: str | None) -> str:
+    """The filter as the gRPC API takes it (JSON text or an expression); "" for none."""
+    if obj is not None and where:
+        raise InvalidInput("give a filter as 'filter' (JSON) or as 'where' (an expression), not both")
+    text = where or ("" if obj is None else obj if isinstance(obj, str) else json.dumps(obj))
+    if len(text) > MAX_FILTER_CHARS:
+        raise TooLarge(f"filter of {len(text)} characters; the limit is {MAX_FILTER_CHARS}")
+    return text
 
 
 @dataclass
@@ -181,12 +203,13 @@ class Gateway:
             return int(tail[1].split("?")[0])
         return self.catalogue.id_of(uri)
 
-    async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0) -> dict:
+    async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0,
+                     where: str = "") -> dict:
         check_k(k, self.settings.max_k)
         check_range("nprobe", nprobe, 0, UINT32_MAX)
         check_qe(qe)
         start = time.perf_counter()
-        request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe)
+        request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe, where)
         ROUTER_CALLS.labels("Search").inc()
         reply = await self.client.call("Search", request)
         out = answer(reply, k, start)
@@ -262,7 +285,7 @@ routes = APIRouter()
 async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> dict:
     kind = request.headers.get("content-type", "")
     if kind.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=10)
+        form = await request.form(max_files=1, max_fields=12)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise InvalidInput("multipart search needs a file field named 'image'")
@@ -277,14 +300,15 @@ async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> d
             raise InvalidInput(field_error(e.errors())) from None
         k, nprobe, qe = (_int(name, form.get(name), default) for name, default in (("k", 10), ("nprobe", 0),
                                                                                      ("qe", 0)))
-        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe)
+        where = filter_text(_text(form.get("filter")), _text(form.get("where")))
+        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe, where)
     if kind.startswith("application/json"):
         try:
             body = SearchBody.model_validate_json(await request.body())
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
         query = await gw.query(body)
-        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe)
+        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe, body.filter_text())
     raise InvalidInput(f"content type {quote(kind) if kind else 'missing'}: send multipart/form-data "
                        "(field 'image') or JSON")
 
@@ -297,7 +321,7 @@ async def batch_endpoint(body: BatchBody, gw: Gateway = Depends(gateway)) -> dic
     check_k(body.k, gw.settings.max_k)
     check_qe(body.qe)
     queries = [await gw.query(q) for q in body.queries]
-    request = batch_request(queries, body.k, body.nprobe, qe=body.qe)
+    request = batch_request(queries, body.k, body.nprobe, qe=body.qe, where=body.filter_text())
     ROUTER_CALLS.labels("SearchBatch").inc()
     reply = await gw.client.call("SearchBatch", request)
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,
@@ -430,6 +454,13 @@ def _int(name: str, value, default: int) -> int:
         return check_range(name, int(value), 0, UINT32_MAX)
     except (TypeError, ValueError):
         raise InvalidInput(f"{name}: expected an integer, got {quote(value)}") from None
+
+
+def _text(value) -> str | None:
+    """A text form field (None when absent; a file where text belongs is refused)."""
+    if value is None or isinstance(value, str):
+        return value or None
+    raise InvalidInput("filter and where are text fields, not files")
 
 
 def _ids(value) -> list[int]:

@@ -65,17 +65,17 @@ def to_query(item: Query) -> pb.Query:
 
 
 def search_request(query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-                   not_relevant: list[int] = (), qe: int = 0) -> pb.SearchRequest:
+                   not_relevant: list[int] = (), qe: int = 0, where: str = "") -> pb.SearchRequest:
     """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE
-    neighbours (0: off)."""
-    return pb.SearchRequest(query=to_query(query), k=k, nprobe=nprobe, qe=qe,
+    neighbours (0: off); where: a filter (JSON text or an expression, "" none)."""
+    return pb.SearchRequest(query=to_query(query), k=k, nprobe=nprobe, qe=qe, filter=where,
                             feedback=pb.Feedback(relevant=relevant, not_relevant=not_relevant))
 
 
 def batch_request(queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False,
-                  qe: int = 0) -> pb.SearchBatchRequest:
+                  qe: int = 0, where: str = "") -> pb.SearchBatchRequest:
     return pb.SearchBatchRequest(queries=[to_query(q) for q in queries], k=k, nprobe=nprobe, columnar=columnar,
-                                 qe=qe)
+                                 qe=qe, filter=where)
 
 
 class _Client:
@@ -109,12 +109,12 @@ class RouterClient(_Client):
         return await getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
 
     async def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-                     not_relevant: list[int] = (), qe: int = 0) -> pb.SearchResponse:
-        return await self.call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe))
+                     not_relevant: list[int] = (), qe: int = 0, where: str = "") -> pb.SearchResponse:
+        return await self.call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe, where))
 
     async def search_batch(self, queries: list, k: int = 10, nprobe: int = 0,
-                           columnar: bool = False, qe: int = 0) -> pb.SearchBatchResponse:
-        return await self.call("SearchBatch", batch_request(queries, k, nprobe, columnar, qe))
+                           columnar: bool = False, qe: int = 0, where: str = "") -> pb.SearchBatchResponse:
+        return await self.call("SearchBatch", batch_request(queries, k, nprobe, columnar, qe, where))
 
     async def info(self, timeout: float | None = None) -> pb.IndexInfo:
         return await self.call("Info", pb.InfoRequest(), timeout)
@@ -136,13 +136,16 @@ class SearchClient(_Client):
         return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
 
     def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-               not_relevant: list[int] = (), qe: int = 0) -> Result:
-        """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE."""
-        return Result.from_proto(self._call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe)))
+               not_relevant: list[int] = (), qe: int = 0, where: str = "") -> Result:
+        """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE; where:
+        a filter (a JSON filter as text, or an expression such as 'in_stock and price < 120')."""
+        return Result.from_proto(self._call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe,
+                                                                     where)))
 
-    def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0) -> list[Result]:
+    def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0,
+                     where: str = "") -> list[Result]:
         return [Result.from_proto(r)
-                for r in self._call("SearchBatch", batch_request(queries, k, nprobe, qe=qe)).results]
+                for r in self._call("SearchBatch", batch_request(queries, k, nprobe, qe=qe, where=where)).results]
 
     def search_columns(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0) -> Columns:
         """Like search_batch, answered as arrays: the cheap form for bulk work."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from services.common.config import Settings, get_settings
 from services.common.errors import Incompatible, InvalidInput, NotFound
-from services.common.filters import Node, check_fields
+from services.common.filters import Node, check_fields, parse_filter
 from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import open_store
@@ -158,10 +158,10 @@ class IndexSearcher:
 
 def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, relevant: list[int] = (),
                not_relevant: list[int] = (), settings: Settings | None = None,
-               step=lambda msg: None, qe: int = 0) -> tuple[str, list[Hit]]:
+               step=lambda msg: None, qe: int = 0, where: str | None = None) -> tuple[str, list[Hit]]:
     """The stage behind `imsearch search`: the query image at a uri (file or s3://), embedded with the index's
-    own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process.
-    Returns (index version, hits)."""
+    own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process, only
+    among rows matching the filter `where` when given. Returns (index version, hits)."""
     from services.common.store import read_uri
     from services.searcher.expansion import expand, found_ids
     from services.searcher.feedback import requery
@@ -169,6 +169,7 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
     settings = settings or get_settings()
     check_k(k, settings.max_k)  # before the seconds spent loading the index and model
     check_qe(qe)
+    node = parse_filter(where) if where else None  # a typo is reported before the index loads
     data = read_uri(query, settings)
     step(f"loading the index at {index}")
     searcher = IndexSearcher(index, settings)
@@ -181,8 +182,8 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
             vector = requery(vector[0], searcher.fetch(list(relevant) + list(not_relevant)), len(relevant), settings)
         if qe:
             step(f"query expansion with the top {qe} hits")
-            D, I, _, _ = searcher.search_arrays(vector, qe, nprobe)
+            D, I, _, _ = searcher.search_arrays(vector, qe, nprobe, where=node)
             vector = expand(vector, I, D, searcher.fetch(found_ids(I)))
-        return searcher.version, searcher.search(vector, k, nprobe)[0]
+        return searcher.version, searcher.search(vector, k, nprobe, node)[0]
     finally:
         searcher.close()

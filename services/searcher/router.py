@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from services.common.errors import (
     Unavailable,
     from_status,
 )
+from services.common.filters import Node, canonical, parse_filter, to_json
 from services.common.store import open_store
 from services.common.validate import check_k, check_qe
 from services.index import faiss_util
@@ -123,13 +125,14 @@ class Router:
         return await self.shards[shard].ask(method, request, deadline)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None,
-                     version: str = "") -> Answer:
-        """version: the version the queries were projected for (pinned; "" = the router's current one)."""
+                     version: str = "", where: str = "") -> Answer:
+        """version: the version the queries were projected for (pinned; "" = the router's current one);
+        where: a filter in the JSON language (shard_filter), applied by every shard during its search."""
         check_k(k, self.settings.max_k)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         data, dim = pack_queries(queries)
-        request = pb.ShardSearchRequest(queries=data, dim=dim, k=k, nprobe=nprobe)
+        request = pb.ShardSearchRequest(queries=data, dim=dim, k=k, nprobe=nprobe, filter=where)
         answered = await self._fan_out(request, queries, deadline, version)
         if not answered and self.version and not version and loop.time() < deadline:
             # Every shard may have moved past our version (two publishes in a row): re-learn it once.
@@ -155,8 +158,9 @@ class Router:
         request.index_version = version or self.version  # pinned: shards keep the previous version in a rollout
         request.ClearField("assign")
         request.ClearField("assign_scores")
-        coarse = self._coarse_for(request.index_version)
-        if coarse is not None:  # choose the inverted lists once here instead of once per shard
+        coarse = None if request.filter else self._coarse_for(request.index_version)
+        if coarse is not None:  # choose the inverted lists once here instead of once per shard (a filter's
+            # lists depend on each shard's matching rows: the shards choose them)
             quantizer, default_nprobe = coarse
             nprobe = min(request.nprobe or default_nprobe, quantizer.ntotal)
             Dq, Iq = await asyncio.get_running_loop().run_in_executor(None, faiss_util.flat_search, quantizer,
@@ -176,14 +180,16 @@ class Router:
             self.version = version
 
     async def search_shared(self, queries: np.ndarray, k: int, nprobe: int = 0,
-                            timeout: float | None = None, version: str = "") -> Answer:
+                            timeout: float | None = None, version: str = "", where: str = "") -> Answer:
         """Like search, but fanned out together with the other requests waiting when every fan-out
         slot is busy: one fan-out for many requests (per-call gRPC cost dominates small requests).
         A caller whose deadline is tighter than the shard budget goes alone, with its own deadline."""
         check_k(k, self.settings.max_k)
         queries = np.asarray(queries, np.float32)
-        if timeout is not None and timeout < self.settings.shard_timeout_s:
-            return await self.search(queries, k, nprobe, timeout, version)
+        # Filtered requests fan out alone: a batcher per distinct filter would grow without bound (and only
+        # requests with the same filter could share a fan-out).
+        if where or (timeout is not None and timeout < self.settings.shard_timeout_s):
+            return await self.search(queries, k, nprobe, timeout, version, where)
         key = (k, nprobe, queries.shape[1], version)  # only alike requests share a fan-out
         batcher = self.batchers.get(key)
         if batcher is None:
@@ -329,7 +335,8 @@ class SearcherService(pb_grpc.SearcherServicer):
                  None if answer.uris is None else answer.uris[q])
         return self._stamp(reply, answer)
 
-    async def _search_one(self, request: pb.SearchRequest, timeout: float | None) -> pb.SearchResponse:
+    async def _search_one(self, request: pb.SearchRequest, timeout: float | None,
+                          where: str = "") -> pb.SearchResponse:
         vectors, version = await self.router.to_index_space(await self._vectors([request.query]))
         relevant, not_relevant = list(request.feedback.relevant), list(request.feedback.not_relevant)
         if relevant or not_relevant:
@@ -337,22 +344,23 @@ class SearcherService(pb_grpc.SearcherServicer):
             marked = await self.router.fetch(relevant + not_relevant, timeout)
             check_same_space(marked, vectors, "relevance feedback")
             vectors = requery(vectors[0], marked, len(relevant), self.settings)
-        answer = await self._search(vectors[:1], request.k, request.nprobe, request.qe, timeout, version)
+        answer = await self._search(vectors[:1], request.k, request.nprobe, request.qe, timeout, version, where)
         return self._fill(pb.SearchResponse(), answer, 0)
 
     async def _search(self, vectors: np.ndarray, k: int, nprobe: int, qe: int, timeout: float | None,
-                      version: str) -> Answer:
-        """One search, or with qe two: the first finds each query's qe nearest, whose stored vectors (one
-        Fetch fan-out) re-weight it for the second. A partial first round makes the answer partial."""
+                      version: str, where: str = "") -> Answer:
+        """One search, or with qe two: the first finds each query's qe nearest (matching the filter, as the
+        answer must), whose stored vectors (one Fetch fan-out) re-weight it for the second. A partial first
+        round makes the answer partial."""
         check_qe(qe)
         if not qe:
-            return await self.router.search_shared(vectors, k, nprobe, timeout, version)
-        first = await self.router.search_shared(vectors, qe, nprobe, timeout, version)
+            return await self.router.search_shared(vectors, k, nprobe, timeout, version, where)
+        first = await self.router.search_shared(vectors, qe, nprobe, timeout, version, where)
         wanted = found_ids(first.ids)
         fetched = await self.router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
         check_same_space(fetched, vectors, "query expansion")
         answer = await self.router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
-                                                 timeout, version)
+                                                 timeout, version, where)
         answer.coverage = min(answer.coverage, first.coverage)
         answer.missing = sorted(set(answer.missing) | set(first.missing))
         return answer
@@ -360,10 +368,14 @@ class SearcherService(pb_grpc.SearcherServicer):
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         check_k(request.k, self.settings.max_k)
+        node = parse_filter(request.filter) if request.filter else None  # a bad filter: INVALID_ARGUMENT here
+        where = shard_filter(node)
         if self.cache is None or not self.router.version:
-            return await self._search_one(request, context.time_remaining())
-        # The query and its feedback, encoded together (one message: unambiguous bytes).
-        asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe).SerializeToString()
+            return await self._search_one(request, context.time_remaining(), where)
+        # The query, its feedback and its filter (normalised: one key however it is spelled), encoded together
+        # (one message: unambiguous bytes).
+        asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe,
+                                 filter=canonical(node) if node else "").SerializeToString()
         version = self.router.version
         key = cache_key(version, request.k, request.nprobe, asked)
 
@@ -374,7 +386,7 @@ class SearcherService(pb_grpc.SearcherServicer):
             metrics.CACHE.labels("hit" if reply else "miss").inc()
             if reply:
                 return reply
-            reply = await self._search_one(request, context.time_remaining())
+            reply = await self._search_one(request, context.time_remaining(), where)
             if reply.coverage == 1.0 and reply.index_version == version:  # never cache partial answers
                 await self.cache.set(key, seal(key, version, reply.SerializeToString()))
             return reply
@@ -419,8 +431,10 @@ class SearcherService(pb_grpc.SearcherServicer):
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
         if len(request.queries) > self.settings.max_batch:
             raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
+        where = shard_filter(parse_filter(request.filter) if request.filter else None)
         vectors, version = await self.router.to_index_space(await self._vectors(list(request.queries)))
-        answer = await self._search(vectors, request.k, request.nprobe, request.qe, context.time_remaining(), version)
+        answer = await self._search(vectors, request.k, request.nprobe, request.qe, context.time_remaining(), version,
+                                    where)
         reply = pb.SearchBatchResponse()
         if request.columnar:
             fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
@@ -428,6 +442,11 @@ class SearcherService(pb_grpc.SearcherServicer):
         for q in range(len(vectors)):
             self._fill(reply.results.add(), answer, q)
         return self._stamp(reply, answer)  # the batch's version and coverage, as a columnar answer has
+
+
+def shard_filter(node: Node | None) -> str:
+    """A parsed filter as the router sends it to shards: the JSON language ("" for none)."""
+    return "" if node is None else json.dumps(to_json(node), separators=(",", ":"))
 
 
 def remote_embedder(address: str, settings: Settings, metadata) -> tuple[Embed, pb_grpc.EmbedderStub]:

@@ -17,6 +17,7 @@ from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import pack_results, unpack_assign, unpack_queries
 from services.common.errors import Incompatible, InvalidInput, TooLarge
+from services.common.filters import parse_filter
 from services.common.store import open_store
 from services.index.layout import POINTER_KEY
 from services.searcher.local import IndexSearcher
@@ -111,7 +112,9 @@ class ShardService(pb_grpc.ShardServicer):
         if len(queries) > self.settings.max_batch:
             raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")
         assign = unpack_assign(request, len(queries))
-        D, I, _, uris = searcher.search_arrays(queries, request.k, request.nprobe or None, assign)
+        where = parse_filter(request.filter) if request.filter else None  # a filter chooses its own lists
+        D, I, _, uris = searcher.search_arrays(queries, request.k, request.nprobe or None,
+                                               None if where else assign, where=where)
         return pb.ShardSearchResponse(**pack_results(D, I, uris), index_version=searcher.version,
                                       shard=self.number, latest_version=self.latest)
 

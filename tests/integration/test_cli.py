@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -223,3 +224,34 @@ def test_index_versions_lists_oldest_first_with_time_size_and_state(tmp_path):
     assert [line[2:].split()[0] for line in lines] == ["vA", "vB", "v2"]  # by creation, not by name
     assert lines[0].endswith("earlier (rollback 1)") and lines[1].startswith("* vB") and lines[2].endswith("staged")
     assert all("50 vectors" in line and "1 shard(s)" in line and "Flat" in line for line in lines)
+
+
+def test_search_where_finds_only_rows_of_the_filter_declared_at_build(built):
+    tmp, _, _, _ = built
+    home = tmp / "home"
+    photos = sorted((tmp / "photos").glob("good-*.png"))
+    pq.write_table(pa.table({"uri": [str(p) for p in photos],
+                             "category": ["a" if int(p.stem[-1]) < 3 else "b" for p in photos],
+                             "price": [10.0 * int(p.stem[-1]) for p in photos]}), tmp / "items.parquet")
+    embed = run("embed", "--manifest", str(tmp / "items.parquet"), "--out", str(tmp / "emb-items"), env_home=home)
+    assert embed.returncode == 0, embed.stderr
+    wrong = run("index", "build", str(tmp / "emb-items"), "--out", str(tmp / "idx-x"), "--filterable", "colour",
+                env_home=home)
+    assert_one_line_error(wrong, "--filterable colour", "no column 'colour'", "category, price")
+    index = run("index", "build", str(tmp / "emb-items"), "--out", str(tmp / "idx-items"), "--shards", "2",
+                "--filterable", "category,price", env_home=home)
+    assert index.returncode == 0, index.stderr
+    assert "category (str), price (float)" in run("info", str(tmp / "idx-items"), env_home=home).stdout
+
+    query = tmp / "query-b.png"
+    query.write_bytes(encode(pattern(120, 90, seed=3).resize((100, 75))))  # good-3: category b
+    res = run("search", str(tmp / "idx-items"), str(query), "-k", "3", "--json", "--where", 'category == "a"',
+              env_home=home)
+    assert res.returncode == 0, res.stderr
+    found = [Path(r["uri"]).name for r in json.loads(res.stdout)["results"]]
+    assert sorted(found) == ["good-0.png", "good-1.png", "good-2.png"]  # k hits, none of category b
+    res = run("search", str(tmp / "idx-items"), str(query), "-k", "3", "--json", "--where",
+              '{"category": "b", "price": {"gte": 40}}', env_home=home)
+    assert [Path(r["uri"]).name for r in json.loads(res.stdout)["results"]] == ["good-4.png", "good-5.png"]
+    bad = run("search", str(tmp / "idx-items"), str(query), "--where", "colour == 'red'", env_home=home)
+    assert_one_line_error(bad, "unknown field 'colour'", "filterable: category, price")

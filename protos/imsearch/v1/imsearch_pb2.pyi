@@ -63,7 +63,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("queries", "dim", "k", "nprobe", "index_version", "assign", "assign_scores")
+    __slots__ = ("queries", "dim", "k", "nprobe", "index_version", "assign", "assign_scores", "filter")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class ShardSearchRequest(_message.Message):
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     queries: bytes
     dim: int
     k: int
@@ -78,7 +79,8 @@ class ShardSearchRequest(_message.Message):
     index_version: str
     assign: bytes
     assign_scores: bytes
-    def __init__(self, queries: _Optional[bytes] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ..., assign: _Optional[bytes] = ..., assign_scores: _Optional[bytes] = ...) -> None: ...
+    filter: str
+    def __init__(self, queries: _Optional[bytes] = ..., dim: _Optional[int] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., index_version: _Optional[str] = ..., assign: _Optional[bytes] = ..., assign_scores: _Optional[bytes] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("scores", "ids", "uris", "index_version", "shard", "latest_version")
@@ -157,18 +159,20 @@ class Feedback(_message.Message):
     def __init__(self, relevant: _Optional[_Iterable[int]] = ..., not_relevant: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "k", "nprobe", "feedback", "qe")
+    __slots__ = ("query", "k", "nprobe", "feedback", "qe", "filter")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     QE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     query: Query
     k: int
     nprobe: int
     feedback: Feedback
     qe: int
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., qe: _Optional[int] = ...) -> None: ...
+    filter: str
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "index_version", "coverage", "missing_shards", "cached")
@@ -185,18 +189,20 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe", "columnar", "qe")
+    __slots__ = ("queries", "k", "nprobe", "columnar", "qe", "filter")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     COLUMNAR_FIELD_NUMBER: _ClassVar[int]
     QE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     k: int
     nprobe: int
     columnar: bool
     qe: int
-    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ..., qe: _Optional[int] = ...) -> None: ...
+    filter: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class HitColumns(_message.Message):
     __slots__ = ("k", "ids", "scores", "uris", "shards")
