@@ -353,7 +353,9 @@ def info(
 @app.command()
 @cli_errors
 def serve(
-    index_: str = typer.Argument(..., metavar="INDEX", help="index root (folder or s3://)"),
+    index_: Optional[str] = typer.Argument(None, metavar="[INDEX]", help="index root (folder or s3://)"),
+    collection: list[str] = typer.Option([], help="NAME=INDEX: serve several indexes as named collections "
+                                                  "(repeat; the first is the default)"),
     port: int = typer.Option(50050, help="router port"),
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)"),
     shard_ports: int = typer.Option(0, help="first shard server port (0: free ports)"),
@@ -363,13 +365,32 @@ def serve(
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="a Redis query cache (default: when "
                                                                           "redis-server is installed)"),
 ) -> None:
-    """Serve an index on one machine: a shard server process per shard, the router, the web page (and a
-    Redis query cache when redis-server is installed)."""
-    _serve(index_, _settings(), port, host, shard_ports, http_port, http, cache)
+    """Serve an index (or several, as named collections) on one machine: a shard server process per shard, the
+    router, the web page (and a Redis query cache when redis-server is installed)."""
+    _serve(index_, _settings(), port, host, shard_ports, http_port, http, cache, _collections(index_, collection))
 
 
-def _serve(index_: str, settings, port: int = 50050, host: str = "127.0.0.1", shard_ports: int = 0,
-           http_port: int | None = None, http: bool = True, cache: bool | None = None) -> None:
+def _collections(index_: str | None, given: list[str]) -> dict[str, str]:
+    """--collection NAME=INDEX options -> {name: index}; an INDEX as well is refused (one or the other)."""
+    from services.common.errors import InvalidInput
+    from services.searcher.collections import check_name
+
+    if bool(index_) == bool(given):
+        raise InvalidInput("give an INDEX to serve, or --collection NAME=INDEX (repeated) for several")
+    out: dict[str, str] = {}
+    for item in given:
+        name, sep, root = item.partition("=")
+        if not sep or not root:
+            raise InvalidInput(f"--collection {item!r}: expected NAME=INDEX")
+        if check_name(name) in out:
+            raise InvalidInput(f"--collection {name} is given twice")
+        out[name] = root
+    return out
+
+
+def _serve(index_: str | None, settings, port: int = 50050, host: str = "127.0.0.1", shard_ports: int = 0,
+           http_port: int | None = None, http: bool = True, cache: bool | None = None,
+           collections: dict[str, str] | None = None) -> None:
     """The stack attached to this command until Ctrl-C / SIGTERM (logs under IMSEARCH_HOME/serve/logs).
     cache: a Redis query cache (None: when redis-server is installed)."""
     from services.common.store import open_store
@@ -377,11 +398,15 @@ def _serve(index_: str, settings, port: int = 50050, host: str = "127.0.0.1", sh
     from services.stack.part import binary, free_port
     from services.stack.stack import Stack, StackSpec, wait_for_signal
 
+    collections = collections or {}
+    index_ = index_ or next(iter(collections.values()))
     manifest = load_current(open_store(index_, settings))
+    for root in collections.values():  # every collection's index loads before anything starts
+        load_current(open_store(root, settings))
     gateway_port = settings.gateway_port if http_port is None else (http_port or free_port())
     cache = binary("redis-server") is not None if cache is None else cache
     spec = StackSpec(index_, host=host, router_port=port, shard_port=shard_ports, gateway=http,
-                     gateway_port=gateway_port, redis=cache)
+                     gateway_port=gateway_port, redis=cache, collections=collections)
     logs = settings.home / "serve"
     with Stack(spec, logs, step=_step(False)).up() as stack:
         err.print(f"• {len(stack.shards)} shard server(s) up: {', '.join(g[0].address for g in stack.shards)}; "
@@ -389,8 +414,9 @@ def _serve(index_: str, settings, port: int = 50050, host: str = "127.0.0.1", sh
         err.print(f"• query cache: Redis on {stack.redis.address}" if stack.redis else
                   "• no query cache (redis-server is not installed, or --no-cache): a repeated query is searched "
                   "again and answers cached: false", highlight=False)
-        out.print(f"router serving index {manifest.version} ({manifest.count} images) on {host}:{stack.router.port}",
-                  highlight=False)
+        served = (f"collections {', '.join(collections)} (followed in {stack.collections_file})" if collections
+                  else f"index {manifest.version} ({manifest.count} images)")
+        out.print(f"router serving {served} on {host}:{stack.router.port}", highlight=False)
         if http:
             out.print(f"open http://{host}:{gateway_port}/ (API docs: /docs)", highlight=False)
         out.print("Ctrl-C to stop", highlight=False)

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     router_fanouts: int = Field(4, gt=0, description="fan-outs in flight at once; requests arriving while all "
                                                      "are busy share the next one")
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")
+    collections: Path | None = Field(None, description="a collections file (JSON: name -> index and shards) the "
+                                                           "router and gateway serve, followed while serving")
     reload_interval_s: float = Field(2.0, gt=0, description="shard servers look for a new published version")
     max_version_lag_s: float = Field(600.0, gt=0, description="a shard serving an older version than CURRENT names "
                                                               "for longer reports NOT_SERVING (to be replaced)")

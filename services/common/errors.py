@@ -54,6 +54,12 @@ class ReadOnly(ImsearchError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Forbidden(ImsearchError):
+    """A known caller asking for something it may not have (an API key limited to other collections)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Corrupt(ImsearchError):
     """Stored data fails its checksum or cannot be parsed."""
 

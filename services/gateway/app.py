@@ -41,6 +41,7 @@ from services.common.errors import (
     DeadlineExceeded,
     ImsearchError,
     InvalidInput,
+    NotFound,
     TooLarge,
     Unauthenticated,
     http_status,
@@ -57,8 +58,16 @@ from services.common.validate import (
     quote,
 )
 from services.gateway.catalogue import Catalogue
-from services.gateway.limits import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_S, RateLimit, key_of, parse_keys
+from services.gateway.limits import (
+    AUTH_FAILURE_BURST,
+    AUTH_FAILURES_PER_S,
+    RateLimit,
+    check_collection,
+    key_of,
+    parse_keys,
+)
 from services.searcher.client import RouterClient, batch_request, search_request
+from services.searcher.collections import parse_collections
 from services.searcher.feedback import MAX_FEEDBACK
 
 log = logging.getLogger(__name__)
@@ -127,13 +136,28 @@ class Gateway:
     """Everything the routes share: one per app."""
     settings: Settings
     router_address: str
-    catalogue: Catalogue
-    keys: list[str]
+    catalogue: Catalogue  # the default collection's (the router's first)
+    keys: dict[str, frozenset[str] | None]  # API key -> the collections it may use (None: all)
     limit: RateLimit
     failures: RateLimit  # failed key attempts per address: guesses cannot run at line speed
     max_upload: int  # bytes: an upload travels on to the router in one gRPC message
     client: RouterClient | None = None  # opened with the app's event loop (lifespan)
     storage: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(STORAGE_THREADS, "storage"))
+    catalogues: dict[str, Catalogue] = field(default_factory=dict)  # named collections' (IMSEARCH_COLLECTIONS)
+
+    def catalogue_of(self, collection: str) -> Catalogue:
+        """The catalogue (uris, thumbnails) of a collection ("" = the default one), its index root read from
+        the collections file the router follows (re-read for a collection not seen yet)."""
+        if not collection:
+            return self.catalogue
+        if collection not in self.catalogues and self.settings.collections:
+            specs = parse_collections(self.settings.collections.read_text(), str(self.settings.collections))
+            for spec in specs:
+                if spec.index and spec.name not in self.catalogues:
+                    self.catalogues[spec.name] = Catalogue(spec.index, self.settings)
+        if collection not in self.catalogues:
+            raise NotFound(f"no collection {collection!r}")
+        return self.catalogues[collection]
 
     @classmethod
     def from_settings(cls, router_address: str, index_url: str, settings: Settings) -> "Gateway":
@@ -157,6 +181,9 @@ class Gateway:
             await self.failures.take(f"failed key from {address}")
             await self.limit.take(f"address {address}")
             raise
+        path = request.url.path
+        if path.startswith(("/v1/search", "/v1/images/", "/v1/collections/")):  # /v1/index lists what a key may use
+            check_collection(self.keys, caller, collection_of(path))
         await self.limit.take(f"key {caller}" if caller else f"address {address}")
         size = request.headers.get("content-length") or "0"
         if not size.isdigit():
@@ -175,13 +202,13 @@ class Gateway:
             raise DeadlineExceeded(f"the index storage did not answer within {self.settings.gateway_timeout_s} s") \
                 from None
 
-    async def query(self, q: Query) -> pb.Query:
+    async def query(self, q: Query, collection: str = "") -> pb.Query:
         """The protobuf query; only a uri the loaded catalogue does not know goes to storage (the pool)."""
-        if q.uri is not None and self.catalogue.known(q.uri) is None:
-            return await self.stored(self.to_query, q)
+        if q.uri is not None and (collection or self.catalogue.known(q.uri) is None):
+            return await self.stored(self.to_query, q, collection)
         return self.to_query(q)
 
-    def to_query(self, q: Query) -> pb.Query:
+    def to_query(self, q: Query, collection: str = "") -> pb.Query:
         given = [name for name in ("vector", "id", "uri", "image_b64") if getattr(q, name) is not None]
         if len(given) != 1:
             raise InvalidInput(f"give exactly one of vector, id, uri, image_b64 (got {given or 'none'})")
@@ -190,47 +217,57 @@ class Gateway:
         if q.id is not None:
             return pb.Query(id=q.id)
         if q.uri is not None:
-            return pb.Query(id=self.uri_to_id(q.uri))
+            return pb.Query(id=self.uri_to_id(q.uri, collection))
         try:
             return pb.Query(image=base64.b64decode(q.image_b64, validate=True))
         except ValueError:
             raise InvalidInput("image_b64 is not valid base64") from None
 
-    def uri_to_id(self, uri: str) -> int:
+    def uri_to_id(self, uri: str, collection: str = "") -> int:
         """A catalogue uri, or a link to one of this gateway's thumbnails (/v1/images/ID)."""
         tail = uri.rstrip("/").rsplit("/v1/images/", 1)
         if len(tail) == 2 and tail[1].split("?")[0].isdigit():
             return int(tail[1].split("?")[0])
-        return self.catalogue.id_of(uri)
+        return self.catalogue_of(collection).id_of(uri)
 
     async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0,
-                     where: str = "") -> dict:
+                     where: str = "", collection: str = "") -> dict:
         check_k(k, self.settings.max_k)
         check_range("nprobe", nprobe, 0, UINT32_MAX)
         check_qe(qe)
         start = time.perf_counter()
         request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe, where)
+        request.collection = collection
         ROUTER_CALLS.labels("Search").inc()
         reply = await self.client.call("Search", request)
-        out = answer(reply, k, start)
+        out = answer(reply, k, start, collection)
         if query.WhichOneof("query") == "id":  # a catalogue image: the page shows it as the query
-            out["query"] = {"id_str": str(query.id), "thumbnail": thumbnail_link(query.id, reply.index_version)}
+            out["query"] = {"id_str": str(query.id),
+                            "thumbnail": thumbnail_link(query.id, reply.index_version, collection)}
         return out
 
 
-def answer(reply: pb.SearchResponse, k: int, start: float) -> dict:
+def answer(reply: pb.SearchResponse, k: int, start: float, collection: str = "") -> dict:
     hits = hits_from_proto(pb.HitList(hits=reply.hits))
     version = reply.index_version
-    return {"k": k, "index_version": version, "coverage": reply.coverage,
+    return {"k": k, "index_version": version, "coverage": reply.coverage, **({"collection": collection}
+                                                                          if collection else {}),
             "partial": reply.coverage < 1.0, "missing_shards": list(reply.missing_shards),
             "cached": reply.cached, "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             # id_str: 64-bit ids lose digits as JavaScript numbers; a thumbnail comes from the version that answered
-            "results": [{**h.as_dict(), "id_str": str(h.id), "thumbnail": thumbnail_link(h.id, version)}
+            "results": [{**h.as_dict(), "id_str": str(h.id), "thumbnail": thumbnail_link(h.id, version, collection)}
                         for h in hits]}
 
 
-def thumbnail_link(id_: int, version: str = "") -> str:
-    return f"/v1/images/{id_}" + (f"?version={version}" if version else "")
+def thumbnail_link(id_: int, version: str = "", collection: str = "") -> str:
+    base = f"/v1/collections/{collection}/images/{id_}" if collection else f"/v1/images/{id_}"
+    return base + (f"?version={version}" if version else "")
+
+
+def collection_of(path: str) -> str | None:
+    """The collection a /v1/collections/NAME/... path names (None: a route of the default collection)."""
+    parts = path.split("/")
+    return parts[3] if len(parts) > 4 and parts[1:3] == ["v1", "collections"] else None
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -282,7 +319,8 @@ routes = APIRouter()
 
 
 @routes.post("/v1/search", summary="Search by an uploaded image (multipart) or a JSON query")
-async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> dict:
+@routes.post("/v1/collections/{collection}/search", summary="Search one named collection")
+async def search_endpoint(request: Request, collection: str = "", gw: Gateway = Depends(gateway)) -> dict:
     kind = request.headers.get("content-type", "")
     if kind.startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=12)
@@ -301,48 +339,58 @@ async def search_endpoint(request: Request, gw: Gateway = Depends(gateway)) -> d
         k, nprobe, qe = (_int(name, form.get(name), default) for name, default in (("k", 10), ("nprobe", 0),
                                                                                      ("qe", 0)))
         where = filter_text(_text(form.get("filter")), _text(form.get("where")))
-        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe, where)
+        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe, where, collection)
     if kind.startswith("application/json"):
         try:
             body = SearchBody.model_validate_json(await request.body())
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
-        query = await gw.query(body)
-        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe, body.filter_text())
+        query = await gw.query(body, collection)
+        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe, body.filter_text(), collection)
     raise InvalidInput(f"content type {quote(kind) if kind else 'missing'}: send multipart/form-data "
                        "(field 'image') or JSON")
 
 
 @routes.post("/v1/search/batch", summary="Several JSON queries in one call")
-async def batch_endpoint(body: BatchBody, gw: Gateway = Depends(gateway)) -> dict:
+@routes.post("/v1/collections/{collection}/search/batch", summary="Several JSON queries in one named collection")
+async def batch_endpoint(body: BatchBody, collection: str = "", gw: Gateway = Depends(gateway)) -> dict:
     start = time.perf_counter()
     if not body.queries:
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
     check_qe(body.qe)
-    queries = [await gw.query(q) for q in body.queries]
+    queries = [await gw.query(q, collection) for q in body.queries]
     request = batch_request(queries, body.k, body.nprobe, qe=body.qe, where=body.filter_text())
+    request.collection = collection
     ROUTER_CALLS.labels("SearchBatch").inc()
     reply = await gw.client.call("SearchBatch", request)
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,
             "missing_shards": list(reply.missing_shards), "latency_ms": round((time.perf_counter() - start) * 1000, 2),
-            "results": [answer(r, body.k, start)["results"] for r in reply.results]}
+            "results": [answer(r, body.k, start, collection)["results"] for r in reply.results]}
 
 
 @routes.get("/v1/images/{id_}", summary="Thumbnail of a catalogue image (JPEG, at most 256 px), of the published "
                                         "version or of `version`")
-async def image_endpoint(id_: Id, version: str | None = None, gw: Gateway = Depends(gateway)) -> Response:
-    data = await gw.stored(gw.catalogue.thumbnail, id_, version)
+@routes.get("/v1/collections/{collection}/images/{id_}", summary="Thumbnail of an image of a named collection")
+async def image_endpoint(id_: Id, version: str | None = None, collection: str = "",
+                         gw: Gateway = Depends(gateway)) -> Response:
+    catalogue = await gw.stored(gw.catalogue_of, collection)
+    data = await gw.stored(catalogue.thumbnail, id_, version)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
-@routes.get("/v1/index", summary="The served index: version, size, model, shards")
-async def index_endpoint(gw: Gateway = Depends(gateway)) -> dict:
-    info = await gw.client.info()
-    return {"index_version": info.index_version, "count": info.count, "factory": info.factory,
-            "nprobe": info.nprobe, "metric": info.metric, "created_at": info.created_at,
+@routes.get("/v1/index", summary="The served index (the default collection): version, size, model, shards, "
+                                  "filterable fields, and the collections the router serves")
+@routes.get("/v1/collections/{collection}", summary="One named collection, as /v1/index describes the default")
+async def index_endpoint(request: Request, collection: str = "", gw: Gateway = Depends(gateway)) -> dict:
+    info = await gw.client.call("Info", pb.InfoRequest(collection=collection))
+    allowed = gw.keys.get(key_of(request.headers, gw.keys) or "") if gw.keys else None
+    return {"collection": info.collection, "index_version": info.index_version, "count": info.count,
+            "factory": info.factory, "nprobe": info.nprobe, "metric": info.metric, "created_at": info.created_at,
             "model": {"name": info.model.name, "dim": info.model.dim, "fingerprint": info.model.fingerprint},
-            "shards": [{"shard": s.shard, "count": s.count, "index_version": s.index_version} for s in info.shards]}
+            "fields": dict(info.fields),
+            "shards": [{"shard": s.shard, "count": s.count, "index_version": s.index_version} for s in info.shards],
+            "collections": [c for c in info.collections if allowed is None or c in allowed]}
 
 
 @routes.get("/healthz", include_in_schema=False)

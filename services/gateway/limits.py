@@ -7,7 +7,7 @@ import logging
 import math
 import time
 
-from services.common.errors import RateLimited, Unauthenticated
+from services.common.errors import Forbidden, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
 # Failed key attempts per client address, whatever the configured rate limit: 10 at once, then one a second.
@@ -15,11 +15,30 @@ AUTH_FAILURES_PER_S = 1.0
 AUTH_FAILURE_BURST = 10
 
 
-def parse_keys(secret) -> list[str]:
-    return [k.strip() for k in secret.get_secret_value().split(",") if k.strip()] if secret else []
+def parse_keys(secret) -> dict[str, frozenset[str] | None]:
+    """IMSEARCH_GATEWAY_API_KEYS: comma-separated keys, each `KEY` (every collection) or `KEY:shoes|bags` (only
+    those collections) -> {key: its collections or None}."""
+    out: dict[str, frozenset[str] | None] = {}
+    for entry in (secret.get_secret_value().split(",") if secret else []):
+        key, _, names = entry.strip().partition(":")
+        if key.strip():
+            out[key.strip()] = frozenset(n.strip() for n in names.split("|") if n.strip()) if names else None
+    return out
 
 
-def key_of(headers, keys: list[str]) -> str | None:
+def check_collection(keys: dict[str, frozenset[str] | None], caller: str | None, collection: str | None) -> None:
+    """A key limited to collections may only reach them, by name (`collection` None: a route of the default
+    collection, which such a key must name instead)."""
+    allowed = keys.get(caller) if caller else None
+    if allowed is None or (collection is not None and collection in allowed):
+        return
+    names = ", ".join(sorted(allowed))
+    if collection is None:
+        raise Forbidden(f"this API key may search only collection(s) {names}: use /v1/collections/NAME/...")
+    raise Forbidden(f"this API key may not use collection {collection!r} (only {names})")
+
+
+def key_of(headers, keys: dict[str, frozenset[str] | None]) -> str | None:
     """The caller's key from `Authorization: Bearer KEY` or `X-API-Key: KEY`; Unauthenticated when keys are
     configured and it is missing or unknown (compared in constant time)."""
     given = headers.get("x-api-key") or ""

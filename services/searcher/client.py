@@ -65,17 +65,19 @@ def to_query(item: Query) -> pb.Query:
 
 
 def search_request(query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-                   not_relevant: list[int] = (), qe: int = 0, where: str = "") -> pb.SearchRequest:
+                   not_relevant: list[int] = (), qe: int = 0, where: str = "",
+                   collection: str = "") -> pb.SearchRequest:
     """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE
-    neighbours (0: off); where: a filter (JSON text or an expression, "" none)."""
-    return pb.SearchRequest(query=to_query(query), k=k, nprobe=nprobe, qe=qe, filter=where,
+    neighbours (0: off); where: a filter (JSON text or an expression, "" none); collection: a named
+    collection ("" the router's default)."""
+    return pb.SearchRequest(query=to_query(query), k=k, nprobe=nprobe, qe=qe, filter=where, collection=collection,
                             feedback=pb.Feedback(relevant=relevant, not_relevant=not_relevant))
 
 
 def batch_request(queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False,
-                  qe: int = 0, where: str = "") -> pb.SearchBatchRequest:
+                  qe: int = 0, where: str = "", collection: str = "") -> pb.SearchBatchRequest:
     return pb.SearchBatchRequest(queries=[to_query(q) for q in queries], k=k, nprobe=nprobe, columnar=columnar,
-                                 qe=qe, filter=where)
+                                 qe=qe, filter=where, collection=collection)
 
 
 class _Client:
@@ -109,12 +111,14 @@ class RouterClient(_Client):
         return await getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
 
     async def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-                     not_relevant: list[int] = (), qe: int = 0, where: str = "") -> pb.SearchResponse:
-        return await self.call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe, where))
+                     not_relevant: list[int] = (), qe: int = 0, where: str = "",
+                     collection: str = "") -> pb.SearchResponse:
+        return await self.call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe, where,
+                                                        collection))
 
-    async def search_batch(self, queries: list, k: int = 10, nprobe: int = 0,
-                           columnar: bool = False, qe: int = 0, where: str = "") -> pb.SearchBatchResponse:
-        return await self.call("SearchBatch", batch_request(queries, k, nprobe, columnar, qe, where))
+    async def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False, qe: int = 0,
+                           where: str = "", collection: str = "") -> pb.SearchBatchResponse:
+        return await self.call("SearchBatch", batch_request(queries, k, nprobe, columnar, qe, where, collection))
 
     async def info(self, timeout: float | None = None) -> pb.IndexInfo:
         return await self.call("Info", pb.InfoRequest(), timeout)
@@ -136,23 +140,24 @@ class SearchClient(_Client):
         return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
 
     def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-               not_relevant: list[int] = (), qe: int = 0, where: str = "") -> Result:
+               not_relevant: list[int] = (), qe: int = 0, where: str = "", collection: str = "") -> Result:
         """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE; where:
-        a filter (a JSON filter as text, or an expression such as 'in_stock and price < 120')."""
+        a filter (a JSON filter as text, or an expression such as 'in_stock and price < 120'); collection: a
+        named collection ("" the router's default)."""
         return Result.from_proto(self._call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe,
-                                                                     where)))
+                                                                     where, collection)))
 
     def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0,
-                     where: str = "") -> list[Result]:
-        return [Result.from_proto(r)
-                for r in self._call("SearchBatch", batch_request(queries, k, nprobe, qe=qe, where=where)).results]
+                     where: str = "", collection: str = "") -> list[Result]:
+        request = batch_request(queries, k, nprobe, qe=qe, where=where, collection=collection)
+        return [Result.from_proto(r) for r in self._call("SearchBatch", request).results]
 
     def search_columns(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0) -> Columns:
         """Like search_batch, answered as arrays: the cheap form for bulk work."""
         return Columns.from_proto(self._call("SearchBatch", batch_request(queries, k, nprobe, True, qe)))
 
-    def info(self) -> pb.IndexInfo:
-        return self._call("Info", pb.InfoRequest())
+    def info(self, collection: str = "") -> pb.IndexInfo:
+        return self._call("Info", pb.InfoRequest(collection=collection))
 
     def close(self) -> None:
         self.channel.close()

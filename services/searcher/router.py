@@ -16,6 +16,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import grpc
@@ -55,6 +56,7 @@ from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
+from services.searcher.collections import DEFAULT, Collections, CollectionSpec
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
@@ -118,6 +120,8 @@ class Router:
         self.coarse: dict[str, tuple | None] = {}
         self.spaces: dict[str, tuple[Manifest, Projection | None]] = {}  # version -> its projection
         self.version = ""  # the index version of the last answer: part of every cache key
+        self.last_fanout = 0.0  # loop time of the last fan-out (answers learn the shards' newest version)
+        self._watch: asyncio.Task | None = None
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
         """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
@@ -168,6 +172,7 @@ class Router:
             request.MergeFrom(pb.ShardSearchRequest(**pack_assign(Dq, Iq)))
             metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
+        self.last_fanout = asyncio.get_running_loop().time()
         replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.shards))))
         return {s: r for s, r in enumerate(replies) if r is not None}
 
@@ -293,15 +298,35 @@ class Router:
             raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
         return np.array(vectors, dtype=np.float32)
 
+    def follow_versions(self, interval: float) -> None:
+        """Keep up with published versions when no answer teaches them: a router whose traffic is all cache
+        hits makes no fan-out, so without this it would serve its old version's cached answers for ever."""
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if asyncio.get_running_loop().time() - self.last_fanout < interval:
+                    continue  # answers are keeping it current
+                infos = await self.shard_infos(timeout=min(2.0, interval))
+                latest = {i.index_version for i in infos if i is not None}
+                if all(infos) and len(latest) == 1 and latest != {self.version}:
+                    self.version = latest.pop()  # every shard has it loaded: the next request uses it
+                    log.info("router now pins version %s (learned from the shards' Info)", self.version)
+
+        self._watch = asyncio.get_running_loop().create_task(watch())
+
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for batcher in self.batchers.values():
             await batcher.stop()
         await asyncio.gather(*(rs.close() for rs in self.shards))
 
 
 class SearcherService(pb_grpc.SearcherServicer):
-    def __init__(self, router: Router, settings: Settings, cache: QueryCache | None = None):
-        self.router, self.settings, self.cache = router, settings, cache
+    """The Searcher API over the collections served (each a Router); a request names its collection."""
+
+    def __init__(self, collections: Collections, settings: Settings, cache: QueryCache | None = None):
+        self.collections, self.settings, self.cache = collections, settings, cache
         self.flights = SingleFlight()
         if cache is not None:  # every cache series exists from the start: the dashboard shows 0, not nothing
             for result in ("hit", "miss"):
@@ -309,18 +334,19 @@ class SearcherService(pb_grpc.SearcherServicer):
             for why in REJECTIONS:
                 metrics.CACHE_REJECTED.labels(why)
 
-    async def _vectors(self, queries: list[pb.Query]) -> np.ndarray:
+    @staticmethod
+    async def _vectors(router: Router, queries: list[pb.Query]) -> np.ndarray:
         kinds = {q.WhichOneof("query") for q in queries}
         if None in kinds:
             raise InvalidInput("a query needs an image, a vector or an id")
         if kinds == {"vector"}:  # the router checks their width against the index when it has --index
-            return vectors_from_proto([q.vector for q in queries], None if self.router.index_url else self.router.dim)
+            return vectors_from_proto([q.vector for q in queries], None if router.index_url else router.dim)
         if kinds == {"image"}:
-            if self.router.embed is None:
+            if router.embed is None:
                 raise NotSupported("this router has no embedder: send vectors")
-            return await self.router.embed([q.image for q in queries])
+            return await router.embed([q.image for q in queries])
         if kinds == {"id"}:
-            return await self.router.fetch([q.id for q in queries])
+            return await router.fetch([q.id for q in queries])
         raise InvalidInput("all queries of one batch must be of the same kind (images, vectors or ids)")
 
     @staticmethod
@@ -335,32 +361,34 @@ class SearcherService(pb_grpc.SearcherServicer):
                  None if answer.uris is None else answer.uris[q])
         return self._stamp(reply, answer)
 
-    async def _search_one(self, request: pb.SearchRequest, timeout: float | None,
+    async def _search_one(self, router: Router, request: pb.SearchRequest, timeout: float | None,
                           where: str = "") -> pb.SearchResponse:
-        vectors, version = await self.router.to_index_space(await self._vectors([request.query]))
+        vectors, version = await router.to_index_space(await self._vectors(router, [request.query]))
         relevant, not_relevant = list(request.feedback.relevant), list(request.feedback.not_relevant)
         if relevant or not_relevant:
             check_counts(relevant, not_relevant)
-            marked = await self.router.fetch(relevant + not_relevant, timeout)
+            marked = await router.fetch(relevant + not_relevant, timeout)
             check_same_space(marked, vectors, "relevance feedback")
             vectors = requery(vectors[0], marked, len(relevant), self.settings)
-        answer = await self._search(vectors[:1], request.k, request.nprobe, request.qe, timeout, version, where)
+        answer = await self._search(router, vectors[:1], request.k, request.nprobe, request.qe, timeout, version,
+                                    where)
         return self._fill(pb.SearchResponse(), answer, 0)
 
-    async def _search(self, vectors: np.ndarray, k: int, nprobe: int, qe: int, timeout: float | None,
+    @staticmethod
+    async def _search(router: Router, vectors: np.ndarray, k: int, nprobe: int, qe: int, timeout: float | None,
                       version: str, where: str = "") -> Answer:
         """One search, or with qe two: the first finds each query's qe nearest (matching the filter, as the
         answer must), whose stored vectors (one Fetch fan-out) re-weight it for the second. A partial first
         round makes the answer partial."""
         check_qe(qe)
         if not qe:
-            return await self.router.search_shared(vectors, k, nprobe, timeout, version, where)
-        first = await self.router.search_shared(vectors, qe, nprobe, timeout, version, where)
+            return await router.search_shared(vectors, k, nprobe, timeout, version, where)
+        first = await router.search_shared(vectors, qe, nprobe, timeout, version, where)
         wanted = found_ids(first.ids)
-        fetched = await self.router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
+        fetched = await router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
         check_same_space(fetched, vectors, "query expansion")
-        answer = await self.router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
-                                                 timeout, version, where)
+        answer = await router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
+                                            timeout, version, where)
         answer.coverage = min(answer.coverage, first.coverage)
         answer.missing = sorted(set(answer.missing) | set(first.missing))
         return answer
@@ -368,15 +396,17 @@ class SearcherService(pb_grpc.SearcherServicer):
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         check_k(request.k, self.settings.max_k)
+        router = self.collections.get(request.collection)
         node = parse_filter(request.filter) if request.filter else None  # a bad filter: INVALID_ARGUMENT here
         where = shard_filter(node)
-        if self.cache is None or not self.router.version:
-            return await self._search_one(request, context.time_remaining(), where)
-        # The query, its feedback and its filter (normalised: one key however it is spelled), encoded together
-        # (one message: unambiguous bytes).
+        if self.cache is None or not router.version:
+            return await self._search_one(router, request, context.time_remaining(), where)
+        # The collection, query, feedback and filter (normalised: one key however it is spelled), encoded
+        # together (one message: unambiguous bytes); each collection is its own namespace.
         asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe,
-                                 filter=canonical(node) if node else "").SerializeToString()
-        version = self.router.version
+                                 filter=canonical(node) if node else "",
+                                 collection=request.collection or self.collections.names[0]).SerializeToString()
+        version = router.version
         key = cache_key(version, request.k, request.nprobe, asked)
 
         async def lookup_or_fetch() -> pb.SearchResponse:
@@ -386,7 +416,7 @@ class SearcherService(pb_grpc.SearcherServicer):
             metrics.CACHE.labels("hit" if reply else "miss").inc()
             if reply:
                 return reply
-            reply = await self._search_one(request, context.time_remaining(), where)
+            reply = await self._search_one(router, request, context.time_remaining(), where)
             if reply.coverage == 1.0 and reply.index_version == version:  # never cache partial answers
                 await self.cache.set(key, seal(key, version, reply.SerializeToString()))
             return reply
@@ -413,28 +443,32 @@ class SearcherService(pb_grpc.SearcherServicer):
 
     @server.rpc
     async def Info(self, request, context) -> pb.IndexInfo:
-        infos = await self.router.shard_infos()
+        router = self.collections.get(request.collection)
+        infos = await router.shard_infos()
         answered = [i for i in infos if i is not None]
         if not answered:
             raise Unavailable("no shard is reachable")
         version = Counter(i.index_version for i in answered).most_common(1)[0][0]
         reply = pb.IndexInfo(index_version=version, count=sum(i.count for i in answered), shards=answered,
                              model=pb.ModelInfo(dim=answered[0].dim, fingerprint=answered[0].model_fingerprint),
-                             metric="inner_product")
-        if self.router.index_url:  # the manifest knows the rest
-            m = await asyncio.get_running_loop().run_in_executor(None, self.router.manifest, version)
+                             metric="inner_product", collections=self.collections.names,
+                             collection=request.collection or self.collections.names[0])
+        if router.index_url:  # the manifest knows the rest
+            m = await asyncio.get_running_loop().run_in_executor(None, router.manifest, version)
             reply.factory, reply.nprobe, reply.created_at = m.factory, m.nprobe, m.created_at
             reply.model.name, reply.model.image_size = m.model.get("name", ""), m.model.get("image_size", 0)
+            reply.fields.update(m.fields)
         return reply
 
     @server.rpc
     async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
         if len(request.queries) > self.settings.max_batch:
             raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
+        router = self.collections.get(request.collection)
         where = shard_filter(parse_filter(request.filter) if request.filter else None)
-        vectors, version = await self.router.to_index_space(await self._vectors(list(request.queries)))
-        answer = await self._search(vectors, request.k, request.nprobe, request.qe, context.time_remaining(), version,
-                                    where)
+        vectors, version = await router.to_index_space(await self._vectors(router, list(request.queries)))
+        answer = await self._search(router, vectors, request.k, request.nprobe, request.qe, context.time_remaining(),
+                                    version, where)
         reply = pb.SearchBatchResponse()
         if request.columnar:
             fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
@@ -476,34 +510,55 @@ def local_embedder(index: str, settings: Settings) -> tuple[Embed, int]:
     return embed, searcher.manifest.model_dim
 
 
-async def serve(shards: list[list[str]], port: int = 0, settings: Settings | None = None,
-                index: str | None = None, host: str = "127.0.0.1",
-                embedder: str | None = None) -> tuple[server.Running, Router]:
-    """The router over `shards`; query images are embedded by the Embedder service at `embedder`,
-    else in-process with the model of `index`, else refused (vectors and ids only)."""
-    settings = settings or get_settings()
-    embed, dim = local_embedder(index, settings) if index and not embedder else (None, None)
-    router = Router(shards, settings, embed)
-    router.dim, router.index_url = dim, index
+async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
+    """One collection's Router over its shards; query images are embedded by the Embedder service at
+    spec.embedder, else in-process with the model of spec.index, else refused (vectors and ids only)."""
+    loop = asyncio.get_running_loop()
+    embed, dim = await loop.run_in_executor(None, local_embedder, spec.index, settings) \
+        if spec.index and not spec.embedder else (None, None)
+    router = Router(parse_shards(spec.shards), settings, embed)
+    router.dim, router.index_url = dim, spec.index
     await router.refresh_version()
-    if embedder:
-        router.embed, stub = remote_embedder(embedder, settings, router.metadata)
+    if spec.embedder:
+        router.embed, stub = remote_embedder(spec.embedder, settings, router.metadata)
         model = await stub.Info(pb.InfoRequest(), timeout=30, metadata=router.metadata)
         if router.fingerprint and model.fingerprint != router.fingerprint:
-            raise Incompatible(f"embedder {embedder} runs model {model.name} ({model.fingerprint}); the index "
+            raise Incompatible(f"embedder {spec.embedder} runs model {model.name} ({model.fingerprint}); the index "
                                f"was built with fingerprint {router.fingerprint}")
+    router.follow_versions(settings.reload_interval_s)
+    return router
+
+
+async def serve(shards: list[list[str]] | None = None, port: int = 0, settings: Settings | None = None,
+                index: str | None = None, host: str = "127.0.0.1", embedder: str | None = None,
+                collections: Path | None = None) -> tuple[server.Running, Collections]:
+    """The router over `shards` (the collection "default"), or over the collections of a collections file
+    (followed while serving), or both."""
+    settings = settings or get_settings()
+    path = collections or settings.collections
+    served = Collections(lambda spec: start_router(spec, settings), path)
+    if shards:
+        spec = ",".join("|".join(group) for group in shards)
+        await served.add(CollectionSpec(DEFAULT, spec, index, embedder))
+    await served.load()
+    if not served.routers:
+        raise InvalidInput("nothing to serve: give --shards or --collections")
     cache = QueryCache(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
-    service = SearcherService(router, settings, cache)
+    service = SearcherService(served, settings, cache)
     metrics.serve_metrics(settings.metrics_port, host)
     running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
-    log.info("router serving on %s:%d over %d shard(s)", host, running.port, len(shards))
-    return running, router
+    if path is not None:
+        running.tasks.append(asyncio.get_running_loop().create_task(served.watch(settings.reload_interval_s)))
+    log.info("router serving on %s:%d: collection(s) %s", host, running.port, ", ".join(served.names))
+    return running, served
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
-    ap.add_argument("--shards", required=True, help="host:port[|replica],... one group per shard; or, with "
-                                                    "--shard-count, one group naming the shard as {i}")
+    ap.add_argument("--shards", help="host:port[|replica],... one group per shard; or, with "
+                                     "--shard-count, one group naming the shard as {i}")
+    ap.add_argument("--collections", type=Path, help="a collections file (JSON: name -> index and shards), "
+                                                     "followed while serving [IMSEARCH_COLLECTIONS]")
     ap.add_argument("--shard-count", type=int, help="expand a --shards template on {i} to this many shards")
     ap.add_argument("--index", help="index root: the router then assigns IVF lists once for all shards, and "
                                     "embeds query images with the index's model (unless --embedder)")
@@ -517,9 +572,10 @@ def main() -> None:
     args = build_parser().parse_args()
 
     async def start():
-        running, router = await serve(parse_shards(args.shards, args.shard_count), args.port, index=args.index,
-                                      host=args.host, embedder=args.embedder)
-        return running, router.close
+        shards = parse_shards(args.shards, args.shard_count) if args.shards else None
+        running, served = await serve(shards, args.port, index=args.index, host=args.host, embedder=args.embedder,
+                                      collections=args.collections)
+        return running, served.close
 
     server.run_service(start, "router", args.host)
 

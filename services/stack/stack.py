@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class StackSpec:
     metrics_port: int | None = None  # the router's Prometheus port; None: IMSEARCH_METRICS_PORT as set
     service_metrics: bool = False  # a Prometheus port for every shard server and the embedder (in its Part's env)
     python: str | None = None  # the interpreter of the services (another install); None: this one
+    collections: dict[str, str] = field(default_factory=dict)  # name -> index root: several named collections
+    # (each with its own shard servers; the router and gateway follow a collections file); `index` is unused then
     env: dict[str, str] = field(default_factory=dict)  # IMSEARCH_* for every part
     router_env: dict[str, str] = field(default_factory=dict)  # ... and for the router only
 
@@ -64,7 +67,9 @@ class Stack:
         self.spec, self.workdir, self.detached = spec, workdir, detached
         self.step = step or (lambda msg: None)
         self.parts: list[Part] = []
-        self.shards: list[list[Part]] = []
+        self.shards: list[list[Part]] = []  # the first collection's shard servers (or the one index's)
+        self.collection_shards: dict[str, list[list[Part]]] = {}
+        self.collections_file: Path | None = None
         self.router = self.gateway = self.redis = self.s3 = self.ray = self.embedder = None
         self.tls_ca = {**os.environ, **spec.env}.get("IMSEARCH_TLS_CA") or None
 
@@ -96,8 +101,10 @@ class Stack:
             self._start_router()
             self._wait([self.router], timeout)
             if self.spec.gateway:
+                index = next(iter(self.spec.collections.values()), self.spec.index)
+                env = {"IMSEARCH_COLLECTIONS": str(self.collections_file)} if self.collections_file else None
                 self.gateway = self._service("gateway", "services.gateway", [
-                    "--router", self.router.address, "--index", self.spec.index], self.spec.gateway_port, health="http")
+                    "--router", self.router.address, "--index", index], self.spec.gateway_port, env, health="http")
                 self._wait([self.gateway], timeout)
         except BaseException:
             self.down()
@@ -116,21 +123,43 @@ class Stack:
             self.embedder = self._service("embedder", "services.embedder", [], env=self._metrics_env())
 
     def _start_shards(self) -> None:
-        numbers = self.spec.shards if self.spec.shards is not None else shard_numbers(self.spec.index)
         port = self.spec.shard_port
-        for n in numbers:
-            group = []
-            for r in range(self.spec.replicas):
-                env = self._metrics_env()
-                group.append(self._service(f"shard-{n}-{r}", "services.searcher.shard",
-                                           ["--index", self.spec.index, "--shard", str(n)], port, env))
-                port = port + 1 if port else 0
-            self.shards.append(group)
+        for name, index in (self.spec.collections or {"": self.spec.index}).items():
+            numbers = self.spec.shards if self.spec.shards is not None else shard_numbers(index)
+            groups = []
+            for n in numbers:
+                group = []
+                for r in range(self.spec.replicas):
+                    env = self._metrics_env()
+                    group.append(self._service(f"{name + '-' if name else ''}shard-{n}-{r}", "services.searcher.shard",
+                                               ["--index", index, "--shard", str(n)], port, env))
+                    port = port + 1 if port else 0
+                groups.append(group)
+            self.collection_shards[name] = groups
+        self.shards = next(iter(self.collection_shards.values()))
+
+    def write_collections(self, names: list[str] | None = None) -> Path:
+        """The collections file the router and gateway follow, naming `names` (default: every collection of
+        the spec): rewriting it adds or removes collections while they serve."""
+        from services.searcher.collections import CollectionSpec, collections_json
+
+        if self.collections_file is None:
+            folder = self.workdir or Path(tempfile.mkdtemp(prefix="imsearch-stack-"))
+            folder.mkdir(parents=True, exist_ok=True)
+            self.collections_file = folder / "collections.json"
+        specs = [CollectionSpec(name, ",".join("|".join(p.address for p in g) for g in self.collection_shards[name]),
+                                self.spec.collections[name] if self.spec.router_index else None)
+                 for name in (self.spec.collections if names is None else names)]
+        atomic_write(self.collections_file, collections_json(specs).encode())
+        return self.collections_file
 
     def _start_router(self) -> None:
         spec = self.spec
-        args = ["--shards", ",".join("|".join(p.address for p in group) for group in self.shards)]
-        if spec.router_index:
+        if spec.collections:
+            args = ["--collections", str(self.write_collections())]
+        else:
+            args = ["--shards", ",".join("|".join(p.address for p in group) for group in self.shards)]
+        if spec.router_index and not spec.collections:
             args += ["--index", spec.index]
         if spec.embedder:
             args += ["--embedder", self.embedder.address if self.embedder else spec.embedder]

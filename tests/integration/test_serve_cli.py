@@ -53,3 +53,30 @@ def test_serve_answers_image_queries_and_stops_cleanly(real_index):
     log = (tmp / "serve.log").read_text()
     assert "2 shard server(s) up" in log and "router serving" in log
     assert f"open http://127.0.0.1:{http_port}/" in log
+
+
+def test_serve_with_two_collections_answers_each_from_its_own_index(real_index):
+    """`imsearch serve --collection a=IDX --collection b=IDX2`: one router and page over both indexes."""
+    tmp = real_index
+    write_photos(tmp / "photos-b", 4)  # another catalogue, the same model
+    settings = Settings(home=tmp / "home")
+    embed_catalogue(str(tmp / "photos-b"), str(tmp / "emb-b"), engine="local", settings=settings)
+    build_index(str(tmp / "emb-b"), str(tmp / "idx-b"), shards=1, settings=settings)
+    serve = Part.python("serve", "services.cli", ["serve", "--collection", f"shoes={tmp / 'idx'}",
+                                                  "--collection", f"bags={tmp / 'idx-b'}", "--http-port",
+                                                  str(free_port())],
+                        env={"IMSEARCH_HOME": str(tmp / "home")}, log=tmp / "serve.log")
+    try:
+        serve.start()
+        target = sorted((tmp / "photos").iterdir())[2]
+        query = encode(Image.open(target).resize((150, 110)), "PNG")
+        with SearchClient(serve.address, timeout=30) as client:
+            shoes, bags = (client.search(query, k=3, collection=name) for name in ("shoes", "bags"))
+            assert shoes.hits[0].uri == str(target)
+            assert {h.uri.rsplit("/", 2)[-2] for h in bags.hits} == {"photos-b"}
+            assert client.info("bags").count == 4 and client.info().collections == ["shoes", "bags"]
+        serve.proc.terminate()
+        assert serve.proc.wait(30) == 0
+    finally:
+        serve.stop()
+    assert "router serving collections shoes, bags" in (tmp / "serve.log").read_text()

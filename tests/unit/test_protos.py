@@ -10,9 +10,14 @@ from scripts.gen_protos import generate, proto_files
 def _without_json_names(f: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
     """protoc adds json_name to descriptor sets but not to generated stubs; compare without them."""
     f = descriptor_pb2.FileDescriptorProto.FromString(f.SerializeToString())
-    for message in f.message_type:
-        for field in message.field:
-            field.ClearField("json_name")
+
+    def clear(messages) -> None:
+        for message in messages:
+            for field in message.field:
+                field.ClearField("json_name")
+            clear(message.nested_type)  # a map field's entry message
+
+    clear(f.message_type)
     return f
 
 

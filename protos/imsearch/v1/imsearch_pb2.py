@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/imsearch/v1/imsearch.proto\x12\x0bimsearch.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"<\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\r\n\x05shard\x18\x04 \x01(\r\")\n\x07HitList\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.imsearch.v1.Hit\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"Q\n\rEmbedResponse\x12$\n\x07vectors\x18\x01 \x03(\x0b\x32\x13.imsearch.v1.Vector\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"O\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nimage_size\x18\x04 \x01(\r\"\x9b\x01\n\x12ShardSearchRequest\x12\x0f\n\x07queries\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x0e\n\x06\x61ssign\x18\x06 \x01(\x0c\x12\x15\n\rassign_scores\x18\x07 \x01(\x0c\x12\x0e\n\x06\x66ilter\x18\x08 \x01(\t\"~\n\x13ShardSearchResponse\x12\x0e\n\x06scores\x18\x01 \x01(\x0c\x12\x0b\n\x03ids\x18\x05 \x01(\x0c\x12\x0c\n\x04uris\x18\x06 \x03(\t\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x16\n\x0elatest_version\x18\x04 \x01(\t\"\xec\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x0c\n\x04\x66ile\x18\x05 \x01(\t\x12\x0b\n\x03\x64im\x18\x06 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x19\n\x11published_version\x18\x08 \x01(\t\x12\x16\n\x0e\x66\x61iled_version\x18\t \x01(\t\x12\x14\n\x0c\x66\x61iled_error\x18\n \x01(\t\x12\x1b\n\x13version_lag_seconds\x18\x0b \x01(\x02\"\x1b\n\x0c\x46\x65tchRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"[\n\rFetchResponse\x12$\n\x07vectors\x18\x01 \x03(\x0b\x32\x13.imsearch.v1.Vector\x12\r\n\x05\x66ound\x18\x02 \x03(\x08\x12\x15\n\rindex_version\x18\x03 \x01(\t\"V\n\x05Query\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12%\n\x06vector\x18\x02 \x01(\x0b\x32\x13.imsearch.v1.VectorH\x00\x12\x0c\n\x02id\x18\x03 \x01(\x03H\x00\x42\x07\n\x05query\"2\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x10\n\x08relevant\x18\x01 \x03(\x03\x12\x14\n\x0cnot_relevant\x18\x02 \x03(\x03\"\x92\x01\n\rSearchRequest\x12!\n\x05query\x18\x01 \x01(\x0b\x32\x12.imsearch.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\x0b\x32\x15.imsearch.v1.Feedback\x12\n\n\x02qe\x18\x05 \x01(\r\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\"\x81\x01\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.imsearch.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x10\n\x08\x63overage\x18\x03 \x01(\x02\x12\x16\n\x0emissing_shards\x18\x04 \x03(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\"\x82\x01\n\x12SearchBatchRequest\x12#\n\x07queries\x18\x01 \x03(\x0b\x32\x12.imsearch.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\x10\n\x08\x63olumnar\x18\x04 \x01(\x08\x12\n\n\x02qe\x18\x05 \x01(\r\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\"R\n\nHitColumns\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x0c\n\x04uris\x18\x04 \x03(\t\x12\x0e\n\x06shards\x18\x05 \x03(\r\"\xae\x01\n\x13SearchBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.imsearch.v1.SearchResponse\x12(\n\x07\x63olumns\x18\x02 \x01(\x0b\x32\x17.imsearch.v1.HitColumns\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x10\n\x08\x63overage\x18\x04 \x01(\x02\x12\x16\n\x0emissing_shards\x18\x05 \x03(\r\"\xc5\x01\n\tIndexInfo\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.imsearch.v1.ModelInfo\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x0e\n\x06nprobe\x18\x06 \x01(\r\x12&\n\x06shards\x18\x07 \x03(\x0b\x32\x16.imsearch.v1.ShardInfo\x12\x12\n\ncreated_at\x18\x08 \x01(\t2\x84\x01\n\x08\x45mbedder\x12>\n\x05\x45mbed\x12\x19.imsearch.v1.EmbedRequest\x1a\x1a.imsearch.v1.EmbedResponse\x12\x38\n\x04Info\x12\x18.imsearch.v1.InfoRequest\x1a\x16.imsearch.v1.ModelInfo2\xce\x01\n\x05Shard\x12K\n\x06Search\x12\x1f.imsearch.v1.ShardSearchRequest\x1a .imsearch.v1.ShardSearchResponse\x12>\n\x05\x46\x65tch\x12\x19.imsearch.v1.FetchRequest\x1a\x1a.imsearch.v1.FetchResponse\x12\x38\n\x04Info\x12\x18.imsearch.v1.InfoRequest\x1a\x16.imsearch.v1.ShardInfo2\xd9\x01\n\x08Searcher\x12\x41\n\x06Search\x12\x1a.imsearch.v1.SearchRequest\x1a\x1b.imsearch.v1.SearchResponse\x12P\n\x0bSearchBatch\x12\x1f.imsearch.v1.SearchBatchRequest\x1a .imsearch.v1.SearchBatchResponse\x12\x38\n\x04Info\x12\x18.imsearch.v1.InfoRequest\x1a\x16.imsearch.v1.IndexInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/imsearch/v1/imsearch.proto\x12\x0bimsearch.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"<\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\r\n\x05shard\x18\x04 \x01(\r\")\n\x07HitList\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.imsearch.v1.Hit\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"Q\n\rEmbedResponse\x12$\n\x07vectors\x18\x01 \x03(\x0b\x32\x13.imsearch.v1.Vector\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\"!\n\x0bInfoRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"O\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nimage_size\x18\x04 \x01(\r\"\x9b\x01\n\x12ShardSearchRequest\x12\x0f\n\x07queries\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x0e\n\x06\x61ssign\x18\x06 \x01(\x0c\x12\x15\n\rassign_scores\x18\x07 \x01(\x0c\x12\x0e\n\x06\x66ilter\x18\x08 \x01(\t\"~\n\x13ShardSearchResponse\x12\x0e\n\x06scores\x18\x01 \x01(\x0c\x12\x0b\n\x03ids\x18\x05 \x01(\x0c\x12\x0c\n\x04uris\x18\x06 \x03(\t\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x16\n\x0elatest_version\x18\x04 \x01(\t\"\xec\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x0c\n\x04\x66ile\x18\x05 \x01(\t\x12\x0b\n\x03\x64im\x18\x06 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x19\n\x11published_version\x18\x08 \x01(\t\x12\x16\n\x0e\x66\x61iled_version\x18\t \x01(\t\x12\x14\n\x0c\x66\x61iled_error\x18\n \x01(\t\x12\x1b\n\x13version_lag_seconds\x18\x0b \x01(\x02\"\x1b\n\x0c\x46\x65tchRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"[\n\rFetchResponse\x12$\n\x07vectors\x18\x01 \x03(\x0b\x32\x13.imsearch.v1.Vector\x12\r\n\x05\x66ound\x18\x02 \x03(\x08\x12\x15\n\rindex_version\x18\x03 \x01(\t\"V\n\x05Query\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12%\n\x06vector\x18\x02 \x01(\x0b\x32\x13.imsearch.v1.VectorH\x00\x12\x0c\n\x02id\x18\x03 \x01(\x03H\x00\x42\x07\n\x05query\"2\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x10\n\x08relevant\x18\x01 \x03(\x03\x12\x14\n\x0cnot_relevant\x18\x02 \x03(\x03\"\xa6\x01\n\rSearchRequest\x12!\n\x05query\x18\x01 \x01(\x0b\x32\x12.imsearch.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\'\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\x0b\x32\x15.imsearch.v1.Feedback\x12\n\n\x02qe\x18\x05 \x01(\r\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12\x12\n\ncollection\x18\x07 \x01(\t\"\x81\x01\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.imsearch.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x10\n\x08\x63overage\x18\x03 \x01(\x02\x12\x16\n\x0emissing_shards\x18\x04 \x03(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\"\x96\x01\n\x12SearchBatchRequest\x12#\n\x07queries\x18\x01 \x03(\x0b\x32\x12.imsearch.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\x10\n\x08\x63olumnar\x18\x04 \x01(\x08\x12\n\n\x02qe\x18\x05 \x01(\r\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12\x12\n\ncollection\x18\x07 \x01(\t\"R\n\nHitColumns\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x0c\n\x04uris\x18\x04 \x03(\t\x12\x0e\n\x06shards\x18\x05 \x03(\r\"\xae\x01\n\x13SearchBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.imsearch.v1.SearchResponse\x12(\n\x07\x63olumns\x18\x02 \x01(\x0b\x32\x17.imsearch.v1.HitColumns\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x10\n\x08\x63overage\x18\x04 \x01(\x02\x12\x16\n\x0emissing_shards\x18\x05 \x03(\r\"\xd1\x02\n\tIndexInfo\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.imsearch.v1.ModelInfo\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x0e\n\x06nprobe\x18\x06 \x01(\r\x12&\n\x06shards\x18\x07 \x03(\x0b\x32\x16.imsearch.v1.ShardInfo\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\ncollection\x18\t \x01(\t\x12\x13\n\x0b\x63ollections\x18\n \x03(\t\x12\x32\n\x06\x66ields\x18\x0b \x03(\x0b\x32\".imsearch.v1.IndexInfo.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x84\x01\n\x08\x45mbedder\x12>\n\x05\x45mbed\x12\x19.imsearch.v1.EmbedRequest\x1a\x1a.imsearch.v1.EmbedResponse\x12\x38\n\x04Info\x12\x18.imsearch.v1.InfoRequest\x1a\x16.imsearch.v1.ModelInfo2\xce\x01\n\x05Shard\x12K\n\x06Search\x12\x1f.imsearch.v1.ShardSearchRequest\x1a .imsearch.v1.ShardSearchResponse\x12>\n\x05\x46\x65tch\x12\x19.imsearch.v1.FetchRequest\x1a\x1a.imsearch.v1.FetchResponse\x12\x38\n\x04Info\x12\x18.imsearch.v1.InfoRequest\x1a\x16.imsearch.v1.ShardInfo2\xd9\x01\n\x08Searcher\x12\x41\n\x06Search\x12\x1a.imsearch.v1.SearchRequest\x1a\x1b.imsearch.v1.SearchResponse\x12P\n\x0bSearchBatch\x12\x1f.imsearch.v1.SearchBatchRequest\x1a .imsearch.v1.SearchBatchResponse\x12\x38\n\x04Info\x12\x18.imsearch.v1.InfoRequest\x1a\x16.imsearch.v1.IndexInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.imsearch.v1.imsearch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INDEXINFO_FIELDSENTRY']._loaded_options = None
+  _globals['_INDEXINFO_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_VECTOR']._serialized_start=50
   _globals['_VECTOR']._serialized_end=74
   _globals['_HIT']._serialized_start=76
@@ -42,39 +44,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_start=213
   _globals['_EMBEDRESPONSE']._serialized_end=294
   _globals['_INFOREQUEST']._serialized_start=296
-  _globals['_INFOREQUEST']._serialized_end=309
-  _globals['_MODELINFO']._serialized_start=311
-  _globals['_MODELINFO']._serialized_end=390
-  _globals['_SHARDSEARCHREQUEST']._serialized_start=393
-  _globals['_SHARDSEARCHREQUEST']._serialized_end=548
-  _globals['_SHARDSEARCHRESPONSE']._serialized_start=550
-  _globals['_SHARDSEARCHRESPONSE']._serialized_end=676
-  _globals['_SHARDINFO']._serialized_start=679
-  _globals['_SHARDINFO']._serialized_end=915
-  _globals['_FETCHREQUEST']._serialized_start=917
-  _globals['_FETCHREQUEST']._serialized_end=944
-  _globals['_FETCHRESPONSE']._serialized_start=946
-  _globals['_FETCHRESPONSE']._serialized_end=1037
-  _globals['_QUERY']._serialized_start=1039
-  _globals['_QUERY']._serialized_end=1125
-  _globals['_FEEDBACK']._serialized_start=1127
-  _globals['_FEEDBACK']._serialized_end=1177
-  _globals['_SEARCHREQUEST']._serialized_start=1180
-  _globals['_SEARCHREQUEST']._serialized_end=1326
-  _globals['_SEARCHRESPONSE']._serialized_start=1329
-  _globals['_SEARCHRESPONSE']._serialized_end=1458
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=1461
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=1591
-  _globals['_HITCOLUMNS']._serialized_start=1593
-  _globals['_HITCOLUMNS']._serialized_end=1675
-  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1678
-  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1852
-  _globals['_INDEXINFO']._serialized_start=1855
-  _globals['_INDEXINFO']._serialized_end=2052
-  _globals['_EMBEDDER']._serialized_start=2055
-  _globals['_EMBEDDER']._serialized_end=2187
-  _globals['_SHARD']._serialized_start=2190
-  _globals['_SHARD']._serialized_end=2396
-  _globals['_SEARCHER']._serialized_start=2399
-  _globals['_SEARCHER']._serialized_end=2616
+  _globals['_INFOREQUEST']._serialized_end=329
+  _globals['_MODELINFO']._serialized_start=331
+  _globals['_MODELINFO']._serialized_end=410
+  _globals['_SHARDSEARCHREQUEST']._serialized_start=413
+  _globals['_SHARDSEARCHREQUEST']._serialized_end=568
+  _globals['_SHARDSEARCHRESPONSE']._serialized_start=570
+  _globals['_SHARDSEARCHRESPONSE']._serialized_end=696
+  _globals['_SHARDINFO']._serialized_start=699
+  _globals['_SHARDINFO']._serialized_end=935
+  _globals['_FETCHREQUEST']._serialized_start=937
+  _globals['_FETCHREQUEST']._serialized_end=964
+  _globals['_FETCHRESPONSE']._serialized_start=966
+  _globals['_FETCHRESPONSE']._serialized_end=1057
+  _globals['_QUERY']._serialized_start=1059
+  _globals['_QUERY']._serialized_end=1145
+  _globals['_FEEDBACK']._serialized_start=1147
+  _globals['_FEEDBACK']._serialized_end=1197
+  _globals['_SEARCHREQUEST']._serialized_start=1200
+  _globals['_SEARCHREQUEST']._serialized_end=1366
+  _globals['_SEARCHRESPONSE']._serialized_start=1369
+  _globals['_SEARCHRESPONSE']._serialized_end=1498
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=1501
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=1651
+  _globals['_HITCOLUMNS']._serialized_start=1653
+  _globals['_HITCOLUMNS']._serialized_end=1735
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1738
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1912
+  _globals['_INDEXINFO']._serialized_start=1915
+  _globals['_INDEXINFO']._serialized_end=2252
+  _globals['_INDEXINFO_FIELDSENTRY']._serialized_start=2207
+  _globals['_INDEXINFO_FIELDSENTRY']._serialized_end=2252
+  _globals['_EMBEDDER']._serialized_start=2255
+  _globals['_EMBEDDER']._serialized_end=2387
+  _globals['_SHARD']._serialized_start=2390
+  _globals['_SHARD']._serialized_end=2596
+  _globals['_SEARCHER']._serialized_start=2599
+  _globals['_SEARCHER']._serialized_end=2816
 # @@protoc_insertion_point(module_scope)

@@ -47,8 +47,10 @@ class EmbedResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "dim", "fingerprint", "image_size")
@@ -159,20 +161,22 @@ class Feedback(_message.Message):
     def __init__(self, relevant: _Optional[_Iterable[int]] = ..., not_relevant: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "k", "nprobe", "feedback", "qe", "filter")
+    __slots__ = ("query", "k", "nprobe", "feedback", "qe", "filter", "collection")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     QE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     query: Query
     k: int
     nprobe: int
     feedback: Feedback
     qe: int
     filter: str
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ...) -> None: ...
+    collection: str
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "index_version", "coverage", "missing_shards", "cached")
@@ -189,20 +193,22 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe", "columnar", "qe", "filter")
+    __slots__ = ("queries", "k", "nprobe", "columnar", "qe", "filter", "collection")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     COLUMNAR_FIELD_NUMBER: _ClassVar[int]
     QE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     k: int
     nprobe: int
     columnar: bool
     qe: int
     filter: str
-    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ...) -> None: ...
+    collection: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., columnar: _Optional[bool] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class HitColumns(_message.Message):
     __slots__ = ("k", "ids", "scores", "uris", "shards")
@@ -233,7 +239,14 @@ class SearchBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ..., columns: _Optional[_Union[HitColumns, _Mapping]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("index_version", "model", "metric", "factory", "count", "nprobe", "shards", "created_at")
+    __slots__ = ("index_version", "model", "metric", "factory", "count", "nprobe", "shards", "created_at", "collection", "collections", "fields")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +255,9 @@ class IndexInfo(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
     index_version: str
     model: ModelInfo
     metric: str
@@ -250,4 +266,7 @@ class IndexInfo(_message.Message):
     nprobe: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     created_at: str
-    def __init__(self, index_version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., nprobe: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[str] = ...) -> None: ...
+    collection: str
+    collections: _containers.RepeatedScalarFieldContainer[str]
+    fields: _containers.ScalarMap[str, str]
+    def __init__(self, index_version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., nprobe: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[str] = ..., collection: _Optional[str] = ..., collections: _Optional[_Iterable[str]] = ..., fields: _Optional[_Mapping[str, str]] = ...) -> None: ...

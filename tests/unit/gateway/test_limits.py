@@ -1,19 +1,32 @@
 import pytest
 from pydantic import SecretStr
 
-from services.common.errors import RateLimited, Unauthenticated, http_status
-from services.gateway.limits import RateLimit, key_of, parse_keys
+from services.common.errors import Forbidden, RateLimited, Unauthenticated, http_status
+from services.gateway.limits import RateLimit, check_collection, key_of, parse_keys
 
 
 def test_keys_from_either_header_and_refused_when_wrong():
     keys = parse_keys(SecretStr(" alpha, beta ,"))
-    assert keys == ["alpha", "beta"]
+    assert keys == {"alpha": None, "beta": None}
     assert key_of({"authorization": "Bearer beta"}, keys) == "beta"
     assert key_of({"x-api-key": "alpha"}, keys) == "alpha"
     for headers in ({}, {"authorization": "Bearer gamma"}, {"authorization": "Basic alpha"}):
         with pytest.raises(Unauthenticated):
             key_of(headers, keys)
-    assert key_of({}, []) is None  # keys off: anyone
+    assert key_of({}, {}) is None  # keys off: anyone
+
+
+def test_a_key_limited_to_collections_reaches_only_them_and_by_name():
+    keys = parse_keys(SecretStr("admin, shop:shoes|bags"))
+    assert keys == {"admin": None, "shop": frozenset({"shoes", "bags"})}
+    check_collection(keys, "admin", "hats")  # unlimited
+    check_collection(keys, "admin", None)
+    check_collection(keys, "shop", "shoes")
+    with pytest.raises(Forbidden, match="may not use collection 'hats' \\(only bags, shoes\\)") as e:
+        check_collection(keys, "shop", "hats")
+    assert http_status(e.value) == (403, "PERMISSION_DENIED")
+    with pytest.raises(Forbidden, match="use /v1/collections/NAME/"):
+        check_collection(keys, "shop", None)  # the default collection's routes: name one instead
 
 
 def test_a_moving_window_per_caller_with_a_real_retry_after():

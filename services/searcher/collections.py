@@ -1,0 +1,138 @@
+"""Named collections: several indexes behind one router (and one gateway), each with its own shards, version
+pinning, coarse quantizer, projection, model and cache namespace.
+
+They are declared in a JSON file (IMSEARCH_COLLECTIONS, or `router --collections FILE`):
+
+    {"collections": {"shoes": {"index": "s3://b/idx-shoes", "shards": "h1:50061|h2:50061,h1:50062"},
+                     "bags":  {"index": "s3://b/idx-bags",  "shards": "h3:50061"}}}
+
+which the router re-reads when it changes (every IMSEARCH_RELOAD_INTERVAL_S): a collection added to it is
+served from then on, a removed one stops being served (its in-flight requests finish first), and the
+others are not touched. Publishing or rolling back a collection's index is the index's own CURRENT flip,
+which its shard servers follow as always. A request names its collection; one without a name goes to the
+first collection of the file (or the one a router started with --shards serves, named "default").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from services.common.errors import InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT = "default"
+CLOSE_GRACE_S = 30.0  # a removed collection's router is closed after its in-flight requests had this long
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    name: str
+    shards: str  # host:port[|replica],... one group per shard (router --shards)
+    index: str | None = None  # the index root (router --index): list assignment, projection, query images
+    embedder: str | None = None  # host:port of an Embedder service for query images
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise InvalidInput(f"collection name {name!r}: use 1-63 lowercase letters, digits, '-' or '_'")
+    return name
+
+
+def parse_collections(text: str, where: str = "collections file") -> list[CollectionSpec]:
+    """The collections of a file's text, in the file's order (the first is the default)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{where} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    table = doc.get("collections") if isinstance(doc, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise InvalidInput(f'{where}: expected {{"collections": {{"NAME": {{"index": ..., "shards": ...}}}}}}')
+    specs = []
+    for name, body in table.items():
+        if not isinstance(body, dict) or not isinstance(body.get("shards"), str) or not body["shards"].strip():
+            raise InvalidInput(f"{where}: collection {name!r} needs \"shards\": \"host:port,...\"")
+        unknown = set(body) - {"index", "shards", "embedder"}
+        if unknown:
+            raise InvalidInput(f"{where}: collection {name!r} has unknown keys {sorted(unknown)}")
+        specs.append(CollectionSpec(check_name(name), body["shards"], body.get("index"), body.get("embedder")))
+    return specs
+
+
+def collections_json(specs: list[CollectionSpec]) -> str:
+    return json.dumps({"collections": {s.name: {k: v for k, v in (("index", s.index), ("shards", s.shards),
+                                                                  ("embedder", s.embedder)) if v}
+                                       for s in specs}}, indent=1)
+
+
+class Collections:
+    """name -> a running Router (services.searcher.router), kept in step with the collections file."""
+
+    def __init__(self, start: Callable[[CollectionSpec], Awaitable], path: Path | None = None):
+        """start(spec) -> a started Router for one collection (awaited)."""
+        self.start, self.path = start, path
+        self.routers: dict = {}
+        self.specs: dict[str, CollectionSpec] = {}
+        self._mtime: float | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.routers)
+
+    def get(self, name: str):
+        """The router of a collection ("" = the default: the first)."""
+        if not self.routers:
+            raise NotFound("this router serves no collection")
+        if not name:
+            return next(iter(self.routers.values()))
+        router = self.routers.get(name)
+        if router is None:
+            raise NotFound(f"no collection {name!r} (served: {', '.join(self.routers)})")
+        return router
+
+    async def add(self, spec: CollectionSpec) -> None:
+        self.routers[spec.name] = await self.start(spec)
+        self.specs[spec.name] = spec
+        log.info("serving collection %s (%s)", spec.name, spec.index or spec.shards)
+
+    async def load(self) -> None:
+        """Read the file and apply it: new collections started, removed or changed ones replaced."""
+        if self.path is None:
+            return
+        stat = self.path.stat()
+        if stat.st_mtime == self._mtime:
+            return
+        wanted = parse_collections(self.path.read_text(), str(self.path))
+        keep = {s.name: s for s in wanted}
+        for name in [n for n in self.specs if keep.get(n) != self.specs[n]]:
+            self._retire(name)
+        for spec in wanted:
+            if spec.name not in self.routers:
+                await self.add(spec)
+        first = {n: r for n, r in self.routers.items() if n not in keep}  # --shards' "default" stays first
+        self.routers = first | {s.name: self.routers[s.name] for s in wanted}  # then the file's order
+        self._mtime = stat.st_mtime  # applied: a failed start is tried again at the next look
+
+    def _retire(self, name: str) -> None:
+        router = self.routers.pop(name)
+        self.specs.pop(name)
+        log.info("collection %s is no longer served", name)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, lambda: asyncio.ensure_future(router.close()))
+
+    async def watch(self, interval: float) -> None:
+        """Follow the file; a broken edit is logged and the collections served stay as they were."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.load()
+            except Exception as e:  # noqa: BLE001 - a half-written or wrong file must not stop the others
+                log.error("collections file %s: %s (still serving %s)", self.path, e, ", ".join(self.routers))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.close() for r in self.routers.values()))
