@@ -7,7 +7,7 @@ uniform prices (uncorrelated), 70 % in stock. Built by `index build` with its au
 nprobe tuned to recall@10 0.95 unfiltered), searched in-process (every shard as one stacked search) and as
 shard servers search (each shard on its own, merged).
 
-    python -m benchmarks.bench_filter [--n 1000000] [--dim 128] [--shards 4]
+    python -m benchmarks.bench_filter [--n 1000000] [--dim 128] [--shards 4] [--widen-power 0.5]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from services.common.filters import parse_where
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
 from services.eval.synthetic import write_embeddings
+from services.index import filtered
 from services.index.merge import merge_topk
 from services.indexer.build import build_index
 from services.searcher.local import IndexSearcher
@@ -88,7 +89,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--widen-power", type=float, help="try another widening of nprobe: (1 / share)^POWER "
+                                                      "(default: filtered.WIDEN_POWER)")
     args = ap.parse_args()
+    if args.widen_power is not None:
+        filtered.WIDEN_POWER = args.widen_power
 
     x, meta, category, price, stock = catalogue(args.n + args.queries, args.dim, clusters=1000)
     data, queries = x[:args.n], x[args.n:]
