@@ -120,3 +120,48 @@ def test_the_page_before_the_first_search_and_after_a_failed_one(browser_page):
     assert page.evaluate(BROKEN_IMAGES) == 0
     page.screenshot(path=str(SHOTS / "06-after-a-failed-search.png"), full_page=True)
     assert not errors, errors
+
+
+def test_the_page_picks_a_collection_and_filters(catalogue, start_stack, tmp_path):
+    """Two collections behind the gateway: the page offers a picker, and the one picked answers, thumbnails
+    included; a filter typed in the page reaches the search (a bad one is shown as the error)."""
+    from playwright.sync_api import sync_playwright
+
+    from services.common.config import Settings
+    from services.embedder.pipeline import embed_catalogue
+    from services.indexer.build import build_index
+    from tests.helpers import write_photos
+
+    write_photos(tmp_path / "photos-b", 4)
+    settings = Settings(home=catalogue / "home")
+    embed_catalogue(str(tmp_path / "photos-b"), str(tmp_path / "emb-b"), engine="local", settings=settings)
+    build_index(str(tmp_path / "emb-b"), str(tmp_path / "idx-b"), shards=1, settings=settings)
+    stack = start_stack(catalogue / "idx", gateway=True, env={"IMSEARCH_HOME": str(catalogue / "home")},
+                        collections={"photos": str(catalogue / "idx"), "more": str(tmp_path / "idx-b")})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(stack.gateway.url)
+        page.wait_for_selector("#collection-label:visible")
+        assert page.locator("#collection option").all_inner_texts() == ["photos", "more"]
+        page.wait_for_selector("#index-info:has-text('12 images')")
+        page.select_option("#collection", "more")
+        page.wait_for_selector("#index-info:has-text('collection more')")
+        assert "4 images" in page.locator("#index-info").inner_text()
+        target = sorted((tmp_path / "photos-b").iterdir())[1]
+        page.locator("#uri").fill(str(target))
+        page.locator("#by-uri button").click()
+        page.wait_for_selector(".hit >> nth=3")
+        page.wait_for_function("() => [...document.querySelectorAll('.hit img')].every(i => i.complete)")
+        assert page.locator(".hit").count() == 4 and thumbnails_loaded(page)
+        assert {Path(a).parent.name for a in page.locator(".hit img").evaluate_all("i => i.map(x => x.alt)")} \
+            == {"photos-b"}
+        page.screenshot(path=str(SHOTS / "07-collection-picked.png"), full_page=True)
+        page.locator("#where").fill('colour == "red"')
+        page.locator("#by-uri button").click()
+        page.wait_for_selector("#error:has-text('400')")
+        assert "unknown field 'colour'" in page.locator("#error").inner_text()
+        assert not errors, errors
+        browser.close()

@@ -21,11 +21,23 @@ async function call(url, options = {}) {
   return body;
 }
 
+// The collection searched: "" is the gateway's default (its routes without a name).
+const base = () => ($("collection").value ? `/v1/collections/${encodeURIComponent($("collection").value)}` : "/v1");
+
 async function loadIndex() {
   try {
-    const info = await call("/v1/index");
+    const info = await call($("collection").value ? base() : "/v1/index");
+    const fields = Object.keys(info.fields || {});
     $("index-info").textContent =
-      `index ${info.index_version} · ${info.count.toLocaleString()} images · ${info.shards.length} shard(s) · ${info.model.name}`;
+      `${info.collection ? "collection " + info.collection + " · " : ""}index ${info.index_version} · ` +
+      `${info.count.toLocaleString()} images · ${info.shards.length} shard(s) · ${info.model.name}` +
+      (fields.length ? ` · filterable: ${fields.join(", ")}` : "");
+    const names = info.collections || [];
+    if (names.length > 1 && !$("collection").options.length) {  // a picker only when there is a choice
+      for (const name of names) $("collection").append(new Option(name, name));
+      $("collection").value = info.collection || names[0];
+      $("collection-label").hidden = false;
+    }
   } catch (e) {
     $("index-info").textContent = "index unavailable: " + e.message;
   }
@@ -41,6 +53,7 @@ async function run(query, withFeedback = false) {
   last = query;
   if (!withFeedback) marks.clear();
   const k = parseInt($("k").value || "12", 10);
+  const where = $("where").value.trim();
   const fb = withFeedback ? feedback() : { relevant: [], not_relevant: [] };
   $("error").hidden = true;
   $("status").textContent = "searching…";
@@ -54,10 +67,12 @@ async function run(query, withFeedback = false) {
       form.append("k", k);
       form.append("relevant", fb.relevant.join(","));
       form.append("not_relevant", fb.not_relevant.join(","));
-      answer = await call("/v1/search", { method: "POST", body: form });
+      if (where) form.append("where", where);
+      answer = await call(`${base()}/search`, { method: "POST", body: form });
     } else {
-      answer = await call("/v1/search", { method: "POST", headers: { "Content-Type": "application/json" },
-                                         body: JSON.stringify({ ...query.body, k, feedback: fb }) });
+      answer = await call(`${base()}/search`, { method: "POST", headers: { "Content-Type": "application/json" },
+                                               body: JSON.stringify({ ...query.body, k, feedback: fb,
+                                                                      ...(where ? { where } : {}) }) });
     }
     show(answer, withFeedback);
   } catch (e) {
@@ -152,8 +167,14 @@ $("by-uri").addEventListener("submit", (e) => {
   const text = $("uri").value.trim();
   if (!text) return;
   const body = /^\d+$/.test(text) ? { id: text } : { uri: text };  // ids stay strings (64-bit)
-  run({ kind: "json", body, src: body.id !== undefined ? `/v1/images/${body.id}` : "" });
+  run({ kind: "json", body, src: body.id !== undefined ? `${base()}/images/${body.id}` : "" });
 });
 $("rerun").addEventListener("click", () => last && run(last, true));
 $("query-img").addEventListener("error", () => { $("query-img").hidden = true; });
+$("collection").addEventListener("change", () => {  // another catalogue: its info, none of the old hits
+  marks.clear();
+  $("results").replaceChildren();
+  $("query-row").hidden = true;
+  loadIndex();
+});
 loadIndex();
