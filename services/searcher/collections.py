@@ -37,6 +37,7 @@ class CollectionSpec:
     shards: str  # host:port[|replica],... one group per shard (router --shards)
     index: str | None = None  # the index root (router --index): list assignment, projection, query images
     embedder: str | None = None  # host:port of an Embedder service for query images
+    shard_count: int | None = None  # with a shards template on {i} (a StatefulSet's pods): how many shards
 
 
 def check_name(name: str) -> str:
@@ -58,16 +59,47 @@ def parse_collections(text: str, where: str = "collections file") -> list[Collec
     for name, body in table.items():
         if not isinstance(body, dict) or not isinstance(body.get("shards"), str) or not body["shards"].strip():
             raise InvalidInput(f"{where}: collection {name!r} needs \"shards\": \"host:port,...\"")
-        unknown = set(body) - {"index", "shards", "embedder"}
+        unknown = set(body) - {"index", "shards", "embedder", "shard_count"}
         if unknown:
             raise InvalidInput(f"{where}: collection {name!r} has unknown keys {sorted(unknown)}")
-        specs.append(CollectionSpec(check_name(name), body["shards"], body.get("index"), body.get("embedder")))
+        count = body.get("shard_count")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+            raise InvalidInput(f"{where}: collection {name!r}: shard_count must be an integer")
+        spec = CollectionSpec(check_name(name), body["shards"], body.get("index"), body.get("embedder"), count)
+        shard_groups(spec)  # a bad shards string is refused with the file, not when the first request comes
+        specs.append(spec)
     return specs
+
+
+def parse_shards(spec: str, count: int | None = None) -> list[list[str]]:
+    """'a:1|b:1,a:2' -> [['a:1', 'b:1'], ['a:2']] (shard i = i-th comma group, '|' = replicas). With a count,
+    the spec is one group templated on {i}: ('s-{i}.a:1|s-{i}.b:1', 2) -> [['s-0.a:1', 's-0.b:1'], [...]]
+    (a StatefulSet's pod names, whatever the number of shards)."""
+    if count is not None:
+        if count < 1 or "{i}" not in spec or "," in spec:
+            raise InvalidInput(f"bad --shards {spec!r} with --shard-count {count}: expected one "
+                               "host:port[|host:port] group naming the shard as {i}, and a count of at least 1")
+        spec = ",".join(spec.replace("{i}", str(i)) for i in range(count))
+    elif "{i}" in spec:
+        raise InvalidInput(f"--shards {spec!r} names shard {{i}}: say how many shards with --shard-count")
+    groups = [[a.strip() for a in group.split("|") if a.strip()] for group in spec.split(",")]
+    if not groups or any(not g for g in groups):
+        raise InvalidInput(f"bad --shards {spec!r}: expected host:port[|host:port],... one group per shard")
+    return groups
+
+
+def shard_groups(spec: CollectionSpec) -> list[list[str]]:
+    """The collection's shards as the router asks them: one group of replica addresses per shard."""
+    try:
+        return parse_shards(spec.shards, spec.shard_count)
+    except InvalidInput as e:
+        raise InvalidInput(f"collection {spec.name!r}: {e}") from None
 
 
 def collections_json(specs: list[CollectionSpec]) -> str:
     return json.dumps({"collections": {s.name: {k: v for k, v in (("index", s.index), ("shards", s.shards),
-                                                                  ("embedder", s.embedder)) if v}
+                                                                  ("embedder", s.embedder),
+                                                                  ("shard_count", s.shard_count)) if v}
                                        for s in specs}}, indent=1)
 
 

@@ -56,7 +56,7 @@ from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
-from services.searcher.collections import DEFAULT, Collections, CollectionSpec
+from services.searcher.collections import DEFAULT, Collections, CollectionSpec, parse_shards, shard_groups
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
@@ -81,23 +81,6 @@ class Answer:
         """The answer of some queries (a DynamicBatcher hands each caller its own rows)."""
         return Answer(self.scores[rows], self.ids[rows], self.shards[rows],
                       None if self.uris is None else self.uris[rows], self.version, self.coverage, self.missing)
-
-
-def parse_shards(spec: str, count: int | None = None) -> list[list[str]]:
-    """'a:1|b:1,a:2' -> [['a:1', 'b:1'], ['a:2']] (shard i = i-th comma group, '|' = replicas). With a count,
-    the spec is one group templated on {i}: ('s-{i}.a:1|s-{i}.b:1', 2) -> [['s-0.a:1', 's-0.b:1'], [...]]
-    (a StatefulSet's pod names, whatever the number of shards)."""
-    if count is not None:
-        if count < 1 or "{i}" not in spec or "," in spec:
-            raise InvalidInput(f"bad --shards {spec!r} with --shard-count {count}: expected one "
-                               "host:port[|host:port] group naming the shard as {i}, and a count of at least 1")
-        spec = ",".join(spec.replace("{i}", str(i)) for i in range(count))
-    elif "{i}" in spec:
-        raise InvalidInput(f"--shards {spec!r} names shard {{i}}: say how many shards with --shard-count")
-    groups = [[a.strip() for a in group.split("|") if a.strip()] for group in spec.split(",")]
-    if not groups or any(not g for g in groups):
-        raise InvalidInput(f"bad --shards {spec!r}: expected host:port[|host:port],... one group per shard")
-    return groups
 
 
 def shard_budget(client_remaining: float | None, shard_timeout: float) -> float:
@@ -516,7 +499,7 @@ async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
     loop = asyncio.get_running_loop()
     embed, dim = await loop.run_in_executor(None, local_embedder, spec.index, settings) \
         if spec.index and not spec.embedder else (None, None)
-    router = Router(parse_shards(spec.shards), settings, embed)
+    router = Router(shard_groups(spec), settings, embed)
     router.dim, router.index_url = dim, spec.index
     await router.refresh_version()
     if spec.embedder:

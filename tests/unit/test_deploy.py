@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from scripts import gen_k8s_observability
 from services.cli import app
 from services.common.config import Settings
-from services.searcher.router import parse_shards
+from services.searcher.collections import CollectionSpec, parse_collections, shard_groups
 from tests.helpers import need
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -124,6 +124,41 @@ def test_compose_env_is_settings(compose):
                 check_env(key, value)
 
 
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of a second file: mappings merged key by key, anything else (commands, lists) replaced,
+    except that depends_on and environment merge."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def test_the_compose_collections_file_serves_two_collections(compose):
+    doc = yaml.safe_load((DEPLOY / "docker-compose.collections.yml").read_text())
+    services = merged(compose, doc["services"])
+    commands = compose_commands(services)
+    router = commands["router"][1]
+    target = next(c["target"] for c in services["router"]["configs"])
+    assert str(router.collections) == target and router.shards is None
+    assert services["gateway"]["environment"]["IMSEARCH_COLLECTIONS"] == target
+    assert [c["target"] for c in services["gateway"]["configs"]] == [target]
+    specs = parse_collections(doc["configs"]["collections"]["content"])
+    assert [s.name for s in specs] == ["products", "bags"]
+    for spec in specs:
+        for group in shard_groups(spec):
+            for replica in group:
+                host, port = address(replica)
+                module, args = commands[host]
+                assert module == "services.searcher.shard" and args.port == port and args.index == spec.index
+        assert address(spec.embedder) == ("embedder", commands["embedder"][1].port)
+    for name, svc in services.items():
+        for key, value in (svc.get("environment") or {}).items():
+            if key.startswith("IMSEARCH_"):
+                check_env(key, value)
+    for call in doc["services"]["ingest-bags"]["command"][0].split("&&"):
+        cli_call_ok(shlex.split(call))
+
+
 def test_compose_ingest_job_uses_real_cli_options(compose):
     script = compose["ingest"]["command"][0]
     for call in script.split("&&"):
@@ -134,7 +169,7 @@ def test_compose_ingest_job_uses_real_cli_options(compose):
 # The manifests as Kubernetes gets them: rendered by `kubectl kustomize` (offline), the base (one replica of
 # every shard) and the replicated overlay (two).
 
-LAYOUTS = ["base", "overlays/replicated"]
+LAYOUTS = ["base", "overlays/replicated", "overlays/collections"]
 
 
 def render(layout: str) -> dict:
@@ -219,22 +254,52 @@ def test_no_two_workloads_select_the_same_pods(k8s):
                 assert not selector <= doc_b["spec"]["template"]["metadata"]["labels"].items(), (a, b)
 
 
+def router_collections(k8s) -> list:
+    """The collections the router serves: its --collections file (a mounted ConfigMap), or its --shards as the
+    one default collection."""
+    args = router_args(k8s)
+    if not args.collections:
+        return [CollectionSpec("default", args.shards, args.index, args.embedder, args.shard_count)]
+    router = k8s[("Deployment", "router")]["spec"]["template"]["spec"]
+    mount = next(m for m in router["containers"][0]["volumeMounts"] if str(args.collections).startswith(m["mountPath"]))
+    volume = next(v for v in router["volumes"] if v["name"] == mount["name"])
+    data = k8s[("ConfigMap", volume["configMap"]["name"])]["data"]
+    return parse_collections(data[str(args.collections).removeprefix(mount["mountPath"]).lstrip("/")])
+
+
 def test_the_router_asks_every_replica_of_every_shard(k8s):
     """The router's --shards (a template on {i}, expanded by the router's own parser) names pod i of every
-    shard set for shard i, and each set has exactly --shard-count pods."""
-    args = router_args(k8s)
-    groups = parse_shards(args.shards, args.shard_count)
+    shard set of the collection's index for shard i, and each set has exactly --shard-count pods; with
+    collections, so does each collection of the router's collections file."""
+    specs = router_collections(k8s)
     sets = shard_sets(k8s)
-    for s in sets:
-        assert s["spec"]["replicas"] == len(groups), f"{s['metadata']['name']} runs {s['spec']['replicas']} pods"
-    for i, group in enumerate(groups):
-        hosts = {address(r) for r in group}
-        assert hosts == {(f"{s['metadata']['name']}-{i}.{s['spec']['serviceName']}", 50061) for s in sets}, i
-    assert address(args.embedder) == ("embedder", 50051)
+    served = set()
+    for spec in specs:
+        groups = shard_groups(spec)
+        mine = [s for s in sets if parsed(s["spec"]["template"]["spec"]["containers"][0]).index == spec.index]
+        assert mine, f"no shard set serves {spec.index}"
+        served |= {s["metadata"]["name"] for s in mine}
+        for s in mine:
+            assert s["spec"]["replicas"] == len(groups), f"{s['metadata']['name']} runs {s['spec']['replicas']} pods"
+        for i, group in enumerate(groups):
+            hosts = {address(r) for r in group}
+            assert hosts == {(f"{s['metadata']['name']}-{i}.{s['spec']['serviceName']}", 50061) for s in mine}, i
+        assert address(spec.embedder) == ("embedder", 50051)
+    assert served == {s["metadata"]["name"] for s in sets}, "a shard set no collection asks"
     gateway = next(c for _, n, _, c in workloads(k8s) if n == "gateway")
     assert address(parser_of("services.gateway").parse_args(gateway["args"]).router) == ("router", 50050)
+    if router_args(k8s).collections:  # the gateway reads the same file (catalogues, thumbnails per collection)
+        env = {e["name"]: e.get("value") for e in gateway["env"]}
+        assert env["IMSEARCH_COLLECTIONS"] == str(router_args(k8s).collections)
+        assert [m["mountPath"] for m in gateway["volumeMounts"]] == ["/etc/imsearch"]
     for s in sets:  # shard = the pod's ordinal
         assert "pod-index" in str(s["spec"]["template"]["spec"]["containers"][0]["env"][0])
+
+
+def test_the_collections_layout_serves_two_collections():
+    specs = router_collections(render("overlays/collections"))
+    assert [s.name for s in specs] == ["products", "bags"]
+    assert len({s.index for s in specs}) == 2
 
 
 def test_k8s_env_settings_and_secrets(k8s):

@@ -1,7 +1,8 @@
 import pytest
 
 from services.common.errors import InvalidInput
-from services.searcher.router import parse_shards, shard_budget
+from services.searcher.collections import parse_shards
+from services.searcher.router import shard_budget
 
 
 def test_parse_shards_groups_and_replicas():
