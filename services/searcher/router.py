@@ -518,6 +518,9 @@ async def serve(shards: list[list[str]] | None = None, port: int = 0, settings: 
     """The router over `shards` (the collection "default"), or over the collections of a collections file
     (followed while serving), or both."""
     settings = settings or get_settings()
+    # The metrics port first, before any outgoing connection: a port picked free by whoever started this
+    # process (IMSEARCH_METRICS_PORT) is in the ephemeral range, which the connections to shards draw from.
+    metrics.serve_metrics(settings.metrics_port, host)
     path = collections or settings.collections
     served = Collections(lambda spec: start_router(spec, settings), path)
     if shards:
@@ -528,7 +531,6 @@ async def serve(shards: list[list[str]] | None = None, port: int = 0, settings: 
         raise InvalidInput("nothing to serve: give --shards or --collections")
     cache = QueryCache(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
     service = SearcherService(served, settings, cache)
-    metrics.serve_metrics(settings.metrics_port, host)
     running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
     if path is not None:
         running.tasks.append(asyncio.get_running_loop().create_task(served.watch(settings.reload_interval_s)))

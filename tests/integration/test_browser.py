@@ -4,6 +4,7 @@ against the real gateway, router and shard servers. Screenshots go to test-artif
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,21 +17,30 @@ SHOTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture()
-def browser_page(catalogue, served):
+@contextmanager
+def opened(url: str):
+    """(page, the page's script errors) of url in a headless Chromium, closed after."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "browser tests need Debian's chromium (apt-get install chromium)"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    stack = served()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(stack.gateway.url)
+        page.goto(url)
+        try:
+            yield page, errors
+        finally:
+            browser.close()
+
+
+@pytest.fixture()
+def browser_page(catalogue, served):
+    stack = served()
+    with opened(stack.gateway.url) as (page, errors):
         yield page, catalogue, [g[0] for g in stack.shards], errors
-        browser.close()
 
 
 def hit_ids(page) -> list[str]:
@@ -125,8 +135,6 @@ def test_the_page_before_the_first_search_and_after_a_failed_one(browser_page):
 def test_the_page_picks_a_collection_and_filters(catalogue, start_stack, tmp_path):
     """Two collections behind the gateway: the page offers a picker, and the one picked answers, thumbnails
     included; a filter typed in the page reaches the search (a bad one is shown as the error)."""
-    from playwright.sync_api import sync_playwright
-
     from services.common.config import Settings
     from services.embedder.pipeline import embed_catalogue
     from services.indexer.build import build_index
@@ -138,12 +146,7 @@ def test_the_page_picks_a_collection_and_filters(catalogue, start_stack, tmp_pat
     build_index(str(tmp_path / "emb-b"), str(tmp_path / "idx-b"), shards=1, settings=settings)
     stack = start_stack(catalogue / "idx", gateway=True, env={"IMSEARCH_HOME": str(catalogue / "home")},
                         collections={"photos": str(catalogue / "idx"), "more": str(tmp_path / "idx-b")})
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(stack.gateway.url)
+    with opened(stack.gateway.url) as (page, errors):
         page.wait_for_selector("#collection-label:visible")
         assert page.locator("#collection option").all_inner_texts() == ["photos", "more"]
         page.wait_for_selector("#index-info:has-text('12 images')")
@@ -164,4 +167,3 @@ def test_the_page_picks_a_collection_and_filters(catalogue, start_stack, tmp_pat
         page.wait_for_selector("#error:has-text('400')")
         assert "unknown field 'colour'" in page.locator("#error").inner_text()
         assert not errors, errors
-        browser.close()
