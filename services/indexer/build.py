@@ -154,8 +154,9 @@ def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None
     if n == 0:
         raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): "
                            "nothing to index")
-    rows = fields.decode(emb.metadata, n)
-    kinds = fields.choose_fields(rows, settings.filterable if filterable is None else filterable, step)
+    asked = settings.filterable if filterable is None else filterable
+    rows = fields.decode(emb.metadata if asked.strip() else None, n)  # no fields asked: no JSON to read
+    kinds = fields.choose_fields(rows, asked, step)
     columns = fields.columns_of(rows, kinds)
     del rows
     projection = learn_projection(emb.vectors, settings.pca_dim if pca_dim is None else pca_dim,

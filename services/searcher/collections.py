@@ -137,6 +137,8 @@ class Collections:
         """Read the file and apply it: new collections started, removed or changed ones replaced."""
         if self.path is None:
             return
+        if not self.path.is_file():
+            raise NotFound(f"collections file {self.path} does not exist")
         stat = self.path.stat()
         if stat.st_mtime == self._mtime:
             return

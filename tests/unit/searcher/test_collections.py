@@ -65,3 +65,11 @@ def test_the_registry_follows_the_file(tmp_path, monkeypatch):
 
     shoes, bags = asyncio.run(run())
     assert shoes.closed and not bags.closed  # the removed one closed after its grace, the kept one running
+
+
+def test_a_missing_collections_file_is_named(tmp_path):
+    async def run():
+        await Collections(lambda spec: None, tmp_path / "nope.json").load()
+
+    with pytest.raises(NotFound, match="collections file .*nope.json does not exist"):
+        asyncio.run(run())
