@@ -69,7 +69,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
 def embed(
     source: Optional[str] = typer.Argument(None, help="folder, s3://bucket/prefix, or a manifest (.parquet/.csv/.txt)"),
     out_: str = typer.Option(..., "--out", "-o", help="where to write embeddings (folder or s3://)"),
-    manifest: Optional[str] = typer.Option(None, help="a manifest of image uris instead of SOURCE"),
+    manifest: Optional[str] = typer.Option(None, help="a manifest of image uris (with SOURCE: relative uris are "
+                                                      "under SOURCE) and their metadata columns"),
     model: Optional[str] = typer.Option(None, help="registry name, timm:<arch>, or a checkpoint .pt"),
     weights: Optional[str] = typer.Option(None, help="weights file for timm:<arch> models"),
     engine: str = typer.Option("auto", help="auto | local | ray"),
@@ -78,10 +79,10 @@ def embed(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Embed every image of a catalogue into parquet parts."""
-    if bool(source) == bool(manifest):
-        raise typer.BadParameter("give either SOURCE or --manifest")
-    _embed(source or manifest, out_, _settings(ray_address=ray_address, batch_size=batch_size), as_json,
-           model=model, weights=weights, engine=engine)
+    if not source and not manifest:
+        raise typer.BadParameter("give SOURCE (a folder, s3:// prefix or manifest), or --manifest")
+    _embed(manifest or source, out_, _settings(ray_address=ray_address, batch_size=batch_size), as_json,
+           model=model, weights=weights, engine=engine, images_root=source if manifest else None)
 
 
 def _embed(source: str, out_url: str, settings, as_json: bool = False, **options) -> None:

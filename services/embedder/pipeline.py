@@ -43,9 +43,13 @@ def list_images(source: str, settings: Settings | None = None) -> list[str]:
     return list_catalogue(source, settings).uris
 
 
-def list_catalogue(source: str, settings: Settings | None = None) -> Catalogue:
+def list_catalogue(source: str, settings: Settings | None = None, images_root: str | None = None) -> Catalogue:
+    """images_root: where a manifest's relative uris live (`imsearch embed photos/ --manifest items.parquet`)."""
     if source.lower().endswith(MANIFEST_EXTENSIONS):
-        return read_manifest(source, settings)
+        catalogue = read_manifest(source, settings)
+        if images_root:
+            catalogue.uris = [under(images_root, u) for u in catalogue.uris]
+        return catalogue
     if "://" not in source and not Path(source).expanduser().exists():
         raise NotFound(f"{source} does not exist")
     if "://" not in source and Path(source).expanduser().is_file():
@@ -56,6 +60,15 @@ def list_catalogue(source: str, settings: Settings | None = None) -> Catalogue:
     if not uris:
         raise NotFound(f"no images found in {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return Catalogue(uris)
+
+
+def under(root: str, uri: str) -> str:
+    """A manifest's uri under the images' root folder or s3:// prefix (absolute paths and urls as they are)."""
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    if "://" in root:
+        return root.rstrip("/") + "/" + uri.lstrip("/")
+    return str(Path(root).expanduser() / uri)
 
 
 def read_manifest(path: str, settings: Settings | None = None) -> Catalogue:
@@ -154,15 +167,16 @@ class EmbedSummary:
 def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = None,
                     weights: str | None = None, engine: str = "auto",
                     settings: Settings | None = None, progress: Progress | None = None,
-                    say: Callable[[str], None] | None = None) -> EmbedSummary:
+                    say: Callable[[str], None] | None = None, images_root: str | None = None) -> EmbedSummary:
     """Embed every image of source into parquet parts under out; returns what happened. say (if given)
-    hears the run's first line: how many images, which model, which engine and why.
+    hears the run's first line: how many images, which model, which engine and why. images_root: where a
+    manifest source's relative uris are.
 
     Resumes: chunks a previous run over the same catalogue finished are skipped, not re-embedded."""
     settings = settings or get_settings()
     model = model or settings.model
     weights = weights or (str(settings.model_weights) if settings.model_weights else None)
-    catalogue = list_catalogue(source, settings) if isinstance(source, str) else Catalogue(list(source))
+    catalogue = list_catalogue(source, settings, images_root) if isinstance(source, str) else Catalogue(list(source))
     spec = resolve_spec(model, weights)
     store = open_store(out, settings)
     chunks = plan_chunks(catalogue.uris, settings.part_rows, catalogue.ids, catalogue.metadata)

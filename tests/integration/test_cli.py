@@ -230,10 +230,11 @@ def test_search_where_finds_only_rows_of_the_filter_declared_at_build(built):
     tmp, _, _, _ = built
     home = tmp / "home"
     photos = sorted((tmp / "photos").glob("good-*.png"))
-    pq.write_table(pa.table({"uri": [str(p) for p in photos],
+    pq.write_table(pa.table({"uri": [p.name for p in photos],  # relative to the folder given beside it
                              "category": ["a" if int(p.stem[-1]) < 3 else "b" for p in photos],
                              "price": [10.0 * int(p.stem[-1]) for p in photos]}), tmp / "items.parquet")
-    embed = run("embed", "--manifest", str(tmp / "items.parquet"), "--out", str(tmp / "emb-items"), env_home=home)
+    embed = run("embed", str(tmp / "photos"), "--manifest", str(tmp / "items.parquet"), "--out",
+                str(tmp / "emb-items"), env_home=home)  # the spelling: images folder + manifest
     assert embed.returncode == 0, embed.stderr
     wrong = run("index", "build", str(tmp / "emb-items"), "--out", str(tmp / "idx-x"), "--filterable", "colour",
                 env_home=home)

@@ -99,3 +99,20 @@ def test_unreachable_storage_stops_the_run_instead_of_making_final_error_rows(tm
     monkeypatch.setattr(stages, "read_uri", lambda uri, settings=None: (_ for _ in ()).throw(NotFound("gone")))
     out = stages.fetch_batch({"uri": np.array(["a.jpg"], dtype=object)}, Settings(home=tmp_path))
     assert out["read_error"].tolist() == ["gone"]  # a missing file is that row's error
+
+
+def test_a_manifest_beside_its_images_folder_names_them_relative_to_it(tmp_path):
+    """`imsearch embed photos/ --manifest items.parquet`: the manifest's relative uris are under photos/."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.embedder.pipeline import list_catalogue
+
+    pq.write_table(pa.table({"uri": ["a.jpg", "sub/b.jpg", "/abs/c.jpg", "s3://b/d.jpg"],
+                             "category": ["x", "y", "x", "z"]}), tmp_path / "items.parquet")
+    got = list_catalogue(str(tmp_path / "items.parquet"), images_root=str(tmp_path / "photos"))
+    assert got.uris == [str(tmp_path / "photos" / "a.jpg"), str(tmp_path / "photos" / "sub" / "b.jpg"),
+                        "/abs/c.jpg", "s3://b/d.jpg"]
+    assert list_catalogue(str(tmp_path / "items.parquet"), images_root="s3://bucket/photos/").uris[:2] == \
+        ["s3://bucket/photos/a.jpg", "s3://bucket/photos/sub/b.jpg"]
+    assert list_catalogue(str(tmp_path / "items.parquet")).uris[0] == "a.jpg"  # without a root: as written
