@@ -401,9 +401,9 @@ def _serve(index_: str | None, settings, port: int = 50050, host: str = "127.0.0
 
     collections = collections or {}
     index_ = index_ or next(iter(collections.values()))
-    manifest = load_current(open_store(index_, settings))
-    for root in collections.values():  # every collection's index loads before anything starts
-        load_current(open_store(root, settings))
+    # every index served loads before anything starts
+    manifests = {root: load_current(open_store(root, settings)) for root in collections.values() or [index_]}
+    manifest = manifests[index_]
     gateway_port = settings.gateway_port if http_port is None else (http_port or free_port())
     cache = binary("redis-server") is not None if cache is None else cache
     spec = StackSpec(index_, host=host, router_port=port, shard_port=shard_ports, gateway=http,

@@ -200,11 +200,7 @@ def _size(node: Node) -> int:
 
 
 def fields_of(node: Node) -> set[str]:
-    if isinstance(node, (All, Any_)):
-        return set().union(*(fields_of(p) for p in node.parts))
-    if isinstance(node, Not):
-        return fields_of(node.part)
-    return {node.field}
+    return {leaf.field for leaf in _leaves(node)}
 
 
 def check_fields(node: Node, kinds: dict[str, str]) -> None:

@@ -184,6 +184,7 @@ class Gateway:
         path = request.url.path
         if path.startswith(("/v1/search", "/v1/images/", "/v1/collections/")):  # /v1/index lists what a key may use
             check_collection(self.keys, caller, collection_of(path))
+        request.state.api_key = caller  # for the routes (what /v1/index lists)
         await self.limit.take(f"key {caller}" if caller else f"address {address}")
         size = request.headers.get("content-length") or "0"
         if not size.isdigit():
@@ -265,9 +266,9 @@ def thumbnail_link(id_: int, version: str = "", collection: str = "") -> str:
 
 
 def collection_of(path: str) -> str | None:
-    """The collection a /v1/collections/NAME/... path names (None: a route of the default collection)."""
+    """The collection a /v1/collections/NAME[/...] path names (None: a route of the default collection)."""
     parts = path.split("/")
-    return parts[3] if len(parts) > 4 and parts[1:3] == ["v1", "collections"] else None
+    return parts[3] if len(parts) > 3 and parts[1:3] == ["v1", "collections"] and parts[3] else None
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -384,7 +385,7 @@ async def image_endpoint(id_: Id, version: str | None = None, collection: str = 
 @routes.get("/v1/collections/{collection}", summary="One named collection, as /v1/index describes the default")
 async def index_endpoint(request: Request, collection: str = "", gw: Gateway = Depends(gateway)) -> dict:
     info = await gw.client.call("Info", pb.InfoRequest(collection=collection))
-    allowed = gw.keys.get(key_of(request.headers, gw.keys) or "") if gw.keys else None
+    allowed = gw.keys.get(request.state.api_key or "") if gw.keys else None
     return {"collection": info.collection, "index_version": info.index_version, "count": info.count,
             "factory": info.factory, "nprobe": info.nprobe, "metric": info.metric, "created_at": info.created_at,
             "model": {"name": info.model.name, "dim": info.model.dim, "fingerprint": info.model.fingerprint},
@@ -421,10 +422,19 @@ async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html")
 
 
+def path_label(path: str) -> str:
+    """The metrics label of a path: image ids and collection names never become label values."""
+    name = collection_of(path)
+    if name is not None:
+        path = path.replace(f"/v1/collections/{name}", "/v1/collections/{name}", 1)
+    head, sep, tail = path.rpartition("/images/")
+    return head + sep + "{id}" if sep and tail else path
+
+
 async def guard(request: Request, call_next):
     """Keys, rate limit and upload size before any body is read; metrics for every request."""
     start, path = time.perf_counter(), request.url.path
-    label = path if not path.startswith("/v1/images/") else "/v1/images/{id}"
+    label = path_label(path)
     try:
         if path.startswith("/v1/"):
             await request.app.state.gateway.guard(request)

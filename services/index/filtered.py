@@ -62,7 +62,7 @@ def choose(matched: int, total: int, nprobe: int, nlist: int, exact_ok: bool) ->
 
 @dataclass
 class View:
-    """What filtered search needs of a shard, read once: the index it searches, labels -> ids, lists."""
+    """What filtered search needs of a shard, read once: the index it searches and how its labels map to ids."""
     index: object  # the searched faiss index: the shard's own, or an IDMap's inner index
     id_map: np.ndarray | None  # IDMap: the id of each inner position; None when the index's labels are ids
     exact_ok: bool  # its vectors can be read back in the query space (not behind an in-index transform)
@@ -136,12 +136,18 @@ class FilteredSearch:
             self._views.setdefault(shard.entry.shard, view_of(shard))
         return self._views[shard.entry.shard]
 
-    def selection(self, shard: LoadedShard, node: Node, key: str) -> Selection:
+    def _lookup(self, key: tuple[int, str]) -> Selection | None:
+        """A remembered selection, marked most recently used."""
         with self._lock:
-            hit = self._cache.get((shard.entry.shard, key))
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end((shard.entry.shard, key))
-                return hit
+                self._cache.move_to_end(key)
+            return hit
+
+    def selection(self, shard: LoadedShard, node: Node, key: str) -> Selection:
+        hit = self._lookup((shard.entry.shard, key))
+        if hit is not None:
+            return hit
         mask = matches(node, shard.columns) if len(shard.ids) else np.zeros(0, bool)
         sel = Selection(shard.ids[mask], len(shard.ids))
         self._remember((shard.entry.shard, key), sel)
@@ -180,7 +186,7 @@ class FilteredSearch:
         view = self.view(shard)
         how, width = choose(sel.count, sel.total, nprobe, view.nlist, view.exact_ok)
         if how == "exact":
-            return self._exact(shard, view, sel, queries, k)
+            return self._exact(shard, sel, queries, k)
         if sel.selector is None:
             if view.id_map is None:
                 sel.selector, sel.keep = id_selector(sel.ids, shard.ids)
@@ -193,25 +199,16 @@ class FilteredSearch:
             I = np.where(I >= 0, view.id_map[np.maximum(I, 0)], -1)
         return D, I
 
-    def _exact(self, shard: LoadedShard, view: View, sel: Selection, queries: np.ndarray, k: int):
+    def _exact(self, shard: LoadedShard, sel: Selection, queries: np.ndarray, k: int):
         if sel.exact is None:
-            sel.exact = _flat(self._vectors(shard, view, sel.ids), sel.ids)
+            sel.exact = _flat(shard.vectors_of(sel.ids), sel.ids)
             self._evict()
         return _flat_search(sel.exact, queries, k)
-
-    @staticmethod
-    def _vectors(shard: LoadedShard, view: View, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of ids of this shard, as the index holds them."""
-        if view.id_map is None:  # plain IVF: read by id (a hashtable direct map: ids are not 0..n-1)
-            shard.enable_fetch()
-            return view.index.reconstruct_batch(ids)
-        order = np.argsort(view.id_map)
-        return view.index.reconstruct_batch(order[np.searchsorted(view.id_map[order], ids)])
 
     def _stacked(self, queries, k, nprobe, sels, key, with_uris):
         """Every plain-IVF shard as one search (one selector over all their matching ids), or for few matching
         rows one exhaustive search over all of them."""
-        sel = self._cache.get((-1, key))
+        sel = self._lookup((-1, key))
         if sel is None:
             sel = Selection(np.sort(np.concatenate([s.ids for s in sels])), sum(s.total for s in sels))
             self._remember((-1, key), sel)
@@ -219,7 +216,7 @@ class FilteredSearch:
                             all(self.view(s).exact_ok for s in self.shards))
         if how == "exact":
             if sel.exact is None:
-                vectors = [self._vectors(shard, self.view(shard), s.ids) for shard, s in zip(self.shards, sels)]
+                vectors = [shard.vectors_of(s.ids) for shard, s in zip(self.shards, sels)]
                 sel.exact = _flat(np.concatenate(vectors), np.concatenate([s.ids for s in sels]))
                 self._evict()
             return self.stacked.label(*_flat_search(sel.exact, queries, k), with_uris)

@@ -76,6 +76,14 @@ class LoadedShard:
                     out.append(None)
         return out
 
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors (as the index holds them) of ids this shard holds, read in one batch."""
+        self.enable_fetch()
+        ix = faiss.downcast_index(self.index)
+        if isinstance(ix, faiss.IndexIDMap):
+            return ix.index.reconstruct_batch(self._order[np.searchsorted(self._sorted_ids, ids)])
+        return ix.reconstruct_batch(ids)  # IVF: through the hashtable direct map (ids are not 0..n-1)
+
     def uris_of(self, ids: np.ndarray) -> np.ndarray:
         """Uris of ids held by this shard ("" for ids it does not hold), same shape as ids."""
         if not len(self.ids):

@@ -110,7 +110,7 @@ class Collections:
         """start(spec) -> a started Router for one collection (awaited)."""
         self.start, self.path = start, path
         self.routers: dict = {}
-        self.specs: dict[str, CollectionSpec] = {}
+        self.specs: dict[str, CollectionSpec] = {}  # the collections the file named, as it named them
         self._mtime: float | None = None
 
     @property
@@ -119,19 +119,26 @@ class Collections:
 
     def get(self, name: str):
         """The router of a collection ("" = the default: the first)."""
+        return self.pick(name)[1]
+
+    def pick(self, name: str) -> tuple:
+        """(the collection's name, its router); "" names the default: the first."""
         if not self.routers:
             raise NotFound("this router serves no collection")
-        if not name:
-            return next(iter(self.routers.values()))
+        name = name or next(iter(self.routers))
         router = self.routers.get(name)
         if router is None:
             raise NotFound(f"no collection {name!r} (served: {', '.join(self.routers)})")
-        return router
+        return name, router
 
     async def add(self, spec: CollectionSpec) -> None:
+        """Serve a collection given outside the file (router --shards): the file never retires it."""
         self.routers[spec.name] = await self.start(spec)
-        self.specs[spec.name] = spec
         log.info("serving collection %s (%s)", spec.name, spec.index or spec.shards)
+
+    async def _add_from_file(self, spec: CollectionSpec) -> None:
+        await self.add(spec)
+        self.specs[spec.name] = spec
 
     async def load(self) -> None:
         """Read the file and apply it: new collections started, removed or changed ones replaced."""
@@ -144,13 +151,16 @@ class Collections:
             return
         wanted = parse_collections(self.path.read_text(), str(self.path))
         keep = {s.name: s for s in wanted}
+        taken = [n for n in keep if n in self.routers and n not in self.specs]
+        if taken:
+            raise InvalidInput(f"{self.path}: collection(s) {taken} are served from the command line already")
         for name in [n for n in self.specs if keep.get(n) != self.specs[n]]:
             self._retire(name)
         for spec in wanted:
             if spec.name not in self.routers:
-                await self.add(spec)
-        first = {n: r for n, r in self.routers.items() if n not in keep}  # --shards' "default" stays first
-        self.routers = first | {s.name: self.routers[s.name] for s in wanted}  # then the file's order
+                await self._add_from_file(spec)
+        fixed = {n: r for n, r in self.routers.items() if n not in keep}  # --shards' "default" stays first
+        self.routers = fixed | {s.name: self.routers[s.name] for s in wanted}  # then the file's order
         self._mtime = stat.st_mtime  # applied: a failed start is tried again at the next look
 
     def _retire(self, name: str) -> None:

@@ -56,7 +56,7 @@ from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
-from services.searcher.collections import DEFAULT, Collections, CollectionSpec, parse_shards, shard_groups
+from services.searcher.collections import DEFAULT, Collections, CollectionSpec, shard_groups
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
@@ -379,7 +379,7 @@ class SearcherService(pb_grpc.SearcherServicer):
     @server.rpc
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
         check_k(request.k, self.settings.max_k)
-        router = self.collections.get(request.collection)
+        name, router = self.collections.pick(request.collection)
         node = parse_filter(request.filter) if request.filter else None  # a bad filter: INVALID_ARGUMENT here
         where = shard_filter(node)
         if self.cache is None or not router.version:
@@ -387,8 +387,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         # The collection, query, feedback and filter (normalised: one key however it is spelled), encoded
         # together (one message: unambiguous bytes); each collection is its own namespace.
         asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe,
-                                 filter=canonical(node) if node else "",
-                                 collection=request.collection or self.collections.names[0]).SerializeToString()
+                                 filter=canonical(node) if node else "", collection=name).SerializeToString()
         version = router.version
         key = cache_key(version, request.k, request.nprobe, asked)
 
@@ -426,7 +425,7 @@ class SearcherService(pb_grpc.SearcherServicer):
 
     @server.rpc
     async def Info(self, request, context) -> pb.IndexInfo:
-        router = self.collections.get(request.collection)
+        name, router = self.collections.pick(request.collection)
         infos = await router.shard_infos()
         answered = [i for i in infos if i is not None]
         if not answered:
@@ -434,8 +433,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         version = Counter(i.index_version for i in answered).most_common(1)[0][0]
         reply = pb.IndexInfo(index_version=version, count=sum(i.count for i in answered), shards=answered,
                              model=pb.ModelInfo(dim=answered[0].dim, fingerprint=answered[0].model_fingerprint),
-                             metric="inner_product", collections=self.collections.names,
-                             collection=request.collection or self.collections.names[0])
+                             metric="inner_product", collections=self.collections.names, collection=name)
         if router.index_url:  # the manifest knows the rest
             m = await asyncio.get_running_loop().run_in_executor(None, router.manifest, version)
             reply.factory, reply.nprobe, reply.created_at = m.factory, m.nprobe, m.created_at
@@ -512,10 +510,9 @@ async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
     return router
 
 
-async def serve(shards: list[list[str]] | None = None, port: int = 0, settings: Settings | None = None,
-                index: str | None = None, host: str = "127.0.0.1", embedder: str | None = None,
-                collections: Path | None = None) -> tuple[server.Running, Collections]:
-    """The router over `shards` (the collection "default"), or over the collections of a collections file
+async def serve(default: CollectionSpec | None = None, port: int = 0, settings: Settings | None = None,
+                host: str = "127.0.0.1", collections: Path | None = None) -> tuple[server.Running, Collections]:
+    """The router over the collection `default` (router --shards), or over the collections of a collections file
     (followed while serving), or both."""
     settings = settings or get_settings()
     # The metrics port first, before any outgoing connection: a port picked free by whoever started this
@@ -523,9 +520,8 @@ async def serve(shards: list[list[str]] | None = None, port: int = 0, settings: 
     metrics.serve_metrics(settings.metrics_port, host)
     path = collections or settings.collections
     served = Collections(lambda spec: start_router(spec, settings), path)
-    if shards:
-        spec = ",".join("|".join(group) for group in shards)
-        await served.add(CollectionSpec(DEFAULT, spec, index, embedder))
+    if default is not None:
+        await served.add(default)
     await served.load()
     if not served.routers:
         raise InvalidInput("nothing to serve: give --shards or --collections")
@@ -557,9 +553,9 @@ def main() -> None:
     args = build_parser().parse_args()
 
     async def start():
-        shards = parse_shards(args.shards, args.shard_count) if args.shards else None
-        running, served = await serve(shards, args.port, index=args.index, host=args.host, embedder=args.embedder,
-                                      collections=args.collections)
+        default = CollectionSpec(DEFAULT, args.shards, args.index, args.embedder, args.shard_count) \
+            if args.shards else None
+        running, served = await serve(default, args.port, host=args.host, collections=args.collections)
         return running, served.close
 
     server.run_service(start, "router", args.host)

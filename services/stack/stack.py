@@ -147,7 +147,7 @@ class Stack:
             folder = self.workdir or Path(tempfile.mkdtemp(prefix="imsearch-stack-"))
             folder.mkdir(parents=True, exist_ok=True)
             self.collections_file = folder / "collections.json"
-        specs = [CollectionSpec(name, ",".join("|".join(p.address for p in g) for g in self.collection_shards[name]),
+        specs = [CollectionSpec(name, shards_arg(self.collection_shards[name]),
                                 self.spec.collections[name] if self.spec.router_index else None)
                  for name in (self.spec.collections if names is None else names)]
         atomic_write(self.collections_file, collections_json(specs).encode())
@@ -158,7 +158,7 @@ class Stack:
         if spec.collections:
             args = ["--collections", str(self.write_collections())]
         else:
-            args = ["--shards", ",".join("|".join(p.address for p in group) for group in self.shards)]
+            args = ["--shards", shards_arg(self.shards)]
         if spec.router_index and not spec.collections:
             args += ["--index", spec.index]
         if spec.embedder:
@@ -192,6 +192,11 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.down()
+
+
+def shards_arg(groups: list[list[Part]]) -> str:
+    """Shard servers as a router's --shards names them: replicas '|'-separated, shards ','-separated."""
+    return ",".join("|".join(p.address for p in group) for group in groups)
 
 
 def shard_numbers(index: str) -> list[int]:

@@ -160,6 +160,8 @@ def test_the_gateway_serves_each_collection_and_keys_limited_to_one(two, start_s
         assert http.get("/v1/index", headers=shop).json()["collections"] == ["shoes"]
         assert http.get("/v1/collections/bags", headers=admin).json()["collection"] == "bags"
         assert http.post("/v1/collections/shoes/search", json=body, headers=shop).status_code == 200
+        assert http.get("/v1/collections/shoes", headers=shop).json()["collection"] == "shoes"
+        assert http.get("/v1/collections/bags", headers=shop).status_code == 403
         for path in ("/v1/collections/bags/search", "/v1/search"):
             r = http.post(path, json=body, headers=shop)
             assert r.status_code == 403 and r.json()["error"]["code"] == "PERMISSION_DENIED", r.text

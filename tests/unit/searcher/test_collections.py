@@ -73,3 +73,30 @@ def test_a_missing_collections_file_is_named(tmp_path):
 
     with pytest.raises(NotFound, match="collections file .*nope.json does not exist"):
         asyncio.run(run())
+
+
+def test_a_collection_from_the_command_line_stays_first_and_is_never_retired_by_the_file(tmp_path):
+    """router --shards ... --collections FILE: "default" is served beside the file's collections, whatever the
+    file says later; the file may not name it."""
+    path = tmp_path / "collections.json"
+
+    async def run():
+        async def start(spec):
+            return FakeRouter(spec)
+
+        served = Collections(start, path)
+        await served.add(CollectionSpec("default", "h:9"))
+        path.write_text(FILE)
+        await served.load()
+        assert served.names == ["default", "shoes", "bags"] and served.pick("") == ("default", served.get("default"))
+        path.write_text('{"collections": {"hats": {"shards": "h:4"}}}')
+        os.utime(path, (1, 1))
+        await served.load()
+        assert served.names == ["default", "hats"]
+        path.write_text('{"collections": {"default": {"shards": "h:5"}}}')
+        os.utime(path, (2, 2))
+        with pytest.raises(InvalidInput, match="served from the command line already"):
+            await served.load()
+        assert served.names == ["default", "hats"]
+
+    asyncio.run(run())
