@@ -156,6 +156,10 @@ def index_build(
     filterable: Optional[str] = typer.Option(None, help="metadata fields to filter on, e.g. category,in_stock,price; "
                                                         "'*' every scalar column, '' none [default: "
                                                         "IMSEARCH_FILTERABLE, *]"),
+    engine: str = typer.Option("auto", help="auto | local | ray: shards built in parallel Ray tasks (auto: Ray "
+                                            "from IMSEARCH_INDEX_RAY_MIN_VECTORS, or with a Ray address); a "
+                                            "killed Ray build, run again, resumes"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address: the auto engine is then Ray"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
 ) -> None:
     """Build a sharded index from embeddings (and publish it)."""
@@ -163,13 +167,13 @@ def index_build(
     from services.index.versions import staging_target
     from services.indexer.build import build_index
 
-    settings = _settings(memory_budget_gb=memory_budget_gb)
+    settings = _settings(memory_budget_gb=memory_budget_gb, ray_address=ray_address)
     staged = staging_target(out_, lambda url: open_store(url, settings)) if version is None else None
     if staged:
         out_, version, publish = staged[0], staged[1], False
     manifest = build_index(embeddings, out_, shards, index_factory, nprobe, settings, _step(as_json),
                            version=version, publish_it=publish, dba=dba, pca_dim=pca, whiten=whiten,
-                           filterable=filterable)
+                           filterable=filterable, engine=engine)
     _report_build(manifest, publish, as_json)
 
 

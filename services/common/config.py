@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                              "every scalar column (skipping unique strings such as titles), '' none")
     filter_cache_mb: float = Field(256, ge=0, description="memory for the matching rows of recent filters, per "
                                                             "searcher (least recently used dropped first)")
+    index_ray_min_vectors: int = Field(2_000_000, ge=0, description="index build: catalogues of at least this "
+                                       "many vectors build their shards in parallel on Ray (as does any build "
+                                       "when IMSEARCH_RAY_ADDRESS is set)")
     max_k: int = Field(1000, gt=0)
     # Rocchio relevance feedback weights: query, mean of relevant hits, mean of not relevant hits
     feedback_alpha: float = Field(1.0, ge=0)

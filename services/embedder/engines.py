@@ -11,7 +11,6 @@ in-process engine leaves a core idle while it decodes between two-threaded forwa
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -19,7 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from services.common.config import Settings
-from services.common.errors import InvalidInput, Unavailable
+from services.common.errors import InvalidInput
+from services.common.rayinit import start_ray
 from services.embedder.spec import resolve_spec
 from services.embedder.stages import Batch, DecodeEmbedStage, EmbedStage, decode_batch, fetch_batch
 
@@ -84,27 +84,6 @@ def run_local(uris: list[str], model: str, weights: str | None, settings: Settin
             if before_model:
                 before_model(batch)
             yield stage(batch)
-
-
-def start_ray(settings: Settings) -> None:
-    """Connect to the cluster, or start a private instance."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the CLI draws one bar for either engine
-    ctx.execution_options.preserve_order = True  # parts are cut at chunk boundaries, in catalogue order
-    # Ray's notices (token authentication, "started a local instance", "progress bars disabled") are not
-    # this run's business; its errors still print.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        # Settings travel as stage arguments, so no IMSEARCH_* secrets go into Ray's runtime env.
-        # No address: a private instance ("local"), never whatever `ray start` left running on this host.
-        try:
-            ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR)
-        except ConnectionError as e:  # unreachable, or refused (a cluster with token auth needs RAY_AUTH_TOKEN)
-            cause = str(e.__cause__ or e).splitlines()[0]
-            raise Unavailable(f"cannot reach the Ray cluster at {settings.ray_address}: {cause}") from None
 
 
 def model_actors(settings: Settings, gpus: bool) -> int:

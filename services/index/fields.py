@@ -32,27 +32,72 @@ def decode(metadata: list[str | None] | None, n: int) -> list[dict]:
         raise InvalidInput(f"embeddings metadata is not valid JSON: {e.msg}") from None
 
 
-def choose_fields(rows: list[dict], asked: str, step: Callable[[str], None]) -> dict[str, str]:
+SAMPLE_ROWS = 200_000  # the "different string on most rows" rule is judged on the catalogue's first rows
+
+
+class FieldStats:
+    """What choosing the fields needs to know of a catalogue's metadata, gathered a batch of rows at a time in
+    bounded memory (so a streaming build sees what an in-memory one sees): the columns present, the kinds of
+    their values, their longest string, and the values of the first SAMPLE_ROWS rows."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.kinds: dict[str, set] = {}
+        self.longest: dict[str, int] = {}
+        self.sample: list[dict] = []
+
+    def update(self, rows: list[dict]) -> None:
+        for name in {k for r in rows for k in r if k not in RESERVED}:
+            values = [r.get(name) for r in rows]
+            self.kinds.setdefault(name, set()).update({_KIND_NAMES.get(type(v), "other") for v in values
+                                                       if v is not None})
+            self.longest[name] = max(self.longest.get(name, 0), _longest(values))
+        self.sample.extend(rows[:max(0, SAMPLE_ROWS - len(self.sample))])
+        self.rows += len(rows)
+
+    def kind(self, name: str) -> str | None:
+        """As filters.kind_of over every row of the field."""
+        kinds = self.kinds.get(name, set())
+        return "float" if kinds == {"int", "float"} else next(iter(kinds)) if len(kinds) == 1 and \
+            "other" not in kinds else None
+
+    def mostly_unique(self, name: str) -> bool:
+        values = [r.get(name) for r in self.sample]
+        return len(values) > 1000 and len(set(values)) > UNIQUE_SHARE * len(values)
+
+
+_KIND_NAMES = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def stats_of(rows: list[dict]) -> FieldStats:
+    stats = FieldStats()
+    stats.update(rows)
+    return stats
+
+
+def choose_fields(stats: FieldStats | list[dict], asked: str, step: Callable[[str], None]) -> dict[str, str]:
     """{field: kind} to index: the fields asked for (comma-separated; every one must exist and hold values of
-    one kind), or with "*" every scalar column that is not a unique string; "" none."""
+    one kind), or with "*" every scalar column that is not a unique string; "" none. stats: of the catalogue's
+    rows (or the rows themselves)."""
     asked = asked.strip()
     if not asked:
         return {}
-    present = sorted({k for r in rows for k in r if k not in RESERVED})
+    if isinstance(stats, list):
+        stats = stats_of(stats)
+    present = sorted(stats.kinds)
     if asked == AUTO:
-        return _auto(rows, present, step)
+        return _auto(stats, present, step)
     names = [a.strip() for a in asked.split(",") if a.strip()]
     kinds = {}
     for name in names:
         if name not in present:
             raise InvalidInput(f"--filterable {name}: the catalogue's metadata has no column {name!r} "
                                f"(columns: {', '.join(present) or 'none: embed from a manifest with columns'})")
-        values = [r.get(name) for r in rows]
-        kind = kind_of(values)
+        kind = stats.kind(name)
         if kind is None:
             raise InvalidInput(f"--filterable {name}: its values are not all of one kind (strings, numbers or "
                                "true/false)")
-        if kind == "str" and _longest(values) > MAX_STRING:
+        if kind == "str" and stats.longest[name] > MAX_STRING:
             raise InvalidInput(f"--filterable {name}: holds strings of over {MAX_STRING} characters (text, not "
                                "a value to filter on)")
         kinds[name] = kind
@@ -61,16 +106,15 @@ def choose_fields(rows: list[dict], asked: str, step: Callable[[str], None]) -> 
     return kinds
 
 
-def _auto(rows: list[dict], present: list[str], step: Callable[[str], None]) -> dict[str, str]:
+def _auto(stats: FieldStats, present: list[str], step: Callable[[str], None]) -> dict[str, str]:
     kinds, skipped = {}, []
     for name in present:
-        values = [r.get(name) for r in rows]
-        kind = kind_of(values)
+        kind = stats.kind(name)
         if kind is None:
             skipped.append(f"{name} (not one scalar kind)")
-        elif kind == "str" and _longest(values) > MAX_STRING:
+        elif kind == "str" and stats.longest[name] > MAX_STRING:
             skipped.append(f"{name} (text over {MAX_STRING} characters)")
-        elif kind == "str" and len(rows) > 1000 and len(set(values)) > UNIQUE_SHARE * len(rows):
+        elif kind == "str" and stats.mostly_unique(name):
             skipped.append(f"{name} (a different string on most rows)")
         elif len(kinds) >= MAX_FIELDS:
             skipped.append(f"{name} (over {MAX_FIELDS} fields)")

@@ -6,6 +6,8 @@
   versions/<version>/shard-00000.docs.parquet  the shard's ids and uris (docs.py)
   versions/<version>/quantizer.faiss           plain IVF: the coarse quantizer, for routers
   versions/<version>/projection.npz            the learned projection of model vectors (projection.py)
+  builds/<key>/                                a Ray build in progress: its plan and finished shards' markers,
+                                               kept for a rerun to resume from (indexer/parallel.py)
 """
 
 from __future__ import annotations

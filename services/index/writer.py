@@ -31,12 +31,20 @@ Step = Callable[[str], None]
 def write_version(out: Store, template: Manifest, parts: list[Shard], quantizer, publish_it: bool = True,
                   step: Step | None = None, base: Pointer | None = None,
                   projection: Projection | None = None) -> Manifest:
-    """Write the shards of template.version (and its projection), its manifest (count, files, checksums filled
-    in), and when publish_it move CURRENT from `base` (the pointer read when the change started; None: a new
-    index) to it. Returns the manifest written; Conflict (the version staged) when another writer moved
-    CURRENT first."""
+    """Write the shards of template.version, then finish it (finish_version)."""
     step = step or (lambda msg: log.info(msg))
-    entries = [_write_shard(out, template.version, s, step) for s in parts]
+    entries = [write_shard(out, template.version, s, step) for s in parts]
+    return finish_version(out, template, entries, quantizer, publish_it, step, base, projection)
+
+
+def finish_version(out: Store, template: Manifest, entries: list[ShardEntry], quantizer, publish_it: bool = True,
+                   step: Step | None = None, base: Pointer | None = None,
+                   projection: Projection | None = None) -> Manifest:
+    """With template.version's shards written (entries), write its projection and quantizer, its manifest
+    (count, files, checksums filled in), and when publish_it move CURRENT from `base` (the pointer read when
+    the change started; None: a new index) to it. Returns the manifest written; Conflict (the version staged)
+    when another writer moved CURRENT first."""
+    step = step or (lambda msg: log.info(msg))
     # routers can assign lists once for all shards
     quantizer_entry = _write_file(out, template.version, QUANTIZER_FILE,
                                   None if quantizer is None else faiss_util.to_bytes(quantizer))
@@ -63,7 +71,8 @@ def _write_file(out: Store, version: str, file: str, blob: bytes | None) -> File
     return FileEntry(file=file, sha256=sha256_bytes(blob))
 
 
-def _write_shard(out: Store, version: str, s: Shard, step: Step) -> ShardEntry:
+def write_shard(out: Store, version: str, s: Shard, step: Step) -> ShardEntry:
+    """Write one shard's index and docs files under version; their manifest entry."""
     blob, docs = faiss_util.to_bytes(s.index), docs_bytes(s.ids, s.uris, s.columns)
     file, docs_name = shard_file(s.number), docs_file(s.number)
     out.put_bytes(version_key(version, file), blob)

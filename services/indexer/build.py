@@ -4,103 +4,65 @@ tune nprobe against exact search, write shard files + manifest, publish atomical
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
 
 from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, InvalidInput
-from services.common.store import open_store
-from services.embedder.embeddings import Embeddings, read_embeddings
+from services.common.store import Store, open_store
+from services.embedder.embeddings import Embeddings, read_embeddings, read_meta
 from services.index import descriptors, faiss_util, fields
 from services.index.manifest import Manifest
-from services.index.merge import merge_topk
 from services.index.projection import Projection, check_options, skip_reason
 from services.index.projection import train as train_projection
 from services.index.shards import Shard
 from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, write_version
-from services.indexer.params import PQ_TRAIN_POINTS, IndexParams, choose_params, params_from_factory
+from services.indexer.params import IndexParams, choose_params, params_from_factory
+from services.indexer.stages import Probe, make_shard, plan_rows, projection_rows, tune
 
 log = logging.getLogger(__name__)
-TUNE_QUERIES = 256
-TUNE_K = 10
 
 
 def dedupe(emb: Embeddings) -> tuple[Embeddings, int]:
     """Keep the first row of each id (the same image embedded twice in separate runs)."""
-    _, first = np.unique(emb.ids, return_index=True)
-    if len(first) == len(emb.ids):
+    kept, _ = first_rows(emb.ids)
+    if len(kept) == len(emb.ids):
         return emb, 0
-    first.sort()
-    uris = [emb.uris[i] for i in first]
-    metadata = None if emb.metadata is None else [emb.metadata[i] for i in first]
-    return (Embeddings(emb.meta, emb.ids[first], emb.vectors[first], uris, emb.errors, metadata),
-            len(emb.ids) - len(first))
+    return subset(emb, kept), len(emb.ids) - len(kept)
 
 
-def train_sample(vectors: np.ndarray, params: IndexParams, rng: np.random.Generator) -> np.ndarray:
-    """Enough points for k-means (64 per list) and PQ codebooks, never more than needed."""
-    want = max(64 * max(params.nlist, 1), PQ_TRAIN_POINTS if params.pq_m else 0, 1000)
-    if len(vectors) <= want:
-        return vectors
-    return vectors[np.sort(rng.choice(len(vectors), want, replace=False))]
+def first_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that keep their id: the first of each, in catalogue order; for every row, the position among
+    those of the row that keeps its id)."""
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(first), np.int64)
+    rank[order] = np.arange(len(first))
+    return first[order], rank[inverse.reshape(-1)]
 
 
-def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int,
-                 columns: dict | None = None) -> list[Shard]:
+def subset(emb: Embeddings, rows: np.ndarray) -> Embeddings:
+    metadata = None if emb.metadata is None else [emb.metadata[i] for i in rows]
+    return Embeddings(emb.meta, emb.ids[rows], emb.vectors[rows], [emb.uris[i] for i in rows], emb.errors, metadata)
+
+
+def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int, columns: dict, queries: np.ndarray,
+                 params: IndexParams) -> tuple[list[Shard], list[Probe]]:
     """Shard = id mod S: deterministic, so later adds land on the same shard as their id. columns: the
-    filterable fields of emb's rows, cut the same way."""
+    filterable fields of emb's rows, cut the same way. With each shard, its answers to the tuning queries."""
     which = emb.ids % n_shards
-    shards = []
+    shards, probes = [], []
     for s in range(n_shards):
         rows = np.flatnonzero(which == s)
-        index = faiss.deserialize_index(faiss.serialize_index(trained))  # clone_index lacks some transforms
-        if len(rows):
-            faiss_util.add(index, emb.vectors[rows], emb.ids[rows])
-        shards.append(Shard(s, index, emb.ids[rows], [emb.uris[i] for i in rows], fields.take(columns or {}, rows)))
-    return shards
-
-
-def recall_at(shards: list[Shard], queries: np.ndarray, qids: np.ndarray, truth: np.ndarray,
-              nprobe: int, k_factor: float) -> float:
-    """Mean recall@k of the merged sharded search, not counting each query's own vector."""
-    k = truth.shape[1]
-    parts = [(s.number, *faiss_util.search(s.index, queries, k + 1, nprobe, k_factor)) for s in shards]
-    _, got, _, _ = merge_topk(parts, k + 1)
-    hits = 0
-    for qid, t, g in zip(qids.tolist(), truth.tolist(), got.tolist()):
-        found = [i for i in g if i != qid][:k]
-        hits += len(set(t) & set(found))
-    return hits / truth.size
-
-
-def tune_nprobe(shards: list[Shard], emb: Embeddings, params: IndexParams, target: float,
-                rng: np.random.Generator) -> tuple[int, dict]:
-    """Smallest nprobe whose recall@10 against exact search on a sample reaches target.
-
-    The queries are catalogue vectors; their own (trivially found) entry is left out on both
-    sides, so the figure measures finding neighbours, as a fresh query must.
-    """
-    if len(emb.ids) < 2:
-        return 1, {"recall_at_10": 1.0, "queries": len(emb.ids)}
-    k = min(TUNE_K, len(emb.ids) - 1)
-    rows = rng.choice(len(emb.ids), min(TUNE_QUERIES, len(emb.ids)), replace=False)
-    queries, qids = emb.vectors[rows], emb.ids[rows]
-    exact = faiss.IndexFlatIP(emb.vectors.shape[1])
-    exact.add(emb.vectors)
-    _, nn = exact.search(queries, k + 1)
-    truth = np.array([[i for i in emb.ids[r].tolist() if i != q][:k] for r, q in zip(nn, qids.tolist())])
-    info = {"queries": len(rows), "target": target}
-    if params.nlist == 0:
-        return 1, {"recall_at_10": round(recall_at(shards, queries, qids, truth, 1, params.k_factor), 4), **info}
-    curve, nprobe = {}, 1
-    while True:
-        curve[nprobe] = round(recall_at(shards, queries, qids, truth, nprobe, params.k_factor), 4)
-        if curve[nprobe] >= target or nprobe >= params.nlist:
-            break
-        nprobe = min(nprobe * 2, params.nlist)
-    return nprobe, {"recall_at_10": curve[nprobe], **info, "curve": {str(p): r for p, r in curve.items()}}
+        shard, probe = make_shard(s, trained, emb.ids[rows], emb.vectors[rows], [emb.uris[i] for i in rows],
+                                  fields.take(columns, rows), queries, params)
+        shards.append(shard)
+        probes.append(probe)
+    return shards, probes
 
 
 def learn_projection(vectors: np.ndarray, pca_dim: int, power: float, step: Step) -> Projection | None:
@@ -128,75 +90,157 @@ def choose_dba(n: int, dba: int | None, settings: Settings, step: Step) -> int:
     return dba
 
 
-def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
-                nprobe: int | None = None, settings: Settings | None = None, step: Step | None = None,
-                version: str | None = None, publish_it: bool = True, dba: int | None = None,
-                pca_dim: int | None = None, whiten: float | None = None, filterable: str | None = None) -> Manifest:
-    """filterable: metadata fields to filter on (None: IMSEARCH_FILTERABLE; "*" every scalar column; "" none).
-    pca_dim / whiten: the learned projection (None: IMSEARCH_PCA_DIM / IMSEARCH_WHITEN_POWER; pca_dim 0:
-    none); dba: database-side augmentation with that many neighbours (None: IMSEARCH_DBA up to
-    IMSEARCH_DBA_MAX vectors; 0: off). Vectors are indexed projected, then augmented."""
-    settings = settings or get_settings()
-    step = step or (lambda msg: log.info(msg))
+ENGINES = ("auto", "local", "ray")
+
+
+def choose_engine(engine: str, vectors: int, settings: Settings, dba: int | None) -> tuple[str, str]:
+    """(local | ray, why): Ray when asked, when a Ray cluster is configured, or past IMSEARCH_INDEX_RAY_MIN_VECTORS
+    (unless database-side augmentation is asked for: it needs every vector in one process)."""
+    if engine not in ENGINES:
+        raise InvalidInput(f"--engine must be auto, local or ray, not {engine!r}")
+    if engine == "ray" and dba:
+        raise InvalidInput("--dba needs every vector in one process: build with --engine local, or --dba 0")
+    if engine != "auto":
+        return engine, "as asked (--engine)"
+    if dba:
+        return "local", "database-side augmentation needs every vector in one process"
+    if settings.ray_address:
+        return "ray", f"the Ray cluster at {settings.ray_address}"
+    if vectors >= settings.index_ray_min_vectors:
+        return "ray", f"{vectors} vectors >= IMSEARCH_INDEX_RAY_MIN_VECTORS ({settings.index_ray_min_vectors})"
+    return "local", f"{vectors} vectors < IMSEARCH_INDEX_RAY_MIN_VECTORS ({settings.index_ray_min_vectors})"
+
+
+def check_build_options(shards: int, nprobe: int | None) -> None:
     if not 1 <= shards <= 1024:
         raise InvalidInput(f"--shards must be between 1 and 1024, got {shards}")
     if nprobe is not None and nprobe < 1:
         raise InvalidInput(f"--nprobe must be >= 1, got {nprobe}")
-    out = open_store(out_url, settings)
+
+
+def build_index(emb_url: str, out_url: str, shards: int = 1, factory: str | None = None,
+                nprobe: int | None = None, settings: Settings | None = None, step: Step | None = None,
+                version: str | None = None, publish_it: bool = True, dba: int | None = None,
+                pca_dim: int | None = None, whiten: float | None = None, filterable: str | None = None,
+                engine: str = "auto") -> Manifest:
+    """filterable: metadata fields to filter on (None: IMSEARCH_FILTERABLE; "*" every scalar column; "" none).
+    pca_dim / whiten: the learned projection (None: IMSEARCH_PCA_DIM / IMSEARCH_WHITEN_POWER; pca_dim 0:
+    none); dba: database-side augmentation with that many neighbours (None: IMSEARCH_DBA up to
+    IMSEARCH_DBA_MAX vectors; 0: off). Vectors are indexed projected, then augmented. engine: auto | local |
+    ray (shards built in parallel Ray tasks that stream their rows; a rerun of a killed build resumes)."""
+    settings = settings or get_settings()
+    step = step or (lambda msg: log.info(msg))
+    check_build_options(shards, nprobe)
+    emb_store = open_store(emb_url, settings)
+    meta = read_meta(emb_store)
+    name, why = choose_engine(engine, int(meta.get("embedded", 0)), settings, dba)
+    options = BuildOptions(shards, factory, nprobe, version, publish_it, pca_dim, whiten, filterable)
+    if name == "ray":
+        from services.indexer.parallel import build_parallel
+
+        step(f"building on Ray: {why}")
+        return build_parallel(emb_store, meta, open_store(out_url, settings), options, settings, step)
+    return _build_local(emb_store, open_store(out_url, settings), options, dba, settings, step)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    shards: int
+    factory: str | None
+    nprobe: int | None
+    version: str | None
+    publish_it: bool
+    pca_dim: int | None
+    whiten: float | None
+    filterable: str | None
+
+    def asked_fields(self, settings: Settings) -> str:
+        return settings.filterable if self.filterable is None else self.filterable
+
+    def projection_options(self, settings: Settings) -> tuple[int, float]:
+        return (settings.pca_dim if self.pca_dim is None else self.pca_dim,
+                settings.whiten_power if self.whiten is None else self.whiten)
+
+
+def _build_local(emb_store: Store, out: Store, o: BuildOptions, dba: int | None, settings: Settings,
+                 step: Step) -> Manifest:
+    """Every vector in this process: read, projected, augmented, split into shards, written."""
     # The pointer as this build starts: a change published while it runs (a takedown delete) must not be
     # silently undone by publishing this build over it.
     base = read_pointer(out)
-    version = check_new_version(out, version)
-    emb_store = open_store(emb_url, settings)
+    version = check_new_version(out, o.version)
     step(f"reading embeddings from {emb_store.url}")
-    emb, dropped = dedupe(read_embeddings(emb_store))
-    n, dim = emb.vectors.shape
-    if n == 0:
-        raise InvalidInput(f"{emb_url} has no embedded images ({emb.meta.get('errors', 0)} error rows): "
-                           "nothing to index")
-    asked = settings.filterable if filterable is None else filterable
-    rows = fields.decode(emb.metadata if asked.strip() else None, n)  # no fields asked: no JSON to read
+    raw = read_embeddings(emb_store)
+    n = len(raw.ids)
+    check_not_empty(n, raw.meta, emb_store.url)
+    asked = o.asked_fields(settings)
+    rows = fields.decode(raw.metadata if asked.strip() else None, n)  # no fields asked: no JSON to read
     kinds = fields.choose_fields(rows, asked, step)
-    columns = fields.columns_of(rows, kinds)
+    kept, to_kept = first_rows(raw.ids)
+    columns = fields.columns_of([rows[i] for i in kept], kinds) if kinds else {}
     del rows
-    projection = learn_projection(emb.vectors, settings.pca_dim if pca_dim is None else pca_dim,
-                                  settings.whiten_power if whiten is None else whiten, step)
+    emb = subset(raw, kept) if len(kept) < n else raw
+    projection = learn_projection(raw.vectors[projection_rows(n)], *o.projection_options(settings), step)
+    del raw
+    dim = emb.vectors.shape[1]
     if projection is not None:
         emb.vectors = projection.apply(emb.vectors)
         dim = projection.out_dim
     dba = choose_dba(n, dba, settings, step)
     if dba:
         emb.vectors = descriptors.dba(emb.vectors, dba)
-    params = params_from_factory(factory) if factory else choose_params(
-        n, dim, settings.memory_budget_gb * 2**30, settings.flat_max)
-    rng = np.random.default_rng(0)
+    params = choose_index_params(n, dim, o.factory, settings)
     trained = faiss_util.make_index(dim, params.factory)
-    if trained.is_trained:  # exact (Flat) search: nothing to learn
-        step(f"{params.factory}: exact search, nothing to train")
-    else:
-        sample = train_sample(emb.vectors, params, rng)
-        step(f"training {params.factory} on {len(sample)} of {n} vectors")
-        faiss_util.train(trained, sample)
-        del sample
-    step(f"adding {n} vectors to {shards} shard(s)")
-    parts = split_shards(trained, emb, shards, columns)
-    tuned, tuning = tune_nprobe(parts, emb, params, settings.target_recall, rng)
-    step(f"nprobe {tuned}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
-    if nprobe is not None:
-        tuning["nprobe_tuned"], tuning["nprobe_from"] = tuned, "user"
-    nprobe = nprobe or tuned
+    sample, queries = plan_rows(n, params, not trained.is_trained)
+    train_index(trained, params, emb.vectors[to_kept[sample]] if sample is not None else None, n, step)
+    queries = to_kept[queries]
+    step(f"adding {len(emb.ids)} vectors to {o.shards} shard(s)")
+    parts, probes = split_shards(trained, emb, o.shards, columns, emb.vectors[queries], params)
+    template = version_template(version, emb.meta, emb_store.url, dim, params, o, dba, projection, kinds,
+                                n - len(emb.ids), probes, emb.ids[queries], len(emb.ids), settings, step)
+    return publish_build(lambda: write_version(out, template, parts, faiss_util.ivf_quantizer(trained), o.publish_it,
+                                               step, base, projection), out, version)
 
+
+def check_not_empty(n: int, meta: dict, url: str) -> None:
+    if n == 0:
+        raise InvalidInput(f"{url} has no embedded images ({meta.get('errors', 0)} error rows): nothing to index")
+
+
+def choose_index_params(n: int, dim: int, factory: str | None, settings: Settings) -> IndexParams:
+    return params_from_factory(factory) if factory else choose_params(
+        n, dim, settings.memory_budget_gb * 2**30, settings.flat_max)
+
+
+def train_index(trained: faiss.Index, params: IndexParams, sample: np.ndarray | None, n: int, step: Step) -> None:
+    if sample is None:  # exact (Flat) search: nothing to learn
+        step(f"{params.factory}: exact search, nothing to train")
+        return
+    step(f"training {params.factory} on {len(sample)} of {n} vectors")
+    faiss_util.train(trained, sample)
+
+
+def version_template(version: str, meta: dict, emb_url: str, dim: int, params: IndexParams, o: BuildOptions,
+                     dba: int, projection: Projection | None, kinds: dict, dropped: int, probes: list[Probe],
+                     qids: np.ndarray, count: int, settings: Settings, step: Step) -> Manifest:
+    """The new version's manifest before its files are written: parameters, tuned nprobe, where it came from."""
+    tuned, tuning = tune(probes, qids, count, params, settings.target_recall)
+    step(f"nprobe {tuned}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
+    if o.nprobe is not None:
+        tuning["nprobe_tuned"], tuning["nprobe_from"] = tuned, "user"
     learned = {"pca_dim": projection.out_dim, "whiten_power": projection.power} if projection else {}
-    template = Manifest(
-        version=version, created_at="", model=emb.meta["model"], dim=dim, factory=params.factory,
-        params=params.as_dict() | ({"dba": dba} if dba else {}) | learned, nprobe=nprobe, k_factor=params.k_factor,
-        count=0, fields=kinds, duplicates_dropped=dropped + int(emb.meta.get("reasons", {}).get("duplicate", 0)),
-        tuning=tuning, shards=[],
-        source={"embeddings": emb_store.url, "embeddings_created_at": emb.meta.get("created_at"),
-                "error_rows": int(emb.errors.num_rows)})
+    return Manifest(
+        version=version, created_at="", model=meta["model"], dim=dim, factory=params.factory,
+        params=params.as_dict() | ({"dba": dba} if dba else {}) | learned, nprobe=o.nprobe or tuned,
+        k_factor=params.k_factor, count=0, fields=kinds,
+        duplicates_dropped=dropped + int(meta.get("reasons", {}).get("duplicate", 0)), tuning=tuning, shards=[],
+        source={"embeddings": emb_url, "embeddings_created_at": meta.get("created_at"),
+                "error_rows": int(meta.get("errors", 0))})
+
+
+def publish_build(write: Callable[[], Manifest], out: Store, version: str) -> Manifest:
     try:
-        return write_version(out, template, parts, faiss_util.ivf_quantizer(trained), publish_it, step, base,
-                             projection)
+        return write()
     except Conflict as e:
         raise Conflict(f"{e}; this build is kept staged as {version}: `imsearch index publish {out.url} {version}` "
                        "makes it current anyway, or rebuild") from None

@@ -1,0 +1,310 @@
+"""The Ray build: one task per shard, each streaming its rows (id mod S) out of the embeddings parts, so no
+process ever holds every vector.
+
+The driver reads the parts one at a time for what choosing needs (row counts, the metadata fields' kinds)
+and for the rows of its samples only, learns the projection and trains the empty index once, and stages
+what the tasks share under the index root (`builds/<key>/`: the plan, the trained index, the projection,
+the tuning queries). Each task fills the trained index with its shard's rows, answers the tuning queries
+(stages.make_shard, as the in-process build does), writes its shard files into the new version and then its
+marker (`builds/<key>/shard-NNNNN.json`: the shard's entry with checksums, and its answers). The driver tunes
+nprobe from the answers and writes the manifest and the pointer as any build does.
+
+Resume: the key is a digest of the embeddings and the options, so the same command run again after a kill
+finds the plan, keeps every shard whose marker and files verify against their checksums, and builds only the
+rest — with the same trained index, so the result is the one an unbroken run gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from services.common.checksums import sha256_bytes, verified_bytes
+from services.common.config import Settings
+from services.common.errors import Corrupt, NotFound
+from services.common.faults import crash_point
+from services.common.rayinit import start_ray
+from services.common.store import Store, open_store
+from services.index import faiss_util, fields
+from services.index.layout import version_key
+from services.index.manifest import Manifest, ShardEntry, has_version
+from services.index.projection import Projection
+from services.index.versions import check_new_version, read_pointer
+from services.index.writer import Step, finish_version, write_shard
+from services.indexer.build import (
+    BuildOptions,
+    check_not_empty,
+    choose_index_params,
+    first_rows,
+    learn_projection,
+    publish_build,
+    train_index,
+    version_template,
+)
+from services.indexer.params import IndexParams
+from services.indexer.stages import Probe, clone, make_shard, plan_rows, projection_rows
+
+log = logging.getLogger(__name__)
+BUILDS = "builds"
+PLAN_FORMAT = 1
+
+
+@dataclass
+class Plan:
+    """What every shard task shares, staged so a rerun builds the same index."""
+    version: str
+    n: int  # embedded rows (before dropping repeated ids)
+    dim: int
+    params: IndexParams
+    kinds: dict
+    qids: np.ndarray
+    queries: np.ndarray
+    trained: bytes
+    projection: Projection | None
+
+
+def build_key(meta: dict, o: BuildOptions, settings: Settings) -> str:
+    """Same embeddings and same options: same key, so a rerun finds what the killed run staged."""
+    asked = {"embeddings": meta, "shards": o.shards, "factory": o.factory, "version": o.version,
+             "projection": o.projection_options(settings), "fields": o.asked_fields(settings),
+             "memory_budget_gb": settings.memory_budget_gb, "flat_max": settings.flat_max}
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_parallel(emb_store: Store, meta: dict, out: Store, o: BuildOptions, settings: Settings,
+                   step: Step) -> Manifest:
+    base = read_pointer(out)  # as in the local build: a change published meanwhile is not undone
+    staging = f"{BUILDS}/{build_key(meta, o, settings)}"
+    plan = load_plan(out, staging, step)
+    if plan is None:
+        plan = make_plan(emb_store, meta, check_new_version(out, o.version), o, settings, step)
+        save_plan(out, staging, plan)
+    markers = finished_shards(out, staging, plan, o.shards, step)
+    if len(markers) < o.shards:
+        markers |= run_tasks(emb_store, meta, out, staging, plan, o.shards, sorted(set(range(o.shards)) - set(markers)),
+                             settings, step)
+    entries = [ShardEntry(**markers[s]["entry"]) for s in range(o.shards)]
+    probes = [Probe.from_json(markers[s]["probe"]) for s in range(o.shards)]
+    count = sum(e.count for e in entries)
+    template = version_template(plan.version, meta, emb_store.url, plan.dim, plan.params, o, 0, plan.projection,
+                                plan.kinds, plan.n - count, probes, plan.qids, count, settings, step)
+    trained = clone(plan.trained)
+    manifest = publish_build(lambda: finish_version(out, template, entries, faiss_util.ivf_quantizer(trained),
+                                                    o.publish_it, step, base, plan.projection), out, plan.version)
+    out.delete_prefix(staging)
+    return manifest
+
+
+# --- the driver: the plan
+
+
+def make_plan(emb_store: Store, meta: dict, version: str, o: BuildOptions, settings: Settings, step: Step) -> Plan:
+    """Count the rows and gather the fields' statistics (one part at a time), then read only the rows the
+    projection, the training and the tuning need."""
+    parts = meta["parts"]
+    asked = o.asked_fields(settings)
+    stats, n = fields.FieldStats(), 0
+    step(f"reading {len(parts)} embeddings part(s) from {emb_store.url} (row counts and fields)")
+    for part in parts:
+        table = read_part(emb_store, part, ["id", "metadata"] if asked.strip() else ["id"])
+        n += table.num_rows
+        if asked.strip() and "metadata" in table.column_names:
+            stats.update(fields.decode(table["metadata"].to_pylist(), table.num_rows))
+    check_not_empty(n, meta, emb_store.url)
+    kinds = fields.choose_fields(stats, asked, step)
+    del stats
+    learn_rows = projection_rows(n)
+    _, raw = gather(emb_store, parts, learn_rows, meta["dim"])
+    projection = learn_projection(raw, *o.projection_options(settings), step)
+    del raw
+    dim = projection.out_dim if projection is not None else meta["dim"]
+    params = choose_index_params(n, dim, o.factory, settings)
+    trained = faiss_util.make_index(dim, params.factory)
+    sample, query = plan_rows(n, params, not trained.is_trained)
+    qids, queries = gather(emb_store, parts, query, meta["dim"], projection)
+    if sample is not None:
+        step(f"reading the {len(sample)} training rows")
+        train_index(trained, params, gather(emb_store, parts, sample, meta["dim"], projection)[1], n, step)
+    else:
+        train_index(trained, params, None, n, step)
+    return Plan(version, n, dim, params, kinds, qids, queries, faiss_util.to_bytes(trained), projection)
+
+
+def gather(store: Store, parts: list[dict], rows: np.ndarray, dim: int,
+           projection: Projection | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of the embedded rows at these positions (in the order given), one part at a time."""
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    ids, vectors, start = np.empty(len(rows), np.int64), np.empty((len(rows), dim), np.float32), 0
+    for part in parts:
+        if not len(wanted) or start > wanted[-1]:
+            break
+        lo, hi = np.searchsorted(wanted, start), None
+        table = read_part(store, part, ["id", "vector"])
+        hi = np.searchsorted(wanted, start + table.num_rows)
+        if hi > lo:
+            local = wanted[lo:hi] - start
+            taken = table.take(pa.array(local))
+            ids[order[lo:hi]] = taken["id"].to_numpy()
+            vectors[order[lo:hi]] = vectors_of(taken, dim)
+        start += table.num_rows
+    return ids, (projection.apply(vectors) if projection is not None else vectors)
+
+
+def read_part(store: Store, part: dict, columns: list[str]) -> pa.Table:
+    """The embedded (not error) rows of one part, its checksum verified."""
+    table = pq.read_table(io.BytesIO(verified_bytes(store, part["key"], part["sha256"])))
+    ok = table.filter(pc.is_null(table["error"]))
+    return ok.select([c for c in columns if c in ok.column_names])
+
+
+def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
+    if not table.num_rows:
+        return np.zeros((0, dim), np.float32)
+    flat = table["vector"].combine_chunks().values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
+
+
+def save_plan(out: Store, staging: str, plan: Plan) -> None:
+    """Blobs first, the plan (with their checksums) last: a plan that exists names complete files."""
+    files = {"trained.faiss": plan.trained, "queries.npy": _npy(plan.queries), "qids.npy": _npy(plan.qids)}
+    if plan.projection is not None:
+        files["projection.npz"] = plan.projection.to_bytes()
+    for name, blob in files.items():
+        out.put_bytes(f"{staging}/{name}", blob)
+    body = {"format": PLAN_FORMAT, "version": plan.version, "n": plan.n, "dim": plan.dim,
+            "params": plan.params.as_dict(), "kinds": plan.kinds,
+            "files": {name: sha256_bytes(blob) for name, blob in files.items()}}
+    out.put_bytes(f"{staging}/plan.json", _sealed(body))
+
+
+def load_plan(out: Store, staging: str, step: Step) -> Plan | None:
+    """The plan a killed run staged, every file verified; None when there is none to resume (or it is damaged,
+    or its version was written meanwhile)."""
+    try:
+        body = _unseal(out.get_bytes(f"{staging}/plan.json"))
+        if body.get("format") != PLAN_FORMAT or has_version(out, body["version"]):
+            raise ValueError("stale")
+        blobs = {name: verified_bytes(out, f"{staging}/{name}", sha) for name, sha in body["files"].items()}
+    except NotFound:
+        return None
+    except (Corrupt, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        step(f"not resuming the staged build at {out.uri(staging)}: {e}; starting again")
+        out.delete_prefix(staging)
+        return None
+    step(f"resuming the build of {body['version']} staged at {out.uri(staging)}")
+    projection = Projection.from_bytes(blobs["projection.npz"]) if "projection.npz" in blobs else None
+    return Plan(body["version"], body["n"], body["dim"], IndexParams(**body["params"]), body["kinds"],
+                np.load(io.BytesIO(blobs["qids.npy"])), np.load(io.BytesIO(blobs["queries.npy"])),
+                blobs["trained.faiss"], projection)
+
+
+def finished_shards(out: Store, staging: str, plan: Plan, shards: int, step: Step) -> dict[int, dict]:
+    """Markers of the shards an earlier run finished whose files still match their checksums."""
+    done = {}
+    for s in range(shards):
+        try:
+            marker = _unseal(out.get_bytes(marker_key(staging, s)))
+            entry = ShardEntry(**marker["entry"])
+            verified_bytes(out, version_key(plan.version, entry.file), entry.sha256)
+            verified_bytes(out, version_key(plan.version, entry.docs_file), entry.docs_sha256)
+        except NotFound:
+            continue
+        except (Corrupt, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            step(f"shard {s}: built before, but {e}: building it again")
+            continue
+        done[s] = marker
+    if done:
+        step(f"{len(done)} of {shards} shard(s) already built and verified: kept ({', '.join(map(str, done))})")
+    return done
+
+
+def marker_key(staging: str, shard: int) -> str:
+    return f"{staging}/shard-{shard:05d}.json"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sealed(body: dict) -> bytes:
+    text = json.dumps(body, sort_keys=True)
+    return json.dumps({"body": body, "sha256": sha256_bytes(text.encode())}).encode()
+
+
+def _unseal(data: bytes) -> dict:
+    raw = json.loads(data)
+    if sha256_bytes(json.dumps(raw["body"], sort_keys=True).encode()) != raw["sha256"]:
+        raise ValueError("its marker does not match its checksum")
+    return raw["body"]
+
+
+# --- the tasks
+
+
+def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan, shards: int, todo: list[int],
+              settings: Settings, step: Step) -> dict[int, dict]:
+    """Build the shards in todo, one Ray task each; their markers as they finish."""
+    import ray
+
+    start_ray(settings)
+    task = ray.remote(num_cpus=1, max_retries=0)(build_shard)
+    shared = ray.put((plan.trained, plan.queries, plan.projection))
+    step(f"building {len(todo)} shard(s) in Ray tasks ({int(ray.cluster_resources().get('CPU', 1))} CPUs)")
+    pending = {task.remote(settings, emb_store.url, meta["parts"], s, shards, shared, plan.kinds, plan.params,
+                           out.url, plan.version, staging): s for s in todo}
+    done: dict[int, dict] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        number = pending.pop(ready[0])
+        try:
+            done[number] = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as e:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
+        entry = done[number]["entry"]
+        step(f"shard {number} built: {entry['count']} vectors, {entry['bytes'] / 2**20:.1f} MiB "
+             f"({len(done)}/{len(todo)})")
+        crash_point("index.shard-built")
+    return done
+
+
+def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int, shards: int, shared,
+                kinds: dict, params: IndexParams, out_url: str, version: str, staging: str) -> dict:
+    """One shard, in a Ray task: its rows streamed from the parts (the first of each id kept, as the local
+    build does), projected, filled into the trained index, written; then its marker."""
+    trained, queries, projection = shared
+    store = open_store(emb_url, settings)
+    tables = []
+    for part in parts:
+        table = read_part(store, part, ["id", "uri", "vector", "metadata"])
+        tables.append(table.filter(pa.array(table["id"].to_numpy() % shards == number)))
+    table = pa.concat_tables(tables) if tables else None
+    ids = table["id"].to_numpy().astype(np.int64)
+    kept, _ = first_rows(ids)
+    table = table.take(pa.array(kept))
+    vectors = vectors_of(table, queries.shape[1] if projection is None else projection.in_dim)
+    if projection is not None:
+        vectors = projection.apply(vectors)
+    metadata = table["metadata"].to_pylist() if kinds and "metadata" in table.column_names else None
+    columns = fields.columns_of(fields.decode(metadata, table.num_rows), kinds) if kinds else {}
+    shard, probe = make_shard(number, trained, ids[kept], vectors, table["uri"].to_pylist(), columns, queries,
+                              params)
+    out = open_store(out_url, settings)
+    entry = write_shard(out, version, shard, log.info)
+    marker = {"entry": entry.model_dump(), "probe": probe.to_json(), "dropped": int(len(ids) - len(kept))}
+    out.put_bytes(marker_key(staging, number), _sealed(marker))
+    return marker
+
