@@ -259,7 +259,7 @@ def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan
 
     start_ray(settings)
     task = ray.remote(num_cpus=1, max_retries=0)(build_shard)
-    shared = ray.put((plan.trained, plan.queries, plan.projection))
+    shared = ray.put((plan.trained, plan.queries, None if plan.projection is None else plan.projection.to_bytes()))
     step(f"building {len(todo)} shard(s) in Ray tasks ({int(ray.cluster_resources().get('CPU', 1))} CPUs)")
     pending = {task.remote(settings, emb_store.url, meta["parts"], s, shards, shared, plan.kinds, plan.params,
                            out.url, plan.version, staging): s for s in todo}
@@ -286,6 +286,7 @@ def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int
     """One shard, in a Ray task: its rows streamed from the parts (the first of each id kept, as the local
     build does), projected, filled into the trained index, written; then its marker."""
     trained, queries, projection = shared
+    projection = None if projection is None else Projection.from_bytes(projection)
     store = open_store(emb_url, settings)
     tables = []
     for part in parts:

@@ -28,6 +28,28 @@ def test_star_takes_every_scalar_column_but_unique_strings_and_text():
     assert fields.choose_fields(ROWS, "", said.append) == {}
 
 
+def test_fields_chosen_from_statistics_gathered_part_by_part_are_those_chosen_from_all_rows():
+    """A streaming build (one embeddings part at a time) must choose what the in-memory build chooses."""
+    rows = [dict(r) for r in ROWS]
+    rows[1100]["price"] = "n/a"  # a late part makes price mixed: not filterable
+    stats = fields.FieldStats()
+    for start in range(0, len(rows), 250):
+        stats.update(rows[start:start + 250])
+    for asked in ("*", "category,in_stock"):
+        assert fields.choose_fields(stats, asked, print) == fields.choose_fields(rows, asked, print)
+    assert "price" not in fields.choose_fields(stats, "*", print)
+
+
+def test_the_unique_string_rule_is_judged_on_the_first_rows_only(monkeypatch):
+    monkeypatch.setattr(fields, "SAMPLE_ROWS", 1500)
+    rows = [{"sku": f"s{i}" if i < 1500 else "same"} for i in range(10_000)]  # unique at first, then repeated
+    stats = fields.FieldStats()
+    for start in range(0, len(rows), 1000):
+        stats.update(rows[start:start + 1000])
+    assert len(stats.sample) == 1500 and stats.rows == 10_000
+    assert fields.choose_fields(stats, "*", print) == {}
+
+
 def test_named_fields_must_exist_and_be_of_one_kind():
     assert fields.choose_fields(ROWS, "title, price", print) == {"title": "str", "price": "float"}
     with pytest.raises(InvalidInput, match="--filterable colour: .*no column 'colour'"):

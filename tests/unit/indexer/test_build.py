@@ -7,7 +7,8 @@ from services.common.errors import Corrupt, InvalidInput, NotFound, NotSupported
 from services.common.store import LocalStore
 from services.embedder.embeddings import id_from_sha256, read_embeddings
 from services.index.versions import load_current
-from services.indexer.build import build_index
+from services.indexer.build import build_index, choose_engine, first_rows
+from services.indexer.stages import nprobe_steps
 from services.searcher.local import IndexSearcher
 from tests.helpers import random_unit_vectors, write_fake_embeddings
 
@@ -218,3 +219,28 @@ def test_only_plain_ivf_indexes_publish_a_quantizer(tmp_path, settings):
     Dq, Iq = np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int64)
     with pytest.raises(InvalidInput, match="not a plain IVF"):
         s.search_arrays(random_unit_vectors(1, 8), 5, assign=(Dq, Iq))
+
+
+def test_first_rows_keeps_the_first_of_each_id_in_catalogue_order_and_maps_every_row_to_it():
+    ids = np.array([7, 3, 7, 9, 3, 1])
+    kept, to_kept = first_rows(ids)
+    assert kept.tolist() == [0, 1, 3, 5]
+    assert ids[kept][to_kept].tolist() == ids.tolist()
+
+
+def test_the_engine_is_ray_past_the_threshold_or_with_a_cluster_and_never_with_dba(tmp_path):
+    s = Settings(home=tmp_path, index_ray_min_vectors=1000)
+    assert choose_engine("auto", 999, s, None)[0] == "local"
+    assert choose_engine("auto", 1000, s, None)[0] == "ray"
+    assert choose_engine("auto", 10, Settings(home=tmp_path, ray_address="ray://head:10001"), None)[0] == "ray"
+    assert choose_engine("auto", 5000, s, 4) == ("local", "database-side augmentation needs every vector in one "
+                                                          "process")
+    with pytest.raises(InvalidInput, match="--dba needs every vector"):
+        choose_engine("ray", 10, s, 4)
+    with pytest.raises(InvalidInput, match="--engine must be auto, local or ray"):
+        choose_engine("spark", 10, s, None)
+
+
+def test_tuning_steps_double_up_to_the_list_count():
+    assert nprobe_steps(0) == [1] and nprobe_steps(1) == [1]
+    assert nprobe_steps(100) == [1, 2, 4, 8, 16, 32, 64, 100]

@@ -1,0 +1,162 @@
+"""The Ray index build (one task per shard, streaming its rows out of the embeddings parts) makes exactly the
+index the in-process build makes, and a build killed after its first shard resumes when run again: finished
+shards (verified by checksum) are kept, damaged ones built again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.common.config import Settings
+from services.common.errors import InvalidInput
+from services.common.filters import parse_filter
+from services.common.store import LocalStore
+from services.index.versions import load_current
+from services.indexer.build import build_index
+from services.searcher.local import IndexSearcher
+from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+ROOT = Path(__file__).resolve().parents[2]
+N, DIM, SHARDS = 24_000, 32, 4
+KILLED_SHARDS = 8  # on 2 CPUs at most 3 can be finished when the driver dies at its first
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parallel")
+    x = random_unit_vectors(N, DIM, seed=5, clusters=40)
+    meta = [{"category": f"c{i % 9}", "price": float(i % 250), "title": f"item {i}"} for i in range(N)]
+    write_fake_embeddings(tmp / "emb", x, part_rows=3000, metadata=meta, error_rows=5)
+    settings = Settings(home=tmp / "home", flat_max=1000)
+    local = {s: build_index(str(tmp / "emb"), str(tmp / f"local-{s}"), shards=s, settings=settings, engine="local",
+                            version="v1") for s in (SHARDS, KILLED_SHARDS)}
+    return tmp, settings, local
+
+
+def same_files(a, b) -> bool:
+    return [(e.shard, e.sha256, e.docs_sha256, e.count) for e in a.shards] == \
+        [(e.shard, e.sha256, e.docs_sha256, e.count) for e in b.shards]
+
+
+def test_the_ray_build_makes_the_same_shards_and_answers_as_the_local_build(catalogue):
+    tmp, settings, built = catalogue
+    local = built[SHARDS]
+    said: list[str] = []
+    ray_built = build_index(str(tmp / "emb"), str(tmp / "ray"), shards=SHARDS, settings=settings, engine="ray",
+                            version="v1", step=said.append)
+    assert any("Ray tasks" in s for s in said)
+    assert local.params["kind"] == "ivf-flat" and local.count == N
+    assert same_files(local, ray_built), "shard files differ between the local and the Ray build"
+    assert (ray_built.nprobe, ray_built.tuning, ray_built.fields) == (local.nprobe, local.tuning, local.fields)
+    assert ray_built.fields == {"category": "str", "price": "float"}  # title: a different string on most rows
+    queries = random_unit_vectors(20, DIM, seed=9, clusters=40)
+    where = parse_filter('category == "c3" and price < 100')
+    got = [IndexSearcher(str(tmp / name), settings).search(queries, k=10, where=where)
+           for name in (f"local-{SHARDS}", "ray")]
+    assert [[(h.id, h.uri) for h in q] for q in got[0]] == [[(h.id, h.uri) for h in q] for q in got[1]]
+    assert all(len(q) == 10 for q in got[0])
+    assert not (tmp / "ray" / "builds").exists() or not any((tmp / "ray" / "builds").iterdir()), \
+        "the staged plan outlived the build"
+
+
+def test_the_ray_build_learns_the_projection_as_the_local_build_does(tmp_path):
+    x = random_unit_vectors(6000, 64, seed=2, clusters=20)
+    write_fake_embeddings(tmp_path / "emb", x, part_rows=1000)
+    settings = Settings(home=tmp_path / "home")
+    built = {engine: build_index(str(tmp_path / "emb"), str(tmp_path / engine), shards=2, settings=settings,
+                                 engine=engine, pca_dim=16) for engine in ("local", "ray")}
+    assert built["ray"].dim == built["local"].dim == 16
+    assert [e.docs_sha256 for e in built["ray"].shards] == [e.docs_sha256 for e in built["local"].shards]
+    queries = random_unit_vectors(10, 64, seed=3, clusters=20)
+    got = [[[h.id for h in q] for q in IndexSearcher(str(tmp_path / e), settings).search(queries, k=10)]
+           for e in ("local", "ray")]
+    assert got[0] == got[1]
+
+
+def build_cmd(tmp: Path, out: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "index", "build", str(tmp / "emb"), "--out", str(tmp / out),
+            "--shards", str(KILLED_SHARDS), "--engine", "ray", "--version", "v1"]
+
+
+def run_build(tmp: Path, out: str, settings: Settings, crash: bool) -> subprocess.CompletedProcess:
+    """The CLI in its own session; afterwards every process of that session is killed (Ray's workers have
+    process groups of their own, and outlive a killed driver for a while)."""
+    env = {**os.environ, "IMSEARCH_HOME": str(settings.home), "IMSEARCH_FLAT_MAX": str(settings.flat_max)}
+    if crash:
+        env["IMSEARCH_CRASH_AT"] = "index.shard-built"
+    proc = subprocess.Popen(build_cmd(tmp, out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out_, err = proc.communicate(timeout=300)
+    finally:
+        kill_session(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out_, err)
+
+
+def kill_session(sid: int) -> None:
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+                left.append(p)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+    psutil.wait_procs(left, timeout=10)
+
+
+def markers(root: Path) -> list[Path]:
+    return sorted(root.glob("builds/*/shard-*.json"))
+
+
+def test_a_ray_build_killed_after_its_first_shard_resumes_and_keeps_the_finished_shards(catalogue):
+    tmp, settings, built = catalogue
+    crashed = run_build(tmp, "killed", settings, crash=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert "shard" in crashed.stderr and "built:" in crashed.stderr  # the crash landed after a shard, as named
+    finished = markers(tmp / "killed")
+    assert 1 <= len(finished) < KILLED_SHARDS, f"the crash should land with some shards built, not {len(finished)}"
+    assert not (tmp / "killed" / "CURRENT").exists()
+    shard_file = lambda marker: tmp / "killed" / "versions" / "v1" / marker.name.replace(".json", ".faiss")  # noqa: E731
+    kept = {m.name: shard_file(m).stat().st_mtime_ns for m in finished}
+
+    rerun = run_build(tmp, "killed", settings, crash=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(finished)} of {KILLED_SHARDS} shard(s) already built and verified: kept" in rerun.stderr, \
+        rerun.stderr
+    assert "resuming the build of v1" in rerun.stderr
+    assert f"building {KILLED_SHARDS - len(finished)} shard(s) in Ray tasks" in rerun.stderr
+    for m in finished:  # not written again
+        assert shard_file(m).stat().st_mtime_ns == kept[m.name]
+    assert same_files(built[KILLED_SHARDS], load_current(LocalStore(tmp / "killed")))
+    assert not markers(tmp / "killed")
+
+
+def test_a_resumed_ray_build_builds_a_damaged_finished_shard_again(catalogue):
+    tmp, settings, built = catalogue
+    crashed = run_build(tmp, "damaged", settings, crash=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    finished = markers(tmp / "damaged")
+    assert finished
+    for marker in finished:  # every finished shard file damaged: all must be built again
+        shard = tmp / "damaged" / "versions" / "v1" / marker.name.replace(".json", ".faiss")
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    rerun = run_build(tmp, "damaged", settings, crash=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stderr.count("building it again") == len(finished)
+    assert "already built and verified" not in rerun.stderr
+    assert same_files(built[KILLED_SHARDS], load_current(LocalStore(tmp / "damaged")))
+
+
+def test_database_side_augmentation_is_refused_on_ray_with_the_reason(catalogue):
+    tmp, settings, _ = catalogue
+    with pytest.raises(InvalidInput, match="--dba needs every vector in one process"):
+        build_index(str(tmp / "emb"), str(tmp / "dba"), settings=settings, engine="ray", dba=3)
