@@ -65,17 +65,20 @@ def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int, columns: 
     return shards, probes
 
 
-def learn_projection(vectors: np.ndarray, pca_dim: int, power: float, step: Step) -> Projection | None:
-    """The catalogue's centred PCA (shrinkage-whitened by `power`), or None when there is too little to
-    learn it from (said in a step, with why)."""
+def learn_projection(n: int, dim: int, read: Callable[[np.ndarray], np.ndarray], pca_dim: int, power: float,
+                     step: Step) -> Projection | None:
+    """The catalogue's centred PCA (shrinkage-whitened by `power`) learned from the vectors `read` gives for the
+    rows of stages.projection_rows(n), or None when there is too little to learn it from (said in a step, with
+    why; nothing is read then)."""
     check_options(pca_dim, power)
-    why = skip_reason(len(vectors), vectors.shape[1], pca_dim)
+    rows = projection_rows(n)
+    why = skip_reason(len(rows), dim, pca_dim)
     if why:
         step(f"projection {why}")
         return None
     whiten = f", whitening power {power:g}" if power else ""
-    step(f"learning the projection: centred PCA {vectors.shape[1]} -> {pca_dim} dimensions{whiten}")
-    return train_projection(vectors, pca_dim, power)
+    step(f"learning the projection: centred PCA {dim} -> {pca_dim} dimensions{whiten}")
+    return train_projection(read(rows), pca_dim, power)
 
 
 def choose_dba(n: int, dba: int | None, settings: Settings, step: Step) -> int:
@@ -180,8 +183,8 @@ def _build_local(emb_store: Store, out: Store, o: BuildOptions, dba: int | None,
     columns = fields.columns_of([rows[i] for i in kept], kinds) if kinds else {}
     del rows
     emb = subset(raw, kept) if len(kept) < n else raw
-    projection = learn_projection(raw.vectors[projection_rows(n)], *o.projection_options(settings), step)
-    del raw
+    projection = learn_projection(n, raw.vectors.shape[1], lambda rows: raw.vectors[rows],
+                                  *o.projection_options(settings), step)
     dim = emb.vectors.shape[1]
     if projection is not None:
         emb.vectors = projection.apply(emb.vectors)

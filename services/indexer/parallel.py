@@ -50,7 +50,7 @@ from services.indexer.build import (
     version_template,
 )
 from services.indexer.params import IndexParams
-from services.indexer.stages import Probe, clone, make_shard, plan_rows, projection_rows
+from services.indexer.stages import Probe, clone, make_shard, plan_rows
 
 log = logging.getLogger(__name__)
 BUILDS = "builds"
@@ -121,20 +121,18 @@ def make_plan(emb_store: Store, meta: dict, version: str, o: BuildOptions, setti
     check_not_empty(n, meta, emb_store.url)
     kinds = fields.choose_fields(stats, asked, step)
     del stats
-    learn_rows = projection_rows(n)
-    _, raw = gather(emb_store, parts, learn_rows, meta["dim"])
-    projection = learn_projection(raw, *o.projection_options(settings), step)
-    del raw
+    projection = learn_projection(n, meta["dim"], lambda rows: gather(emb_store, parts, rows, meta["dim"])[1],
+                                  *o.projection_options(settings), step)
     dim = projection.out_dim if projection is not None else meta["dim"]
     params = choose_index_params(n, dim, o.factory, settings)
     trained = faiss_util.make_index(dim, params.factory)
     sample, query = plan_rows(n, params, not trained.is_trained)
-    qids, queries = gather(emb_store, parts, query, meta["dim"], projection)
-    if sample is not None:
-        step(f"reading the {len(sample)} training rows")
-        train_index(trained, params, gather(emb_store, parts, sample, meta["dim"], projection)[1], n, step)
-    else:
-        train_index(trained, params, None, n, step)
+    wanted = query if sample is None else np.concatenate([query, sample])  # one pass over the parts for both
+    step(f"reading the {len(wanted)} sampled rows (tuning queries{'' if sample is None else ', training'})")
+    ids, rows = gather(emb_store, parts, wanted, meta["dim"], projection)
+    qids, queries = ids[:len(query)], rows[:len(query)]
+    train_index(trained, params, None if sample is None else rows[len(query):], n, step)
+    del rows
     return Plan(version, n, dim, params, kinds, qids, queries, faiss_util.to_bytes(trained), projection)
 
 
@@ -147,9 +145,8 @@ def gather(store: Store, parts: list[dict], rows: np.ndarray, dim: int,
     for part in parts:
         if not len(wanted) or start > wanted[-1]:
             break
-        lo, hi = np.searchsorted(wanted, start), None
         table = read_part(store, part, ["id", "vector"])
-        hi = np.searchsorted(wanted, start + table.num_rows)
+        lo, hi = np.searchsorted(wanted, start), np.searchsorted(wanted, start + table.num_rows)
         if hi > lo:
             local = wanted[lo:hi] - start
             taken = table.take(pa.array(local))
@@ -161,9 +158,10 @@ def gather(store: Store, parts: list[dict], rows: np.ndarray, dim: int,
 
 def read_part(store: Store, part: dict, columns: list[str]) -> pa.Table:
     """The embedded (not error) rows of one part, its checksum verified."""
-    table = pq.read_table(io.BytesIO(verified_bytes(store, part["key"], part["sha256"])))
-    ok = table.filter(pc.is_null(table["error"]))
-    return ok.select([c for c in columns if c in ok.column_names])
+    data = io.BytesIO(verified_bytes(store, part["key"], part["sha256"]))
+    present = set(pq.read_schema(data).names)
+    table = pq.read_table(data, columns=[c for c in dict.fromkeys(["error", *columns]) if c in present])
+    return table.filter(pc.is_null(table["error"])).select([c for c in columns if c in present])
 
 
 def vectors_of(table: pa.Table, dim: int) -> np.ndarray:

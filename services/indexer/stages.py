@@ -22,7 +22,7 @@ from services.indexer.params import PQ_TRAIN_POINTS, IndexParams
 
 TUNE_QUERIES = 256
 TUNE_K = 10
-PROJECTION_SAMPLE = 200_000  # PCA from this many rows is as good as from all (and bounds a streaming driver)
+PROJECTION_SAMPLE = 100_000  # PCA from this many rows is as good as from all (and bounds a streaming driver)
 
 
 def projection_rows(n: int) -> np.ndarray:
@@ -78,6 +78,10 @@ class Probe:
         return {"number": self.number, "exact": pair(*self.exact),
                 "ann": {str(p): pair(*di) for p, di in self.ann.items()}}
 
+    def at(self, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The answers at nprobe: past the step where this shard answered exactly, that step's."""
+        return self.ann[nprobe] if nprobe in self.ann else self.ann[max(p for p in self.ann if p <= nprobe)]
+
     @classmethod
     def from_json(cls, raw: dict) -> "Probe":
         pair = lambda r: (np.array(r["D"], np.float32), np.array(r["I"], np.int64))  # noqa: E731
@@ -97,7 +101,11 @@ def make_shard(number: int, trained: faiss.Index | bytes, ids: np.ndarray, vecto
         exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
     d, rows = exact.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     exact_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if len(ids) else -1, -1)
-    ann = {p: faiss_util.search(index, queries, k, p, params.k_factor) for p in nprobe_steps(params.nlist)}
+    ann = {}
+    for p in nprobe_steps(params.nlist):
+        ann[p] = faiss_util.search(index, queries, k, p, params.k_factor)
+        if np.array_equal(np.sort(ann[p][1], axis=1), np.sort(exact_ids, axis=1)):
+            break  # this shard answers exactly from here on: wider probes cannot change the merged recall
     return Shard(number, index, ids, uris, columns), Probe(number, (d, exact_ids), ann)
 
 
@@ -111,7 +119,7 @@ def tune(probes: list[Probe], qids: np.ndarray, n: int, params: IndexParams, tar
     info = {"queries": int(len(qids)), "target": target}
     curve = {}
     for nprobe in nprobe_steps(params.nlist):
-        _, got, _, _ = merge_topk([(p.number, *p.ann[nprobe]) for p in probes], k + 1)
+        _, got, _, _ = merge_topk([(p.number, *p.at(nprobe)) for p in probes], k + 1)
         hits = sum(len(set(t) & set([i for i in g if i != q][:k])) for q, t, g in zip(qids.tolist(), truth,
                                                                                        got.tolist()))
         curve[nprobe] = round(hits / max(sum(len(t) for t in truth), 1), 4)
