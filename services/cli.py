@@ -369,10 +369,15 @@ def serve(
     http: bool = typer.Option(True, help="also start the HTTP gateway and web page"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="a Redis query cache (default: when "
                                                                           "redis-server is installed)"),
+    shard_servers: bool = typer.Option(False, "--shard-servers/--in-process",
+                                       help="a shard server process per shard, instead of the router searching "
+                                            "every shard itself (one host: the default, faster)"),
 ) -> None:
-    """Serve an index (or several, as named collections) on one machine: a shard server process per shard, the
-    router, the web page (and a Redis query cache when redis-server is installed)."""
-    _serve(index_, _settings(), port, host, shard_ports, http_port, http, cache, _collections(index_, collection))
+    """Serve an index (or several, as named collections) on one machine: the router (searching every shard
+    in its own process, or over a shard server process per shard with --shard-servers), the web page (and a
+    Redis query cache when redis-server is installed)."""
+    _serve(index_, _settings(), port, host, shard_ports, http_port, http, cache, _collections(index_, collection),
+           in_process=not shard_servers)
 
 
 def _collections(index_: str | None, given: list[str]) -> dict[str, str]:
@@ -395,9 +400,10 @@ def _collections(index_: str | None, given: list[str]) -> dict[str, str]:
 
 def _serve(index_: str | None, settings, port: int = 50050, host: str = "127.0.0.1", shard_ports: int = 0,
            http_port: int | None = None, http: bool = True, cache: bool | None = None,
-           collections: dict[str, str] | None = None) -> None:
+           collections: dict[str, str] | None = None, in_process: bool = True) -> None:
     """The stack attached to this command until Ctrl-C / SIGTERM (logs under IMSEARCH_HOME/serve/logs).
-    cache: a Redis query cache (None: when redis-server is installed)."""
+    cache: a Redis query cache (None: when redis-server is installed); in_process: the router searches every
+    shard itself (else a shard server per shard)."""
     from services.common.store import open_store
     from services.index.versions import load_current
     from services.stack.part import binary, free_port
@@ -411,11 +417,13 @@ def _serve(index_: str | None, settings, port: int = 50050, host: str = "127.0.0
     gateway_port = settings.gateway_port if http_port is None else (http_port or free_port())
     cache = binary("redis-server") is not None if cache is None else cache
     spec = StackSpec(index_, host=host, router_port=port, shard_port=shard_ports, gateway=http,
-                     gateway_port=gateway_port, redis=cache, collections=collections)
+                     gateway_port=gateway_port, redis=cache, collections=collections, in_process=in_process)
     logs = settings.home / "serve"
     with Stack(spec, logs, step=_step(False)).up() as stack:
-        err.print(f"• {len(stack.shards)} shard server(s) up: {', '.join(g[0].address for g in stack.shards)}; "
-                  f"logs in {logs / 'logs'}", highlight=False)
+        where = (f"{len(stack.shards)} shard server(s) up: {', '.join(g[0].address for g in stack.shards)}"
+                 if stack.shards else "the router searches every shard in its own process (--shard-servers: "
+                                      "a process per shard)")
+        err.print(f"• {where}; logs in {logs / 'logs'}", highlight=False)
         err.print(f"• query cache: Redis on {stack.redis.address}" if stack.redis else
                   "• no query cache (redis-server is not installed, or --no-cache): a repeated query is searched "
                   "again and answers cached: false", highlight=False)

@@ -28,13 +28,14 @@ from services.common.errors import InvalidInput, NotFound
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT = "default"
+LOCAL = "local"  # shards searched inside the router's process (one host): no shard servers
 CLOSE_GRACE_S = 30.0  # a removed collection's router is closed after its in-flight requests had this long
 
 
 @dataclass(frozen=True)
 class CollectionSpec:
     name: str
-    shards: str  # host:port[|replica],... one group per shard (router --shards)
+    shards: str  # host:port[|replica],... one group per shard (router --shards), or "local": in-process
     index: str | None = None  # the index root (router --index): list assignment, projection, query images
     embedder: str | None = None  # host:port of an Embedder service for query images
     shard_count: int | None = None  # with a shards template on {i} (a StatefulSet's pods): how many shards
@@ -89,7 +90,13 @@ def parse_shards(spec: str, count: int | None = None) -> list[list[str]]:
 
 
 def shard_groups(spec: CollectionSpec) -> list[list[str]]:
-    """The collection's shards as the router asks them: one group of replica addresses per shard."""
+    """The collection's shards as the router asks them: one group of replica addresses per shard (none when the
+    router searches them in-process: shards "local")."""
+    if spec.shards.strip() == LOCAL:
+        if not spec.index:
+            raise InvalidInput(f"collection {spec.name!r}: shards \"local\" (searched inside the router) needs "
+                               "its index (--index)")
+        return []
     try:
         return parse_shards(spec.shards, spec.shard_count)
     except InvalidInput as e:

@@ -5,6 +5,11 @@ carries coverage < 1 and the missing shards, never a silent partial result.
 
     python -m services.searcher.router --shards h:50061,h:50062 --index idx/
     (replicas of one shard are separated by '|': h1:50061|h2:50061,h1:50062|h2:50062)
+
+On one host the shards need no servers of their own: `--shards local --index idx/` loads every shard into the
+router and searches them as one faiss search over their stacked lists (the same API, version following and
+pinning: the previous version stays loaded through a rollout), which spends the host's CPU on search instead of
+on a gRPC hop per shard.
 """
 
 from __future__ import annotations
@@ -56,10 +61,12 @@ from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
-from services.searcher.collections import DEFAULT, Collections, CollectionSpec, shard_groups
+from services.searcher.collections import DEFAULT, LOCAL, Collections, CollectionSpec, shard_groups
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
+from services.searcher.shard import ShardService
+from services.searcher.shard import load as load_shards
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
@@ -105,6 +112,8 @@ class Router:
         self.version = ""  # the index version of the last answer: part of every cache key
         self.last_fanout = 0.0  # loop time of the last fan-out (answers learn the shards' newest version)
         self._watch: asyncio.Task | None = None
+        self.local: ShardService | None = None  # shards "local": every shard searched in this process
+        self._local_watch: asyncio.Task | None = None
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
         """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
@@ -116,6 +125,8 @@ class Router:
         """version: the version the queries were projected for (pinned; "" = the router's current one);
         where: a filter in the JSON language (shard_filter), applied by every shard during its search."""
         check_k(k, self.settings.max_k)
+        if self.local is not None:
+            return await self._search_local(queries, k, nprobe, version, where)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
         data, dim = pack_queries(queries)
@@ -139,6 +150,16 @@ class Router:
             metrics.PARTIAL.inc()
         self._follow_rollout(answered, version)
         return Answer(*merged, version, len(answered) / len(self.shards), missing)
+
+    async def _search_local(self, queries: np.ndarray, k: int, nprobe: int, version: str, where: str) -> Answer:
+        """Every shard searched here, as one faiss search over their stacked lists (one host: no gRPC hop per
+        shard). The pinned version while it is held (the previous one stays loaded through a rollout)."""
+        searcher = self.local.pick(version or self.version)
+        search = functools.partial(searcher.search_arrays, np.asarray(queries, np.float32), k, nprobe or None,
+                                   where=parse_filter(where) if where else None)
+        D, I, S, uris = await asyncio.get_running_loop().run_in_executor(None, search)
+        self.version = self.local.latest  # the next request uses the newest version loaded
+        return Answer(D, I, S, uris, searcher.version, 1.0, [])
 
     async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray,
                        deadline: float, version: str = "") -> dict[int, pb.ShardSearchResponse]:
@@ -235,6 +256,8 @@ class Router:
 
     async def shard_infos(self, timeout: float = 2.0) -> list[pb.ShardInfo | None]:
         """Each shard's Info from the first replica that answers (None for a shard with none)."""
+        if self.local is not None:
+            return self.local.infos()
         deadline = asyncio.get_running_loop().time() + timeout
 
         async def info(n: int) -> pb.ShardInfo | None:
@@ -264,6 +287,12 @@ class Router:
         return np.concatenate(parts)[where.ravel()] if parts else np.zeros((0, self.dim or 0), np.float32)
 
     async def _fetch(self, ids: list[int], timeout: float | None) -> np.ndarray:
+        if self.local is not None:
+            found = ShardService.fetch(self.local.pick(""), ids)
+            unknown = [i for i, v in zip(ids, found) if v is None]
+            if unknown:
+                raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
+            return np.array(found, dtype=np.float32)
         deadline = asyncio.get_running_loop().time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.FetchRequest(ids=ids)
         vectors: list = [None] * len(ids)
@@ -300,6 +329,8 @@ class Router:
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self._local_watch is not None:
+            self._local_watch.cancel()
         for batcher in self.batchers.values():
             await batcher.stop()
         await asyncio.gather(*(rs.close() for rs in self.shards))
@@ -499,6 +530,10 @@ async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
         if spec.index and not spec.embedder else (None, None)
     router = Router(shard_groups(spec), settings, embed)
     router.dim, router.index_url = dim, spec.index
+    if spec.shards.strip() == LOCAL:  # one host: the shards load here and follow the index's CURRENT here
+        searcher = await loop.run_in_executor(None, load_shards, spec.index, None, settings)
+        router.local = ShardService(searcher, spec.index, None, settings)
+        router._local_watch = loop.create_task(router.local.watch(settings.reload_interval_s))
     await router.refresh_version()
     if spec.embedder:
         router.embed, stub = remote_embedder(spec.embedder, settings, router.metadata)
@@ -537,7 +572,8 @@ async def serve(default: CollectionSpec | None = None, port: int = 0, settings: 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="imsearch router: fan-out search over shard servers")
     ap.add_argument("--shards", help="host:port[|replica],... one group per shard; or, with "
-                                     "--shard-count, one group naming the shard as {i}")
+                                     "--shard-count, one group naming the shard as {i}; or 'local': every "
+                                     "shard of --index searched inside this process (one host)")
     ap.add_argument("--collections", type=Path, help="a collections file (JSON: name -> index and shards), "
                                                      "followed while serving [IMSEARCH_COLLECTIONS]")
     ap.add_argument("--shard-count", type=int, help="expand a --shards template on {i} to this many shards")

@@ -26,18 +26,21 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Shard"].full_name
 
 
-def load(index: str, shard: int, settings: Settings) -> IndexSearcher:
-    searcher = IndexSearcher(index, settings, only=[shard])
-    searcher.shards[0].enable_fetch()
+def load(index: str, shard: int | None, settings: Settings) -> IndexSearcher:
+    """One shard of the published version (a shard server), or all of them (None: a router searching in-process)."""
+    searcher = IndexSearcher(index, settings, only=None if shard is None else [shard])
+    for s in searcher.shards:
+        s.enable_fetch()
     return searcher
 
 
 class ShardService(pb_grpc.ShardServicer):
-    """Serves the newest published version of one shard and keeps the one before it, so a router
-    can finish a rollout without mixing versions in one answer."""
+    """Serves the newest published version of one shard (or of every shard, inside a router: shard None) and
+    keeps the one before it, so a router can finish a rollout without mixing versions in one answer."""
 
-    def __init__(self, searcher: IndexSearcher, index: str, shard: int, settings: Settings):
+    def __init__(self, searcher: IndexSearcher, index: str, shard: int | None, settings: Settings):
         self.index, self.number, self.settings = index, shard, settings
+        self.label = "all" if shard is None else str(shard)  # in logs and metrics
         self.versions: dict[str, IndexSearcher] = {searcher.version: searcher}
         self.latest = searcher.version
         self.published = searcher.version  # what CURRENT named when last read
@@ -45,10 +48,14 @@ class ShardService(pb_grpc.ShardServicer):
         self.behind_since: float | None = None  # monotonic: since when CURRENT names a version not served
         self.running: server.Running | None = None  # for readiness: set once serving
         self.serving = True
-        metrics.SHARD_LOAD_FAILURES.labels(str(shard))  # 0 from the start: `increase` sees the first failure
+        metrics.SHARD_LOAD_FAILURES.labels(self.label)  # 0 from the start: `increase` sees the first failure
 
     def lag(self) -> float:
         return 0.0 if self.behind_since is None else time.monotonic() - self.behind_since
+
+    def pick(self, version: str) -> IndexSearcher:
+        """The searcher of a pinned version when still held, else the newest (in-process: the router re-pins)."""
+        return self.versions.get(version) or self.versions[self.latest]
 
     def _searcher(self, version: str) -> IndexSearcher:
         searcher = self.versions.get(version or self.latest)
@@ -67,7 +74,7 @@ class ShardService(pb_grpc.ShardServicer):
             try:
                 self.published = json.loads(await loop.run_in_executor(None, store.get_bytes, POINTER_KEY))["version"]
             except Exception as e:  # noqa: BLE001 - storage unreachable or the pointer damaged: keep serving
-                log.warning("shard %d: cannot read the published version: %s", self.number, e)
+                log.warning("shard %s: cannot read the published version: %s", self.label, e)
             else:
                 if self.published != self.latest:
                     await self._follow(self.published)
@@ -81,8 +88,8 @@ class ShardService(pb_grpc.ShardServicer):
                                                                         self.settings)
         except Exception as e:  # noqa: BLE001 - a half-published or broken version: keep serving what we have
             if (version, str(e)) != (self.failed_version, self.failed_error):
-                log.error("shard %d: cannot load version %s (serving %s): %s", self.number, version, self.latest, e)
-                metrics.SHARD_LOAD_FAILURES.labels(str(self.number)).inc()
+                log.error("shard %s: cannot load version %s (serving %s): %s", self.label, version, self.latest, e)
+                metrics.SHARD_LOAD_FAILURES.labels(self.label).inc()
             self.failed_version, self.failed_error = version, str(e)[:500]
             return
         self.versions = {self.latest: self.versions[self.latest], searcher.version: searcher}
@@ -90,17 +97,17 @@ class ShardService(pb_grpc.ShardServicer):
         if self.latest == self.published:
             self.behind_since = None
             self.failed_version = self.failed_error = ""
-        log.info("shard %d now serves version %s", self.number, self.latest)
+        log.info("shard %s now serves version %s", self.label, self.latest)
 
     async def _report(self) -> None:
         lag = self.lag()
-        metrics.SHARD_VERSION_LAG.labels(str(self.number)).set(lag)
+        metrics.SHARD_VERSION_LAG.labels(self.label).set(lag)
         serving = lag <= self.settings.max_version_lag_s
         if self.running is not None and serving != self.serving:
             self.serving = serving
             await self.running.set_serving(serving)
             if not serving:
-                log.error("shard %d: %.0f s behind the published version %s: NOT_SERVING", self.number, lag,
+                log.error("shard %s: %.0f s behind the published version %s: NOT_SERVING", self.label, lag,
                           self.published)
 
     @server.rpc
@@ -123,19 +130,34 @@ class ShardService(pb_grpc.ShardServicer):
         if len(request.ids) > self.settings.max_batch:
             raise TooLarge(f"{len(request.ids)} ids in one call; the limit is {self.settings.max_batch}")
         searcher = self._searcher("")
-        found = searcher.shards[0].fetch(list(request.ids))
+        found = self.fetch(searcher, list(request.ids))
         return pb.FetchResponse(vectors=[pb.Vector(values=[] if v is None else v.tolist()) for v in found],
                                 found=[v is not None for v in found], index_version=searcher.version)
 
+    @staticmethod
+    def fetch(searcher: IndexSearcher, ids: list[int]) -> list:
+        """Stored vectors of ids from whichever of the searcher's shards holds each (None: none does)."""
+        found: list = [None] * len(ids)
+        for shard in searcher.shards:
+            for i, v in enumerate(shard.fetch(ids)):
+                if v is not None:
+                    found[i] = v
+        return found
+
+    def infos(self) -> list[pb.ShardInfo]:
+        """Each served shard's Info (one for a shard server; every shard in-process)."""
+        searcher = self._searcher("")
+        manifest = searcher.manifest
+        return [pb.ShardInfo(shard=s.entry.shard, count=s.entry.count, sha256=s.entry.sha256,
+                             index_version=searcher.version, file=s.entry.file, dim=manifest.model_dim,
+                             model_fingerprint=manifest.model.get("fingerprint", ""),
+                             published_version=self.published, failed_version=self.failed_version,
+                             failed_error=self.failed_error, version_lag_seconds=self.lag())
+                for s in searcher.shards]
+
     @server.rpc
     async def Info(self, request, context) -> pb.ShardInfo:
-        searcher = self._searcher("")
-        entry, manifest = searcher.shards[0].entry, searcher.manifest
-        return pb.ShardInfo(shard=entry.shard, count=entry.count, sha256=entry.sha256,
-                            index_version=searcher.version, file=entry.file, dim=manifest.model_dim,
-                            model_fingerprint=manifest.model.get("fingerprint", ""),
-                            published_version=self.published, failed_version=self.failed_version,
-                            failed_error=self.failed_error, version_lag_seconds=self.lag())
+        return self.infos()[0]
 
 
 async def serve(index: str, shard: int, port: int = 0, settings: Settings | None = None,

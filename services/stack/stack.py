@@ -47,6 +47,7 @@ class StackSpec:
     metrics_port: int | None = None  # the router's Prometheus port; None: IMSEARCH_METRICS_PORT as set
     service_metrics: bool = False  # a Prometheus port for every shard server and the embedder (in its Part's env)
     python: str | None = None  # the interpreter of the services (another install); None: this one
+    in_process: bool = False  # the router searches every shard itself (one host): no shard servers
     collections: dict[str, str] = field(default_factory=dict)  # name -> index root: several named collections
     # (each with its own shard servers; the router and gateway follow a collections file); `index` is unused then
     env: dict[str, str] = field(default_factory=dict)  # IMSEARCH_* for every part
@@ -123,6 +124,8 @@ class Stack:
             self.embedder = self._service("embedder", "services.embedder", [], env=self._metrics_env())
 
     def _start_shards(self) -> None:
+        if self.spec.in_process:
+            return
         port = self.spec.shard_port
         for name, index in (self.spec.collections or {"": self.spec.index}).items():
             numbers = self.spec.shards if self.spec.shards is not None else shard_numbers(index)
@@ -147,8 +150,8 @@ class Stack:
             folder = self.workdir or Path(tempfile.mkdtemp(prefix="imsearch-stack-"))
             folder.mkdir(parents=True, exist_ok=True)
             self.collections_file = folder / "collections.json"
-        specs = [CollectionSpec(name, shards_arg(self.collection_shards[name]),
-                                self.spec.collections[name] if self.spec.router_index else None)
+        specs = [CollectionSpec(name, self._shards_arg(name), self.spec.collections[name]
+                                if self.spec.router_index or self.spec.in_process else None)
                  for name in (self.spec.collections if names is None else names)]
         atomic_write(self.collections_file, collections_json(specs).encode())
         return self.collections_file
@@ -158,8 +161,8 @@ class Stack:
         if spec.collections:
             args = ["--collections", str(self.write_collections())]
         else:
-            args = ["--shards", shards_arg(self.shards)]
-        if spec.router_index and not spec.collections:
+            args = ["--shards", self._shards_arg("")]
+        if (spec.router_index or spec.in_process) and not spec.collections:
             args += ["--index", spec.index]
         if spec.embedder:
             args += ["--embedder", self.embedder.address if self.embedder else spec.embedder]
@@ -169,6 +172,11 @@ class Stack:
         self.router = self._part(Part.python("router", "services.searcher.router", [*args, "--host", spec.host],
                                              spec.router_port or free_port(), env={**env, **spec.router_env},
                                              python=spec.python))
+
+    def _shards_arg(self, collection: str) -> str:
+        from services.searcher.collections import LOCAL
+
+        return LOCAL if self.spec.in_process else shards_arg(self.collection_shards[collection])
 
     def _wait(self, parts: list[Part], timeout: float = 180.0) -> None:
         for p in parts:

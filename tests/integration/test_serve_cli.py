@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 
+import psutil
 import pytest
 from grpc import RpcError, StatusCode
 from PIL import Image
@@ -26,10 +27,13 @@ def real_index(tmp_path):
     return tmp_path
 
 
-def test_serve_answers_image_queries_and_stops_cleanly(real_index):
+@pytest.mark.parametrize("mode", ["in-process", "shard-servers"])
+def test_serve_answers_image_queries_and_stops_cleanly(real_index, mode):
+    """By default the router searches the shards itself (one host); --shard-servers starts a process per shard."""
     tmp = real_index
     http_port = free_port()
-    serve = Part.python("serve", "services.cli", ["serve", str(tmp / "idx"), "--http-port", str(http_port)],
+    serve = Part.python("serve", "services.cli", ["serve", str(tmp / "idx"), "--http-port", str(http_port),
+                                                  f"--{mode}"],
                         env={"IMSEARCH_HOME": str(tmp / "home")}, log=tmp / "serve.log")
     try:
         serve.start()
@@ -46,12 +50,16 @@ def test_serve_answers_image_queries_and_stops_cleanly(real_index):
             assert e.value.code() == StatusCode.INVALID_ARGUMENT and "corrupt" in e.value.details()
             info = client.stub.Info(pb.InfoRequest(), timeout=10)
             assert (info.model.name, info.factory, info.count, len(info.shards)) == (DEFAULT_MODEL, "Flat", 8, 2)
+            shard_servers = [p for p in psutil.Process(serve.pid).children(recursive=True)
+                             if "services.searcher.shard" in " ".join(p.cmdline())]
+            assert len(shard_servers) == (2 if mode == "shard-servers" else 0)
         serve.proc.terminate()
         assert serve.proc.wait(30) == 0
     finally:
         serve.stop()
     log = (tmp / "serve.log").read_text()
-    assert "2 shard server(s) up" in log and "router serving" in log
+    assert ("2 shard server(s) up" if mode == "shard-servers" else "the router searches every shard in its own "
+            "process") in log and "router serving" in log
     assert f"open http://127.0.0.1:{http_port}/" in log
 
 
