@@ -9,7 +9,10 @@ servers and a router, and prints:
   * single-query latency p50/p99 with C concurrent clients, and the cache-hit p50 with Redis.
 Everything (load client, router, shard servers) shares this machine's cores, as raw faiss does.
   * single-query latency with αQE (--qe) against plain search, 1 and C clients.
+With --in-process the router searches every shard in its own process (`--shards local`, what `imsearch serve`
+runs on one host) instead of over shard servers.
 Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32] [--concurrency 8] [--qe 10]
+       [--in-process]
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def main() -> None:
     ap.add_argument("--qe", type=int, default=10, help="αQE neighbours of the expanded-query latency rows")
     ap.add_argument("--fanouts", type=int, default=2, help="router fan-outs in flight (IMSEARCH_ROUTER_FANOUTS); "
                                                           "requests beyond share a fan-out")
+    ap.add_argument("--in-process", action="store_true", help="the router searches the shards itself (one host)")
     args = ap.parse_args()
     k = 10
     # Raw faiss gets the router's BLAS switch for batches too (its faster setting for batch >= 20).
@@ -134,9 +138,12 @@ def main() -> None:
             qps = timed_qps(lambda b, p=nprobe: faiss_util.search(raw, b, k, p), batches, 2.0)
             print(f"  nprobe {nprobe:>3}: recall@10 {recall(to_rows(I), truth):.4f}  {qps:8.0f} QPS")
 
-        env = {"IMSEARCH_HOME": str(tmp / "home"), "OMP_NUM_THREADS": os.environ.get("SHARD_OMP", "1"),
-               "IMSEARCH_ROUTER_FANOUTS": str(args.fanouts)}
-        with Stack(StackSpec(str(tmp / "idx"), redis=True, env=env)).up() as stack:
+        env = {"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_ROUTER_FANOUTS": str(args.fanouts)}
+        if not args.in_process or "SHARD_OMP" in os.environ:  # shard servers: one faiss thread each
+            env["OMP_NUM_THREADS"] = os.environ.get("SHARD_OMP", "1")
+        print("router searching every shard in its own process" if args.in_process else
+              f"router over {args.shards} shard servers")
+        with Stack(StackSpec(str(tmp / "idx"), redis=True, env=env, in_process=args.in_process)).up() as stack:
             router = stack.router
             raw_qps = timed_qps(lambda b: faiss_util.search(raw, b, k, m.nprobe), batches)
             col_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency, columnar=True))

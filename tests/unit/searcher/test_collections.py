@@ -10,7 +10,13 @@ import os
 import pytest
 
 from services.common.errors import InvalidInput, NotFound
-from services.searcher.collections import Collections, CollectionSpec, collections_json, parse_collections
+from services.searcher.collections import (
+    Collections,
+    CollectionSpec,
+    collections_json,
+    parse_collections,
+    shard_groups,
+)
 
 FILE = '{"collections": {"shoes": {"index": "s3://b/shoes", "shards": "h:1|h2:1,h:2"}, "bags": {"shards": "h:3"}}}'
 
@@ -21,12 +27,18 @@ def test_a_collections_file_reads_in_order_and_writes_back_the_same():
     assert parse_collections(collections_json(specs)) == specs
 
 
+def test_a_collection_searched_inside_the_router_names_no_shard_servers():
+    spec = parse_collections('{"collections": {"shoes": {"index": "idx/", "shards": "local"}}}')[0]
+    assert shard_groups(spec) == []
+
+
 @pytest.mark.parametrize("text,words", [
     ("{", "not valid JSON"),
     ('{"shoes": {}}', "expected"),
     ('{"collections": {"Shoes!": {"shards": "h:1"}}}', "collection name 'Shoes!'"),
     ('{"collections": {"shoes": {"index": "x"}}}', "'shoes' needs \"shards\""),
     ('{"collections": {"shoes": {"shards": "h:1", "nprob": 3}}}', "unknown keys ['nprob']"),
+    ('{"collections": {"shoes": {"shards": "local"}}}', "'shoes': shards \"local\" .* needs its index"),
 ])
 def test_a_bad_collections_file_says_what_is_wrong(text, words):
     with pytest.raises(InvalidInput, match=words.replace("[", r"\[").replace("]", r"\]")):
