@@ -22,7 +22,7 @@ from services.index.shards import Shard
 from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, write_version
 from services.indexer.params import IndexParams, choose_params, params_from_factory
-from services.indexer.stages import Probe, make_shard, plan_rows, projection_rows, tune
+from services.indexer.stages import Probe, ShardBuilder, plan_rows, projection_rows, tune
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def split_shards(trained: faiss.Index, emb: Embeddings, n_shards: int, columns: 
     shards, probes = [], []
     for s in range(n_shards):
         rows = np.flatnonzero(which == s)
-        shard, probe = make_shard(s, trained, emb.ids[rows], emb.vectors[rows], [emb.uris[i] for i in rows],
-                                  fields.take(columns, rows), queries, params)
+        builder = ShardBuilder(s, trained, queries, params)
+        builder.add(emb.ids[rows], emb.vectors[rows], [emb.uris[i] for i in rows])
+        shard, probe = builder.finish(fields.take(columns, rows))
         shards.append(shard)
         probes.append(probe)
     return shards, probes

@@ -50,7 +50,7 @@ from services.indexer.build import (
     version_template,
 )
 from services.indexer.params import IndexParams
-from services.indexer.stages import Probe, clone, make_shard, plan_rows
+from services.indexer.stages import Probe, ShardBuilder, clone, plan_rows
 
 log = logging.getLogger(__name__)
 BUILDS = "builds"
@@ -281,29 +281,34 @@ def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan
 
 def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int, shards: int, shared,
                 kinds: dict, params: IndexParams, out_url: str, version: str, staging: str) -> dict:
-    """One shard, in a Ray task: its rows streamed from the parts (the first of each id kept, as the local
-    build does), projected, filled into the trained index, written; then its marker."""
+    """One shard, in a Ray task: its rows streamed from the parts a part at a time (the first of each id kept,
+    as the local build does), projected and added to the trained index; written; then its marker."""
     trained, queries, projection = shared
     projection = None if projection is None else Projection.from_bytes(projection)
     store = open_store(emb_url, settings)
-    tables = []
+    builder = ShardBuilder(number, trained, queries, params)
+    seen: set[int] = set()
+    metadata: list = []
+    rows = 0
     for part in parts:
-        table = read_part(store, part, ["id", "uri", "vector", "metadata"])
-        tables.append(table.filter(pa.array(table["id"].to_numpy() % shards == number)))
-    table = pa.concat_tables(tables) if tables else None
-    ids = table["id"].to_numpy().astype(np.int64)
-    kept, _ = first_rows(ids)
-    table = table.take(pa.array(kept))
-    vectors = vectors_of(table, queries.shape[1] if projection is None else projection.in_dim)
-    if projection is not None:
-        vectors = projection.apply(vectors)
-    metadata = table["metadata"].to_pylist() if kinds and "metadata" in table.column_names else None
-    columns = fields.columns_of(fields.decode(metadata, table.num_rows), kinds) if kinds else {}
-    shard, probe = make_shard(number, trained, ids[kept], vectors, table["uri"].to_pylist(), columns, queries,
-                              params)
+        table = read_part(store, part, ["id", "uri", "vector", "metadata"] if kinds else ["id", "uri", "vector"])
+        ids = table["id"].to_numpy()
+        mine = np.flatnonzero(ids % shards == number)
+        rows += len(mine)
+        listed = ids.tolist()
+        first = [i for i in mine[first_rows(ids[mine])[0]].tolist() if listed[i] not in seen]
+        if not first:
+            continue
+        table, ids = table.take(pa.array(first)), ids[first]
+        seen.update(ids.tolist())
+        vectors = vectors_of(table, projection.in_dim if projection is not None else queries.shape[1])
+        builder.add(ids, projection.apply(vectors) if projection is not None else vectors, table["uri"].to_pylist())
+        if kinds:
+            metadata += table["metadata"].to_pylist() if "metadata" in table.column_names else [None] * len(ids)
+    columns = fields.columns_of(fields.decode(metadata, len(metadata)), kinds) if kinds else {}
+    shard, probe = builder.finish(columns)
     out = open_store(out_url, settings)
     entry = write_shard(out, version, shard, log.info)
-    marker = {"entry": entry.model_dump(), "probe": probe.to_json(), "dropped": int(len(ids) - len(kept))}
+    marker = {"entry": entry.model_dump(), "probe": probe.to_json(), "dropped": rows - len(seen)}
     out.put_bytes(marker_key(staging, number), _sealed(marker))
     return marker
-

@@ -88,25 +88,45 @@ class Probe:
         return cls(int(raw["number"]), pair(raw["exact"]), {int(p): pair(r) for p, r in raw["ann"].items()})
 
 
-def make_shard(number: int, trained: faiss.Index | bytes, ids: np.ndarray, vectors: np.ndarray, uris: list[str],
-               columns: dict, queries: np.ndarray, params: IndexParams) -> tuple[Shard, Probe]:
-    """Shard `number` holding these rows (the trained empty index, filled), and its answers to the tuning
-    queries."""
-    index = clone(trained)
-    if len(ids):
-        faiss_util.add(index, vectors, ids)
-    k = min(TUNE_K, max(len(queries), 1)) + 1
-    exact = faiss.IndexFlatIP(vectors.shape[1] if vectors.ndim == 2 else index.d)
-    if len(ids):
-        exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    d, rows = exact.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    exact_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)] if len(ids) else -1, -1)
-    ann = {}
-    for p in nprobe_steps(params.nlist):
-        ann[p] = faiss_util.search(index, queries, k, p, params.k_factor)
-        if np.array_equal(np.sort(ann[p][1], axis=1), np.sort(exact_ids, axis=1)):
-            break  # this shard answers exactly from here on: wider probes cannot change the merged recall
-    return Shard(number, index, ids, uris, columns), Probe(number, (d, exact_ids), ann)
+class ShardBuilder:
+    """One shard built from its rows given in one go (in-process) or a part at a time (a Ray task streaming the
+    embeddings parts: only the index and one part in memory): the trained empty index filled, and the running
+    exact answers to the tuning queries."""
+
+    def __init__(self, number: int, trained: faiss.Index | bytes, queries: np.ndarray, params: IndexParams):
+        self.number, self.params = number, params
+        self.index = clone(trained)
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = min(TUNE_K, max(len(queries), 1)) + 1
+        self.ids: list[np.ndarray] = []
+        self.uris: list[str] = []
+        self.exact: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, uris: list[str]) -> None:
+        if not len(ids):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        faiss_util.add(self.index, vectors, ids)
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(vectors)
+        d, rows = flat.search(self.queries, self.k)
+        found = (d, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
+        self.exact = found if self.exact is None else merge_topk([(0, *self.exact), (1, *found)], self.k)[:2]
+        self.ids.append(np.asarray(ids, np.int64))
+        self.uris.extend(uris)
+
+    def finish(self, columns: dict) -> tuple[Shard, Probe]:
+        """The shard (columns: its rows' filterable fields, in the order added) and its answers to the tuning
+        queries: exact, and at each nprobe of the doubling sequence until this shard answers exactly."""
+        exact = self.exact or (np.full((len(self.queries), self.k), -np.inf, np.float32),
+                               np.full((len(self.queries), self.k), -1, np.int64))
+        ann = {}
+        for p in nprobe_steps(self.params.nlist):
+            ann[p] = faiss_util.search(self.index, self.queries, self.k, p, self.params.k_factor)
+            if np.array_equal(np.sort(ann[p][1], axis=1), np.sort(exact[1], axis=1)):
+                break  # this shard answers exactly from here on: wider probes cannot change the merged recall
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+        return Shard(self.number, self.index, ids, self.uris, columns), Probe(self.number, exact, ann)
 
 
 def tune(probes: list[Probe], qids: np.ndarray, n: int, params: IndexParams, target: float) -> tuple[int, dict]:
