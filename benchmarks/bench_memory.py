@@ -25,20 +25,21 @@ import numpy as np
 from services.indexer.params import choose_nlist
 
 DIM, RANK, K, TARGET = 1280, 192, 10, 0.95
+CENTRES, NOISE = 10_000, 1.0  # neighbours spread over several lists, as real catalogues' do
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def vectors(n: int, seed: int, chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors around 1,000 centres in a fixed random 192-d subspace of R^1280, plus weak isotropic noise
-    (benchmarks/projection_cost.py's catalogue, made a chunk at a time)."""
+    """Unit vectors around 10,000 centres in a fixed random 192-d subspace of R^1280, plus weak isotropic noise
+    (benchmarks/projection_cost.py's kind of catalogue, with wider clusters; made a chunk at a time)."""
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.normal(size=(DIM, RANK)))[0].T.astype(np.float32)
-    centres = rng.normal(size=(1000, RANK)).astype(np.float32)
+    centres = rng.normal(size=(CENTRES, RANK)).astype(np.float32)
     out = np.empty((n, DIM), np.float32)
     for i, start in enumerate(range(0, n, chunk)):
         r = np.random.default_rng(seed * 1000 + i + 1)
         m = min(chunk, n - start)
-        z = centres[r.integers(0, 1000, m)] + 0.6 * r.standard_normal((m, RANK), np.float32)
+        z = centres[r.integers(0, CENTRES, m)] + NOISE * r.standard_normal((m, RANK), np.float32)
         x = z @ basis + 0.05 * r.standard_normal((m, DIM), np.float32)
         out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -114,6 +115,10 @@ class Router:
         self._watch: asyncio.Task | None = None
         self.local: ShardService | None = None  # shards "local": every shard searched in this process
         self._local_watch: asyncio.Task | None = None
+        # In-process searches run one at a time: faiss spreads one batch over every core with OpenMP, and
+        # concurrent calls would each start a team on the same cores (measured: 6 at once spend their time
+        # contending); requests arriving meanwhile join the next batch (search_shared).
+        self._searching = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
         """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
@@ -157,7 +162,7 @@ class Router:
         searcher = self.local.pick(version or self.version)
         search = functools.partial(searcher.search_arrays, np.asarray(queries, np.float32), k, nprobe or None,
                                    where=parse_filter(where) if where else None)
-        D, I, S, uris = await asyncio.get_running_loop().run_in_executor(None, search)
+        D, I, S, uris = await asyncio.get_running_loop().run_in_executor(self._searching, search)
         self.version = self.local.latest  # the next request uses the newest version loaded
         return Answer(D, I, S, uris, searcher.version, 1.0, [])
 
@@ -204,7 +209,7 @@ class Router:
         if batcher is None:
             batcher = DynamicBatcher(functools.partial(self.search, k=k, nprobe=nprobe, version=version),
                                      self.settings.max_batch, 0.0, self.settings.router_queue,
-                                     workers=self.settings.router_fanouts, name="fanout")
+                                     workers=1 if self.local else self.settings.router_fanouts, name="fanout")
             batcher.start()
             self.batchers[key] = batcher
         return await batcher.submit(queries)
@@ -331,6 +336,7 @@ class Router:
             self._watch.cancel()
         if self._local_watch is not None:
             self._local_watch.cancel()
+        self._searching.shutdown(wait=False)
         for batcher in self.batchers.values():
             await batcher.stop()
         await asyncio.gather(*(rs.close() for rs in self.shards))
