@@ -230,6 +230,10 @@ def version_template(version: str, meta: dict, emb_url: str, dim: int, params: I
     """The new version's manifest before its files are written: parameters, tuned nprobe, where it came from."""
     tuned, tuning = tune(probes, qids, count, params, settings.target_recall)
     step(f"nprobe {tuned}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
+    if tuning["recall_at_10"] < settings.target_recall:
+        step(f"warning: recall@10 stays below IMSEARCH_TARGET_RECALL {settings.target_recall} at every nprobe: "
+             f"{params.factory}'s codes are too coarse for this catalogue; a larger IMSEARCH_MEMORY_BUDGET_GB "
+             "(PQ re-ranked from SQ8 codes), --pca to fewer dimensions, or another --index-factory")
     if o.nprobe is not None:
         tuning["nprobe_tuned"], tuning["nprobe_from"] = tuned, "user"
     learned = {"pca_dim": projection.out_dim, "whiten_power": projection.power} if projection else {}

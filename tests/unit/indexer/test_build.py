@@ -244,3 +244,17 @@ def test_the_engine_is_ray_past_the_threshold_or_with_a_cluster_and_never_with_d
 def test_tuning_steps_double_up_to_the_list_count():
     assert nprobe_steps(0) == [1] and nprobe_steps(1) == [1]
     assert nprobe_steps(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_a_build_whose_codes_cannot_reach_the_target_recall_says_so_and_what_to_do(tmp_path, settings):
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(12_000, 32, seed=4, clusters=20), part_rows=4000)
+    said: list[str] = []
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), factory="IVF16,PQ2", settings=settings,
+                    step=said.append)
+    assert m.tuning["recall_at_10"] < 0.95
+    assert any(s.startswith("warning: recall@10 stays below IMSEARCH_TARGET_RECALL 0.95") and
+               "IMSEARCH_MEMORY_BUDGET_GB" in s for s in said)
+    said.clear()
+    build_index(str(tmp_path / "emb"), str(tmp_path / "flat"), factory="IVF16,Flat", settings=settings,
+                step=said.append)
+    assert not any(s.startswith("warning") for s in said)
