@@ -26,7 +26,7 @@ from services.indexer.params import choose_nlist
 
 DIM, RANK, K, TARGET = 1280, 192, 10, 0.95
 CENTRES, NOISE = 10_000, 1.0  # neighbours spread over several lists, as real catalogues' do
-NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def vectors(n: int, seed: int, chunk: int = 100_000) -> np.ndarray:
