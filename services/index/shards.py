@@ -35,6 +35,7 @@ class LoadedShard:
     ids: np.ndarray  # sorted int64
     uris: np.ndarray  # object, aligned with ids
     columns: dict = field(default_factory=dict)  # filterable fields: name -> filters.Column, aligned with ids
+    home: object = None  # the stacked index its vectors were moved into (stacked.py), else None: its own
     _params: dict = field(default_factory=dict)
     _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
     _sorted_ids: np.ndarray | None = None
@@ -54,7 +55,9 @@ class LoadedShard:
             self._order = np.argsort(id_map)
             self._sorted_ids = id_map[self._order]
         elif isinstance(ix, faiss.IndexIVF):
-            ix.set_direct_map_type(faiss.DirectMap.Hashtable)
+            holder = faiss.downcast_index(self.home) if self.home is not None else ix
+            if holder.direct_map.type != faiss.DirectMap.Hashtable:  # a stack's map serves all its shards
+                holder.set_direct_map_type(faiss.DirectMap.Hashtable)
 
     def fetch(self, ids: list[int]) -> list[np.ndarray | None]:
         """Stored vectors of ids (None where this shard does not hold the id)."""
@@ -69,6 +72,10 @@ class LoadedShard:
                 j = int(np.searchsorted(self._sorted_ids, id_))
                 hit = j < len(self._sorted_ids) and self._sorted_ids[j] == id_
                 out.append(ix.index.reconstruct(int(self._order[j])) if hit else None)
+            elif self.home is not None:  # the stack holds every shard's vectors: only this shard's are ours
+                j = int(np.searchsorted(self.ids, id_))
+                held = j < len(self.ids) and self.ids[j] == id_
+                out.append(faiss.downcast_index(self.home).reconstruct(int(id_)) if held else None)
             else:
                 try:
                     out.append(ix.reconstruct(int(id_)))
@@ -82,7 +89,8 @@ class LoadedShard:
         ix = faiss.downcast_index(self.index)
         if isinstance(ix, faiss.IndexIDMap):
             return ix.index.reconstruct_batch(self._order[np.searchsorted(self._sorted_ids, ids)])
-        return ix.reconstruct_batch(ids)  # IVF: through the hashtable direct map (ids are not 0..n-1)
+        holder = faiss.downcast_index(self.home) if self.home is not None else ix
+        return holder.reconstruct_batch(ids)  # IVF: through the hashtable direct map (ids are not 0..n-1)
 
     def uris_of(self, ids: np.ndarray) -> np.ndarray:
         """Uris of ids held by this shard ("" for ids it does not hold), same shape as ids."""

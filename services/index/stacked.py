@@ -1,15 +1,16 @@
 """Plain-IVF shards of one version searched as one faiss index, in-process.
 
-Shards trained together share their coarse quantizer; faiss's HStackInvertedLists puts their inverted lists
-side by side (list i of the stack is list i of every shard; nothing is copied), and an IVF index of the shards'
-type over that stack searches them all in one C++ call: the quantizer once, every probed list of every shard
-scanned by faiss's own threads, the global top-k kept in faiss's heap. This is faiss IndexShardsIVF's idea
-without its limits (IndexShardsIVF insists that every shard's own nprobe equals the search's, so per-call
-nprobe would mean mutating shared indexes). Measured (`python -m benchmarks.bench_search --n 200000`, 4 shards,
-arrays out as raw faiss gives them): the per-shard loop in Python with a merge in numpy ran at 0.28x of one raw
-faiss index for single queries and for batches of 100; the stack at 0.70x and 0.66x. What remains is mostly
-faiss's: HStackInvertedLists copies a list's codes on every access, and four small lists per probe cost more
-than one list four times their size.
+Shards trained together share their coarse quantizer, so list i of every shard belongs to the same centroid:
+their lists are moved (faiss's merge_from: appended, not copied — the memory stays the same) into one IVF
+index of the shards' type, which searches them all in one C++ call: the quantizer once, every probed list
+scanned by faiss's own threads, the global top-k kept in faiss's heap, at the speed of one raw faiss index.
+The shards keep their ids, uris and fields; their stored vectors are read through the stack (LoadedShard.home).
+This is faiss IndexShardsIVF's idea without its limits (IndexShardsIVF insists that every shard's own nprobe
+equals the search's, so per-call nprobe would mean mutating shared indexes). Measured (`python -m
+benchmarks.bench_search --n 200000`, 4 shards, arrays out as raw faiss gives them): the per-shard loop in
+Python with a merge in numpy ran at 0.28x of one raw faiss index for single queries and for batches of 100;
+faiss's HStackInvertedLists over the shards' lists (which copies a list's codes on every access) at 0.70x
+and 0.66x. Memory-mapped shards are stacked that way still (moving their lists would read them into RAM).
 
 Results are the merge's: ids with their shard and uri, -1 / -inf / "" where fewer than k, equal scores by the
 smaller id (within the k returned; which of several tied candidates at the k-th place is returned is faiss's
@@ -46,7 +47,7 @@ def _empty_like(ivf: faiss.IndexIVF) -> faiss.IndexIVF:
 @dataclass
 class StackedShards:
     index: faiss.IndexIVF
-    shards: list[LoadedShard]  # kept: the stack reads their lists
+    shards: list[LoadedShard]
     ids: np.ndarray  # every shard's ids, sorted
     shard_of: np.ndarray  # shard number of ids[i]
     uris: np.ndarray  # uri of ids[i]
@@ -97,7 +98,28 @@ def stack_shards(shards: list[LoadedShard], quantizer: faiss.Index | None) -> St
     ivfs = [faiss.downcast_index(s.index) for s in shards]
     if len({(ivf.code_size, type(ivf)) for ivf in ivfs}) != 1:
         return None
+    if shards[0].home is not None and all(s.home is shards[0].home for s in shards):
+        stacked = shards[0].home  # stacked before (their lists live there now): the same stack again
+    elif any(s.home is not None for s in shards):
+        return None  # some of them moved into another stack: no stack of these
+    else:
+        stacked = _stack(shards, ivfs)
+    ids = np.concatenate([s.ids for s in shards])
+    order = np.argsort(ids, kind="stable")
+    shard_of = np.concatenate([np.full(len(s.ids), s.entry.shard, np.int32) for s in shards])
+    uris = np.concatenate([np.asarray(s.uris, dtype=object) for s in shards])
+    return StackedShards(stacked, shards, ids[order], shard_of[order], uris[order])
+
+
+def _stack(shards: list[LoadedShard], ivfs: list) -> faiss.IndexIVF:
+    """One IVF index over the shards' lists: moved into it, or (memory-mapped) read in place."""
     stacked = _empty_like(ivfs[0])
+    stacked.ntotal = 0  # the clone kept the first shard's count with none of its lists
+    if all(isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists) for ivf in ivfs):
+        for shard, ivf in zip(shards, ivfs):
+            stacked.merge_from(ivf, 0)  # moves the lists: the shard's index is left empty
+            shard.home = stacked
+        return stacked
     lists = faiss.InvertedListsPtrVector()
     for ivf in ivfs:
         lists.push_back(ivf.invlists)
@@ -105,8 +127,4 @@ def stack_shards(shards: list[LoadedShard], quantizer: faiss.Index | None) -> St
     stack.this.disown()  # owned by the index from here on; the shards' own lists are not
     stacked.replace_invlists(stack, True)
     stacked.ntotal = sum(ivf.ntotal for ivf in ivfs)
-    ids = np.concatenate([s.ids for s in shards])
-    order = np.argsort(ids, kind="stable")
-    shard_of = np.concatenate([np.full(len(s.ids), s.entry.shard, np.int32) for s in shards])
-    uris = np.concatenate([np.asarray(s.uris, dtype=object) for s in shards])
-    return StackedShards(stacked, shards, ids[order], shard_of[order], uris[order])
+    return stacked

@@ -50,19 +50,23 @@ def per_shard(shards: list[LoadedShard], q: np.ndarray, k: int, nprobe: int):
 @pytest.mark.parametrize("nprobe", [1, 4, 32])
 def test_the_stack_answers_as_the_shards_merged(factory, nprobe):
     shards, x = shards_of(factory, (1200, 1000, 800))
-    stacked = stack_shards(shards)
     q = random_unit_vectors(50, DIM, seed=3, clusters=20)
+    want = per_shard(shards, q, 10, nprobe)  # before: stacking moves the shards' lists into the stack
+    stacked = stack_shards(shards)
     D, I, S, U = stacked.search(q, 10, nprobe, 1.0)
-    want = per_shard(shards, q, 10, nprobe)
     np.testing.assert_array_equal(I, want[1])
     np.testing.assert_allclose(D, want[0], rtol=1e-5)
     found = I >= 0  # nprobe 1 may find fewer than k: a missing result has no shard (the merge's says any)
     np.testing.assert_array_equal(S[found], want[2][found])
     assert (S[~found] == -1).all()
     assert U.tolist() == want[3].tolist()
-    assert stacked.index.ntotal == N  # every shard's vectors, none copied
-    for s in shards:  # the shards themselves are untouched by the stacking
-        assert s.index.ntotal == s.entry.count and s.index.search(q[:1], 1)[1][0, 0] >= 0
+    assert stacked.index.ntotal == N  # every shard's vectors, moved (not copied) into one index
+    assert all(s.index.ntotal == 0 for s in shards)
+    for s in shards:  # each shard's stored vectors are still its own to read, through the stack
+        s.enable_fetch()
+        got = s.fetch([int(s.ids[0]), int(shards[(s.entry.shard + 1) % 3].ids[0])])
+        assert got[0] is not None and got[1] is None  # another shard's id is not this shard's
+        assert s.vectors_of(s.ids[:5]).shape == (5, DIM)
 
 
 def test_a_coarse_assignment_made_elsewhere_gives_the_same_answer():
