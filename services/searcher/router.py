@@ -229,6 +229,8 @@ class Router:
         A projected index is searched with projected queries, made here with the projection of the version
         the fan-out is then pinned to. Without --index the router cannot load it: model vectors go to the
         shards as they are, and each shard projects them itself."""
+        if self.local is not None:
+            self.version = self.local.latest  # in-process: pin a version that is loaded here
         version = self.version
         if not self.index_url or not version:
             return vectors, ""
@@ -336,9 +338,9 @@ class Router:
             self._watch.cancel()
         if self._local_watch is not None:
             self._local_watch.cancel()
-        self._searching.shutdown(wait=False)
         for batcher in self.batchers.values():
             await batcher.stop()
+        self._searching.shutdown(wait=False)  # after the batchers: their last batches still search
         await asyncio.gather(*(rs.close() for rs in self.shards))
 
 

@@ -27,6 +27,15 @@ N, DIM, SHARDS = 24_000, 32, 4
 KILLED_SHARDS = 8  # on 2 CPUs at most 3 can be finished when the driver dies at its first
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_ray():
+    """The in-process Ray builds here start a private Ray instance in the test process: stopped after them."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
