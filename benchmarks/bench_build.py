@@ -27,11 +27,10 @@ import psutil
 
 from services.common.config import Settings
 from services.common.store import LocalStore
-from services.embedder.embeddings import read_meta
+from services.embedder.embeddings import read_meta, read_part, vectors_of
 from services.eval.synthetic import write_embedding_chunks
 from services.index.merge import merge_topk
 from services.index.versions import load_current
-from services.indexer.parallel import read_part, vectors_of
 from services.searcher.local import IndexSearcher
 
 ROOT = Path(__file__).resolve().parents[1]

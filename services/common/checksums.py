@@ -4,6 +4,7 @@ what manifests and markers record, every reader verifies here."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -14,6 +15,20 @@ from services.common.store import TMP_PREFIX, Store
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sealed_json(body: dict) -> bytes:
+    """A small record (a done marker) carrying a checksum of itself: a damaged one is told from a true one."""
+    return json.dumps({**body, "check": sha256_bytes(json.dumps(body, sort_keys=True).encode())}).encode()
+
+
+def read_sealed_json(data: bytes) -> dict:
+    """The body of a sealed_json record; ValueError when it does not match its checksum (or is no JSON)."""
+    record = json.loads(data)
+    body = {k: v for k, v in record.items() if k != "check"}
+    if record.get("check") != sha256_bytes(json.dumps(body, sort_keys=True).encode()):
+        raise ValueError("marker does not match its checksum")
+    return body
 
 
 def file_sha256(path: str | Path) -> str:

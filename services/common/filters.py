@@ -296,12 +296,21 @@ def column(kind: str, values: list) -> Column:
 def kind_of(values: list) -> str | None:
     """The kind of a field's values (None ignored): bool, int, float (ints and floats mixed), str; None when
     the values are of no single kind (a number here, a string there, a list...)."""
-    kinds = {_KIND.get(type(v)) for v in values if v is not None}
+    return kind_of_kinds({value_kind(v) for v in values if v is not None})
+
+
+def value_kind(value) -> str | None:
+    """bool, int, float or str; None for a value of no scalar kind (a list, a dict...)."""
+    return _KIND.get(type(value))
+
+
+def kind_of_kinds(kinds: set) -> str | None:
+    """kind_of from the set of its values' value_kind (so it can be gathered a batch of rows at a time)."""
     if kinds == {"int", "float"}:
         return "float"
     if len(kinds) != 1 or None in kinds:
         return None
-    return kinds.pop()
+    return next(iter(kinds))
 
 
 _KIND = {bool: "bool", int: "int", float: "float", str: "str"}

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from services.common.checksums import sha256_bytes, verified_bytes
+from services.common.checksums import read_sealed_json, sealed_json, sha256_bytes, verified_bytes
 from services.common.errors import Corrupt, InvalidInput, NotFound
 from services.common.faults import crash_point
 from services.common.store import Store
@@ -102,16 +102,13 @@ class Resume:
 
 def marker_bytes(part: dict, model: str) -> bytes:
     """A done marker: the part's key, rows and checksum, the model, and a checksum of the marker itself."""
-    body = {**part, "model": model}
-    return json.dumps({**body, "check": sha256_bytes(json.dumps(body, sort_keys=True).encode())}).encode()
+    return sealed_json({**part, "model": model})
 
 
 def _read_marker(data: bytes) -> dict:
-    marker = json.loads(data)
-    body = {k: v for k, v in marker.items() if k != "check"}
-    if not isinstance(marker.get("sha256"), str) or \
-            marker.get("check") != sha256_bytes(json.dumps(body, sort_keys=True).encode()):
-        raise ValueError("marker does not match its checksum")
+    marker = read_sealed_json(data)
+    if not isinstance(marker.get("sha256"), str):
+        raise ValueError("marker names no part checksum")
     return marker
 
 
@@ -337,12 +334,26 @@ def read_embeddings(store: Store) -> Embeddings:
         tables.append(pq.read_table(io.BytesIO(verified_bytes(store, part["key"], part["sha256"]))))
     table = pa.concat_tables(tables) if tables else schema(meta["dim"]).empty_table()
     ok = table.filter(pc.is_null(table["error"]))
-    dim = meta["dim"]
-    flat = ok["vector"].combine_chunks().values.to_numpy(zero_copy_only=False) if ok.num_rows else np.zeros(0)
-    vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(ok.num_rows, dim)
+    vectors = vectors_of(ok, meta["dim"])
     errors = table.filter(pc.invert(pc.is_null(table["error"]))).select(["uri", "error"])
     metadata = ok["metadata"].to_pylist() if "metadata" in ok.column_names else None
     if metadata is not None and not any(metadata):
         metadata = None
     return Embeddings(meta, ok["id"].to_numpy().astype(np.int64), vectors, ok["uri"].to_pylist(), errors,
                       metadata)
+
+
+def read_part(store: Store, part: dict, columns: list[str]) -> pa.Table:
+    """The embedded (not error) rows of one part, its checksum verified."""
+    data = io.BytesIO(verified_bytes(store, part["key"], part["sha256"]))
+    present = set(pq.read_schema(data).names)
+    table = pq.read_table(data, columns=[c for c in dict.fromkeys(["error", *columns]) if c in present])
+    return table.filter(pc.is_null(table["error"])).select([c for c in columns if c in present])
+
+
+def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
+    """The vector column of embedded rows as one (rows, dim) float32 array."""
+    if not table.num_rows:
+        return np.zeros((0, dim), np.float32)
+    flat = table["vector"].combine_chunks().values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(table.num_rows, dim)

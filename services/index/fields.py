@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from services.common.errors import InvalidInput
-from services.common.filters import Column, column, kind_of
+from services.common.filters import Column, column, kind_of, kind_of_kinds, value_kind
 
 AUTO = "*"
 MAX_STRING = 256  # longer strings are text (a description), not something to filter on by equality
@@ -49,24 +49,18 @@ class FieldStats:
     def update(self, rows: list[dict]) -> None:
         for name in {k for r in rows for k in r if k not in RESERVED}:
             values = [r.get(name) for r in rows]
-            self.kinds.setdefault(name, set()).update({_KIND_NAMES.get(type(v), "other") for v in values
-                                                       if v is not None})
+            self.kinds.setdefault(name, set()).update({value_kind(v) for v in values if v is not None})
             self.longest[name] = max(self.longest.get(name, 0), _longest(values))
         self.sample.extend(rows[:max(0, SAMPLE_ROWS - len(self.sample))])
         self.rows += len(rows)
 
     def kind(self, name: str) -> str | None:
         """As filters.kind_of over every row of the field."""
-        kinds = self.kinds.get(name, set())
-        return "float" if kinds == {"int", "float"} else next(iter(kinds)) if len(kinds) == 1 and \
-            "other" not in kinds else None
+        return kind_of_kinds(self.kinds.get(name, set()))
 
     def mostly_unique(self, name: str) -> bool:
         values = [r.get(name) for r in self.sample]
         return len(values) > 1000 and len(set(values)) > UNIQUE_SHARE * len(values)
-
-
-_KIND_NAMES = {bool: "bool", int: "int", float: "float", str: "str"}
 
 
 def stats_of(rows: list[dict]) -> FieldStats:

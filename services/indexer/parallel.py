@@ -24,15 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from services.common.checksums import sha256_bytes, verified_bytes
+from services.common.checksums import read_sealed_json, sealed_json, sha256_bytes, verified_bytes
 from services.common.config import Settings
 from services.common.errors import Corrupt, NotFound
 from services.common.faults import crash_point
 from services.common.rayinit import start_ray
 from services.common.store import Store, open_store
+from services.embedder.embeddings import read_part, vectors_of
 from services.index import faiss_util, fields
 from services.index.layout import version_key
 from services.index.manifest import Manifest, ShardEntry, has_version
@@ -156,21 +155,6 @@ def gather(store: Store, parts: list[dict], rows: np.ndarray, dim: int,
     return ids, (projection.apply(vectors) if projection is not None else vectors)
 
 
-def read_part(store: Store, part: dict, columns: list[str]) -> pa.Table:
-    """The embedded (not error) rows of one part, its checksum verified."""
-    data = io.BytesIO(verified_bytes(store, part["key"], part["sha256"]))
-    present = set(pq.read_schema(data).names)
-    table = pq.read_table(data, columns=[c for c in dict.fromkeys(["error", *columns]) if c in present])
-    return table.filter(pc.is_null(table["error"])).select([c for c in columns if c in present])
-
-
-def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
-    if not table.num_rows:
-        return np.zeros((0, dim), np.float32)
-    flat = table["vector"].combine_chunks().values.to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
-
-
 def save_plan(out: Store, staging: str, plan: Plan) -> None:
     """Blobs first, the plan (with their checksums) last: a plan that exists names complete files."""
     files = {"trained.faiss": plan.trained, "queries.npy": _npy(plan.queries), "qids.npy": _npy(plan.qids)}
@@ -181,14 +165,14 @@ def save_plan(out: Store, staging: str, plan: Plan) -> None:
     body = {"format": PLAN_FORMAT, "version": plan.version, "n": plan.n, "dim": plan.dim,
             "params": plan.params.as_dict(), "kinds": plan.kinds,
             "files": {name: sha256_bytes(blob) for name, blob in files.items()}}
-    out.put_bytes(f"{staging}/plan.json", _sealed(body))
+    out.put_bytes(f"{staging}/plan.json", sealed_json(body))
 
 
 def load_plan(out: Store, staging: str, step: Step) -> Plan | None:
     """The plan a killed run staged, every file verified; None when there is none to resume (or it is damaged,
     or its version was written meanwhile)."""
     try:
-        body = _unseal(out.get_bytes(f"{staging}/plan.json"))
+        body = read_sealed_json(out.get_bytes(f"{staging}/plan.json"))
         if body.get("format") != PLAN_FORMAT or has_version(out, body["version"]):
             raise ValueError("stale")
         blobs = {name: verified_bytes(out, f"{staging}/{name}", sha) for name, sha in body["files"].items()}
@@ -210,7 +194,7 @@ def finished_shards(out: Store, staging: str, plan: Plan, shards: int, step: Ste
     done = {}
     for s in range(shards):
         try:
-            marker = _unseal(out.get_bytes(marker_key(staging, s)))
+            marker = read_sealed_json(out.get_bytes(marker_key(staging, s)))
             entry = ShardEntry(**marker["entry"])
             verified_bytes(out, version_key(plan.version, entry.file), entry.sha256)
             verified_bytes(out, version_key(plan.version, entry.docs_file), entry.docs_sha256)
@@ -233,18 +217,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
-
-
-def _sealed(body: dict) -> bytes:
-    text = json.dumps(body, sort_keys=True)
-    return json.dumps({"body": body, "sha256": sha256_bytes(text.encode())}).encode()
-
-
-def _unseal(data: bytes) -> dict:
-    raw = json.loads(data)
-    if sha256_bytes(json.dumps(raw["body"], sort_keys=True).encode()) != raw["sha256"]:
-        raise ValueError("its marker does not match its checksum")
-    return raw["body"]
 
 
 # --- the tasks
@@ -310,5 +282,5 @@ def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int
     out = open_store(out_url, settings)
     entry = write_shard(out, version, shard, log.info)
     marker = {"entry": entry.model_dump(), "probe": probe.to_json(), "dropped": rows - len(seen)}
-    out.put_bytes(marker_key(staging, number), _sealed(marker))
+    out.put_bytes(marker_key(staging, number), sealed_json(marker))
     return marker

@@ -40,6 +40,11 @@ class CollectionSpec:
     embedder: str | None = None  # host:port of an Embedder service for query images
     shard_count: int | None = None  # with a shards template on {i} (a StatefulSet's pods): how many shards
 
+    @property
+    def in_process(self) -> bool:
+        """shards "local": the router searches the index's shards itself."""
+        return self.shards.strip() == LOCAL
+
 
 def check_name(name: str) -> str:
     if not NAME.match(name):
@@ -92,7 +97,7 @@ def parse_shards(spec: str, count: int | None = None) -> list[list[str]]:
 def shard_groups(spec: CollectionSpec) -> list[list[str]]:
     """The collection's shards as the router asks them: one group of replica addresses per shard (none when the
     router searches them in-process: shards "local")."""
-    if spec.shards.strip() == LOCAL:
+    if spec.in_process:
         if not spec.index:
             raise InvalidInput(f"collection {spec.name!r}: shards \"local\" (searched inside the router) needs "
                                "its index (--index)")

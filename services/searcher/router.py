@@ -62,7 +62,7 @@ from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space
 from services.index.shards import load_quantizer
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
-from services.searcher.collections import DEFAULT, LOCAL, Collections, CollectionSpec, shard_groups
+from services.searcher.collections import DEFAULT, Collections, CollectionSpec, shard_groups
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
@@ -294,12 +294,21 @@ class Router:
         return np.concatenate(parts)[where.ravel()] if parts else np.zeros((0, self.dim or 0), np.float32)
 
     async def _fetch(self, ids: list[int], timeout: float | None) -> np.ndarray:
-        if self.local is not None:
-            found = ShardService.fetch(self.local.pick(""), ids)
-            unknown = [i for i, v in zip(ids, found) if v is None]
-            if unknown:
-                raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
-            return np.array(found, dtype=np.float32)
+        if self.local is not None:  # every shard is here: one that holds the id answers
+            vectors, silent = ShardService.fetch(self.local.pick(""), ids), []
+        else:
+            vectors, silent = await self._fetch_remote(ids, timeout)
+        unknown = [i for i, v in zip(ids, vectors) if v is None]
+        if unknown and silent:  # the id may live on a shard that did not answer: not a NotFound
+            raise Unavailable(f"shard(s) {silent} did not answer; id(s) {', '.join(map(str, unknown[:5]))} "
+                              "not found on the others")
+        if unknown:
+            raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
+        return np.array(vectors, dtype=np.float32)
+
+    async def _fetch_remote(self, ids: list[int], timeout: float | None) -> tuple[list, list[int]]:
+        """(each id's stored vector from whichever shard server holds it, None where none did; the shards that
+        did not answer)."""
         deadline = asyncio.get_running_loop().time() + shard_budget(timeout, self.settings.shard_timeout_s)
         request = pb.FetchRequest(ids=ids)
         vectors: list = [None] * len(ids)
@@ -308,14 +317,7 @@ class Router:
             for i, (found, v) in enumerate(zip(reply.found if reply else [], reply.vectors if reply else [])):
                 if found:
                     vectors[i] = v.values
-        unknown = [i for i, v in zip(ids, vectors) if v is None]
-        silent = [n for n, reply in enumerate(replies) if reply is None]
-        if unknown and silent:  # the id may live on a shard that did not answer: not a NotFound
-            raise Unavailable(f"shard(s) {silent} did not answer; id(s) {', '.join(map(str, unknown[:5]))} "
-                              "not found on the others")
-        if unknown:
-            raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")
-        return np.array(vectors, dtype=np.float32)
+        return vectors, [n for n, reply in enumerate(replies) if reply is None]
 
     def follow_versions(self, interval: float) -> None:
         """Keep up with published versions when no answer teaches them: a router whose traffic is all cache
@@ -538,7 +540,7 @@ async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
         if spec.index and not spec.embedder else (None, None)
     router = Router(shard_groups(spec), settings, embed)
     router.dim, router.index_url = dim, spec.index
-    if spec.shards.strip() == LOCAL:  # one host: the shards load here and follow the index's CURRENT here
+    if spec.in_process:  # one host: the shards load here and follow the index's CURRENT here
         searcher = await loop.run_in_executor(None, load_shards, spec.index, None, settings)
         router.local = ShardService(searcher, spec.index, None, settings)
         router._local_watch = loop.create_task(router.local.watch(settings.reload_interval_s))
