@@ -172,18 +172,20 @@ def to_bytes(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def read_index(path: str, mmap: bool = False) -> faiss.Index:
+def read_index(path: str, mmap: bool = False, map_refine: bool = False) -> faiss.Index:
     """Read a shard file; memory-mapped if asked and the index type allows it.
 
     Mapped IVF lists cost ~4x per query here (measured), so RAM is the default; map when the
-    shards do not fit in memory.
+    shards do not fit in memory. map_refine maps only flat-coded storage (a re-ranking stage's
+    full vectors: 8·k rows read a query, the IVF lists stay in RAM); the file must stay where it is.
     """
+    extra = faiss.IO_FLAG_MMAP_IFC if map_refine else 0
     try:
         if mmap:
             try:
-                return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY | extra)
             except RuntimeError:
                 pass  # not every index type can be mapped
-        return faiss.read_index(path)
+        return faiss.read_index(path, extra)
     except RuntimeError as e:
         raise Corrupt(f"cannot read index file {path}: {str(e).splitlines()[-1]}") from None

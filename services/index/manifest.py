@@ -27,6 +27,9 @@ class FileEntry(BaseModel):
     sha256: str
 
 
+DISK_RERANK_KIND = "ivf-pq-disk"  # IVF-PQ codes in RAM, the full vectors re-ranked from the mapped shard file
+
+
 class Manifest(BaseModel):
     format: int = FORMAT
     version: str
@@ -51,6 +54,11 @@ class Manifest(BaseModel):
     def model_dim(self) -> int:
         """Dimension of the model's vectors, which queries arrive in."""
         return int(self.model.get("dim") or self.dim)
+
+    @property
+    def reranks_from_disk(self) -> bool:
+        """Searchers map the re-ranking vectors of this version's shards instead of loading them."""
+        return self.params.get("kind") == DISK_RERANK_KIND
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(indent=1).encode()

@@ -111,10 +111,12 @@ def cached_params(cache: dict, index: faiss.Index, nprobe: int, k_factor: float)
     return cache[key][0]
 
 
-def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False) -> LoadedShard:
-    """One shard of a version with its docs, every file checksum-verified (S3 files cached locally)."""
+def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False,
+               serving: bool = False) -> LoadedShard:
+    """One shard of a version with its docs, every file checksum-verified (S3 files cached locally).
+    Serving a version that re-ranks from disk maps the full vectors (read-only: an update loads them)."""
     path = verified_file(store, version_key(manifest.version, entry.file), entry.sha256, cache)
-    index = faiss_util.read_index(str(path), mmap)
+    index = faiss_util.read_index(str(path), mmap, map_refine=serving and manifest.reranks_from_disk)
     if index.d != manifest.dim:
         raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")
     if index.ntotal != entry.count:

@@ -213,7 +213,7 @@ def check_not_empty(n: int, meta: dict, url: str) -> None:
 
 def choose_index_params(n: int, dim: int, factory: str | None, settings: Settings) -> IndexParams:
     return params_from_factory(factory) if factory else choose_params(
-        n, dim, settings.memory_budget_gb * 2**30, settings.flat_max)
+        n, dim, settings.memory_budget_gb * 2**30, settings.flat_max, settings.disk_rerank)
 
 
 def train_index(trained: faiss.Index, params: IndexParams, sample: np.ndarray | None, n: int, step: Step) -> None:

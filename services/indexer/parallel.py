@@ -74,7 +74,8 @@ def build_key(meta: dict, o: BuildOptions, settings: Settings) -> str:
     """Same embeddings and same options: same key, so a rerun finds what the killed run staged."""
     asked = {"embeddings": meta, "shards": o.shards, "factory": o.factory, "version": o.version,
              "projection": o.projection_options(settings), "fields": o.asked_fields(settings),
-             "memory_budget_gb": settings.memory_budget_gb, "flat_max": settings.flat_max}
+             "memory_budget_gb": settings.memory_budget_gb, "flat_max": settings.flat_max,
+             "disk_rerank": settings.disk_rerank}
     return hashlib.sha256(json.dumps(asked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

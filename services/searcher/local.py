@@ -48,7 +48,8 @@ class IndexSearcher:
             if not set(only) <= known:
                 raise NotFound(f"index {self.store.url} has shards {sorted(known)}, not {sorted(set(only) - known)}")
             entries = [e for e in entries if e.shard in only]
-        self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index) for e in entries]
+        self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index, serving=True)
+                       for e in entries]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
         self.quantizer = shared_quantizer([s.index for s in self.shards])
         self.stacked = stack_shards(self.shards, self.quantizer)  # plain IVF: all shards as one faiss search

@@ -75,6 +75,34 @@ def test_pq_with_reranking_reaches_the_target(tmp_path):
     assert m.tuning["recall_at_10"] >= 0.95, m.tuning
 
 
+def test_pq_reranked_from_disk_reaches_the_target_and_the_searcher_maps_the_vectors(tmp_path):
+    # 24 bytes per vector: not room for SQ8 codes of 32 dims (+ ids), room for PQ8 codes and the ids.
+    settings = Settings(home=tmp_path / "home", flat_max=1000, memory_budget_gb=12_000 * 24 / 2**30)
+    x = random_unit_vectors(12_200, 32, seed=5, clusters=40)
+    x, queries = x[:12_000], x[12_000:]
+    write_fake_embeddings(tmp_path / "emb", x, part_rows=6000)
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    assert m.params["kind"] == "ivf-pq-disk" and m.reranks_from_disk
+    assert m.tuning["recall_at_10"] >= 0.95, m.tuning
+    s = IndexSearcher(str(tmp_path / "idx"), settings)
+    for shard in s.shards:  # the full vectors are the shard file's pages, not a copy in RAM
+        refine = faiss.downcast_index(faiss.downcast_index(faiss.downcast_index(shard.index).index).refine_index)
+        assert not refine.codes.is_owned
+    emb = read_embeddings(LocalStore(tmp_path / "emb"))
+    truth = exact_topk(emb.vectors, emb.ids, queries, 10)
+    got = s.search(queries, k=10)
+    assert np.mean([len(set(t) & {h.id for h in g}) / 10 for t, g in zip(truth.tolist(), got)]) >= 0.95
+    assert np.allclose(s.fetch(emb.ids[:3].tolist()), emb.vectors[:3], atol=1e-6)  # exact vectors, from disk
+
+
+def test_without_disk_reranking_the_last_resort_is_pq_alone(tmp_path):
+    settings = Settings(home=tmp_path / "home", flat_max=1000, memory_budget_gb=12_000 * 24 / 2**30,
+                        disk_rerank=False)
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(12_000, 32, seed=5, clusters=40), part_rows=6000)
+    m = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    assert m.params["kind"] == "ivf-pq" and not m.reranks_from_disk
+
+
 def test_ids_are_content_hashes_and_duplicates_are_dropped(tmp_path, settings):
     x = random_unit_vectors(100, 8)
     write_fake_embeddings(tmp_path / "a", x, name="same")

@@ -32,9 +32,16 @@ def test_pq_with_sq8_reranking_when_memory_is_short():
     assert p.bytes_per_vector * 1_000_000 <= 2 * GB
 
 
-def test_plain_pq_when_nothing_else_fits():
-    p = choose_params(10_000_000, 1280, 1 * GB)
-    assert p.kind == "ivf-pq" and 1280 % p.pq_m == 0
+def test_pq_reranked_from_disk_when_not_even_sq8_codes_fit():
+    p = choose_params(10_000_000, 1280, 1 * GB)  # 107 B a vector: PQ alone would be the only choice in RAM
+    assert p.kind == "ivf-pq-disk" and p.factory.endswith(",Refine(Flat)") and p.k_factor > 1
+    assert 1280 % p.pq_m == 0 and p.bytes_per_vector * 10_000_000 <= 1 * GB
+    assert p.disk_bytes_per_vector == 4 * 1280
+
+
+def test_plain_pq_only_when_disk_reranking_is_turned_off():
+    p = choose_params(10_000_000, 1280, 1 * GB, disk_rerank=False)
+    assert p.kind == "ivf-pq" and 1280 % p.pq_m == 0 and p.k_factor == 1
     assert p.bytes_per_vector * 10_000_000 <= 1 * GB
 
 
