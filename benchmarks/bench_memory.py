@@ -4,10 +4,11 @@ real descriptors are), each memory-bounded index type built with faiss and measu
 smallest nprobe reaching 0.95 (or the best of the sweep), and QPS (batches of 100) there.
 
 Types: IVF-Flat, IVF-SQ8, IVF-PQ re-ranked from SQ8 codes (the product's automatic choice past the IVF-Flat
-budget), IVF-PQ re-ranked from the full vectors memory-mapped on disk (the automatic choice when not even SQ8 codes
-fit: `Refine(Flat)` read the way the searcher reads it, faiss_util.read_index(map_refine=True)), IVF-PQ alone, OPQ + IVF-PQ, the learned
-projection (PCA to 256) before IVF-Flat and before IVF-PQ + SQ8, and faiss's IVF-RaBitQ (alone and re-ranked
-from SQ8). The coarse quantizer is trained once and shared by the types that work in the original space.
+budget), IVF-PQ re-ranked from the full vectors memory-mapped on disk (the automatic choice when not even SQ8
+codes fit: `Refine(Flat)` read as the searcher reads it, faiss_util.read_index(map_refine=True)), IVF-PQ alone,
+OPQ + IVF-PQ, the learned projection (PCA to 256) before IVF-Flat and before IVF-PQ + SQ8, and faiss's
+IVF-RaBitQ (alone and re-ranked from SQ8). The coarse quantizer is trained once and shared by the types that
+work in the original space.
 
     python -m benchmarks.bench_memory [--n 200000] [--queries 200]
 """

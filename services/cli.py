@@ -232,11 +232,17 @@ def index_versions(root: str = typer.Argument(..., help="index root")) -> None:
 @index_app.command("add")
 @cli_errors
 def index_add(root: str = typer.Argument(..., help="index root"),
-              embeddings: str = typer.Argument(..., help="embeddings to append (same model)")) -> None:
+              embeddings: str = typer.Argument(..., help="embeddings to append (same model)"),
+              engine: str = typer.Option("auto", help="auto | local | ray: each shard grown in a Ray task that "
+                                                      "streams its rows (auto: Ray from "
+                                                      "IMSEARCH_INDEX_RAY_MIN_VECTORS, or with a Ray address)"),
+              ray_address: Optional[str] = typer.Option(None, help="Ray cluster address: the auto engine is then "
+                                                                   "Ray")) -> None:
     """Append embeddings to the published index (same trained quantizer), as a new published version."""
     from services.indexer.update import add_to_index
 
-    manifest, added, known = add_to_index(root, embeddings, _settings(), _step(False))
+    manifest, added, known = add_to_index(root, embeddings, _settings(ray_address=ray_address), _step(False),
+                                          engine=engine)
     out.print(f"added {added} vectors ({known} already indexed): {manifest.count} in version {manifest.version}",
               highlight=False)
 

@@ -142,6 +142,13 @@ def columns_of(rows: list[dict], kinds: dict[str, str], where: str = "") -> dict
     return out
 
 
+def added_columns(kinds: dict[str, str], rows: list[dict], where: str = "") -> tuple[dict[str, Column], list[str]]:
+    """(the Columns of rows added to an index whose fields are kinds — new values of a field are welcome, a
+    value of another kind is InvalidInput —, the fields those rows have that the index does not filter on)."""
+    extra = sorted({k for r in rows for k in r if k not in kinds and k not in RESERVED})
+    return columns_of(rows, kinds, where), extra
+
+
 def take(columns: dict[str, Column], rows: np.ndarray) -> dict[str, Column]:
     return {name: col.take(rows) for name, col in columns.items()}
 

@@ -12,7 +12,7 @@ import numpy as np
 from services.common.checksums import verified_bytes, verified_file
 from services.common.errors import Corrupt, Incompatible, NotSupported
 from services.common.store import Store
-from services.index import faiss_util
+from services.index import faiss_util, fields
 from services.index.docs import read_docs
 from services.index.layout import version_key
 from services.index.manifest import Manifest, ShardEntry
@@ -43,6 +43,11 @@ class LoadedShard:
 
     def params(self, nprobe: int, k_factor: float):
         return cached_params(self._params, self.index, nprobe, k_factor)
+
+    def grown(self, kinds: dict[str, str], ids: np.ndarray, uris: list[str], columns: dict) -> Shard:
+        """This shard to write again with rows appended (their vectors already added to its index)."""
+        return Shard(self.entry.shard, self.index, np.concatenate([self.ids, ids]), [*self.uris.tolist(), *uris],
+                     fields.concat(kinds, self.columns, columns))
 
     def enable_fetch(self) -> None:
         """Prepare id -> stored vector lookups (call before serving: it changes the index)."""

@@ -229,59 +229,90 @@ def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan
     import ray
 
     start_ray(settings)
-    task = ray.remote(num_cpus=1, max_retries=0)(build_shard)
     shared = ray.put((plan.trained, plan.queries, None if plan.projection is None else plan.projection.to_bytes()))
     step(f"building {len(todo)} shard(s) in Ray tasks ({int(ray.cluster_resources().get('CPU', 1))} CPUs)")
-    pending = {task.remote(settings, emb_store.url, meta["parts"], s, shards, shared, plan.kinds, plan.params,
-                           out.url, plan.version, staging): s for s in todo}
     done: dict[int, dict] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        number = pending.pop(ready[0])
-        try:
-            done[number] = ray.get(ready[0])
-        except ray.exceptions.RayTaskError as e:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, Exception) else e) from None
-        entry = done[number]["entry"]
+    calls = {s: (settings, emb_store.url, meta["parts"], s, shards, shared, plan.kinds, plan.params, out.url,
+                 plan.version, staging) for s in todo}
+    for number, marker in each_result(build_shard, calls):
+        done[number] = marker
+        entry = marker["entry"]
         step(f"shard {number} built: {entry['count']} vectors, {entry['bytes'] / 2**20:.1f} MiB "
              f"({len(done)}/{len(todo)})")
         crash_point("index.shard-built")
     return done
 
 
+def each_result(fn, calls: dict[int, tuple]):
+    """Run fn(*args) for each call in its own Ray task (one CPU, no retry: a failed shard fails the run, and a
+    rerun resumes or redoes it); yield (key, result) as they finish. The first task error cancels the rest and
+    is raised as the task raised it (an InvalidInput stays one)."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=0)(fn)
+    pending = {task.remote(*args): key for key, args in calls.items()}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as e:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
+        yield key, result
+
+
+class ShardRows:
+    """The embedded rows of one shard (id mod shards), streamed out of the parts a part at a time: (ids, model
+    vectors, uris, metadata or None) per part, the first row of each id kept as the local build keeps it."""
+
+    def __init__(self, store: Store, parts: list[dict], number: int, shards: int, dim: int, metadata: bool):
+        self.store, self.parts, self.number, self.shards, self.dim = store, parts, number, shards, dim
+        self.metadata = metadata
+        self.rows = 0  # of this shard, repeated ids included
+        self.seen: set[int] = set()
+
+    @property
+    def dropped(self) -> int:
+        return self.rows - len(self.seen)
+
+    def __iter__(self):
+        for part in self.parts:
+            table = read_part(self.store, part, ["id", "uri", "vector", *(["metadata"] if self.metadata else [])])
+            ids = table["id"].to_numpy()
+            mine = np.flatnonzero(ids % self.shards == self.number)
+            self.rows += len(mine)
+            listed = ids.tolist()
+            first = [i for i in mine[first_rows(ids[mine])[0]].tolist() if listed[i] not in self.seen]
+            if not first:
+                continue
+            table, ids = table.take(pa.array(first)), ids[first]
+            self.seen.update(ids.tolist())
+            metadata = None
+            if self.metadata:
+                metadata = table["metadata"].to_pylist() if "metadata" in table.column_names else [None] * len(ids)
+            yield ids, vectors_of(table, self.dim), table["uri"].to_pylist(), metadata
+
+
 def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int, shards: int, shared,
                 kinds: dict, params: IndexParams, out_url: str, version: str, staging: str) -> dict:
-    """One shard, in a Ray task: its rows streamed from the parts a part at a time (the first of each id kept,
-    as the local build does), projected and added to the trained index; written; then its marker."""
+    """One shard, in a Ray task: its rows streamed from the parts, projected and added to the trained index;
+    written; then its marker."""
     trained, queries, projection = shared
     projection = None if projection is None else Projection.from_bytes(projection)
-    store = open_store(emb_url, settings)
     builder = ShardBuilder(number, trained, queries, params)
-    seen: set[int] = set()
+    rows = ShardRows(open_store(emb_url, settings), parts, number, shards,
+                     projection.in_dim if projection is not None else queries.shape[1], bool(kinds))
     metadata: list = []
-    rows = 0
-    for part in parts:
-        table = read_part(store, part, ["id", "uri", "vector", "metadata"] if kinds else ["id", "uri", "vector"])
-        ids = table["id"].to_numpy()
-        mine = np.flatnonzero(ids % shards == number)
-        rows += len(mine)
-        listed = ids.tolist()
-        first = [i for i in mine[first_rows(ids[mine])[0]].tolist() if listed[i] not in seen]
-        if not first:
-            continue
-        table, ids = table.take(pa.array(first)), ids[first]
-        seen.update(ids.tolist())
-        vectors = vectors_of(table, projection.in_dim if projection is not None else queries.shape[1])
-        builder.add(ids, projection.apply(vectors) if projection is not None else vectors, table["uri"].to_pylist())
-        if kinds:
-            metadata += table["metadata"].to_pylist() if "metadata" in table.column_names else [None] * len(ids)
+    for ids, vectors, uris, meta in rows:
+        builder.add(ids, projection.apply(vectors) if projection is not None else vectors, uris)
+        metadata += meta or []
     columns = fields.columns_of(fields.decode(metadata, len(metadata)), kinds) if kinds else {}
     shard, probe = builder.finish(columns)
     out = open_store(out_url, settings)
     entry = write_shard(out, version, shard, log.info)
-    marker = {"entry": entry.model_dump(), "probe": probe.to_json(), "dropped": rows - len(seen)}
+    marker = {"entry": entry.model_dump(), "probe": probe.to_json(), "dropped": rows.dropped}
     out.put_bytes(marker_key(staging, number), sealed_json(marker))
     return marker

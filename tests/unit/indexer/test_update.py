@@ -7,6 +7,7 @@ from services.common.config import Settings
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
 from services.index.descriptors import weighted_sum
+from services.index.versions import load_current
 from services.indexer.build import build_index
 from services.indexer.update import add_to_index, delete_from_index
 from services.searcher.local import IndexSearcher
@@ -71,3 +72,29 @@ def test_adds_and_deletes_keep_the_projection_and_project_new_vectors_with_it(tm
     deleted, removed, _ = delete_from_index(str(tmp_path / "idx"), new_ids[:2], settings)
     assert removed == 2 and deleted.projection.sha256 == first.projection.sha256
     assert IndexSearcher(str(tmp_path / "idx"), settings).search(new[2:], k=1)[0][0].id == new_ids[2]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_change_that_fails_before_publishing_leaves_no_files_and_one_that_fails_after_keeps_its_version(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(400, 16, seed=3))
+    write_fake_embeddings(tmp_path / "more", random_unit_vectors(100, 16, seed=4), first_row=400)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings, version="v1")
+    versions = tmp_path / "idx" / "versions"
+
+    def fail_at(prefix):
+        def step(msg):
+            if msg.startswith(prefix):
+                raise Interrupted(msg)
+        return step
+
+    with pytest.raises(Interrupted):  # shard files written, the manifest not yet
+        add_to_index(str(tmp_path / "idx"), str(tmp_path / "more"), settings, fail_at("wrote shard 1"), "v2")
+    assert sorted(p.name for p in versions.iterdir()) == ["v1"]
+    with pytest.raises(Interrupted):  # published, then the caller's step failed (a closed terminal)
+        add_to_index(str(tmp_path / "idx"), str(tmp_path / "more"), settings, fail_at("published"), "v3")
+    assert load_current(LocalStore(tmp_path / "idx")).version == "v3"
+    assert IndexSearcher(str(tmp_path / "idx"), settings).manifest.count == 500  # its files are all there
