@@ -5,6 +5,10 @@ CURRENT by compare-and-swap; shard servers watching the pointer switch to it wit
 deletes are pure changes: when another writer publishes first, the change is redone on top of the winner
 (up to IMSEARCH_WRITE_RETRIES times) and the lost attempt's files are removed, so two concurrent changes
 both land instead of one silently undoing the other.
+
+A large add runs on Ray (add_parallel): one task per shard loads it, streams the rows it takes out of the new
+embeddings parts and writes it grown, so the driver holds neither the batch nor the shards; the same rows in
+the same order as the in-process add, so the same files.
 """
 
 from __future__ import annotations
