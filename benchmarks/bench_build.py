@@ -6,7 +6,10 @@ Writes an embeddings folder of N clustered 128-d vectors (a chunk at a time; kep
 then runs `imsearch index build --engine E` as a subprocess per engine, sampling the RSS of it and of every
 process under it (Ray's raylet, GCS and workers) every 0.2 s.
 
-    python -m benchmarks.bench_build --n 1000000 --engines local,ray
+With --add M, then `imsearch index add --engine E` of M new vectors to a copy of each index built (the same
+measures: the Ray add's driver holds neither the batch nor the shards).
+
+    python -m benchmarks.bench_build --n 1000000 --engines local,ray [--add 1000000]
     python -m benchmarks.bench_build --n 10000000 --engines ray --shards 8 --search
 """
 
@@ -50,12 +53,14 @@ def vectors(n: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def catalogue(work: Path, n: int) -> Path:
-    emb = work / f"emb-{n}"
+def catalogue(work: Path, n: int, first_row: int = 0) -> Path:
+    """n vectors whose rows (hence ids) start at first_row: a later batch of the same catalogue when not 0."""
+    emb = work / (f"emb-{n}" if not first_row else f"emb-{n}-from-{first_row}")
     if not (emb / "embeddings.json").exists():
         t = time.perf_counter()
-        chunks = (vectors(min(CHUNK, n - s), seed=1 + s // CHUNK) for s in range(0, n, CHUNK))
-        write_embedding_chunks(emb, chunks, DIM, part_rows=CHUNK)
+        seed = 1 + first_row // CHUNK
+        chunks = (vectors(min(CHUNK, n - s), seed=seed + s // CHUNK) for s in range(0, n, CHUNK))
+        write_embedding_chunks(emb, chunks, DIM, part_rows=CHUNK, first_row=first_row)
         print(f"# wrote {n} vectors in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     return emb
 
@@ -88,31 +93,50 @@ class PeakRss(threading.Thread):
         if p.pid == self.root.pid:
             return "driver"
         name = " ".join(p.cmdline())
-        for role in ("raylet", "gcs_server", "build_shard", "default_worker", "dashboard", "RuntimeEnv"):
+        for role in ("raylet", "gcs_server", "build_shard", "add_shard", "default_worker", "dashboard", "RuntimeEnv"):
             if role in name or role in p.name():
-                return "ray worker" if role in ("build_shard", "default_worker") else f"ray {role}"
+                return "ray worker" if role in ("build_shard", "add_shard", "default_worker") else f"ray {role}"
         return "other"
 
 
-def build(emb: Path, out: Path, engine: str, shards: int, home: Path) -> dict:
-    cmd = [sys.executable, "-m", "services.cli", "index", "build", str(emb), "--out", str(out), "--shards",
-           str(shards), "--engine", engine, "--json"]
-    env = {**os.environ, "IMSEARCH_HOME": str(home)}
+def run(cmd: list[str], home: Path, what: str) -> tuple[float, PeakRss, str]:
+    """An imsearch command as a subprocess: (seconds, its processes' peak RSS, its stdout)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *cmd], cwd=ROOT,
+                            env={**os.environ, "IMSEARCH_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     rss = PeakRss(proc.pid)
     rss.start()
     out_, err = proc.communicate()
     seconds = time.perf_counter() - start
     rss.stop.set()
     if proc.returncode:
-        raise SystemExit(f"{engine} build failed:\n{err[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{err[-3000:]}")
+    return seconds, rss, out_
+
+
+def peaks(rss: PeakRss) -> dict:
+    return {"peak_rss_mib": {role: round(v / 2**20) for role, v in sorted(rss.peaks.items())},
+            "peak_rss_total_mib": round(rss.total / 2**20)}
+
+
+def build(emb: Path, out: Path, engine: str, shards: int, home: Path) -> dict:
+    seconds, rss, out_ = run(["index", "build", str(emb), "--out", str(out), "--shards", str(shards), "--engine",
+                              engine, "--json"], home, f"{engine} build")
     manifest = json.loads(out_)
-    mib = {role: round(v / 2**20) for role, v in sorted(rss.peaks.items())}
-    return {"engine": engine, "seconds": round(seconds, 1), "peak_rss_mib": mib, "peak_rss_total_mib":
-            round(rss.total / 2**20), "factory": manifest["factory"], "nprobe": manifest["nprobe"],
-            "tuned_recall_at_10": manifest["tuning"]["recall_at_10"], "count": manifest["count"],
+    return {"engine": engine, "seconds": round(seconds, 1), **peaks(rss), "factory": manifest["factory"],
+            "nprobe": manifest["nprobe"], "tuned_recall_at_10": manifest["tuning"]["recall_at_10"],
+            "count": manifest["count"],
             "bytes_per_vector": round(sum(s["bytes"] for s in manifest["shards"]) / manifest["count"], 1)}
+
+
+def add(index: Path, more: Path, engine: str, home: Path) -> dict:
+    """`index add --engine engine` of the batch `more` to a copy of index."""
+    copy = index.with_name(index.name + "-grown")
+    subprocess.run(["rm", "-rf", str(copy)], check=True)
+    subprocess.run(["cp", "-r", str(index), str(copy)], check=True)
+    seconds, rss, out_ = run(["index", "add", str(copy), str(more), "--engine", engine], home, f"{engine} add")
+    return {"engine": engine, "add_seconds": round(seconds, 1), **peaks(rss), "said": out_.strip()}
 
 
 def exact_topk(emb: Path, queries: np.ndarray, k: int) -> np.ndarray:
@@ -159,6 +183,7 @@ def main() -> None:
     ap.add_argument("--engines", default="local,ray")
     ap.add_argument("--work", type=Path, default=Path("/tmp/imsearch-bench-build"))
     ap.add_argument("--search", action="store_true", help="also load the last index built: recall, QPS")
+    ap.add_argument("--add", type=int, default=0, help="then add this many new vectors to each index built")
     args = ap.parse_args()
     emb = catalogue(args.work, args.n)
     results = {}
@@ -173,6 +198,15 @@ def main() -> None:
                                                                     results["local"]["seconds"], 2),
                           "ray_driver_rss_over_local": round(results["ray"]["peak_rss_mib"]["driver"] /
                                                              results["local"]["peak_rss_mib"]["driver"], 2)}))
+    if args.add:
+        more = catalogue(args.work, args.add, first_row=args.n)
+        added = {e: add(args.work / f"idx-{args.n}-{e}", more, e, args.work / "home") for e in results}
+        for engine, row in added.items():
+            print(json.dumps({"n": args.n, "added": args.add, **row}), flush=True)
+        if {"local", "ray"} <= set(added):
+            print(json.dumps({"added": args.add, "ray_add_time_over_local": round(
+                added["ray"]["add_seconds"] / added["local"]["add_seconds"], 2), "ray_add_driver_rss_over_local": round(
+                added["ray"]["peak_rss_mib"]["driver"] / added["local"]["peak_rss_mib"]["driver"], 2)}))
     if args.search:
         m = load_current(LocalStore(out))
         per_vector = results[engine]["bytes_per_vector"]
