@@ -158,7 +158,10 @@ def main() -> None:
                 print(json.dumps({"type": name, "factory": factory, "error": str(e).splitlines()[-1]}), flush=True)
                 continue
             built = time.perf_counter() - t
-            ram = len(faiss.serialize_index(index)) / args.n - (4 * DIM if k_factor < 0 else 0)
+            # RAM: the index as serialised; for the disk type its PQ part alone (the full vectors stay in the
+            # mapped file; serialising them too would hold a third copy of the catalogue here)
+            in_ram = faiss.downcast_index(index).base_index if k_factor < 0 else index
+            ram = len(faiss.serialize_index(in_ram)) / args.n
             if k_factor < 0:
                 index = mapped(index, Path(tmp) / "shard.faiss")
             search = faiss_search(index, abs(k_factor))
