@@ -168,6 +168,22 @@ def search_preassigned(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, Iq: np.
     return D, I
 
 
+def id_selector(ids: np.ndarray, all_ids: np.ndarray) -> tuple[object, list]:
+    """A selector of ids among all_ids (both sorted): a batch of ids, or for broad filters the negation of the
+    few ids that do not match (faiss's IDSelectorBatch builds a hash set: 180 ms for 500k ids, measured)."""
+    if len(ids) <= len(all_ids) // 2:
+        return faiss.IDSelectorBatch(ids), [ids]
+    others = np.setdiff1d(all_ids, ids, assume_unique=True)
+    inner = faiss.IDSelectorBatch(others)
+    return faiss.IDSelectorNot(inner), [inner, others]
+
+
+def position_selector(mask: np.ndarray) -> tuple[object, list]:
+    """A selector of an IDMap's inner positions (0..n-1) from a mask over them: a bitmap."""
+    bits = np.packbits(mask, bitorder="little")
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), [bits]
+
+
 def to_bytes(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 

@@ -99,22 +99,6 @@ class Selection:
         return held + (self.exact[0].ntotal * self.exact[0].d * 4 if self.exact is not None else 0)
 
 
-def id_selector(ids: np.ndarray, all_ids: np.ndarray) -> tuple[object, list]:
-    """A selector of ids among all_ids (both sorted): a batch of ids, or for broad filters the negation of the
-    few ids that do not match (faiss's IDSelectorBatch builds a hash set: 180 ms for 500k ids, measured)."""
-    if len(ids) <= len(all_ids) // 2:
-        return faiss.IDSelectorBatch(ids), [ids]
-    others = np.setdiff1d(all_ids, ids, assume_unique=True)
-    inner = faiss.IDSelectorBatch(others)
-    return faiss.IDSelectorNot(inner), [inner, others]
-
-
-def position_selector(mask: np.ndarray) -> tuple[object, list]:
-    """A selector of an IDMap's inner positions (0..n-1) from a mask over them: a bitmap."""
-    bits = np.packbits(mask, bitorder="little")
-    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), [bits]
-
-
 def _none(nq: int, k: int, with_uris: bool):
     empty = np.full((nq, k), -1, np.int64)
     return (np.full(empty.shape, -np.inf, np.float32), empty, np.full(empty.shape, -1, np.int32),
@@ -189,9 +173,9 @@ class FilteredSearch:
             return self._exact(shard, sel, queries, k)
         if sel.selector is None:
             if view.id_map is None:
-                sel.selector, sel.keep = id_selector(sel.ids, shard.ids)
+                sel.selector, sel.keep = faiss_util.id_selector(sel.ids, shard.ids)
             else:
-                sel.selector, sel.keep = position_selector(np.isin(view.id_map, sel.ids))
+                sel.selector, sel.keep = faiss_util.position_selector(np.isin(view.id_map, sel.ids))
             self._evict()
         params, _keep = faiss_util.search_parameters(view.index, width, self.k_factor, sel.selector)
         D, I = view.index.search(queries, k, params=params)
@@ -221,7 +205,7 @@ class FilteredSearch:
                 self._evict()
             return self.stacked.label(*_flat_search(sel.exact, queries, k), with_uris)
         if sel.selector is None:
-            sel.selector, sel.keep = id_selector(sel.ids, self.stacked.ids)
+            sel.selector, sel.keep = self.stacked.selector(sel.ids)
             self._evict()
         return self.stacked.search(queries, k, width, self.k_factor, with_uris=with_uris, selector=sel.selector)
 

@@ -3,6 +3,7 @@ coarse quantizer plain-IVF shards share."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,9 @@ class Shard:
     columns: dict = field(default_factory=dict)  # filterable fields: name -> filters.Column, aligned with ids
 
 
+_FETCH_SETUP = threading.Lock()  # one lock for all shards: shards of a stack share its direct map
+
+
 @dataclass
 class LoadedShard:
     entry: ShardEntry
@@ -36,6 +40,7 @@ class LoadedShard:
     uris: np.ndarray  # object, aligned with ids
     columns: dict = field(default_factory=dict)  # filterable fields: name -> filters.Column, aligned with ids
     home: object = None  # the stacked index its vectors were moved into (stacked.py), else None: its own
+    home_ids: np.ndarray | None = None  # the stack's sorted ids: its lists hold positions among them, not ids
     _params: dict = field(default_factory=dict)
     _order: np.ndarray | None = None  # IDMap position of each id in _sorted_ids (enable_fetch)
     _sorted_ids: np.ndarray | None = None
@@ -50,19 +55,23 @@ class LoadedShard:
                      fields.concat(kinds, self.columns, columns))
 
     def enable_fetch(self) -> None:
-        """Prepare id -> stored vector lookups (call before serving: it changes the index)."""
+        """Prepare id -> stored vector lookups (before serving: it changes the index). Concurrent first calls
+        (filtered searches on several threads) wait for the one preparing; the flag is set once all is ready."""
         if self._fetch_ready:
             return
-        self._fetch_ready = True
-        ix = faiss.downcast_index(self.index)
-        if isinstance(ix, faiss.IndexIDMap):
-            id_map = faiss.vector_to_array(ix.id_map)
-            self._order = np.argsort(id_map)
-            self._sorted_ids = id_map[self._order]
-        elif isinstance(ix, faiss.IndexIVF):
-            holder = faiss.downcast_index(self.home) if self.home is not None else ix
-            if holder.direct_map.type != faiss.DirectMap.Hashtable:  # a stack's map serves all its shards
-                holder.set_direct_map_type(faiss.DirectMap.Hashtable)
+        with _FETCH_SETUP:
+            if self._fetch_ready:
+                return
+            ix = faiss.downcast_index(self.index)
+            if isinstance(ix, faiss.IndexIDMap):
+                id_map = faiss.vector_to_array(ix.id_map)
+                self._order = np.argsort(id_map)
+                self._sorted_ids = id_map[self._order]
+            elif isinstance(ix, faiss.IndexIVF):
+                holder = faiss.downcast_index(self.home) if self.home is not None else ix
+                if holder.direct_map.type != faiss.DirectMap.Hashtable:  # a stack's map serves all its shards
+                    holder.set_direct_map_type(faiss.DirectMap.Hashtable)
+            self._fetch_ready = True
 
     def fetch(self, ids: list[int]) -> list[np.ndarray | None]:
         """Stored vectors of ids (None where this shard does not hold the id)."""
@@ -80,7 +89,8 @@ class LoadedShard:
             elif self.home is not None:  # the stack holds every shard's vectors: only this shard's are ours
                 j = int(np.searchsorted(self.ids, id_))
                 held = j < len(self.ids) and self.ids[j] == id_
-                out.append(faiss.downcast_index(self.home).reconstruct(int(id_)) if held else None)
+                key = int(self._home_keys(np.array([id_]))[0])
+                out.append(faiss.downcast_index(self.home).reconstruct(key) if held else None)
             else:
                 try:
                     out.append(ix.reconstruct(int(id_)))
@@ -94,8 +104,13 @@ class LoadedShard:
         ix = faiss.downcast_index(self.index)
         if isinstance(ix, faiss.IndexIDMap):
             return ix.index.reconstruct_batch(self._order[np.searchsorted(self._sorted_ids, ids)])
-        holder = faiss.downcast_index(self.home) if self.home is not None else ix
-        return holder.reconstruct_batch(ids)  # IVF: through the hashtable direct map (ids are not 0..n-1)
+        if self.home is not None:
+            return faiss.downcast_index(self.home).reconstruct_batch(self._home_keys(ids))
+        return ix.reconstruct_batch(ids)  # IVF: through the hashtable direct map (ids are not 0..n-1)
+
+    def _home_keys(self, ids: np.ndarray) -> np.ndarray:
+        """What the stack's lists hold for these ids: their positions among its ids when renumbered."""
+        return ids if self.home_ids is None else np.searchsorted(self.home_ids, ids)
 
     def uris_of(self, ids: np.ndarray) -> np.ndarray:
         """Uris of ids held by this shard ("" for ids it does not hold), same shape as ids."""

@@ -5,6 +5,9 @@ their lists are moved (faiss's merge_from: appended, not copied — the memory s
 index of the shards' type, which searches them all in one C++ call: the quantizer once, every probed list
 scanned by faiss's own threads, the global top-k kept in faiss's heap, at the speed of one raw faiss index.
 The shards keep their ids, uris and fields; their stored vectors are read through the stack (LoadedShard.home).
+The moved lists hold positions among the stack's sorted ids instead of the ids: a hit's id, shard and uri are
+then one array read each, where a binary search over every id (a cache miss at each step after a scan of the
+lists) took ~10 % of the in-process router's samples at 1M (py-spy); a filter's selector is a bitmap of positions.
 This is faiss IndexShardsIVF's idea without its limits (IndexShardsIVF insists that every shard's own nprobe
 equals the search's, so per-call nprobe would mean mutating shared indexes). Measured (`python -m
 benchmarks.bench_search --n 200000`, 4 shards, arrays out as raw faiss gives them): the per-shard loop in
@@ -51,6 +54,7 @@ class StackedShards:
     ids: np.ndarray  # every shard's ids, sorted
     shard_of: np.ndarray  # shard number of ids[i]
     uris: np.ndarray  # uri of ids[i]
+    by_position: bool = False  # the lists hold positions among ids (moved lists), not ids (mapped shards)
     _params: dict = field(default_factory=dict)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int, k_factor: float,
@@ -65,21 +69,37 @@ class StackedShards:
             D, I = self.index.search(queries, k, params=params)
         else:
             D, I = faiss_util.search_preassigned(self.index, queries, k, assign[1], assign[0], params)
-        return self.label(D, I, with_uris)
+        return self.label(D, I, with_uris, positions=self.by_position)
 
-    def label(self, D: np.ndarray, I: np.ndarray, with_uris: bool = True):
-        """faiss's (D, I) over the stacked shards -> (D, I, S, uris) as merge_topk gives them."""
+    def selector(self, ids: np.ndarray) -> tuple[object, list]:
+        """A faiss selector of these ids (sorted, every one among self.ids) for search(): the bitmap of their
+        positions when the lists hold positions."""
+        if not self.by_position:
+            return faiss_util.id_selector(ids, self.ids)
+        mask = np.zeros(len(self.ids), bool)
+        mask[np.searchsorted(self.ids, ids)] = True
+        return faiss_util.position_selector(mask)
+
+    def label(self, D: np.ndarray, I: np.ndarray, with_uris: bool = True, positions: bool = False):
+        """faiss's (D, I) over the stacked shards -> (D, I, S, uris) as merge_topk gives them. I holds ids, or
+        with positions, positions among self.ids (what search over renumbered lists returns)."""
         missing = I < 0
         D[missing] = -np.inf
         # faiss returns each row by score; rows with equal scores are re-ordered by id, as the merge orders them
+        # (positions sort as their ids do)
         tied = np.flatnonzero(((D[:, 1:] == D[:, :-1]) & ~missing[:, 1:]).any(axis=1))
         if len(tied):
             order = rank_columns(D[tied], np.where(missing[tied], np.iinfo(np.int64).max, I[tied]))
             D[tied], I[tied] = np.take_along_axis(D[tied], order, 1), np.take_along_axis(I[tied], order, 1)
         if not len(self.ids):  # every shard empty
             return D, I, np.full(I.shape, -1, np.int32), (np.full(I.shape, "", dtype=object) if with_uris else None)
-        pos = np.searchsorted(self.ids, I)
-        np.minimum(pos, len(self.ids) - 1, out=pos)
+        if positions:
+            pos = np.where(missing, 0, I)
+            I = self.ids[pos]
+            I[missing] = -1
+        else:
+            pos = np.searchsorted(self.ids, I)
+            np.minimum(pos, len(self.ids) - 1, out=pos)
         S = self.shard_of[pos]
         S[missing] = -1
         if not with_uris:
@@ -98,27 +118,31 @@ def stack_shards(shards: list[LoadedShard], quantizer: faiss.Index | None) -> St
     ivfs = [faiss.downcast_index(s.index) for s in shards]
     if len({(ivf.code_size, type(ivf)) for ivf in ivfs}) != 1:
         return None
+    ids = np.concatenate([s.ids for s in shards])
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
     if shards[0].home is not None and all(s.home is shards[0].home for s in shards):
         stacked = shards[0].home  # stacked before (their lists live there now): the same stack again
     elif any(s.home is not None for s in shards):
         return None  # some of them moved into another stack: no stack of these
     else:
-        stacked = _stack(shards, ivfs)
-    ids = np.concatenate([s.ids for s in shards])
-    order = np.argsort(ids, kind="stable")
+        stacked = _stack(shards, ivfs, ids)
     shard_of = np.concatenate([np.full(len(s.ids), s.entry.shard, np.int32) for s in shards])
     uris = np.concatenate([np.asarray(s.uris, dtype=object) for s in shards])
-    return StackedShards(stacked, shards, ids[order], shard_of[order], uris[order])
+    return StackedShards(stacked, shards, ids, shard_of[order], uris[order], shards[0].home_ids is not None)
 
 
-def _stack(shards: list[LoadedShard], ivfs: list) -> faiss.IndexIVF:
-    """One IVF index over the shards' lists: moved into it, or (memory-mapped) read in place."""
+def _stack(shards: list[LoadedShard], ivfs: list, ids: np.ndarray) -> faiss.IndexIVF:
+    """One IVF index over the shards' lists: moved into it (renumbered: positions among ids, the shards' ids
+    sorted), or (memory-mapped) read in place."""
     stacked = _empty_like(ivfs[0])
     stacked.ntotal = 0  # the clone kept the first shard's count with none of its lists
     if all(isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists) for ivf in ivfs):
         for shard, ivf in zip(shards, ivfs):
             stacked.merge_from(ivf, 0)  # moves the lists: the shard's index is left empty
-            shard.home = stacked
+        _renumber(stacked, ids)
+        for shard in shards:
+            shard.home, shard.home_ids = stacked, ids
         return stacked
     lists = faiss.InvertedListsPtrVector()
     for ivf in ivfs:
@@ -128,3 +152,16 @@ def _stack(shards: list[LoadedShard], ivfs: list) -> faiss.IndexIVF:
     stacked.replace_invlists(stack, True)
     stacked.ntotal = sum(ivf.ntotal for ivf in ivfs)
     return stacked
+
+
+def _renumber(ivf: faiss.IndexIVF, ids: np.ndarray) -> None:
+    """Each list's ids replaced, in place, by their positions among ids (sorted; holding every id of the
+    lists). Before any direct map is made: enable_fetch builds it from the positions."""
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    for lst in range(ivf.nlist):
+        n = invlists.list_size(lst)
+        if n:
+            ptr = invlists.get_ids(lst)
+            held = faiss.rev_swig_ptr(ptr, n)  # the list's own ids, written in place
+            held[:] = np.searchsorted(ids, held)
+            invlists.release_ids(lst, ptr)

@@ -149,16 +149,26 @@ def test_concurrent_filtered_searches_on_id_mapped_shards_keep_their_own_filters
     q = random_unit_vectors(20, DIM, seed=9, clusters=40)
     categories = {f"c{i}" for i in range(1, 9)}
     wrong: list = []
+    errors: list = []
+    done: list = []
+
+    start = threading.Barrier(len(categories))  # every first search at once: the lazy set-up races too
 
     def run(cat: str) -> None:
         allowed = {i for i, c in zip(ids.tolist(), meta["category"]) if c == cat}
-        for _ in range(20):
-            I = search.search(q, K, 64, parse_where(f'category == "{cat}"'))[1]
-            wrong.extend(i for i in I[I >= 0].tolist() if i not in allowed)
+        start.wait()
+        try:
+            for _ in range(20):
+                I = search.search(q, K, 64, parse_where(f'category == "{cat}"'))[1]
+                wrong.extend(i for i in I[I >= 0].tolist() if i not in allowed)
+                done.append(cat)
+        except Exception as e:  # a thread's failure must fail the test, not just print
+            errors.append(repr(e))
 
     threads = [threading.Thread(target=run, args=(c,)) for c in sorted(categories)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == [] and len(done) == 20 * len(categories)
     assert wrong == []

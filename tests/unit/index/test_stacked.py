@@ -62,10 +62,18 @@ def test_the_stack_answers_as_the_shards_merged(factory, nprobe):
     assert U.tolist() == want[3].tolist()
     assert stacked.index.ntotal == N  # every shard's vectors, moved (not copied) into one index
     assert all(s.index.ntotal == 0 for s in shards)
+    invlists = faiss.downcast_InvertedLists(stacked.index.invlists)  # renumbered: positions among the ids
+    held = np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+                           for i in range(stacked.index.nlist) if invlists.list_size(i)])
+    assert stacked.by_position and sorted(held.tolist()) == list(range(N))
+    row = {int(i): r for r, i in enumerate(np.random.default_rng(2).choice(10**12, N, replace=False))}  # shards_of's
     for s in shards:  # each shard's stored vectors are still its own to read, through the stack
         s.enable_fetch()
         got = s.fetch([int(s.ids[0]), int(shards[(s.entry.shard + 1) % 3].ids[0])])
         assert got[0] is not None and got[1] is None  # another shard's id is not this shard's
+        if factory == "IVF32,Flat":  # exact codes: the very vectors added
+            np.testing.assert_array_equal(got[0], x[row[int(s.ids[0])]])
+            np.testing.assert_array_equal(s.vectors_of(s.ids[:5]), x[[row[int(i)] for i in s.ids[:5]]])
         assert s.vectors_of(s.ids[:5]).shape == (5, DIM)
 
 
