@@ -7,13 +7,15 @@
   versions/<version>/quantizer.faiss           plain IVF: the coarse quantizer, for routers
   versions/<version>/projection.npz            the learned projection of model vectors (projection.py)
   builds/<key>/                                a Ray build in progress: its plan and finished shards' markers,
-                                               kept for a rerun to resume from (indexer/parallel.py)
+                                               kept for a rerun to resume from (indexer/parallel.py); `index
+                                               gc` removes one untouched for the grace period
 """
 
 from __future__ import annotations
 
 POINTER_KEY = "CURRENT"
 VERSIONS = "versions"
+BUILDS = "builds"
 MANIFEST = "manifest.json"
 QUANTIZER_FILE = "quantizer.faiss"
 PROJECTION_FILE = "projection.npz"

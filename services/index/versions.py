@@ -25,7 +25,7 @@ from services.common.checksums import sha256_bytes, verified_bytes, verified_fil
 from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.faults import crash_point
 from services.common.store import Store
-from services.index.layout import MANIFEST, POINTER_KEY, VERSIONS, manifest_key, version_key, version_prefix
+from services.index.layout import BUILDS, MANIFEST, POINTER_KEY, VERSIONS, manifest_key, version_key, version_prefix
 from services.index.manifest import Manifest, has_version, load_version
 
 HISTORY = 20  # earlier versions remembered in the pointer, for rollback
@@ -176,6 +176,7 @@ def gc(store: Store, keep: int = 2, grace_s: float = 3600.0, retries: int = 5, s
     A gc killed midway leaves them marked; the next gc finishes them."""
     step = step or (lambda msg: None)
     now = time.time() if now is None else now
+    _gc_builds(store, grace_s, now, step)
     for attempt in range(retries + 1):
         base = current_pointer(store)
         protected = {base.version, *base.history[:keep]}
@@ -206,6 +207,20 @@ def gc(store: Store, keep: int = 2, grace_s: float = 3600.0, retries: int = 5, s
             if attempt == retries:
                 raise
     return doomed
+
+
+def _gc_builds(store: Store, grace_s: float, now: float, step: Step) -> None:
+    """Staged Ray builds (builds/<key>/) none of whose files changed for grace_s: abandoned — the same command
+    would have resumed them; a build still running past that loses only its resumability."""
+    staged: dict[str, float] = {}
+    for key in store.list(BUILDS):
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[0] == BUILDS:
+            staged[parts[1]] = max(staged.get(parts[1], 0.0), store.modified(key))
+    for build, newest in sorted(staged.items()):
+        if now - newest >= grace_s:
+            step(f"removing the abandoned build staged at {BUILDS}/{build}")
+            store.delete_prefix(f"{BUILDS}/{build}")
 
 
 def _delete_version(store: Store, version: str) -> None:

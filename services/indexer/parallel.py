@@ -33,7 +33,7 @@ from services.common.rayinit import start_ray
 from services.common.store import Store, open_store
 from services.embedder.embeddings import read_part, vectors_of
 from services.index import faiss_util, fields
-from services.index.layout import version_key
+from services.index.layout import BUILDS, version_key
 from services.index.manifest import Manifest, ShardEntry, has_version
 from services.index.projection import Projection
 from services.index.versions import check_new_version, read_pointer
@@ -52,7 +52,6 @@ from services.indexer.params import IndexParams
 from services.indexer.stages import Probe, ShardBuilder, clone, plan_rows
 
 log = logging.getLogger(__name__)
-BUILDS = "builds"
 PLAN_FORMAT = 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 
 import pytest
@@ -119,6 +120,23 @@ def test_gc_keeps_current_history_and_young_versions_and_removes_old_and_orphans
     pointer = current_pointer(store)
     assert pointer.version == "v4" and pointer.history == ["v3"] and pointer.deleting == []
     assert rollback(store, settings.home / "cache").version == "v3"  # what rollback can reach is whole
+
+
+def test_gc_removes_a_ray_build_staging_left_untouched_for_the_grace_period(index):
+    tmp, _, _ = index
+    store = LocalStore(tmp / "idx")
+    for name in ("abandoned", "recent"):
+        store.put_bytes(f"builds/{name}/plan.json", b"{}")
+        store.put_bytes(f"builds/{name}/shard-00000.json", b"{}")
+    old = time.time() - 7200
+    for f in (tmp / "idx" / "builds" / "abandoned").iterdir():
+        os.utime(f, (old, old))
+    said: list[str] = []
+    gc(store, keep=1, grace_s=3600, step=said.append)
+    assert not (tmp / "idx" / "builds" / "abandoned").exists()
+    assert sorted(p.name for p in (tmp / "idx" / "builds" / "recent").iterdir()) == ["plan.json", "shard-00000.json"]
+    assert said == ["removing the abandoned build staged at builds/abandoned"]
+    assert load_current(store).version == "v1"  # the versions are gc's as before
 
 
 def test_a_version_gc_is_removing_cannot_be_published(index):
