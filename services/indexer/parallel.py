@@ -2,7 +2,9 @@
 process ever holds every vector.
 
 The driver reads the parts one at a time for what choosing needs (row counts, the metadata fields' kinds)
-and for the rows of its samples only, learns the projection and trains the empty index once, and stages
+and for the projection's sample (a fixed 100k rows), learns the projection; one Ray task reads the training
+sample (64 rows a list: it grows with the catalogue, so not in the driver) and the tuning queries and trains
+the empty index once (every core of a node, a GPU when the cluster has one); the driver stages
 what the tasks share under the index root (`builds/<key>/`: the plan, the trained index, the projection,
 the tuning queries). Each task fills the trained index with its shard's rows, answers the tuning queries
 (stages.make_shard, as the in-process build does), writes its shard files into the new version and then its
@@ -45,7 +47,6 @@ from services.indexer.build import (
     first_rows,
     learn_projection,
     publish_build,
-    train_index,
     version_template,
 )
 from services.indexer.params import IndexParams
@@ -124,15 +125,45 @@ def make_plan(emb_store: Store, meta: dict, version: str, o: BuildOptions, setti
                                   *o.projection_options(settings), step)
     dim = projection.out_dim if projection is not None else meta["dim"]
     params = choose_index_params(n, dim, o.factory, settings)
+    sample, query = plan_rows(n, params, not faiss_util.make_index(dim, params.factory).is_trained)
+    if sample is None:
+        step(f"reading the {len(query)} tuning queries")
+        qids, queries, trained = sample_and_train(settings, emb_store.url, parts, query, None, meta["dim"],
+                                                  _projection_bytes(projection), dim, params)
+    else:  # the training sample (64 rows a list: it grows with the catalogue) is read and used in a Ray task
+        step(f"training {params.factory} on {len(sample)} of {n} vectors in a Ray task (which reads them and "
+             f"the {len(query)} tuning queries)")
+        start_ray(settings)
+        call = (settings, emb_store.url, parts, query, sample, meta["dim"], _projection_bytes(projection), dim, params)
+        _, (qids, queries, trained) = next(each_result(sample_and_train, {0: call}, **training_resources()))
+    return Plan(version, n, dim, params, kinds, qids, queries, trained, projection)
+
+
+def sample_and_train(settings: Settings, emb_url: str, parts: list[dict], query: np.ndarray,
+                     sample: np.ndarray | None, model_dim: int, projection: bytes | None, dim: int,
+                     params: IndexParams) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(ids, vectors) of the tuning query rows and the empty index trained on the sample rows (None: nothing
+    to train), both read in one pass over the parts — in a Ray task, so the driver never holds the sample."""
+    wanted = query if sample is None else np.concatenate([query, sample])
+    projection = None if projection is None else Projection.from_bytes(projection)
+    ids, rows = gather(open_store(emb_url, settings), parts, wanted, model_dim, projection)
     trained = faiss_util.make_index(dim, params.factory)
-    sample, query = plan_rows(n, params, not trained.is_trained)
-    wanted = query if sample is None else np.concatenate([query, sample])  # one pass over the parts for both
-    step(f"reading the {len(wanted)} sampled rows (tuning queries{'' if sample is None else ', training'})")
-    ids, rows = gather(emb_store, parts, wanted, meta["dim"], projection)
-    qids, queries = ids[:len(query)], rows[:len(query)]
-    train_index(trained, params, None if sample is None else rows[len(query):], n, step)
-    del rows
-    return Plan(version, n, dim, params, kinds, qids, queries, faiss_util.to_bytes(trained), projection)
+    if sample is not None:
+        faiss_util.train(trained, rows[len(query):])
+    return ids[:len(query)], rows[:len(query)].copy(), faiss_util.to_bytes(trained)
+
+
+def training_resources() -> dict:
+    """k-means runs on every core of one node (Ray gives a task as many OpenMP threads as CPUs it asked for),
+    and on a GPU when the cluster has one."""
+    import ray
+
+    cpus = max((int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node.get("Alive")), default=1)
+    return {"num_cpus": cpus, "num_gpus": 1 if ray.cluster_resources().get("GPU") else 0}
+
+
+def _projection_bytes(projection: Projection | None) -> bytes | None:
+    return None if projection is None else projection.to_bytes()
 
 
 def gather(store: Store, parts: list[dict], rows: np.ndarray, dim: int,
@@ -242,13 +273,13 @@ def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan
     return done
 
 
-def each_result(fn, calls: dict[int, tuple]):
-    """Run fn(*args) for each call in its own Ray task (one CPU, no retry: a failed shard fails the run, and a
-    rerun resumes or redoes it); yield (key, result) as they finish. The first task error cancels the rest and
-    is raised as the task raised it (an InvalidInput stays one)."""
+def each_result(fn, calls: dict[int, tuple], num_cpus: int = 1, num_gpus: int = 0):
+    """Run fn(*args) for each call in its own Ray task (one CPU unless asked, no retry: a failed shard fails the
+    run, and a rerun resumes or redoes it); yield (key, result) as they finish. The first task error cancels the
+    rest and is raised as the task raised it (an InvalidInput stays one)."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=0)(fn)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn)
     pending = {task.remote(*args): key for key, args in calls.items()}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)

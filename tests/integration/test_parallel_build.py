@@ -63,6 +63,7 @@ def test_the_ray_build_makes_the_same_shards_and_answers_as_the_local_build(cata
     ray_built = build_index(str(tmp / "emb"), str(tmp / "ray"), shards=SHARDS, settings=settings, engine="ray",
                             version="v1", step=said.append)
     assert any("Ray tasks" in s for s in said)
+    assert any(s.startswith("training IVF") and "in a Ray task" in s for s in said)  # not in the driver
     assert local.params["kind"] == "ivf-flat" and local.count == N
     assert same_files(local, ray_built), "shard files differ between the local and the Ray build"
     assert (ray_built.nprobe, ray_built.tuning, ray_built.fields) == (local.nprobe, local.tuning, local.fields)
