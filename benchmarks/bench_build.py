@@ -93,6 +93,8 @@ class PeakRss(threading.Thread):
         if p.pid == self.root.pid:
             return "driver"
         name = " ".join(p.cmdline())
+        if "sample_and_train" in name:
+            return "ray training worker"
         for role in ("raylet", "gcs_server", "build_shard", "add_shard", "default_worker", "dashboard", "RuntimeEnv"):
             if role in name or role in p.name():
                 return "ray worker" if role in ("build_shard", "add_shard", "default_worker") else f"ray {role}"
