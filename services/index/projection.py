@@ -86,6 +86,16 @@ class Projection:
         return p
 
 
+def to_wire(projection: Projection | None) -> bytes | None:
+    """A projection (or none) as Ray task arguments carry it: its file bytes (its cached faiss transform does
+    not pickle)."""
+    return None if projection is None else projection.to_bytes()
+
+
+def from_wire(data: bytes | None) -> Projection | None:
+    return None if data is None else Projection.from_bytes(data)
+
+
 def check_options(pca_dim: int, power: float) -> None:
     if pca_dim < 0:
         raise InvalidInput(f"--pca must be >= 0 (0: no projection), got {pca_dim}")

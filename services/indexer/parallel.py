@@ -37,7 +37,7 @@ from services.embedder.embeddings import read_part, vectors_of
 from services.index import faiss_util, fields
 from services.index.layout import BUILDS, version_key
 from services.index.manifest import Manifest, ShardEntry, has_version
-from services.index.projection import Projection
+from services.index.projection import Projection, from_wire, to_wire
 from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, finish_version, write_shard
 from services.indexer.build import (
@@ -129,12 +129,12 @@ def make_plan(emb_store: Store, meta: dict, version: str, o: BuildOptions, setti
     if sample is None:
         step(f"reading the {len(query)} tuning queries")
         qids, queries, trained = sample_and_train(settings, emb_store.url, parts, query, None, meta["dim"],
-                                                  _projection_bytes(projection), dim, params)
+                                                  to_wire(projection), dim, params)
     else:  # the training sample (64 rows a list: it grows with the catalogue) is read and used in a Ray task
         step(f"training {params.factory} on {len(sample)} of {n} vectors in a Ray task (which reads them and "
              f"the {len(query)} tuning queries)")
         start_ray(settings)
-        call = (settings, emb_store.url, parts, query, sample, meta["dim"], _projection_bytes(projection), dim, params)
+        call = (settings, emb_store.url, parts, query, sample, meta["dim"], to_wire(projection), dim, params)
         _, (qids, queries, trained) = next(each_result(sample_and_train, {0: call}, **training_resources()))
     return Plan(version, n, dim, params, kinds, qids, queries, trained, projection)
 
@@ -145,7 +145,7 @@ def sample_and_train(settings: Settings, emb_url: str, parts: list[dict], query:
     """(ids, vectors) of the tuning query rows and the empty index trained on the sample rows (None: nothing
     to train), both read in one pass over the parts — in a Ray task, so the driver never holds the sample."""
     wanted = query if sample is None else np.concatenate([query, sample])
-    projection = None if projection is None else Projection.from_bytes(projection)
+    projection = from_wire(projection)
     ids, rows = gather(open_store(emb_url, settings), parts, wanted, model_dim, projection)
     trained = faiss_util.make_index(dim, params.factory)
     if sample is not None:
@@ -160,10 +160,6 @@ def training_resources() -> dict:
 
     cpus = max((int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node.get("Alive")), default=1)
     return {"num_cpus": cpus, "num_gpus": 1 if ray.cluster_resources().get("GPU") else 0}
-
-
-def _projection_bytes(projection: Projection | None) -> bytes | None:
-    return None if projection is None else projection.to_bytes()
 
 
 def gather(store: Store, parts: list[dict], rows: np.ndarray, dim: int,
@@ -259,7 +255,7 @@ def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan
     import ray
 
     start_ray(settings)
-    shared = ray.put((plan.trained, plan.queries, None if plan.projection is None else plan.projection.to_bytes()))
+    shared = ray.put((plan.trained, plan.queries, to_wire(plan.projection)))
     step(f"building {len(todo)} shard(s) in Ray tasks ({int(ray.cluster_resources().get('CPU', 1))} CPUs)")
     done: dict[int, dict] = {}
     calls = {s: (settings, emb_store.url, meta["parts"], s, shards, shared, plan.kinds, plan.params, out.url,
@@ -331,7 +327,7 @@ def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int
     """One shard, in a Ray task: its rows streamed from the parts, projected and added to the trained index;
     written; then its marker."""
     trained, queries, projection = shared
-    projection = None if projection is None else Projection.from_bytes(projection)
+    projection = from_wire(projection)
     builder = ShardBuilder(number, trained, queries, params)
     rows = ShardRows(open_store(emb_url, settings), parts, number, shards,
                      projection.in_dim if projection is not None else queries.shape[1], bool(kinds))

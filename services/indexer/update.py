@@ -28,7 +28,7 @@ from services.index import descriptors, faiss_util, fields
 from services.index.layout import version_prefix
 from services.index.manifest import Manifest, ShardEntry
 from services.index.merge import merge_topk
-from services.index.projection import Projection, load_projection
+from services.index.projection import Projection, from_wire, load_projection, to_wire
 from services.index.shards import LoadedShard, Shard, load_quantizer, load_shard
 from services.index.versions import Pointer, check_new_version, load_current, load_published, read_pointer
 from services.index.writer import Step, finish_version, write_shard, write_version
@@ -186,7 +186,7 @@ def add_parallel(out: Store, emb_store: Store, meta: dict, settings: Settings, s
 
     def attempt(base: Pointer, manifest: Manifest, name: str) -> tuple:
         projection = load_projection(out, manifest)
-        shared = ray.put(None if projection is None else projection.to_bytes())
+        shared = ray.put(to_wire(projection))
         step(f"adding to the {len(manifest.shards)} shard(s) of {manifest.version} in Ray tasks")
         calls = {e.shard: (settings, emb_store.url, meta["parts"], manifest, e.shard, shared, out.url, name)
                  for e in manifest.shards}
@@ -210,7 +210,7 @@ def add_shard(settings: Settings, emb_url: str, parts: list[dict], manifest: Man
               out_url: str, version: str) -> dict:
     """One shard of the published version grown by the embedded rows it takes (id mod S) that it does not hold,
     in a Ray task: loaded, the rows streamed a part at a time, projected and added, written into version."""
-    projection = None if shared is None else Projection.from_bytes(shared)
+    projection = from_wire(shared)
     out = open_store(out_url, settings)
     entry = next(e for e in manifest.shards if e.shard == number)
     shard = load_shard(out, manifest, entry, settings.home / "cache")
