@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
+from benchmarks.cpu import with_cpu
 from services.common.config import Settings
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.index import faiss_util
@@ -145,8 +146,11 @@ def main() -> None:
               f"router over {args.shards} shard servers")
         with Stack(StackSpec(str(tmp / "idx"), redis=True, env=env, in_process=args.in_process)).up() as stack:
             router = stack.router
-            raw_qps = timed_qps(lambda b: faiss_util.search(raw, b, k, m.nprobe), batches)
-            col_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency, columnar=True))
+            me = {"this process": os.getpid()}
+            raw_qps, raw_wall, raw_cpu = with_cpu(me, lambda: timed_qps(
+                lambda b: faiss_util.search(raw, b, k, m.nprobe), batches))
+            col_qps, wall, cpu = with_cpu(me | {"router": router.pid}, lambda: asyncio.run(router_qps(
+                router.address, batches, k, m.nprobe, args.concurrency, columnar=True)))
             hit_qps = asyncio.run(router_qps(router.address, batches, k, m.nprobe, args.concurrency))
             _, I = faiss_util.search(raw, queries[:1000], k, m.nprobe)
 
@@ -163,6 +167,12 @@ def main() -> None:
             print(f"SearchBatch({args.batch}) x {args.concurrency} in flight, raw faiss {raw_qps:.0f} QPS:")
             print(f"  router, columnar answer: {col_qps:.0f} QPS, ratio {col_qps / raw_qps:.2f}")
             print(f"  router, Hit messages:    {hit_qps:.0f} QPS, ratio {hit_qps / raw_qps:.2f}")
+            # Where the rest goes: the load client's CPU comes out of the same cores, and the router's own.
+            per_query = {name: 1000 * seconds / (col_qps * wall) for name, seconds in cpu.items()}
+            raw_ms, client_ms = 1000 * raw_cpu["this process"] / (raw_qps * raw_wall), per_query["this process"]
+            print(f"  CPU per query (columnar): raw faiss {raw_ms:.4f} ms; load client {client_ms:.4f} ms, so at most "
+                  f"{raw_ms / (raw_ms + client_ms):.2f} x raw faiss were the router free; router "
+                  f"{per_query['router']:.4f} ms ({cpu['router'] / wall:.2f} of {os.cpu_count()} cores busy)")
             lat = asyncio.run(latencies(router.address, queries, k, args.clients, 20))
             print(f"single query, {args.clients} clients: p50 {np.percentile(lat, 50):.2f} ms, "
                   f"p99 {np.percentile(lat, 99):.2f} ms")

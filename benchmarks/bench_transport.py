@@ -5,7 +5,8 @@ floor").
 Starts an echo server (grpc.aio, one generic unary method returning its request), measures the QPS of C
 concurrent clients calling it with a query-sized message; then builds an index in S shards, starts S shard
 servers and a router (real processes, no cache), and measures the same clients' single-vector Search QPS, for
-S shards and for 1 shard (what one fan-out leg costs). Everything shares this machine's cores.
+S shards and for 1 shard (what one fan-out leg costs). Everything shares this machine's cores; each row says
+the CPU each process spent per call (where the rest goes).
 
     python -m benchmarks.bench_transport [--n 100000] [--shards 4] [--clients 16] [--seconds 8]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from benchmarks.cpu import per_call_ms, with_cpu
 from services.common.config import Settings
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.indexer.build import build_index
@@ -109,10 +112,12 @@ def main() -> None:
                     "port", log=tmp / "echo.log").start()
         try:
             echo.wait(30)
-            floor = asyncio.run(echo_qps(echo.port, payload, args.clients, args.seconds))
+            floor, wall, cpu = with_cpu({"client": os.getpid(), "echo server": echo.pid},
+                                        lambda: asyncio.run(echo_qps(echo.port, payload, args.clients, args.seconds)))
         finally:
             echo.stop()
-        print(f"echo floor: {floor:,.0f} calls/s ({args.clients} clients, {len(payload)}-byte messages)")
+        print(f"echo floor: {floor:,.0f} calls/s ({args.clients} clients, {len(payload)}-byte messages); "
+              f"{per_call_ms(cpu, floor * wall)}")
         settings = Settings(home=tmp / "home")
         write_embeddings(tmp / "emb", data)
         results = {}
@@ -121,10 +126,13 @@ def main() -> None:
             m = build_index(str(tmp / "emb"), str(root), shards=shards, settings=settings, step=lambda s: None)
             with Stack(StackSpec(str(root), router_index=True, env={"IMSEARCH_HOME": str(tmp / "home")}),
                        tmp / f"stack-{shards}").up() as stack:
-                results[shards] = asyncio.run(router_qps(stack.router.address, queries, args.clients,
-                                                         args.seconds))
+                pids = {"client": os.getpid(), "router": stack.router.pid} | {
+                    f"shard {n}": group[0].pid for n, group in enumerate(stack.shards)}
+                results[shards], wall, cpu = with_cpu(pids, lambda: asyncio.run(router_qps(
+                    stack.router.address, queries, args.clients, args.seconds)))
             print(f"router over {shards} shard server(s) ({m.factory}, nprobe {m.nprobe}): "
-                  f"{results[shards]:,.0f} single queries/s = {results[shards] / floor:.2f} x the echo floor")
+                  f"{results[shards]:,.0f} single queries/s = {results[shards] / floor:.2f} x the echo floor; "
+                  f"{per_call_ms(cpu, results[shards] * wall)}")
 
 
 if __name__ == "__main__":

@@ -91,9 +91,10 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="server private key (PEM), e.g. a mounted secret file")
     tls_ca: Path | None = Field(None, description="CA (PEM) clients verify servers with: when set, every client "
                                                   "channel (router, gateway, health checks, CLI) uses TLS")
-    # 2, measured (bench_transport, 16 clients, 2 cores): single queries/s over 4 shard servers 0.20-0.22 x
-    # the echo floor with 2, 0.21 with 1, 0.11-0.14 with 4 (fewer slots: bigger shared fan-outs, fewer calls)
-    router_fanouts: int = Field(2, gt=0, description="fan-outs in flight at once; requests arriving while all "
+    # 1, measured (bench_transport's clients against two routers over the same 4 shard servers, 5 s runs taken
+    # in turn, 2 cores): 1,314 vs 875 single queries/s with 2 slots. Fewer slots, fuller shared fan-outs:
+    # each gRPC call costs ~0.2 ms of CPU a side, so calls per query decide the rate on a loaded host.
+    router_fanouts: int = Field(1, gt=0, description="fan-outs in flight at once; requests arriving while all "
                                                      "are busy share the next one")
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")
     collections: Path | None = Field(None, description="a collections file (JSON: name -> index and shards) the "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import faiss
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -66,6 +67,7 @@ from services.searcher.collections import DEFAULT, Collections, CollectionSpec, 
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.replicas import ReplicaSet
+from services.searcher.searchpool import SearchPool
 from services.searcher.shard import ShardService
 from services.searcher.shard import load as load_shards
 
@@ -115,10 +117,13 @@ class Router:
         self._watch: asyncio.Task | None = None
         self.local: ShardService | None = None  # shards "local": every shard searched in this process
         self._local_watch: asyncio.Task | None = None
-        # In-process searches run one at a time: faiss spreads one batch over every core with OpenMP, and
-        # concurrent calls would each start a team on the same cores (measured: 6 at once spend their time
-        # contending); requests arriving meanwhile join the next batch (search_shared).
-        self._searching = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        # In-process searches: one per core at once, each with its share of the cores (searchpool.py);
+        # requests arriving while every worker is busy join the next batch (search_shared).
+        self._searching = SearchPool()
+        # The coarse assignment of fan-outs, with one OpenMP thread (its count is per thread): a team's threads
+        # spin on after so short a search, and doubled the router's CPU per query at times (bench_transport).
+        self._assigning = ThreadPoolExecutor(1, thread_name_prefix="assign", initializer=faiss.omp_set_num_threads,
+                                             initargs=(1,))
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
         """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
@@ -162,7 +167,7 @@ class Router:
         searcher = self.local.pick(version or self.version)
         search = functools.partial(searcher.search_arrays, np.asarray(queries, np.float32), k, nprobe or None,
                                    where=parse_filter(where) if where else None)
-        D, I, S, uris = await asyncio.get_running_loop().run_in_executor(self._searching, search)
+        D, I, S, uris = await self._searching.run(search)
         self.version = self.local.latest  # the next request uses the newest version loaded
         return Answer(D, I, S, uris, searcher.version, 1.0, [])
 
@@ -176,8 +181,8 @@ class Router:
             # lists depend on each shard's matching rows: the shards choose them)
             quantizer, default_nprobe = coarse
             nprobe = min(request.nprobe or default_nprobe, quantizer.ntotal)
-            Dq, Iq = await asyncio.get_running_loop().run_in_executor(None, faiss_util.flat_search, quantizer,
-                                                                      queries, nprobe)
+            Dq, Iq = await asyncio.get_running_loop().run_in_executor(self._assigning, faiss_util.flat_search,
+                                                                      quantizer, queries, nprobe)
             request.MergeFrom(pb.ShardSearchRequest(**pack_assign(Dq, Iq)))
             metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
@@ -209,10 +214,16 @@ class Router:
         if batcher is None:
             batcher = DynamicBatcher(functools.partial(self.search, k=k, nprobe=nprobe, version=version),
                                      self.settings.max_batch, 0.0, self.settings.router_queue,
-                                     workers=1 if self.local else self.settings.router_fanouts, name="fanout")
+                                     workers=self._fanouts(), name="fanout")
             batcher.start()
             self.batchers[key] = batcher
         return await batcher.submit(queries)
+
+    def _fanouts(self) -> int:
+        """Batches in flight at once: IMSEARCH_ROUTER_FANOUTS over shard servers; in-process, one per search
+        worker and one more, queued, so that a worker finishing a search starts the next at once instead of
+        waiting for the event loop to answer the last batch and collect the next (cores sat idle meanwhile)."""
+        return self._searching.threads + 1 if self.local else self.settings.router_fanouts
 
     def _coarse_for(self, version: str) -> tuple | None:
         """(quantizer, default nprobe) of a version once loaded; starts loading it on first sight."""
@@ -342,7 +353,8 @@ class Router:
             self._local_watch.cancel()
         for batcher in self.batchers.values():
             await batcher.stop()
-        self._searching.shutdown(wait=False)  # after the batchers: their last batches still search
+        self._searching.shutdown()  # after the batchers: their last batches still search
+        self._assigning.shutdown(wait=False)
         await asyncio.gather(*(rs.close() for rs in self.shards))
 
 

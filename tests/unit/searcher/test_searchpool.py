@@ -1,0 +1,97 @@
+"""In-process searches: in parallel over requests under load, each with its share of the cores; a search that
+runs alone gets all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from services.common.config import Settings
+from services.eval.synthetic import write_embeddings
+from services.indexer.build import build_index
+from services.searcher.collections import LOCAL, CollectionSpec
+from services.searcher.router import start_router
+from services.searcher.searchpool import SearchPool
+from tests.helpers import random_unit_vectors
+
+
+def test_a_search_running_alone_gets_every_core():
+    pool = SearchPool(threads=3)
+    try:
+        assert asyncio.run(pool.run(faiss.omp_get_max_threads)) == 3
+        assert pool.running == 0
+    finally:
+        pool.shutdown()
+
+
+def test_searches_under_load_run_at_once_and_a_search_started_beside_another_gets_one_core():
+    pool = SearchPool(threads=2)
+    both_inside = threading.Barrier(2, timeout=10)  # broken (an error) unless both run at the same time
+
+    def search() -> int:
+        both_inside.wait()
+        return faiss.omp_get_max_threads()
+
+    async def two():
+        return await asyncio.gather(pool.run(search), pool.run(search))
+
+    try:
+        threads = asyncio.run(two())
+    finally:
+        pool.shutdown()
+    assert sorted(threads) == [1, 2]  # the first started alone (all cores), the second beside it (one)
+    assert pool.running == 0
+
+
+def test_a_failed_search_raises_to_its_caller_and_frees_its_share():
+    pool = SearchPool(threads=2)
+
+    def fail():
+        raise ValueError("bad query")
+
+    try:
+        with pytest.raises(ValueError, match="bad query"):
+            asyncio.run(pool.run(fail))
+        assert pool.running == 0 and asyncio.run(pool.run(faiss.omp_get_max_threads)) == 2
+    finally:
+        pool.shutdown()
+
+
+def test_the_in_process_router_runs_concurrent_searches_at_the_same_time(tmp_path, monkeypatch):
+    """Before: one search at a time in the router process (a single worker), the cores idle while the event
+    loop answered the last batch and collected the next."""
+    settings = Settings(home=tmp_path / "home", flat_max=500)
+    data = random_unit_vectors(3000, 16, seed=1, clusters=20)
+    write_embeddings(tmp_path / "emb", data)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    queries = random_unit_vectors(2, 16, seed=2, clusters=20)
+
+    async def run():
+        router = await start_router(CollectionSpec("default", LOCAL, str(tmp_path / "idx")), settings)
+        try:
+            assert router._searching.threads == faiss.omp_get_max_threads()
+            searcher = router.local.pick(router.version)
+            alone = [await router.search(queries[i:i + 1], k) for i, k in ((0, 5), (1, 7))]
+            search_arrays, both_inside = searcher.search_arrays, threading.Barrier(2, timeout=10)
+
+            def meeting(*args, **kwargs):  # both searches must be inside at once, or the barrier breaks
+                both_inside.wait()
+                return search_arrays(*args, **kwargs)
+
+            monkeypatch.setattr(searcher, "search_arrays", meeting)
+            # Different k: two batchers, so two searches (requests alike would share one batch).
+            together = await asyncio.gather(router.search_shared(queries[0:1], 5),
+                                            router.search_shared(queries[1:2], 7))
+            return alone, together
+        finally:
+            await router.close()
+
+    if faiss.omp_get_max_threads() < 2:
+        pytest.skip("one core: searches run one at a time")
+    alone, together = asyncio.run(run())
+    for a, b in zip(alone, together):  # the same answers as searched one after the other
+        assert np.array_equal(a.ids, b.ids) and np.allclose(a.scores, b.scores)
