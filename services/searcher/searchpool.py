@@ -33,7 +33,6 @@ class SearchPool:
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="search")
         self._lock = threading.Lock()
         self.running = 0
-        self.shares: list[int] = []  # OpenMP threads each search was given, the last few (tests, debugging)
 
     def share(self) -> int:
         """OpenMP threads for a search starting now (self.running counts it)."""
@@ -43,7 +42,6 @@ class SearchPool:
         with self._lock:
             self.running += 1
             share = self.share()
-            self.shares = [*self.shares[-63:], share]
         faiss.omp_set_num_threads(share)
         try:
             return fn()
