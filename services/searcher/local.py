@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import numpy as np
 
 from services.common.config import Settings, get_settings
@@ -112,9 +113,17 @@ class IndexSearcher:
             return (shard.entry.shard, D, I, shard.uris_of(I)) if with_uris else (shard.entry.shard, D, I)
 
         # Threads pay off for batches; single queries are faster searched shard after shard.
-        per_shard = list(self._pool.map(one, self.shards) if len(queries) >= 8 and len(self.shards) > 1
-                         else map(one, self.shards))
-        return merge_topk(per_shard, k)
+        if len(queries) < 8 or len(self.shards) < 2:
+            return merge_topk([one(shard) for shard in self.shards], k)
+        # The pool's threads share out the caller's OpenMP threads (a search pool gives a search one core under
+        # load): each pool thread would otherwise start a team on every core, S teams at once.
+        share = max(1, faiss.omp_get_max_threads() // len(self.shards))
+
+        def pooled(shard: LoadedShard):
+            faiss.omp_set_num_threads(share)  # this pool thread's own count: OpenMP keeps one per thread
+            return one(shard)
+
+        return merge_topk(list(self._pool.map(pooled, self.shards)), k)
 
     def to_index_space(self, vectors: np.ndarray) -> np.ndarray:
         """Model vectors projected as the index's were; index vectors (fetched by id) as they are."""

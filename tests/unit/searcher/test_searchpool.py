@@ -95,3 +95,36 @@ def test_the_in_process_router_runs_concurrent_searches_at_the_same_time(tmp_pat
     alone, together = asyncio.run(run())
     for a, b in zip(alone, together):  # the same answers as searched one after the other
         assert np.array_equal(a.ids, b.ids) and np.allclose(a.scores, b.scores)
+
+
+def test_shards_searched_on_threads_of_their_own_share_the_callers_cores(tmp_path, monkeypatch):
+    """Shards that are not stacked (flat here) are searched on the searcher's per-shard threads: they share the
+    calling search's OpenMP threads out (before: each started a team on every core, whatever the caller had)."""
+    from services.index.shards import LoadedShard
+    from services.searcher.local import IndexSearcher
+
+    if faiss.omp_get_max_threads() < 2:
+        pytest.skip("one core: every thread has one OpenMP thread")
+    settings = Settings(home=tmp_path / "home")  # 3,000 vectors: flat shards, not stacked
+    write_embeddings(tmp_path / "emb", random_unit_vectors(3000, 16, seed=1, clusters=20))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    searcher = IndexSearcher(str(tmp_path / "idx"), settings)
+    assert searcher.stacked is None
+    seen, uris_of = [], LoadedShard.uris_of
+
+    def recording(self, ids):  # runs on the thread that searched the shard, right after its search
+        seen.append(faiss.omp_get_max_threads())
+        return uris_of(self, ids)
+
+    monkeypatch.setattr(LoadedShard, "uris_of", recording)
+    queries = random_unit_vectors(8, 16, seed=2, clusters=20)
+    caller = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)  # a search given one core (a search pool under load)
+        alone = searcher.search_arrays(queries, 5)
+        faiss.omp_set_num_threads(caller)  # a search given every core: each of the 2 shards gets half
+        shared = searcher.search_arrays(queries, 5)
+    finally:
+        faiss.omp_set_num_threads(caller)
+    assert seen == [1, 1, max(1, caller // 2), max(1, caller // 2)]
+    assert np.array_equal(alone[1], shared[1])
