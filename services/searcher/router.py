@@ -20,12 +20,10 @@ import functools
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import faiss
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -120,10 +118,9 @@ class Router:
         # In-process searches: one per core at once, each with its share of the cores (searchpool.py);
         # requests arriving while every worker is busy join the next batch (search_shared).
         self._searching = SearchPool()
-        # The coarse assignment of fan-outs, with one OpenMP thread (its count is per thread): a team's threads
-        # spin on after so short a search, and doubled the router's CPU per query at times (bench_transport).
-        self._assigning = ThreadPoolExecutor(1, thread_name_prefix="assign", initializer=faiss.omp_set_num_threads,
-                                             initargs=(1,))
+        # The coarse assignment of fan-outs, on one worker with one OpenMP thread: a team's threads spin on after
+        # so short a search, and doubled the router's CPU per query at times (bench_transport).
+        self._assigning = SearchPool(threads=1)
 
     async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
         """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
@@ -181,8 +178,7 @@ class Router:
             # lists depend on each shard's matching rows: the shards choose them)
             quantizer, default_nprobe = coarse
             nprobe = min(request.nprobe or default_nprobe, quantizer.ntotal)
-            Dq, Iq = await asyncio.get_running_loop().run_in_executor(self._assigning, faiss_util.flat_search,
-                                                                      quantizer, queries, nprobe)
+            Dq, Iq = await self._assigning.run(faiss_util.flat_search, quantizer, queries, nprobe)
             request.MergeFrom(pb.ShardSearchRequest(**pack_assign(Dq, Iq)))
             metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
@@ -354,7 +350,7 @@ class Router:
         for batcher in self.batchers.values():
             await batcher.stop()
         self._searching.shutdown()  # after the batchers: their last batches still search
-        self._assigning.shutdown(wait=False)
+        self._assigning.shutdown()
         await asyncio.gather(*(rs.close() for rs in self.shards))
 
 
