@@ -31,28 +31,38 @@ def rpc(fn):
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        service, code = type(self).__name__, "OK"
-        start = time.perf_counter()
-        metrics.IN_FLIGHT.labels(service).inc()
-        try:
-            return await fn(self, request, context)
-        except ImsearchError as e:
-            code = e.code.name
-            await context.abort(e.code, str(e))
-        except asyncio.CancelledError:  # the client went away, or a stop outlasted its grace
-            code = "CANCELLED"
-            log.warning("%s.%s cancelled while running", service, fn.__name__)
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("unhandled error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
-        finally:
-            metrics.IN_FLIGHT.labels(service).dec()
-            metrics.REQUESTS.labels(service, fn.__name__, code).inc()
-            metrics.LATENCY.labels(service, fn.__name__).observe(time.perf_counter() - start)
+        reply, code, details = await settle(type(self).__name__, fn.__name__, fn(self, request, context))
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, details)
+        return reply
 
     return wrapper
+
+
+async def settle(service: str, method: str, work: Awaitable) -> tuple[object, grpc.StatusCode, str]:
+    """Run one request's work with what every request gets (in-flight gauge, count by status, latency):
+    (reply, OK, "") or (None, status, message) — the one place errors become status codes, for a unary call
+    (rpc) and for a message on a stream alike."""
+    code = "OK"
+    start = time.perf_counter()
+    metrics.IN_FLIGHT.labels(service).inc()
+    try:
+        return await work, grpc.StatusCode.OK, ""
+    except ImsearchError as e:
+        code = e.code.name
+        return None, e.code, str(e)
+    except asyncio.CancelledError:  # the client went away, or a stop outlasted its grace
+        code = "CANCELLED"
+        log.warning("%s.%s cancelled while running", service, method)
+        raise
+    except Exception:
+        code = "INTERNAL"
+        log.exception("unhandled error in %s", method)
+        return None, grpc.StatusCode.INTERNAL, f"internal error in {method}"
+    finally:
+        metrics.IN_FLIGHT.labels(service).dec()
+        metrics.REQUESTS.labels(service, method, code).inc()
+        metrics.LATENCY.labels(service, method).observe(time.perf_counter() - start)
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -88,34 +98,57 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
+        # A refusal of the method's own kind: a unary refusal of a stream leaves its caller an INTERNAL error.
         self.deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health.v1.Health/"):
-            return await continuation(details)
-        given = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
-        if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle on the token
-            return self.deny
-        return await continuation(details)
-
-
-class DecodeErrors(grpc.aio.ServerInterceptor):
-    """A request whose bytes do not parse is INVALID_ARGUMENT (grpc itself would answer UNKNOWN)."""
+        self.deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
             return handler
-        decode, behavior = handler.request_deserializer, handler.unary_unary
+        given = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
+        if not hmac.compare_digest(given, self.expected):  # constant time: no timing oracle on the token
+            return self.deny_stream if handler.stream_stream else self.deny
+        return handler
 
-        async def checked(data: bytes, context):
+
+class DecodeErrors(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse is INVALID_ARGUMENT (grpc itself would answer UNKNOWN); on a stream,
+    the stream ends so."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode, method = handler.request_deserializer, details.method
+
+        async def parse(data: bytes, context):
             try:
-                request = decode(data)
+                return decode(data)
             except Exception:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{details.method}: the request does not parse")
-            return await behavior(request, context)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request does not parse")
 
-        return grpc.unary_unary_rpc_method_handler(checked, response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def checked(data: bytes, context):
+                return await behavior(await parse(data, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(checked, response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            streaming = handler.stream_stream
+
+            async def checked_stream(messages, context):
+                async def parsed():
+                    async for data in messages:
+                        yield await parse(data, context)
+
+                async for reply in streaming(parsed(), context):
+                    yield reply
+
+            return grpc.stream_stream_rpc_method_handler(checked_stream,
+                                                         response_serializer=handler.response_serializer)
+        return handler
 
 
 @dataclass

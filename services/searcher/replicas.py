@@ -26,9 +26,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
-from services.common import metrics, server
+from services.common import metrics, server, tracing
 from services.common.config import Settings
 from services.common.errors import from_status
+from services.searcher.legs import Outgoing, StreamLeg
 
 log = logging.getLogger(__name__)
 # Errors that mean "this replica cannot answer now": try the next one.
@@ -53,9 +54,18 @@ class Replica:
     backoff: float = 0.0
     probing: bool = False
     timer: asyncio.TimerHandle | None = None  # the next probe of an ejected replica
+    leg: StreamLeg | None = None  # searches on one stream (IMSEARCH_SHARD_STREAMS), else unary calls
 
     def __post_init__(self):
         self.stub = pb_grpc.ShardStub(self.channel)
+
+    def call(self, method: str, request, timeout: float, metadata):
+        """The awaitable answer of this replica to `method` (a search: an Outgoing, on the stream if any)."""
+        if isinstance(request, Outgoing):
+            if self.leg is not None:
+                return self.leg.search(request, timeout)
+            request = request.request
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
 
     def label(self) -> dict[str, str]:
         return {"shard": str(self.shard), "replica": self.address}
@@ -65,6 +75,10 @@ class ReplicaSet:
     def __init__(self, shard: int, addresses: list[str], settings: Settings, metadata):
         self.shard, self.settings, self.metadata = shard, settings, metadata
         self.replicas = [Replica(shard, i, a, server.channel(a, settings)) for i, a in enumerate(addresses)]
+        # Traced, every search stays a call of its own: a stream would be one span for the process's life.
+        if settings.shard_streams and not tracing.enabled():
+            for r in self.replicas:
+                r.leg = StreamLeg(r.channel, r.stub, metadata, settings.max_message_bytes)
         self.turn = itertools.count()
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)  # seconds of recent answered calls
         self.tokens = self.max_tokens = max(2.0, 100 * settings.hedge_budget)  # a reserve for a bad minute
@@ -159,8 +173,7 @@ class ReplicaSet:
         def launch() -> None:
             r = candidates[len(pending_started)]
             pending_started.append(r)
-            call = getattr(r.stub, method)(request, timeout=max(0.001, deadline - loop.time()),
-                                           metadata=self.metadata)
+            call = r.call(method, request, max(0.001, deadline - loop.time()), self.metadata)
             pending[asyncio.ensure_future(call)] = (r, loop.time())
 
         pending_started: list[Replica] = []
@@ -213,4 +226,5 @@ class ReplicaSet:
         for r in self.replicas:
             if r.timer is not None:
                 r.timer.cancel()
+        await asyncio.gather(*(r.leg.close() for r in self.replicas if r.leg is not None))
         await asyncio.gather(*(r.channel.close() for r in self.replicas))

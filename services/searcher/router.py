@@ -64,6 +64,7 @@ from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_
 from services.searcher.collections import DEFAULT, Collections, CollectionSpec, shard_groups
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
+from services.searcher.legs import Outgoing
 from services.searcher.replicas import ReplicaSet
 from services.searcher.searchpool import SearchPool
 from services.searcher.shard import ShardService
@@ -183,7 +184,8 @@ class Router:
             metrics.ASSIGNED.inc()
         metrics.FANOUTS.inc()
         self.last_fanout = asyncio.get_running_loop().time()
-        replies = await asyncio.gather(*(self._ask(s, request, deadline) for s in range(len(self.shards))))
+        out = Outgoing(request)  # one message for every shard's stream
+        replies = await asyncio.gather(*(self._ask(s, out, deadline) for s in range(len(self.shards))))
         return {s: r for s, r in enumerate(replies) if r is not None}
 
     def _follow_rollout(self, answered: dict[int, pb.ShardSearchResponse], version: str) -> None:

@@ -112,6 +112,16 @@ class ShardService(pb_grpc.ShardServicer):
 
     @server.rpc
     async def Search(self, request: pb.ShardSearchRequest, context) -> pb.ShardSearchResponse:
+        return await self._search(request)
+
+    async def SearchStream(self, messages, context):
+        """The router's searches as messages on one stream, each answered (or refused) as its unary Search
+        would be, in order; the stream itself ends only when the router closes it or the server stops."""
+        async for message in messages:
+            reply, code, details = await server.settle(type(self).__name__, "Search", self._search(message.request))
+            yield pb.ShardStreamResponse(tag=message.tag, response=reply, code=code.value[0], details=details)
+
+    async def _search(self, request: pb.ShardSearchRequest) -> pb.ShardSearchResponse:
         searcher = self._searcher(request.index_version)  # one reference for the whole call: swaps can't split it
         if request.k == 0:
             raise InvalidInput("k must be at least 1")

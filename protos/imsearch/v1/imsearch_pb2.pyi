@@ -100,6 +100,26 @@ class ShardSearchResponse(_message.Message):
     latest_version: str
     def __init__(self, scores: _Optional[bytes] = ..., ids: _Optional[bytes] = ..., uris: _Optional[_Iterable[str]] = ..., index_version: _Optional[str] = ..., shard: _Optional[int] = ..., latest_version: _Optional[str] = ...) -> None: ...
 
+class ShardStreamRequest(_message.Message):
+    __slots__ = ("tag", "request")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    request: ShardSearchRequest
+    def __init__(self, tag: _Optional[int] = ..., request: _Optional[_Union[ShardSearchRequest, _Mapping]] = ...) -> None: ...
+
+class ShardStreamResponse(_message.Message):
+    __slots__ = ("tag", "response", "code", "details")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    response: ShardSearchResponse
+    code: int
+    details: str
+    def __init__(self, tag: _Optional[int] = ..., response: _Optional[_Union[ShardSearchResponse, _Mapping]] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
 class ShardInfo(_message.Message):
     __slots__ = ("shard", "count", "sha256", "index_version", "file", "dim", "model_fingerprint", "published_version", "failed_version", "failed_error", "version_lag_seconds")
     SHARD_FIELD_NUMBER: _ClassVar[int]

@@ -154,6 +154,11 @@ class ShardStub:
                 request_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchRequest.SerializeToString,
                 response_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/imsearch.v1.Shard/SearchStream',
+                request_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardStreamRequest.SerializeToString,
+                response_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardStreamResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/imsearch.v1.Shard/Fetch',
                 request_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.FetchRequest.SerializeToString,
@@ -171,6 +176,14 @@ class ShardServicer:
 
     def Search(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """The router's searches on one long-lived stream per replica: a message costs a server about half a unary
+        call's CPU (benchmarks/bench_transport.py). Answers may come in any order: the tag pairs them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -194,6 +207,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchRequest.FromString,
                     response_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardStreamRequest.FromString,
+                    response_serializer=protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardStreamResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
@@ -233,6 +251,33 @@ class Shard:
             '/imsearch.v1.Shard/Search',
             protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchRequest.SerializeToString,
             protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imsearch.v1.Shard/SearchStream',
+            protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardStreamRequest.SerializeToString,
+            protos_dot_imsearch_dot_v1_dot_imsearch__pb2.ShardStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
