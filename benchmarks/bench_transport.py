@@ -30,7 +30,7 @@ from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.indexer.build import build_index
 from services.searcher.client import RouterClient, search_request
 from services.stack.part import Part, free_port
-from services.stack.stack import Stack, StackSpec
+from services.stack.stack import Stack, StackSpec, shards_arg
 
 METHOD = "/bench.Echo/Echo"
 
@@ -130,9 +130,32 @@ def main() -> None:
                     f"shard {n}": group[0].pid for n, group in enumerate(stack.shards)}
                 results[shards], wall, cpu = with_cpu(pids, lambda: asyncio.run(router_qps(
                     stack.router.address, queries, args.clients, args.seconds)))
-            print(f"router over {shards} shard server(s) ({m.factory}, nprobe {m.nprobe}): "
-                  f"{results[shards]:,.0f} single queries/s = {results[shards] / floor:.2f} x the echo floor; "
-                  f"{per_call_ms(cpu, results[shards] * wall)}")
+                print(f"router over {shards} shard server(s) ({m.factory}, nprobe {m.nprobe}): "
+                      f"{results[shards]:,.0f} single queries/s = {results[shards] / floor:.2f} x the echo floor; "
+                      f"{per_call_ms(cpu, results[shards] * wall)}", flush=True)
+                if shards == args.shards and args.rounds:
+                    streams_vs_unary(stack, root, tmp, queries, args)
+
+
+def streams_vs_unary(stack: Stack, root: Path, tmp: Path, queries: np.ndarray, args) -> None:
+    """The stack's router (streams) and a second one with unary legs over the same shard servers, in turns."""
+    unary = Part.python("router-unary", "services.searcher.router", [
+        "--shards", shards_arg(stack.shards), "--index", str(root), "--host", "127.0.0.1"],
+        env={"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_SHARD_STREAMS": "false", "IMSEARCH_METRICS_PORT": "0"},
+        log=tmp / "router-unary.log").start()
+    try:
+        rates: dict[str, list[float]] = {"streams": [], "unary": []}
+        for _ in range(args.rounds):
+            for name, address in (("streams", stack.router.address), ("unary", unary.address)):
+                rates[name].append(asyncio.run(router_qps(address, queries, args.clients, args.seconds / 2)))
+    finally:
+        unary.stop()
+    mean = {name: float(np.mean(r)) for name, r in rates.items()}
+    turns = "; ".join(f"{name} {' '.join(f'{q:,.0f}' for q in r)} (mean {mean[name]:,.0f})"
+                      for name, r in rates.items())
+    print(f"legs as streams vs unary calls over the same {args.shards} shard servers, {args.rounds} turns of "
+          f"{args.seconds / 2:g} s: {turns} queries/s: streams / unary = {mean['streams'] / mean['unary']:.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":

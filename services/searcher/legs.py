@@ -57,6 +57,7 @@ class StreamLeg:
         self._open_stream = channel.stream_stream(METHOD, request_serializer=None,
                                                   response_deserializer=pb.ShardStreamResponse.FromString)
         self.call: grpc.aio.StreamStreamCall | None = None
+        self.opened: asyncio.Task | None = None  # the handshake of the current call (_handshake)
         self.reader: asyncio.Task | None = None
         self.waiting: dict[int, asyncio.Future] = {}
         self.writing = asyncio.Lock()  # one write at a time on a call (gRPC refuses a second)
@@ -78,6 +79,12 @@ class StreamLeg:
     async def _on_stream(self, out: Outgoing) -> pb.ShardSearchResponse:
         if self.call is None:
             self._open()
+        call, opened = self.call, self.opened
+        refused = await asyncio.shield(opened)  # shielded: one caller giving up must not fail the others
+        if refused is not None:
+            raise refused
+        if call is not self.call:  # it ended meanwhile: its reader has failed the searches it had
+            raise status_error(grpc.StatusCode.UNAVAILABLE, "the shard's stream ended")
         answer = asyncio.get_running_loop().create_future()
         self.waiting[out.tag] = answer
         try:
@@ -89,7 +96,21 @@ class StreamLeg:
 
     def _open(self) -> None:
         self.call = self._open_stream(metadata=self.metadata)
+        self.opened = asyncio.get_running_loop().create_task(self._handshake(self.call))
         self.reader = asyncio.get_running_loop().create_task(self._read(self.call))
+
+    @staticmethod
+    async def _handshake(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError | None:
+        """None once the replica has accepted the stream (its server sends its headers at once), else the error
+        it refused it with. Nothing is written before: a refusal (UNIMPLEMENTED from an older server,
+        UNAUTHENTICATED) racing a first write can reach the caller as INTERNAL instead."""
+        try:
+            await call.initial_metadata()
+            if not call.done():
+                return None
+            return status_error(await call.code(), await call.details())
+        except grpc.aio.AioRpcError as e:
+            return e
 
     async def _write(self, call: grpc.aio.StreamStreamCall, out: Outgoing) -> None:
         async with self.writing:
@@ -119,7 +140,7 @@ class StreamLeg:
             raise
         finally:
             if self.call is call:
-                self.call = self.reader = None
+                self.call = self.opened = self.reader = None
             for tag, answer in list(self.waiting.items()):
                 if not answer.done():
                     answer.set_exception(error)

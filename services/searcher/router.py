@@ -116,9 +116,6 @@ class Router:
         self._watch: asyncio.Task | None = None
         self.local: ShardService | None = None  # shards "local": every shard searched in this process
         self._local_watch: asyncio.Task | None = None
-        # In-process searches: one per core at once, each with its share of the cores (searchpool.py);
-        # requests arriving while every worker is busy join the next batch (search_shared).
-        self._searching = SearchPool()
         # The coarse assignment of fan-outs, on one worker with one OpenMP thread: a team's threads spin on after
         # so short a search, and doubled the router's CPU per query at times (bench_transport).
         self._assigning = SearchPool(threads=1)
@@ -165,7 +162,9 @@ class Router:
         searcher = self.local.pick(version or self.version)
         search = functools.partial(searcher.search_arrays, np.asarray(queries, np.float32), k, nprobe or None,
                                    where=parse_filter(where) if where else None)
-        D, I, S, uris = await self._searching.run(search)
+        # On the local shards' search pool: one search per core at once, each with its share of the cores
+        # (searchpool.py); requests arriving while every worker is busy join the next batch (search_shared).
+        D, I, S, uris = await self.local.pool.run(search, rows=len(queries))
         self.version = self.local.latest  # the next request uses the newest version loaded
         return Answer(D, I, S, uris, searcher.version, 1.0, [])
 
@@ -221,7 +220,7 @@ class Router:
         """Batches in flight at once: IMSEARCH_ROUTER_FANOUTS over shard servers; in-process, one per search
         worker and one more, queued, so that a worker finishing a search starts the next at once instead of
         waiting for the event loop to answer the last batch and collect the next (cores sat idle meanwhile)."""
-        return self._searching.threads + 1 if self.local else self.settings.router_fanouts
+        return self.local.pool.threads + 1 if self.local else self.settings.router_fanouts
 
     def _coarse_for(self, version: str) -> tuple | None:
         """(quantizer, default nprobe) of a version once loaded; starts loading it on first sight."""
@@ -351,7 +350,8 @@ class Router:
             self._local_watch.cancel()
         for batcher in self.batchers.values():
             await batcher.stop()
-        self._searching.shutdown()  # after the batchers: their last batches still search
+        if self.local is not None:
+            self.local.close()  # after the batchers: their last batches still search
         self._assigning.shutdown()
         await asyncio.gather(*(rs.close() for rs in self.shards))
 

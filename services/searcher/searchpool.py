@@ -9,6 +9,12 @@ running, one each when every worker is busy (a single-threaded scan also spends 
 2-thread region: 0.042 vs 0.055 ms at 1M x 128). OpenMP's thread count is per calling thread (libgomp keeps it in
 the thread's own ICVs), so each worker sets its own before it calls faiss.
 
+A search of few queries runs on one thread even alone: a team's threads spin for a while after every parallel
+region (libgomp's default wait policy), ~0.5 ms of CPU a search, while splitting so few queries saves at most
+a few tenths of a millisecond (measured on 25k- and 250k-vector shards, 1–128 queries). A server of small
+searches (a shard server under a router's fan-outs, single queries in-process) spent more CPU spinning than
+searching; a process-wide passive wait policy would cost large batches their parallel speed instead.
+
 Hand-written: faiss has no scheduler of its own for concurrent calls, and a thread pool of faiss calls needs
 only the count of searches running.
 """
@@ -24,24 +30,32 @@ from typing import Callable, TypeVar
 import faiss
 
 T = TypeVar("T")
+TEAM_MIN_ROWS = 32  # fewer queries than this: one thread (see above)
 
 
 class SearchPool:
-    def __init__(self, threads: int | None = None):
-        """threads: the cores searches may use (default: OpenMP's, which OMP_NUM_THREADS limits)."""
+    def __init__(self, threads: int | None = None, inline_small: bool = False):
+        """threads: the cores searches may use (default: OpenMP's, which OMP_NUM_THREADS limits).
+        inline_small: a search of few rows starting while no other runs runs on the caller's thread (the
+        event loop), on one OpenMP thread: handing it to a worker costs ~0.1 ms of CPU (a thread wake-up each
+        way), more than searching a few queries. For a server of small searches (a shard server); not for one
+        whose loop also has other work to overlap with its searches (the in-process router)."""
         self.threads = max(1, threads or faiss.omp_get_max_threads())
+        self.inline_small = inline_small
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="search")
         self._lock = threading.Lock()
         self.running = 0
 
-    def share(self) -> int:
-        """OpenMP threads for a search starting now (self.running counts it)."""
+    def share(self, rows: int | None = None) -> int:
+        """OpenMP threads for a search of `rows` queries starting now (self.running counts it)."""
+        if rows is not None and rows < TEAM_MIN_ROWS:
+            return 1
         return max(1, self.threads // max(1, self.running))
 
-    def _run(self, fn: Callable[[], T]) -> T:
+    def _run(self, fn: Callable[[], T], rows: int | None) -> T:
         with self._lock:
             self.running += 1
-            share = self.share()
+            share = self.share(rows)
         faiss.omp_set_num_threads(share)
         try:
             return fn()
@@ -49,9 +63,17 @@ class SearchPool:
             with self._lock:
                 self.running -= 1
 
-    async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+    async def run(self, fn: Callable[..., T], *args, rows: int | None = None, **kwargs) -> T:
+        """fn(*args, **kwargs) on a worker; rows: the queries it searches (None: as many as it likes)."""
+        if self.inline_small and rows is not None and rows < TEAM_MIN_ROWS and not self.running:
+            own = faiss.omp_get_max_threads()  # the caller's thread's count: given back after
+            faiss.omp_set_num_threads(1)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                faiss.omp_set_num_threads(own)
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._run, functools.partial(fn, *args, **kwargs))
+            self._pool, self._run, functools.partial(fn, *args, **kwargs), rows)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False)

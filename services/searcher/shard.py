@@ -21,6 +21,7 @@ from services.common.filters import parse_filter
 from services.common.store import open_store
 from services.index.layout import POINTER_KEY
 from services.searcher.local import IndexSearcher
+from services.searcher.searchpool import SearchPool
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Shard"].full_name
@@ -48,6 +49,10 @@ class ShardService(pb_grpc.ShardServicer):
         self.behind_since: float | None = None  # monotonic: since when CURRENT names a version not served
         self.running: server.Running | None = None  # for readiness: set once serving
         self.serving = True
+        # Searches off the event loop, several at once under load (several routers), each with its share of
+        # the cores, one thread when small (searchpool.py). A shard server's small search while none runs stays
+        # on its loop; a router's (shard None) never does: its loop has requests to overlap with the search.
+        self.pool = SearchPool(inline_small=shard is not None)
         metrics.SHARD_LOAD_FAILURES.labels(self.label)  # 0 from the start: `increase` sees the first failure
 
     def lag(self) -> float:
@@ -117,6 +122,7 @@ class ShardService(pb_grpc.ShardServicer):
     async def SearchStream(self, messages, context):
         """The router's searches as messages on one stream, each answered (or refused) as its unary Search
         would be, in order; the stream itself ends only when the router closes it or the server stops."""
+        await context.send_initial_metadata(())  # accepted: the router writes only after this (legs.py)
         async for message in messages:
             reply, code, details = await server.settle(type(self).__name__, "Search", self._search(message.request))
             yield pb.ShardStreamResponse(tag=message.tag, response=reply, code=code.value[0], details=details)
@@ -130,8 +136,8 @@ class ShardService(pb_grpc.ShardServicer):
             raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")
         assign = unpack_assign(request, len(queries))
         where = parse_filter(request.filter) if request.filter else None  # a filter chooses its own lists
-        D, I, _, uris = searcher.search_arrays(queries, request.k, request.nprobe or None,
-                                               None if where else assign, where=where)
+        D, I, _, uris = await self.pool.run(searcher.search_arrays, queries, request.k, request.nprobe or None,
+                                            None if where else assign, where=where, rows=len(queries))
         return pb.ShardSearchResponse(**pack_results(D, I, uris), index_version=searcher.version,
                                       shard=self.number, latest_version=self.latest)
 
@@ -168,6 +174,9 @@ class ShardService(pb_grpc.ShardServicer):
     @server.rpc
     async def Info(self, request, context) -> pb.ShardInfo:
         return self.infos()[0]
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 async def serve(index: str, shard: int, port: int = 0, settings: Settings | None = None,

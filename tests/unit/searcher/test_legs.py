@@ -3,6 +3,7 @@ process: answers paired by tag in any order, a refusal failing alone, failover w
 late answer dropped, unary calls to a replica without the stream, and the server's auth and parse checks."""
 
 import asyncio
+import socket
 
 import grpc
 import pytest
@@ -37,6 +38,7 @@ class FakeShard(pb_grpc.ShardServicer):
         return _answer(request, self.name)
 
     async def SearchStream(self, messages, context):
+        await context.send_initial_metadata(())  # as the shard server does (legs.py waits for it)
         self.streams += 1
         held = []
         async for m in messages:
@@ -169,6 +171,36 @@ def test_a_slow_replica_costs_a_hedge_and_its_late_answer_is_dropped():
             await r2.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_replica_that_accepts_and_never_answers_costs_a_search_only_its_deadline_or_a_hedge():
+    """The stream's handshake never completes: searches waiting on it still end at their deadline, and a second
+    replica answers them once the hedge delay has passed."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the backlog) and never speaks
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+
+    async def scenario():
+        fast = FakeShard("fast")
+        running, healthy = await _serve(fast)
+        alone = ReplicaSet(0, [address], Settings(), None)
+        pair = ReplicaSet(0, [address, healthy], Settings(hedge_after_ms=50, hedge_budget=1.0), None)
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            assert await _ask(alone, 1, within=0.5) is None
+            assert 0.5 <= loop.time() - started < 1.5
+            started = loop.time()
+            assert (await _ask(pair, 2)).index_version == "fast:2"
+            assert loop.time() - started < 1.0
+        finally:
+            await alone.close()
+            await pair.close()
+            await running.stop(0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        silent.close()
 
 
 def test_a_replica_without_the_stream_is_searched_with_unary_calls():

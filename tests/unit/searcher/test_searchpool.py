@@ -15,7 +15,7 @@ from services.eval.synthetic import write_embeddings
 from services.indexer.build import build_index
 from services.searcher.collections import LOCAL, CollectionSpec
 from services.searcher.router import start_router
-from services.searcher.searchpool import SearchPool
+from services.searcher.searchpool import TEAM_MIN_ROWS, SearchPool
 from tests.helpers import random_unit_vectors
 
 
@@ -47,6 +47,86 @@ def test_searches_under_load_run_at_once_and_a_search_started_beside_another_get
     assert pool.running == 0
 
 
+def test_a_search_of_few_queries_runs_on_one_thread_even_alone():
+    """A team's threads spin ~0.5 ms of CPU after each search: not worth it for a handful of queries."""
+    pool = SearchPool(threads=2)
+    try:
+        assert asyncio.run(pool.run(faiss.omp_get_max_threads, rows=TEAM_MIN_ROWS - 1)) == 1
+        assert asyncio.run(pool.run(faiss.omp_get_max_threads, rows=TEAM_MIN_ROWS)) == 2
+    finally:
+        pool.shutdown()
+
+
+def test_a_small_search_while_none_runs_stays_on_the_callers_thread_when_asked():
+    """A hand-off to a worker costs more CPU than searching a few queries (a shard server's usual message)."""
+    pool, caller = SearchPool(threads=2, inline_small=True), threading.get_ident()
+    started, release = threading.Event(), threading.Event()
+
+    def where() -> tuple[int, int]:
+        return threading.get_ident(), faiss.omp_get_max_threads()
+
+    def long_search() -> None:
+        started.set()
+        release.wait(10)
+
+    async def scenario():
+        alone = await pool.run(where, rows=3)
+        big = await pool.run(where, rows=TEAM_MIN_ROWS)
+        running = asyncio.ensure_future(pool.run(long_search))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        beside = await pool.run(where, rows=3)  # another search runs: this one goes to a worker
+        release.set()
+        await running
+        return alone, big, beside
+
+    saved = faiss.omp_get_max_threads()
+    try:
+        alone, big, beside = asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+        faiss.omp_set_num_threads(saved)
+    assert alone == (caller, 1)
+    assert big[0] != caller and big[1] == 2
+    assert beside[0] != caller and beside[1] == 1
+
+
+def test_a_shard_server_searches_a_few_queries_on_one_thread_and_a_big_batch_on_every_core(tmp_path, monkeypatch):
+    """Before: a shard server searched on its event loop's thread with every core for any message, and a
+    router's fan-outs of a few queries each spent more of its CPU spinning than searching."""
+    from protos.imsearch.v1 import imsearch_pb2 as pb
+    from services.common.convert import pack_queries
+    from services.searcher.shard import ShardService, load
+
+    settings = Settings(home=tmp_path / "home", flat_max=500)
+    write_embeddings(tmp_path / "emb", random_unit_vectors(3000, 16, seed=1, clusters=20))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    caller = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(4)  # the shard server's cores, whatever this machine has
+    try:
+        service = ShardService(load(str(tmp_path / "idx"), 0, settings), str(tmp_path / "idx"), 0, settings)
+    finally:
+        faiss.omp_set_num_threads(caller)
+    searcher, seen = service.pick(""), []
+    search_arrays = searcher.search_arrays
+
+    def recording(*args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return search_arrays(*args, **kwargs)
+
+    monkeypatch.setattr(searcher, "search_arrays", recording)
+
+    async def ask(n: int) -> pb.ShardSearchResponse:
+        data, dim = pack_queries(random_unit_vectors(n, 16, seed=n, clusters=20))
+        return await service.Search(pb.ShardSearchRequest(queries=data, dim=dim, k=5), None)
+
+    try:
+        replies = [asyncio.run(ask(n)) for n in (3, TEAM_MIN_ROWS + 8)]
+    finally:
+        service.close()
+    assert seen == [1, 4]
+    assert [len(r.ids) // 8 for r in replies] == [3 * 5, (TEAM_MIN_ROWS + 8) * 5]
+
+
 def test_a_failed_search_raises_to_its_caller_and_frees_its_share():
     pool = SearchPool(threads=2)
 
@@ -73,7 +153,7 @@ def test_the_in_process_router_runs_concurrent_searches_at_the_same_time(tmp_pat
     async def run():
         router = await start_router(CollectionSpec("default", LOCAL, str(tmp_path / "idx")), settings)
         try:
-            assert router._searching.threads == faiss.omp_get_max_threads()
+            assert router.local.pool.threads == faiss.omp_get_max_threads()
             searcher = router.local.pick(router.version)
             alone = [await router.search(queries[i:i + 1], k) for i, k in ((0, 5), (1, 7))]
             search_arrays, both_inside = searcher.search_arrays, threading.Barrier(2, timeout=10)
