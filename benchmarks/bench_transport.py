@@ -8,7 +8,11 @@ servers and a router (real processes, no cache), and measures the same clients' 
 S shards and for 1 shard (what one fan-out leg costs). Everything shares this machine's cores; each row says
 the CPU each process spent per call (where the rest goes).
 
-    python -m benchmarks.bench_transport [--n 100000] [--shards 4] [--clients 16] [--seconds 8]
+Then the router's legs as streams (the default) against unary calls (IMSEARCH_SHARD_STREAMS=false): a second
+router over the same S shard servers, the two measured in turns (--rounds), so the host's drift between runs
+(up to ±25 % here) falls on both alike.
+
+    python -m benchmarks.bench_transport [--n 100000] [--shards 4] [--clients 16] [--seconds 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=3, help="turns of the streams-vs-unary comparison (0: skip)")
     ap.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_echo:
