@@ -13,6 +13,8 @@ CRASH_POINTS = {
     "index.before-flip": "CURRENT read and the new pointer ready; the compare-and-swap not yet sent",
     "index.after-flip": "CURRENT flipped; the command has not yet said so",
     "index.shard-built": "a Ray build's driver has the first finished shard's marker; other shards still building",
+    "index.part-split": "a Ray build's driver has the first split part's marker; other parts still splitting, no "
+                        "shard built",
     "gc.marked": "gc has marked the versions it removes in CURRENT; none deleted yet",
     "gc.mid-delete": "gc deleted the first file of the first version it removes",
     "embed.part-written": "an embeddings part written; its done marker not yet",

@@ -1,5 +1,6 @@
 """The Ray build: one task per shard, each streaming its rows (id mod S) out of the embeddings parts, so no
-process ever holds every vector.
+process ever holds every vector. With more than 2 shards the parts are first split by shard (a task a part,
+files staged beside the plan), so each shard task reads its own rows, not every part.
 
 The driver reads the parts one at a time for what choosing needs (row counts, the metadata fields' kinds)
 and for the projection's sample (a fixed 100k rows), learns the projection; one Ray task reads the training
@@ -12,8 +13,8 @@ marker (`builds/<key>/shard-NNNNN.json`: the shard's entry with checksums, and i
 nprobe from the answers and writes the manifest and the pointer as any build does.
 
 Resume: the key is a digest of the embeddings and the options, so the same command run again after a kill
-finds the plan, keeps every shard whose marker and files verify against their checksums, and builds only the
-rest — with the same trained index, so the result is the one an unbroken run gives.
+finds the plan, keeps every shard (and every split part) whose marker and files verify against their
+checksums, and builds only the rest — with the same trained index, so the result is the one an unbroken run gives.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from services.common.checksums import read_sealed_json, sealed_json, sha256_bytes, verified_bytes
 from services.common.config import Settings
@@ -54,6 +56,7 @@ from services.indexer.stages import Probe, ShardBuilder, clone, plan_rows
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT = 1
+SPLIT_MIN_SHARDS = 2  # more shards than this: the parts are split by shard first (split_by_shard)
 
 
 @dataclass
@@ -89,8 +92,9 @@ def build_parallel(emb_store: Store, meta: dict, out: Store, o: BuildOptions, se
         save_plan(out, staging, plan)
     markers = finished_shards(out, staging, plan, o.shards, step)
     if len(markers) < o.shards:
-        markers |= run_tasks(emb_store, meta, out, staging, plan, o.shards, sorted(set(range(o.shards)) - set(markers)),
-                             settings, step)
+        todo = sorted(set(range(o.shards)) - set(markers))
+        sources = split_by_shard(emb_store, meta["parts"], out, staging, o.shards, todo, settings, step)
+        markers |= run_tasks(sources, out, staging, plan, o.shards, todo, settings, step)
     entries = [ShardEntry(**markers[s]["entry"]) for s in range(o.shards)]
     probes = [Probe.from_json(markers[s]["probe"]) for s in range(o.shards)]
     count = sum(e.count for e in entries)
@@ -249,7 +253,81 @@ def _npy(array: np.ndarray) -> bytes:
 # --- the tasks
 
 
-def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan, shards: int, todo: list[int],
+@dataclass
+class Sources:
+    """Where each shard task reads its rows: a store and, per shard, the parts (or split files) holding them."""
+    url: str
+    parts: dict[int, list[dict]]
+
+
+def split_by_shard(emb_store: Store, parts: list[dict], out: Store, staging: str, shards: int, todo: list[int],
+                   settings: Settings, step: Step) -> Sources:
+    """Each part's rows split into one file per shard (a Ray task a part), staged beside the plan, so a shard
+    task reads its own rows only: the catalogue is read twice and written once, where S tasks each reading every
+    part read it S times. Not worth it for 2 shards or fewer (or one left to build): those read the parts."""
+    if shards <= SPLIT_MIN_SHARDS or len(todo) <= 1:
+        return Sources(emb_store.url, {s: parts for s in todo})
+    done = finished_splits(out, staging, parts, shards, step)
+    missing = [p for p in range(len(parts)) if p not in done]
+    if missing:
+        import ray
+
+        start_ray(settings)
+        step(f"splitting {len(missing)} embeddings part(s) by shard in Ray tasks "
+             f"({int(ray.cluster_resources().get('CPU', 1))} CPUs), so each shard task reads its own rows only")
+        calls = {p: (settings, emb_store.url, parts[p], p, shards, out.url, staging) for p in missing}
+        for p, marker in each_result(split_part, calls):
+            done[p] = marker
+            step(f"part {p} split: {sum(f['rows'] for f in marker['files'])} rows ({len(done)}/{len(parts)})")
+            crash_point("index.part-split")
+    return Sources(out.url, {s: [done[p]["files"][s] for p in range(len(parts)) if done[p]["files"][s]["rows"]]
+                             for s in todo})
+
+
+def split_part(settings: Settings, emb_url: str, part: dict, index: int, shards: int, out_url: str,
+               staging: str) -> dict:
+    """One part's embedded rows, one parquet file a shard (rows in the part's order), then the part's marker."""
+    table = read_part(open_store(emb_url, settings), part, ["id", "uri", "vector", "metadata", "error"])
+    shard_of = table["id"].to_numpy() % shards
+    out, files = open_store(out_url, settings), []
+    for s in range(shards):
+        rows = np.flatnonzero(shard_of == s)
+        buf = io.BytesIO()
+        pq.write_table(table.take(pa.array(rows)), buf)
+        key = f"{staging}/split/part-{index:05d}-shard-{s:05d}.parquet"
+        out.put_bytes(key, buf.getvalue())
+        files.append({"key": key, "sha256": sha256_bytes(buf.getvalue()), "rows": len(rows)})
+    marker = {"part": part["key"], "part_sha256": part["sha256"], "files": files}
+    out.put_bytes(split_marker_key(staging, index), sealed_json(marker))
+    return marker
+
+
+def finished_splits(out: Store, staging: str, parts: list[dict], shards: int, step: Step) -> dict[int, dict]:
+    """Markers of the parts an earlier run split whose files still match their checksums."""
+    done = {}
+    for p, part in enumerate(parts):
+        try:
+            marker = read_sealed_json(out.get_bytes(split_marker_key(staging, p)))
+            if (marker["part"], marker["part_sha256"], len(marker["files"])) != (part["key"], part["sha256"], shards):
+                raise ValueError("it was split from another part")
+            for f in marker["files"]:
+                verified_bytes(out, f["key"], f["sha256"])
+        except NotFound:
+            continue
+        except (Corrupt, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            step(f"part {p}: split before, but {e}: splitting it again")
+            continue
+        done[p] = marker
+    if done:
+        step(f"{len(done)} of {len(parts)} part(s) already split and verified: kept")
+    return done
+
+
+def split_marker_key(staging: str, part: int) -> str:
+    return f"{staging}/split/part-{part:05d}.json"
+
+
+def run_tasks(sources: Sources, out: Store, staging: str, plan: Plan, shards: int, todo: list[int],
               settings: Settings, step: Step) -> dict[int, dict]:
     """Build the shards in todo, one Ray task each; their markers as they finish."""
     import ray
@@ -258,7 +336,7 @@ def run_tasks(emb_store: Store, meta: dict, out: Store, staging: str, plan: Plan
     shared = ray.put((plan.trained, plan.queries, to_wire(plan.projection)))
     step(f"building {len(todo)} shard(s) in Ray tasks ({int(ray.cluster_resources().get('CPU', 1))} CPUs)")
     done: dict[int, dict] = {}
-    calls = {s: (settings, emb_store.url, meta["parts"], s, shards, shared, plan.kinds, plan.params, out.url,
+    calls = {s: (settings, sources.url, sources.parts[s], s, shards, shared, plan.kinds, plan.params, out.url,
                  plan.version, staging) for s in todo}
     for number, marker in each_result(build_shard, calls):
         done[number] = marker
@@ -324,8 +402,8 @@ class ShardRows:
 
 def build_shard(settings: Settings, emb_url: str, parts: list[dict], number: int, shards: int, shared,
                 kinds: dict, params: IndexParams, out_url: str, version: str, staging: str) -> dict:
-    """One shard, in a Ray task: its rows streamed from the parts, projected and added to the trained index;
-    written; then its marker."""
+    """One shard, in a Ray task: its rows streamed from the parts (or its split files) at emb_url, projected and
+    added to the trained index; written; then its marker."""
     trained, queries, projection = shared
     projection = from_wire(projection)
     builder = ShardBuilder(number, trained, queries, params)

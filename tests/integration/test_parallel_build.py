@@ -6,6 +6,7 @@ grows the shards exactly as the in-process add does."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,12 +98,13 @@ def build_cmd(tmp: Path, out: str) -> list[str]:
             "--shards", str(KILLED_SHARDS), "--engine", "ray", "--version", "v1"]
 
 
-def run_build(tmp: Path, out: str, settings: Settings, crash: bool) -> subprocess.CompletedProcess:
+def run_build(tmp: Path, out: str, settings: Settings, crash: bool | str) -> subprocess.CompletedProcess:
     """The CLI in its own session; afterwards every process of that session is killed (Ray's workers have
-    process groups of their own, and outlive a killed driver for a while)."""
+    process groups of their own, and outlive a killed driver for a while). crash: True (after the first shard)
+    or the crash point's name."""
     env = {**os.environ, "IMSEARCH_HOME": str(settings.home), "IMSEARCH_FLAT_MAX": str(settings.flat_max)}
     if crash:
-        env["IMSEARCH_CRASH_AT"] = "index.shard-built"
+        env["IMSEARCH_CRASH_AT"] = "index.shard-built" if crash is True else crash
     proc = subprocess.Popen(build_cmd(tmp, out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -122,6 +124,11 @@ def kill_session(sid: int) -> None:
         except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
             pass
     psutil.wait_procs(left, timeout=10)
+
+
+def part_count(said: str) -> int:
+    """The embeddings parts a build said it read."""
+    return int(re.search(r"reading (\d+) embeddings part\(s\)", said).group(1))
 
 
 def markers(root: Path) -> list[Path]:
@@ -167,6 +174,54 @@ def test_a_resumed_ray_build_builds_a_damaged_finished_shard_again(catalogue):
     assert rerun.stderr.count("building it again") == len(finished)
     assert "already built and verified" not in rerun.stderr
     assert same_files(built[KILLED_SHARDS], load_current(LocalStore(tmp / "damaged")))
+
+
+def test_shard_tasks_read_their_own_split_rows_not_every_embeddings_part(catalogue):
+    """Past 2 shards each part is split by shard once, and a shard task reads only its own split files: a build
+    killed after its first shard finishes with the embeddings parts gone (before: every shard task read every
+    part, S reads of the catalogue)."""
+    tmp, settings, built = catalogue
+    crashed = run_build(tmp, "split", settings, crash=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    n = part_count(crashed.stderr)
+    assert f"splitting {n} embeddings part(s) by shard" in crashed.stderr, crashed.stderr[-2000:]
+    assert len(list((tmp / "split").glob("builds/*/split/part-*.json"))) == n
+    parts = sorted((tmp / "emb").rglob("*.parquet"))
+    away = tmp / "parts-away"
+    away.mkdir()
+    for part in parts:
+        shutil.move(part, away / part.name)
+    try:
+        rerun = run_build(tmp, "split", settings, crash=False)
+    finally:
+        for part in parts:
+            shutil.move(away / part.name, part)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{n} of {n} part(s) already split and verified: kept" in rerun.stderr
+    assert same_files(built[KILLED_SHARDS], load_current(LocalStore(tmp / "split")))
+    assert not list((tmp / "split").glob("builds/*/split/*")), "the split files outlived the build"
+
+
+def test_a_ray_build_killed_while_splitting_keeps_the_split_parts_and_splits_a_damaged_one_again(catalogue):
+    tmp, settings, built = catalogue
+    crashed = run_build(tmp, "splitting", settings, crash="index.part-split")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    parts = part_count(crashed.stderr)
+    assert "split:" in crashed.stderr and "shard(s) in Ray tasks" not in crashed.stderr  # landed mid-split
+    split = sorted((tmp / "splitting").glob("builds/*/split/part-*.json"))
+    assert 1 <= len(split) < parts, f"the crash should land with some parts split, not {len(split)}"
+    damaged = sorted((tmp / "splitting").glob(f"builds/*/split/{split[0].stem}-shard-00003.parquet"))[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    rerun = run_build(tmp, "splitting", settings, crash=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"part {int(split[0].stem[5:])}: split before, but" in rerun.stderr, rerun.stderr[-2000:]
+    kept = len(split) - 1
+    if kept:
+        assert f"{kept} of {parts} part(s) already split and verified: kept" in rerun.stderr
+    assert f"splitting {parts - kept} embeddings part(s)" in rerun.stderr
+    assert same_files(built[KILLED_SHARDS], load_current(LocalStore(tmp / "splitting")))
 
 
 def test_database_side_augmentation_is_refused_on_ray_with_the_reason(catalogue):
