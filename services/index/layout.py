@@ -6,9 +6,10 @@
   versions/<version>/shard-00000.docs.parquet  the shard's ids and uris (docs.py)
   versions/<version>/quantizer.faiss           plain IVF: the coarse quantizer, for routers
   versions/<version>/projection.npz            the learned projection of model vectors (projection.py)
-  builds/<key>/                                a Ray build in progress: its plan and finished shards' markers,
-                                               kept for a rerun to resume from (indexer/parallel.py); `index
-                                               gc` removes one untouched for the grace period
+  builds/<key>/                                a Ray build in progress: its plan, the parts split by shard and
+                                               finished shards' markers, kept for a rerun to resume from
+                                               (indexer/parallel.py); a Ray add's split parts (add-<key>-<S>/);
+                                               `index gc` removes one untouched for the grace period
 """
 
 from __future__ import annotations

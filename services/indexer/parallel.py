@@ -222,21 +222,33 @@ def load_plan(out: Store, staging: str, step: Step) -> Plan | None:
 
 def finished_shards(out: Store, staging: str, plan: Plan, shards: int, step: Step) -> dict[int, dict]:
     """Markers of the shards an earlier run finished whose files still match their checksums."""
+    def check(_: int, marker: dict) -> None:
+        entry = ShardEntry(**marker["entry"])
+        verified_bytes(out, version_key(plan.version, entry.file), entry.sha256)
+        verified_bytes(out, version_key(plan.version, entry.docs_file), entry.docs_sha256)
+
+    done = verified_markers(out, {s: marker_key(staging, s) for s in range(shards)}, check,
+                            "shard {n}: built before, but {e}: building it again", step)
+    if done:
+        step(f"{len(done)} of {shards} shard(s) already built and verified: kept ({', '.join(map(str, done))})")
+    return done
+
+
+def verified_markers(out: Store, keys: dict[int, str], check, redo: str, step: Step) -> dict[int, dict]:
+    """The markers (number -> key) an earlier run wrote that check(number, marker) accepts (it raises on a file
+    that no longer matches); each one refused is said (redo, formatted with n and e) and left out, to be done
+    again."""
     done = {}
-    for s in range(shards):
+    for n, key in keys.items():
         try:
-            marker = read_sealed_json(out.get_bytes(marker_key(staging, s)))
-            entry = ShardEntry(**marker["entry"])
-            verified_bytes(out, version_key(plan.version, entry.file), entry.sha256)
-            verified_bytes(out, version_key(plan.version, entry.docs_file), entry.docs_sha256)
+            marker = read_sealed_json(out.get_bytes(key))
+            check(n, marker)
         except NotFound:
             continue
         except (Corrupt, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            step(f"shard {s}: built before, but {e}: building it again")
+            step(redo.format(n=n, e=e))
             continue
-        done[s] = marker
-    if done:
-        step(f"{len(done)} of {shards} shard(s) already built and verified: kept ({', '.join(map(str, done))})")
+        done[n] = marker
     return done
 
 
@@ -304,20 +316,15 @@ def split_part(settings: Settings, emb_url: str, part: dict, index: int, shards:
 
 def finished_splits(out: Store, staging: str, parts: list[dict], shards: int, step: Step) -> dict[int, dict]:
     """Markers of the parts an earlier run split whose files still match their checksums."""
-    done = {}
-    for p, part in enumerate(parts):
-        try:
-            marker = read_sealed_json(out.get_bytes(split_marker_key(staging, p)))
-            if (marker["part"], marker["part_sha256"], len(marker["files"])) != (part["key"], part["sha256"], shards):
-                raise ValueError("it was split from another part")
-            for f in marker["files"]:
-                verified_bytes(out, f["key"], f["sha256"])
-        except NotFound:
-            continue
-        except (Corrupt, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            step(f"part {p}: split before, but {e}: splitting it again")
-            continue
-        done[p] = marker
+    def check(p: int, marker: dict) -> None:
+        if (marker["part"], marker["part_sha256"], len(marker["files"])) != (parts[p]["key"], parts[p]["sha256"],
+                                                                            shards):
+            raise ValueError("it was split from another part")
+        for f in marker["files"]:
+            verified_bytes(out, f["key"], f["sha256"])
+
+    done = verified_markers(out, {p: split_marker_key(staging, p) for p in range(len(parts))}, check,
+                            "part {n}: split before, but {e}: splitting it again", step)
     if done:
         step(f"{len(done)} of {len(parts)} part(s) already split and verified: kept")
     return done

@@ -7,13 +7,15 @@ deletes are pure changes: when another writer publishes first, the change is red
 both land instead of one silently undoing the other.
 
 A large add runs on Ray (add_parallel): one task per shard loads it, streams the rows it takes out of the new
-embeddings parts and writes it grown, so the driver holds neither the batch nor the shards; the same rows in
-the same order as the in-process add, so the same files.
+embeddings parts (split by shard first past 2 shards, as a build's) and writes it grown, so the driver holds
+neither the batch nor the shards; the same rows in the same order as the in-process add, so the same files.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 from typing import Callable
 
@@ -25,7 +27,7 @@ from services.common.rayinit import start_ray
 from services.common.store import Store, open_store
 from services.embedder.embeddings import Embeddings, read_embeddings, read_meta
 from services.index import descriptors, faiss_util, fields
-from services.index.layout import version_prefix
+from services.index.layout import BUILDS, version_prefix
 from services.index.manifest import Manifest, ShardEntry
 from services.index.merge import merge_topk
 from services.index.projection import Projection, from_wire, load_projection, to_wire
@@ -33,7 +35,7 @@ from services.index.shards import LoadedShard, Shard, load_quantizer, load_shard
 from services.index.versions import Pointer, check_new_version, load_current, load_published, read_pointer
 from services.index.writer import Step, finish_version, write_shard, write_version
 from services.indexer.build import choose_engine, dedupe
-from services.indexer.parallel import ShardRows, each_result
+from services.indexer.parallel import ShardRows, Sources, each_result, split_by_shard
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +185,21 @@ def add_parallel(out: Store, emb_store: Store, meta: dict, settings: Settings, s
     import ray
 
     start_ray(settings)
+    # The new parts split by shard once (parallel.split_by_shard), staged for this add only: removed after it
+    # whatever its end (an abandoned one, by `index gc` with every build staging).
+    staging = f"{BUILDS}/add-{hashlib.sha256(json.dumps(meta['parts'], sort_keys=True).encode()).hexdigest()[:16]}"
+    split: dict[int, Sources] = {}  # by shard count: a retry on top of a rebuilt index may have another
 
     def attempt(base: Pointer, manifest: Manifest, name: str) -> tuple:
         projection = load_projection(out, manifest)
         shared = ray.put(to_wire(projection))
+        numbers = [e.shard for e in manifest.shards]
+        if len(numbers) not in split:
+            split[len(numbers)] = split_by_shard(emb_store, meta["parts"], out, f"{staging}-{len(numbers)}",
+                                                 len(numbers), numbers, settings, step)
+        sources = split[len(numbers)]
         step(f"adding to the {len(manifest.shards)} shard(s) of {manifest.version} in Ray tasks")
-        calls = {e.shard: (settings, emb_store.url, meta["parts"], manifest, e.shard, shared, out.url, name)
+        calls = {e.shard: (settings, sources.url, sources.parts[e.shard], manifest, e.shard, shared, out.url, name)
                  for e in manifest.shards}
         grown: dict[int, dict] = {}
         for number, result in each_result(add_shard, calls):
@@ -203,13 +214,18 @@ def add_parallel(out: Store, emb_store: Store, meta: dict, settings: Settings, s
         return (finish_version(out, added_template(manifest, name, emb_store.url, added), entries,
                                load_quantizer(out, manifest), True, step, base, projection), added, known)
 
-    return retried(out, settings, step, version, attempt)
+    try:
+        return retried(out, settings, step, version, attempt)
+    finally:
+        for shards in split:
+            out.delete_prefix(f"{staging}-{shards}")
 
 
 def add_shard(settings: Settings, emb_url: str, parts: list[dict], manifest: Manifest, number: int, shared,
               out_url: str, version: str) -> dict:
     """One shard of the published version grown by the embedded rows it takes (id mod S) that it does not hold,
-    in a Ray task: loaded, the rows streamed a part at a time, projected and added, written into version."""
+    in a Ray task: loaded, the rows streamed a part (or a split file) at a time, projected and added, written
+    into version."""
     projection = from_wire(shared)
     out = open_store(out_url, settings)
     entry = next(e for e in manifest.shards if e.shard == number)

@@ -247,6 +247,8 @@ def test_a_ray_add_grows_the_shards_exactly_as_the_local_add_does(catalogue):
     got = {engine: add_to_index(str(tmp / f"add-{engine}"), str(tmp / "more"), settings, said[engine].append,
                                 version="v2", engine=engine) for engine in ("local", "ray")}
     assert any("in Ray tasks" in s for s in said["ray"]) and not any("Ray" in s for s in said["local"])
+    assert any(s.startswith("splitting 6 embeddings part(s) by shard") for s in said["ray"]), said["ray"]
+    assert not list((tmp / "add-ray").glob("builds/*")), "the add's split files outlived it"
     assert got["ray"][1:] == got["local"][1:] == (4500, 1500)
     assert any("not filterable in this index" in s and "colour" in s for s in said["ray"])
     local, ray_grown = got["local"][0], got["ray"][0]
@@ -274,6 +276,7 @@ def test_a_failed_ray_add_says_why_and_leaves_no_version_behind(catalogue):
         add_to_index(str(root), str(tmp / "emb"), settings, engine="ray", version="v2")  # shards' files were written
     assert sorted(p.name for p in (root / "versions").iterdir()) == before
     assert load_current(LocalStore(root)).version == "v1"
+    assert not list(root.glob("builds/*")), "a failed add's split files outlived it"
 
 
 def test_an_index_built_with_dba_is_added_to_locally_not_on_ray(tmp_path):
