@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,7 +94,7 @@ def build_parallel(emb_store: Store, meta: dict, out: Store, o: BuildOptions, se
     markers = finished_shards(out, staging, plan, o.shards, step)
     if len(markers) < o.shards:
         todo = sorted(set(range(o.shards)) - set(markers))
-        sources = split_by_shard(emb_store, meta["parts"], out, staging, o.shards, todo, settings, step)
+        sources = split_by_shard(emb_store, meta["parts"], meta["dim"], out, staging, o.shards, todo, settings, step)
         markers |= run_tasks(sources, out, staging, plan, o.shards, todo, settings, step)
     entries = [ShardEntry(**markers[s]["entry"]) for s in range(o.shards)]
     probes = [Probe.from_json(markers[s]["probe"]) for s in range(o.shards)]
@@ -272,12 +273,16 @@ class Sources:
     parts: dict[int, list[dict]]
 
 
-def split_by_shard(emb_store: Store, parts: list[dict], out: Store, staging: str, shards: int, todo: list[int],
-                   settings: Settings, step: Step) -> Sources:
+def split_by_shard(emb_store: Store, parts: list[dict], dim: int, out: Store, staging: str, shards: int,
+                   todo: list[int], settings: Settings, step: Step) -> Sources:
     """Each part's rows split into one file per shard (a Ray task a part), staged beside the plan, so a shard
     task reads its own rows only: the catalogue is read twice and written once, where S tasks each reading every
     part read it S times. Not worth it for 2 shards or fewer (or one left to build): those read the parts."""
     if shards <= SPLIT_MIN_SHARDS or len(todo) <= 1:
+        return Sources(emb_store.url, {s: parts for s in todo})
+    short = short_of_room(out, staging, parts, dim)
+    if short:
+        step(f"not splitting the parts by shard: {short}; each shard task reads every part instead")
         return Sources(emb_store.url, {s: parts for s in todo})
     done = finished_splits(out, staging, parts, shards, step)
     missing = [p for p in range(len(parts)) if p not in done]
@@ -294,6 +299,22 @@ def split_by_shard(emb_store: Store, parts: list[dict], out: Store, staging: str
             crash_point("index.part-split")
     return Sources(out.url, {s: [done[p]["files"][s] for p in range(len(parts)) if done[p]["files"][s]["rows"]]
                              for s in todo})
+
+
+def short_of_room(out: Store, staging: str, parts: list[dict], dim: int) -> str:
+    """Why the split files would not fit where they are staged ("" when they would, or when the store is not a
+    local folder: object stores have no free space to ask about). An estimate: the vectors (float32) and ~64
+    bytes a row of id, uri and metadata."""
+    path = out.local_path(staging)
+    if path is None:
+        return ""
+    while not path.exists():
+        path = path.parent
+    need = sum(int(p.get("rows", 0)) for p in parts) * (4 * dim + 64)
+    free = shutil.disk_usage(path).free
+    if need <= free:
+        return ""
+    return f"they would take ~{need / 2**20:,.0f} MiB under {out.uri(staging)} and {free / 2**20:,.0f} MiB is free"
 
 
 def split_part(settings: Settings, emb_url: str, part: dict, index: int, shards: int, out_url: str,

@@ -195,8 +195,8 @@ def add_parallel(out: Store, emb_store: Store, meta: dict, settings: Settings, s
         shared = ray.put(to_wire(projection))
         numbers = [e.shard for e in manifest.shards]
         if len(numbers) not in split:
-            split[len(numbers)] = split_by_shard(emb_store, meta["parts"], out, f"{staging}-{len(numbers)}",
-                                                 len(numbers), numbers, settings, step)
+            split[len(numbers)] = split_by_shard(emb_store, meta["parts"], manifest.model_dim, out,
+                                                 f"{staging}-{len(numbers)}", len(numbers), numbers, settings, step)
         sources = split[len(numbers)]
         step(f"adding to the {len(manifest.shards)} shard(s) of {manifest.version} in Ray tasks")
         calls = {e.shard: (settings, sources.url, sources.parts[e.shard], manifest, e.shard, shared, out.url, name)

@@ -224,6 +224,18 @@ def test_a_ray_build_killed_while_splitting_keeps_the_split_parts_and_splits_a_d
     assert same_files(built[KILLED_SHARDS], load_current(LocalStore(tmp / "splitting")))
 
 
+def test_a_build_without_room_for_the_split_files_says_so_and_reads_the_parts_instead(catalogue, monkeypatch):
+    tmp, settings, built = catalogue
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**20, 2**20))
+    said: list[str] = []
+    grown = build_index(str(tmp / "emb"), str(tmp / "roomless"), shards=KILLED_SHARDS, settings=settings,
+                        engine="ray", version="v1", step=said.append)
+    assert any(s.startswith("not splitting the parts by shard: they would take ~4 MiB under") and
+               "and 1 MiB is free" in s for s in said), said  # 24,000 rows × (32 × 4 + 64) bytes
+    assert not any(s.startswith("splitting") for s in said)
+    assert same_files(built[KILLED_SHARDS], grown)
+
+
 def test_database_side_augmentation_is_refused_on_ray_with_the_reason(catalogue):
     tmp, settings, _ = catalogue
     with pytest.raises(InvalidInput, match="--dba needs every vector in one process"):
