@@ -158,6 +158,9 @@ class Running:
     port: int
     names: list[str]
     tasks: list[asyncio.Task] = field(default_factory=list)  # background work, cancelled on stop
+    # Called when the stop begins: a servicer ends its long-lived streams (idle ones at once, busy ones after
+    # their answer), which would otherwise hold the stop for the whole grace.
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
         for name in self.names + [""]:
@@ -168,6 +171,8 @@ class Running:
         await self.set_serving(False)
         for task in self.tasks:
             task.cancel()
+        for end_streams in self.on_stop:
+            end_streams()
         await self.server.stop(grace)
 
 

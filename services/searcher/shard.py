@@ -53,6 +53,8 @@ class ShardService(pb_grpc.ShardServicer):
         # the cores, one thread when small (searchpool.py). A shard server's small search while none runs stays
         # on its loop; a router's (shard None) never does: its loop has requests to overlap with the search.
         self.pool = SearchPool(inline_small=shard is not None)
+        self.idle_streams: set[asyncio.Task] = set()  # SearchStream handlers waiting for their next message
+        self.draining = False
         metrics.SHARD_LOAD_FAILURES.labels(self.label)  # 0 from the start: `increase` sees the first failure
 
     def lag(self) -> float:
@@ -123,9 +125,30 @@ class ShardService(pb_grpc.ShardServicer):
         """The router's searches as messages on one stream, each answered (or refused) as its unary Search
         would be, in order; the stream itself ends only when the router closes it or the server stops."""
         await context.send_initial_metadata(())  # accepted: the router writes only after this (legs.py)
-        async for message in messages:
-            reply, code, details = await server.settle(type(self).__name__, "Search", self._search(message.request))
-            yield pb.ShardStreamResponse(tag=message.tag, response=reply, code=code.value[0], details=details)
+        me = asyncio.current_task()
+        self.idle_streams.add(me)
+        try:
+            async for message in messages:
+                self.idle_streams.discard(me)
+                reply, code, details = await server.settle(type(self).__name__, "Search",
+                                                           self._search(message.request))
+                yield pb.ShardStreamResponse(tag=message.tag, response=reply, code=code.value[0], details=details)
+                if self.draining:  # stopping: this stream ends after its answer; the router opens another
+                    return
+                self.idle_streams.add(me)
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise
+            # ended by end_streams while waiting for a message: the stream closes with OK, and the router's
+            # next search goes to another replica (this server refuses new calls now)
+        finally:
+            self.idle_streams.discard(me)
+
+    def end_streams(self) -> None:
+        """Stopping: end every stream waiting for a message now, and each busy one after its answer."""
+        self.draining = True
+        for task in list(self.idle_streams):
+            task.cancel()
 
     async def _search(self, request: pb.ShardSearchRequest) -> pb.ShardSearchResponse:
         searcher = self._searcher(request.index_version)  # one reference for the whole call: swaps can't split it
@@ -187,6 +210,7 @@ async def serve(index: str, shard: int, port: int = 0, settings: Settings | None
     service = ShardService(searcher, index, shard, settings)
     running = await server.start([(pb_grpc.add_ShardServicer_to_server, service, SERVICE)], port, settings, host)
     service.running = running
+    running.on_stop.append(service.end_streams)
     running.tasks.append(asyncio.get_running_loop().create_task(service.watch(settings.reload_interval_s)))
     metrics.serve_metrics(settings.metrics_port, host)
     log.info("shard %d of %s (version %s) serving on %s:%d", shard, index, searcher.version, host, running.port)

@@ -272,3 +272,39 @@ def test_a_message_that_does_not_parse_ends_the_stream_as_invalid_argument():
             await running.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_stopping_shard_server_ends_its_idle_streams_at_once_instead_of_holding_the_stop_for_its_grace(tmp_path):
+    """Before: the router's open stream was an in-flight call, and a shard server's stop waited its whole grace
+    (5 s) for it on every restart."""
+    from services.common.convert import pack_queries
+    from services.eval.synthetic import write_embeddings
+    from services.indexer.build import build_index
+    from services.searcher import shard as shard_server
+    from tests.helpers import random_unit_vectors
+
+    settings = Settings(home=tmp_path / "home")
+    write_embeddings(tmp_path / "emb", random_unit_vectors(400, 8, seed=1))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=settings)
+    data, dim = pack_queries(random_unit_vectors(2, 8, seed=2))
+
+    async def scenario():
+        running = await shard_server.serve(str(tmp_path / "idx"), 0, settings=settings)
+        replicas = ReplicaSet(0, [f"127.0.0.1:{running.port}"], settings, None)
+        loop = asyncio.get_running_loop()
+        try:
+            request = Outgoing(pb.ShardSearchRequest(queries=data, dim=dim, k=3))
+            assert (await replicas.ask("Search", request, loop.time() + 5)).shard == 0
+            leg = replicas.replicas[0].leg
+            assert leg.call is not None  # the stream is open, and idle
+            started = loop.time()
+            await running.stop(5.0)
+            stopped = loop.time() - started
+            await asyncio.sleep(0.1)
+            return stopped, leg.call
+        finally:
+            await replicas.close()
+
+    stopped, call = asyncio.run(scenario())
+    assert stopped < 2.0, f"the stop took {stopped:.1f} s: the open stream held it"
+    assert call is None  # the router saw its stream end
