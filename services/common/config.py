@@ -96,8 +96,8 @@ class Settings(BaseSettings):
     # each gRPC call costs ~0.2 ms of CPU a side, so calls per query decide the rate on a loaded host.
     router_fanouts: int = Field(1, gt=0, description="fan-outs in flight at once; requests arriving while all "
                                                      "are busy share the next one")
-    # A fan-out's searches ride one long-lived gRPC stream per shard replica: a message costs each side about
-    # half a unary call's CPU (bench_transport). Off: a unary call each (always when tracing: a span a call).
+    # A fan-out's searches ride one long-lived gRPC stream per shard replica: a message costs a shard server
+    # 0.5–0.8 of a unary call's CPU (bench_shard). Off: a unary call each (always when tracing: a span a call).
     shard_streams: bool = Field(True, description="router-to-shard searches as messages on one stream per "
                                                   "replica instead of a unary call each")
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")

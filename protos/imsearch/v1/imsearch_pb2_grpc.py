@@ -181,8 +181,8 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchStream(self, request_iterator, context):
-        """The router's searches on one long-lived stream per replica: a message costs a server about half a unary
-        call's CPU (benchmarks/bench_transport.py). Answers may come in any order: the tag pairs them.
+        """The router's searches on one long-lived stream per replica: a message costs a server 0.5–0.8 of a unary
+        call's CPU (benchmarks/bench_shard.py). Answers may come in any order: the tag pairs them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
