@@ -89,7 +89,7 @@ class StreamLeg:
         self.waiting[out.tag] = answer
         try:
             # Shielded: a caller giving up mid-write must not cancel the write (and with it the stream).
-            await asyncio.shield(self._write(self.call, out))
+            await asyncio.shield(self._write(call, out))
             return await answer
         finally:
             self.waiting.pop(out.tag, None)

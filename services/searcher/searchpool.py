@@ -33,6 +33,11 @@ T = TypeVar("T")
 TEAM_MIN_ROWS = 32  # fewer queries than this: one thread (see above)
 
 
+def small(rows: int | None) -> bool:
+    """A search too small for an OpenMP team (see above); None: unknown, not small."""
+    return rows is not None and rows < TEAM_MIN_ROWS
+
+
 class SearchPool:
     def __init__(self, threads: int | None = None, inline_small: bool = False):
         """threads: the cores searches may use (default: OpenMP's, which OMP_NUM_THREADS limits).
@@ -48,7 +53,7 @@ class SearchPool:
 
     def share(self, rows: int | None = None) -> int:
         """OpenMP threads for a search of `rows` queries starting now (self.running counts it)."""
-        if rows is not None and rows < TEAM_MIN_ROWS:
+        if small(rows):
             return 1
         return max(1, self.threads // max(1, self.running))
 
@@ -65,7 +70,7 @@ class SearchPool:
 
     async def run(self, fn: Callable[..., T], *args, rows: int | None = None, **kwargs) -> T:
         """fn(*args, **kwargs) on a worker; rows: the queries it searches (None: as many as it likes)."""
-        if self.inline_small and rows is not None and rows < TEAM_MIN_ROWS and not self.running:
+        if self.inline_small and small(rows) and not self.running:
             own = faiss.omp_get_max_threads()  # the caller's thread's count: given back after
             faiss.omp_set_num_threads(1)
             try:
