@@ -4,7 +4,10 @@ runs alone gets all of them."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
 
 import faiss
 import numpy as np
@@ -208,3 +211,48 @@ def test_shards_searched_on_threads_of_their_own_share_the_callers_cores(tmp_pat
         faiss.omp_set_num_threads(caller)
     assert seen == [1, 1, max(1, caller // 2), max(1, caller // 2)]
     assert np.array_equal(alone[1], shared[1])
+
+
+def signal_handled_after(index: faiss.Index, queries: np.ndarray) -> tuple[float, float]:
+    """(seconds from a signal sent 50 ms into a search on this thread to its handler running, seconds the
+    search still had to go when it was sent). While faiss checks for signals the handler runs inside the
+    search; without the check, only once it returns."""
+    times = {}
+    previous = signal.signal(signal.SIGUSR1, lambda *_: times.setdefault("handled", time.perf_counter()))
+
+    def send():
+        time.sleep(0.05)
+        times["sent"] = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        index.search(queries, 5)
+        ended = time.perf_counter()
+        sender.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert times["sent"] < ended - 0.1, "the search must outlast the signal for the test to mean anything"
+    return times["handled"] - times["sent"], ended - times["sent"]
+
+
+def test_once_a_search_pool_exists_faiss_stops_taking_the_gil_mid_search_to_check_for_signals():
+    """The check took the GIL in every search; pool workers waited on the event loop for it (searchpool.py)."""
+    rng = np.random.default_rng(0)
+    data, queries = rng.random((60_000, 32), np.float32), rng.random((2_000, 32), np.float32)
+    index = faiss.index_factory(32, "IVF32,Flat")
+    index.train(data[:5_000])
+    index.add(data)
+    index.nprobe = 32
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # the check asks Python from the calling thread: this one, the main thread
+    faiss.PythonInterruptCallback.reset()  # faiss as imported: checking
+    try:
+        handled, remaining = signal_handled_after(index, queries)
+        assert handled < remaining / 2  # the fault lands: faiss asked Python mid-search
+        SearchPool(threads=1).shutdown()
+        handled, remaining = signal_handled_after(index, queries)
+        assert handled >= remaining * 0.95  # not until the search returned
+    finally:
+        faiss.omp_set_num_threads(threads)
