@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.index import faiss_util
 from services.indexer.build import build_index
 from services.searcher.client import RouterClient, batch_request
+from services.searcher.searchpool import SearchPool
+from services.searcher.shard import load
 from services.stack.stack import Stack, StackSpec
 
 
@@ -58,6 +61,34 @@ def timed_qps(fn, batches: list, min_seconds: float = 5.0) -> float:
             fn(b)
             done += len(b)
     return done / (time.perf_counter() - start)
+
+
+def searches_alone(idx_root: Path, settings: Settings, batches: list, k: int, nprobe: int,
+                   seconds: float = 5.0) -> tuple[float, float]:
+    """(QPS, ms of CPU a query) of the in-process router's searches with no server around them: one thread per
+    core, each on one OpenMP thread (as its SearchPool runs them under load), two batches of queries at a time
+    (as its batcher joins them). The ceiling of the one-host router on these cores, whatever its gRPC costs."""
+    searcher = load(str(idx_root), None, settings)
+    SearchPool(threads=1).shutdown()  # the process as the router's: no interrupt check (searchpool.py)
+    joined = [np.concatenate(batches[i:i + 2]) for i in range(0, len(batches), 2)]
+    threads, done, start = os.cpu_count() or 1, [], time.perf_counter()
+
+    def work() -> None:
+        faiss.omp_set_num_threads(1)
+        n, i = 0, 0
+        while time.perf_counter() - start < seconds:
+            searcher.search_arrays(joined[i % len(joined)], k, nprobe)
+            n, i = n + len(joined[i % len(joined)]), i + 1
+        done.append(n)
+
+    cpu = time.process_time()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return sum(done) / wall, 1000 * cpu / sum(done)
 
 
 async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: int, concurrency: int,
@@ -173,6 +204,10 @@ def main() -> None:
             print(f"  CPU per query (columnar): raw faiss {raw_ms:.4f} ms; load client {client_ms:.4f} ms, so at most "
                   f"{raw_ms / (raw_ms + client_ms):.2f} x raw faiss were the router free; router "
                   f"{per_query['router']:.4f} ms ({cpu['router'] / wall:.2f} of {os.cpu_count()} cores busy)")
+            if args.in_process:
+                alone_qps, alone_ms = searches_alone(tmp / "idx", settings, batches, k, m.nprobe)
+                print(f"  the router's searches alone, no server: {alone_qps:.0f} QPS ({alone_qps / raw_qps:.2f} x raw "
+                      f"faiss), {alone_ms:.4f} ms of CPU a query")
             lat = asyncio.run(latencies(router.address, queries, k, args.clients, 20))
             print(f"single query, {args.clients} clients: p50 {np.percentile(lat, 50):.2f} ms, "
                   f"p99 {np.percentile(lat, 99):.2f} ms")
