@@ -131,11 +131,17 @@ def cached_params(cache: dict, index: faiss.Index, nprobe: int, k_factor: float)
     return cache[key][0]
 
 
+def shard_files(manifest: Manifest, entries: list[ShardEntry] | None = None) -> list[tuple[str, str]]:
+    """(key, sha256) of a version's shard files (or of these entries'): the large files readers cache locally."""
+    entries = manifest.shards if entries is None else entries
+    return [(version_key(manifest.version, e.file), e.sha256) for e in entries]
+
+
 def load_shard(store: Store, manifest: Manifest, entry: ShardEntry, cache: Path, mmap: bool = False,
                serving: bool = False) -> LoadedShard:
     """One shard of a version with its docs, every file checksum-verified (S3 files cached locally).
     Serving a version that re-ranks from disk maps the full vectors (read-only: an update loads them)."""
-    path = verified_file(store, version_key(manifest.version, entry.file), entry.sha256, cache)
+    path = verified_file(store, version_key(manifest.version, entry.file), entry.sha256, cache, entry.bytes)
     index = faiss_util.read_index(str(path), mmap, map_refine=serving and manifest.reranks_from_disk)
     if index.d != manifest.dim:
         raise Incompatible(f"shard {entry.shard} has dim {index.d}, manifest says {manifest.dim}")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from services.common.checksums import sha256_bytes, verified_bytes, verified_file
+from services.common.checksums import forget_cached, not_cached, sha256_bytes, verified_bytes, verified_file
 from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.faults import crash_point
 from services.common.store import Store
@@ -120,7 +120,10 @@ def advance(store: Store, base: Pointer | None, version: str, manifest_data: byt
 def verify_version(store: Store, manifest: Manifest, cache: Path) -> None:
     """Every file of a version is there and matches its checksum (Corrupt / NotFound naming the file)."""
     for e in manifest.shards:
-        verified_file(store, version_key(manifest.version, e.file), e.sha256, cache)
+        key = version_key(manifest.version, e.file)
+        fresh = not_cached(cache, [(key, e.sha256)])
+        verified_file(store, key, e.sha256, cache, e.bytes)
+        forget_cached(cache, fresh, set())  # downloaded only to be checked: not kept, one shard on disk at a time
         verified_bytes(store, version_key(manifest.version, e.docs_file), e.docs_sha256)
     for extra in (manifest.quantizer, manifest.projection):
         if extra is not None:

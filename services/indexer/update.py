@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from services.common.checksums import forget_cached, not_cached
 from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, Incompatible, InvalidInput, NotFound, NotSupported
 from services.common.rayinit import start_ray
@@ -31,7 +32,7 @@ from services.index.layout import BUILDS, version_prefix
 from services.index.manifest import Manifest, ShardEntry
 from services.index.merge import merge_topk
 from services.index.projection import Projection, from_wire, load_projection, to_wire
-from services.index.shards import LoadedShard, Shard, load_quantizer, load_shard
+from services.index.shards import LoadedShard, Shard, load_quantizer, load_shard, shard_files
 from services.index.versions import Pointer, check_new_version, load_current, load_published, read_pointer
 from services.index.writer import Step, finish_version, write_shard, write_version
 from services.indexer.build import choose_engine, dedupe
@@ -49,11 +50,16 @@ def change_index(root: str, change: Change, settings: Settings, step: Step, vers
 
     def attempt(base: Pointer, manifest: Manifest, name: str) -> tuple:
         step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
-        shards = [load_shard(store, manifest, e, settings.home / "cache") for e in manifest.shards]
-        projection = load_projection(store, manifest)  # carried over: every version holds all its files
-        parts, template, result = change(manifest, shards, projection, name)
-        quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
-        return (write_version(store, template, parts, quantizer, True, step, base, projection), *result)
+        cache = settings.home / "cache"
+        fresh = not_cached(cache, shard_files(manifest))
+        try:
+            shards = [load_shard(store, manifest, e, cache) for e in manifest.shards]
+            projection = load_projection(store, manifest)  # carried over: every version holds all its files
+            parts, template, result = change(manifest, shards, projection, name)
+            quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
+            return (write_version(store, template, parts, quantizer, True, step, base, projection), *result)
+        finally:  # downloaded for this change only (loaded whole: the files are not needed once read)
+            forget_cached(cache, fresh, set())
 
     return retried(store, settings, step, version, attempt)
 
@@ -229,7 +235,12 @@ def add_shard(settings: Settings, emb_url: str, parts: list[dict], manifest: Man
     projection = from_wire(shared)
     out = open_store(out_url, settings)
     entry = next(e for e in manifest.shards if e.shard == number)
-    shard = load_shard(out, manifest, entry, settings.home / "cache")
+    cache = settings.home / "cache"
+    fresh = not_cached(cache, shard_files(manifest, [entry]))
+    try:
+        shard = load_shard(out, manifest, entry, cache)
+    finally:  # loaded whole: the downloaded copy is not needed once read
+        forget_cached(cache, fresh, set())
     rows = ShardRows(open_store(emb_url, settings), parts, number, len(manifest.shards), manifest.model_dim, True)
     ids_added: list[np.ndarray] = []
     uris: list[str] = []

@@ -18,7 +18,7 @@ from services.index import faiss_util
 from services.index.filtered import FilteredSearch
 from services.index.merge import hit_lists, merge_topk
 from services.index.projection import load_projection, to_index_space
-from services.index.shards import LoadedShard, load_shard, shared_quantizer
+from services.index.shards import LoadedShard, load_shard, shard_files, shared_quantizer
 from services.index.stacked import stack_shards
 from services.index.versions import load_current
 
@@ -42,7 +42,7 @@ class IndexSearcher:
         self.settings = settings or get_settings()
         self.store = open_store(url, self.settings)
         self.manifest = load_current(self.store)
-        cache = self.settings.home / "cache"
+        self.cache = cache = self.settings.home / "cache"  # local copies of the shard files of an object store
         entries = self.manifest.shards
         if only is not None:
             known = {e.shard for e in entries}
@@ -60,6 +60,10 @@ class IndexSearcher:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def files(self) -> list[tuple[str, str]]:
+        """(key, sha256) of the shard files this searcher loaded: what its cache holds for it."""
+        return shard_files(self.manifest, [s.entry for s in self.shards])
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
                where: Node | None = None) -> list[list[Hit]]:

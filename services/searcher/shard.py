@@ -14,6 +14,7 @@ import time
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
+from services.common.checksums import forget_cached
 from services.common.config import Settings, get_settings
 from services.common.convert import pack_results, unpack_assign, unpack_queries
 from services.common.errors import Incompatible, InvalidInput, TooLarge
@@ -99,8 +100,13 @@ class ShardService(pb_grpc.ShardServicer):
                 metrics.SHARD_LOAD_FAILURES.labels(self.label).inc()
             self.failed_version, self.failed_error = version, str(e)[:500]
             return
+        dropped = [s for v, s in self.versions.items() if v not in (self.latest, searcher.version)]
         self.versions = {self.latest: self.versions[self.latest], searcher.version: searcher}
         self.latest = searcher.version
+        if dropped:  # their cached shard files, unless a version still served shares one
+            kept = {sha for held in self.versions.values() for _, sha in held.files()}
+            await asyncio.get_running_loop().run_in_executor(
+                None, forget_cached, searcher.cache, [f for s in dropped for f in s.files()], kept)
         if self.latest == self.published:
             self.behind_since = None
             self.failed_version = self.failed_error = ""

@@ -158,3 +158,46 @@ def test_put_if_is_a_compare_and_swap_on_the_s3_server(s3, settings):
     store.put_bytes("dir/sub/b", b"b")
     store.delete_prefix("dir")
     assert store.list() == ["CURRENT"]
+
+
+def test_on_s3_a_shard_server_caches_only_the_versions_it_serves_and_writers_keep_no_copies(s3, settings, tmp_path):
+    """Every shard file ever downloaded stayed in IMSEARCH_HOME/cache: each version a shard server followed,
+    each version an `index add` loaded, each version a publish checked."""
+    import asyncio
+
+    from services.common.checksums import cached_path
+    from services.index.shards import shard_files
+    from services.index.versions import rollback
+    from services.indexer.update import add_to_index
+    from services.searcher.shard import ShardService, load
+    from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+    root, store, cache = "s3://work/idx", open_store("s3://work/idx", settings), settings.home / "cache"
+    for n in range(3):
+        write_fake_embeddings(tmp_path / f"emb{n}", random_unit_vectors(2_000, 32, seed=n), first_row=2_000 * n)
+
+    def cached() -> set[str]:
+        return {p.name for p in cache.iterdir()} if cache.is_dir() else set()
+
+    def shard_0(manifest) -> set[str]:
+        return {cached_path(cache, key, sha).name for key, sha in shard_files(manifest, manifest.shards[:1])}
+
+    build_index(str(tmp_path / "emb0"), root, shards=2, settings=settings)
+    v1 = load_current(store)
+    assert cached() == set()  # a build writes its files and downloads none
+    service = ShardService(load(root, 0, settings), root, 0, settings)
+    assert cached() == shard_0(v1)
+    versions = [v1]
+    for n in (1, 2):
+        before = cached()
+        add_to_index(root, str(tmp_path / f"emb{n}"), settings)
+        assert cached() == before  # the add loaded both shards, and kept none of those it downloaded
+        versions.append(load_current(store))
+        asyncio.run(service._follow(versions[-1].version))
+        assert set(service.versions) == {m.version for m in versions[-2:]}
+        assert cached() == shard_0(versions[-2]) | shard_0(versions[-1])  # served: the newest and the one before
+    assert len(shard_0(versions[0]) | shard_0(versions[1]) | shard_0(versions[2])) == 3  # every add changed it
+    before = cached()
+    assert rollback(store, cache).version == versions[1].version  # checks both of its shard files first
+    assert cached() == before  # shard 1's, downloaded for the check, not kept
+    service.pool.shutdown()

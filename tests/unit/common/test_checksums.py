@@ -1,14 +1,17 @@
 """The one checksum-verified read, as several processes sharing one cache folder run it."""
 
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from services.common.checksums import sha256_bytes, verified_file
-from services.common.errors import Corrupt
-from services.common.store import LocalStore
+from services.common import checksums
+from services.common.checksums import cached_path, forget_cached, sha256_bytes, verified_file
+from services.common.errors import Corrupt, NoSpace
+from services.common.store import TMP_PREFIX, LocalStore
 
 
 class RemoteLike(LocalStore):
@@ -69,3 +72,30 @@ def test_a_damaged_download_is_corrupt_and_not_kept_in_the_cache(tmp_path):
     with pytest.raises(Corrupt, match="checksum mismatch"):
         verified_file(store, "k.faiss", sha256_bytes(b"what the manifest says"), tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_download_without_room_on_the_disk_is_refused_before_it_starts(tmp_path, monkeypatch):
+    store = RemoteLike(tmp_path / "remote")
+    store.resume.set()
+    data = os.urandom(1 << 10)
+    store.put_bytes("v1/shard-00000.faiss", data)
+    free = 300 << 20
+    monkeypatch.setattr(checksums.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free))
+    with pytest.raises(NoSpace, match=r"no room to download .*shard-00000.faiss \(100 MiB\) .*: 300 MiB free"):
+        verified_file(store, "v1/shard-00000.faiss", sha256_bytes(data), tmp_path / "cache", size=100 << 20)
+    assert store.calls == 0  # nothing downloaded
+    assert verified_file(store, "v1/shard-00000.faiss", sha256_bytes(data), tmp_path / "cache", size=len(data))
+
+
+def test_forgetting_a_dropped_version_keeps_a_file_a_served_version_shares_and_removes_dead_downloads(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old, shared, new = (("v1/shard-0.faiss", "a" * 64), ("v1/shard-1.faiss", "b" * 64), ("v2/shard-0.faiss", "c" * 64))
+    for key, sha in (old, shared, new):
+        cached_path(cache, key, sha).write_bytes(b"x" * 10)
+    dead, running = cache / f"{TMP_PREFIX}dead", cache / f"{TMP_PREFIX}running"
+    dead.write_bytes(b"y" * 5)
+    running.write_bytes(b"z")
+    os.utime(dead, (time.time() - 2 * checksums.STALE_DOWNLOAD_S,) * 2)  # its process was killed long ago
+    assert forget_cached(cache, [old, shared], keep={new[1], shared[1]}) == 15
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{shared[1]}.faiss", f"{new[1]}.faiss", running.name])
