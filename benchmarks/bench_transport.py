@@ -23,12 +23,13 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from benchmarks.cpu import per_call_ms, with_cpu
+from benchmarks.cpu import idle_share, per_call_ms, with_cpu
 from services.common.config import Settings
 from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.indexer.build import build_index
@@ -74,6 +75,12 @@ async def echo_qps(port: int, payload: bytes, clients: int, seconds: float) -> f
         echo = channel.unary_unary(METHOD)
         await echo(payload)
         return await closed_loop(lambda: echo(payload), clients, seconds)
+
+
+def fanouts_made(metrics_port: int) -> float:
+    """The router's imsearch_fanouts_total, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("imsearch_fanouts_total "))
 
 
 async def router_qps(address: str, queries: np.ndarray, clients: int, seconds: float) -> float:
@@ -129,15 +136,19 @@ def main() -> None:
         for shards in sorted({args.shards, 1}, reverse=True):
             root = tmp / f"idx-{shards}"
             m = build_index(str(tmp / "emb"), str(root), shards=shards, settings=settings, step=lambda s: None)
-            with Stack(StackSpec(str(root), router_index=True, env={"IMSEARCH_HOME": str(tmp / "home")}),
-                       tmp / f"stack-{shards}").up() as stack:
+            metrics = free_port()
+            with Stack(StackSpec(str(root), router_index=True, env={"IMSEARCH_HOME": str(tmp / "home")},
+                                 metrics_port=metrics), tmp / f"stack-{shards}").up() as stack:
                 pids = {"client": os.getpid(), "router": stack.router.pid} | {
                     f"shard {n}": group[0].pid for n, group in enumerate(stack.shards)}
-                results[shards], wall, cpu = with_cpu(pids, lambda: asyncio.run(router_qps(
-                    stack.router.address, queries, args.clients, args.seconds)))
+                fanouts = fanouts_made(metrics)
+                (results[shards], wall, cpu), idle = idle_share(lambda: with_cpu(pids, lambda: asyncio.run(
+                    router_qps(stack.router.address, queries, args.clients, args.seconds))))
+                per_fanout = results[shards] * wall / max(fanouts_made(metrics) - fanouts, 1)
                 print(f"router over {shards} shard server(s) ({m.factory}, nprobe {m.nprobe}): "
                       f"{results[shards]:,.0f} single queries/s = {results[shards] / floor:.2f} x the echo floor; "
-                      f"{per_call_ms(cpu, results[shards] * wall)}", flush=True)
+                      f"{per_call_ms(cpu, results[shards] * wall)}; {per_fanout:.1f} queries a fan-out, "
+                      f"{idle:.0%} of the machine's CPU idle", flush=True)
                 if shards == args.shards and args.rounds:
                     streams_vs_unary(stack, root, tmp, queries, args)
 

@@ -24,6 +24,16 @@ def with_cpu(pids: dict[str, int], run: Callable[[], T]) -> tuple[T, float, dict
     return result, wall, {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
 
 
+def idle_share(run: Callable[[], T]) -> tuple[T, float]:
+    """(run()'s result, the share of the machine's CPU time that went idle meanwhile): a pipeline that leaves
+    cores idle is bound by its latency, not by its CPU."""
+    before = psutil.cpu_times()
+    result = run()
+    after = psutil.cpu_times()
+    spent = {field: getattr(after, field) - getattr(before, field) for field in after._fields}
+    return result, spent["idle"] / max(sum(spent.values()), 1e-9)
+
+
 def per_call_ms(cpu: dict[str, float], calls: float) -> str:
     """'client 0.17, server 0.23 ms CPU per call' from with_cpu's seconds and the calls made."""
     return ", ".join(f"{name} {1000 * seconds / calls:.3f}" for name, seconds in cpu.items()) + " ms CPU per call"
