@@ -47,7 +47,8 @@ def small(rows: int | None) -> bool:
 def no_signal_checks() -> None:
     """faiss searches stop calling back into Python to check for signals (see above): a server stops through its
     event loop's signal handler, never by interrupting a faiss call. Process-wide; faiss.PythonInterruptCallback
-    .reset() puts the check back."""
+    .reset() puts the check back. faiss deletes the callback without the lock its checks take: the first pool of
+    a server is made as it starts, before any search; a later pool's call deletes nothing, racing with nothing."""
     faiss.InterruptCallback.clear_instance()
 
 
