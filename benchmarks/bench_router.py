@@ -35,7 +35,7 @@ from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.index import faiss_util
 from services.indexer.build import build_index
 from services.searcher.client import RouterClient, batch_request
-from services.searcher.searchpool import SearchPool
+from services.searcher.searchpool import no_signal_checks
 from services.searcher.shard import load
 from services.stack.stack import Stack, StackSpec
 
@@ -69,7 +69,7 @@ def searches_alone(idx_root: Path, settings: Settings, batches: list, k: int, np
     core, each on one OpenMP thread (as its SearchPool runs them under load), two batches of queries at a time
     (as its batcher joins them). The ceiling of the one-host router on these cores, whatever its gRPC costs."""
     searcher = load(str(idx_root), None, settings)
-    SearchPool(threads=1).shutdown()  # the process as the router's: no interrupt check (searchpool.py)
+    no_signal_checks()  # the process as the router's (searchpool.py)
     joined = [np.concatenate(batches[i:i + 2]) for i in range(0, len(batches), 2)]
     threads, done, start = os.cpu_count() or 1, [], time.perf_counter()
 

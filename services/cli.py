@@ -195,7 +195,7 @@ def index_publish(root: str = typer.Argument(..., help="index root"),
     from services.index.versions import publish
 
     settings = _settings()
-    pointer = publish(open_store(root, settings), version, settings.home / "cache", _step(False))
+    pointer = publish(open_store(root, settings), version, settings.file_cache(), _step(False))
     out.print(f"published {pointer.version} (previous: {(pointer.history or ['none'])[0]})", highlight=False)
 
 
@@ -207,7 +207,7 @@ def index_rollback(root: str = typer.Argument(..., help="index root")) -> None:
     from services.index.versions import rollback
 
     settings = _settings()
-    pointer = rollback(open_store(root, settings), settings.home / "cache", _step(False))
+    pointer = rollback(open_store(root, settings), settings.file_cache(), _step(False))
     out.print(f"rolled back: {pointer.version} is published", highlight=False)
 
 
@@ -340,7 +340,7 @@ def info(
         from services.index.versions import verify_version
 
         _step(as_json)(f"verifying every file of {m.version}")
-        verify_version(store, m, settings.home / "cache")
+        verify_version(store, m, settings.file_cache())
     if as_json:
         print(m.model_dump_json(indent=1))
         return

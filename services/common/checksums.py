@@ -113,25 +113,28 @@ def not_cached(cache: Path, files: Iterable[tuple[str, str]]) -> list[tuple[str,
     return [(key, sha) for key, sha in files if not cached_path(cache, key, sha).is_file()]
 
 
+def _remove(path: Path, older_than: float | None = None) -> int:
+    """Delete a file (only if last written before `older_than`, when given); the bytes freed."""
+    try:
+        stat = path.stat()
+        if older_than is not None and stat.st_mtime >= older_than:  # a download running now
+            return 0
+        path.unlink()
+        return stat.st_size
+    except FileNotFoundError:  # never downloaded here (a local store), or another process was first
+        return 0
+
+
 def forget_cached(cache: Path, files: Iterable[tuple[str, str]], keep: set[str]) -> int:
     """Remove the cached copies of `files` ((key, sha256) pairs: a version no longer served) whose checksum is not
     in `keep` (the files of the versions still served: a shard unchanged by an update keeps its file), and
     downloads a killed process left behind; the bytes freed. Without this, every version ever served stayed on
     the disk. Another process sharing the cache and still holding one of these files is not hurt (a file loaded
     is in its memory; one mapped stays readable until unmapped); one that loads it later downloads it again."""
-    freed = 0
-    doomed = [cached_path(cache, key, sha) for key, sha in files if sha not in keep]
-    stale = time.time() - STALE_DOWNLOAD_S
-    leftovers = cache.glob(f"{TMP_PREFIX}*") if cache.is_dir() else []
-    for path, only_if_stale in [(p, False) for p in doomed] + [(p, True) for p in leftovers]:
-        try:
-            stat = path.stat()
-            if only_if_stale and stat.st_mtime >= stale:  # a download running now
-                continue
-            path.unlink()
-            freed += stat.st_size
-        except FileNotFoundError:  # never downloaded here (a local store), or another process was first
-            pass
+    freed = sum(_remove(cached_path(cache, key, sha)) for key, sha in files if sha not in keep)
+    if cache.is_dir():
+        stale = time.time() - STALE_DOWNLOAD_S
+        freed += sum(_remove(p, older_than=stale) for p in cache.glob(f"{TMP_PREFIX}*"))
     if freed:
         log.info("freed %.0f MiB of cached files no longer served in %s", freed / 2**20, cache)
     return freed

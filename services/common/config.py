@@ -135,6 +135,10 @@ class Settings(BaseSettings):
                                                          "ingress) whose X-Forwarded-For is believed; empty: none")
     gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
 
+    def file_cache(self) -> Path:
+        """Where local copies of an object store's shard files are kept (checksums.verified_file)."""
+        return self.home / "cache"
+
     def token(self) -> str | None:
         """The bearer token gRPC calls carry and servers demand (None: no auth)."""
         return self.auth_token.get_secret_value() if self.auth_token else None

@@ -50,7 +50,7 @@ def change_index(root: str, change: Change, settings: Settings, step: Step, vers
 
     def attempt(base: Pointer, manifest: Manifest, name: str) -> tuple:
         step(f"loading {len(manifest.shards)} shard(s) of {manifest.version}")
-        cache = settings.home / "cache"
+        cache = settings.file_cache()
         fresh = not_cached(cache, shard_files(manifest))
         try:
             shards = [load_shard(store, manifest, e, cache) for e in manifest.shards]
@@ -235,7 +235,7 @@ def add_shard(settings: Settings, emb_url: str, parts: list[dict], manifest: Man
     projection = from_wire(shared)
     out = open_store(out_url, settings)
     entry = next(e for e in manifest.shards if e.shard == number)
-    cache = settings.home / "cache"
+    cache = settings.file_cache()
     fresh = not_cached(cache, shard_files(manifest, [entry]))
     try:
         shard = load_shard(out, manifest, entry, cache)

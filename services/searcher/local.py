@@ -42,7 +42,7 @@ class IndexSearcher:
         self.settings = settings or get_settings()
         self.store = open_store(url, self.settings)
         self.manifest = load_current(self.store)
-        self.cache = cache = self.settings.home / "cache"  # local copies of the shard files of an object store
+        self.cache = cache = self.settings.file_cache()
         entries = self.manifest.shards
         if only is not None:
             known = {e.shard for e in entries}

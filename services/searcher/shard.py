@@ -100,8 +100,9 @@ class ShardService(pb_grpc.ShardServicer):
                 metrics.SHARD_LOAD_FAILURES.labels(self.label).inc()
             self.failed_version, self.failed_error = version, str(e)[:500]
             return
-        dropped = [s for v, s in self.versions.items() if v not in (self.latest, searcher.version)]
-        self.versions = {self.latest: self.versions[self.latest], searcher.version: searcher}
+        served = {self.latest: self.versions[self.latest], searcher.version: searcher}
+        dropped = [s for v, s in self.versions.items() if v not in served]
+        self.versions = served
         self.latest = searcher.version
         if dropped:  # their cached shard files, unless a version still served shares one
             kept = {sha for held in self.versions.values() for _, sha in held.files()}
