@@ -21,11 +21,11 @@ import faiss
 import numpy as np
 
 from services.common.config import Settings
-from services.common.filters import parse_where
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
 from services.eval.synthetic import write_embeddings
 from services.index import filtered
+from services.index.filters import parse_where
 from services.index.merge import merge_topk
 from services.indexer.build import build_index
 from services.searcher.local import IndexSearcher

@@ -9,6 +9,21 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The named crash points of the write protocols (services/common/faults.py): the values IMSEARCH_CRASH_AT takes.
+CRASH_POINTS = {
+    "index.shards-written": "every shard, docs and quantizer file of a new version written; no manifest yet",
+    "index.manifest-written": "the new version's manifest written; CURRENT not yet flipped",
+    "index.before-flip": "CURRENT read and the new pointer ready; the compare-and-swap not yet sent",
+    "index.after-flip": "CURRENT flipped; the command has not yet said so",
+    "index.shard-built": "a Ray build's driver has the first finished shard's marker; other shards still building",
+    "index.part-split": "a Ray build's driver has the first split part's marker; other parts still splitting, no "
+                        "shard built",
+    "gc.marked": "gc has marked the versions it removes in CURRENT; none deleted yet",
+    "gc.mid-delete": "gc deleted the first file of the first version it removes",
+    "embed.part-written": "an embeddings part written; its done marker not yet",
+    "embed.marker-written": "a part and its done marker written; later chunks not yet",
+}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMSEARCH_", env_file=None, extra="ignore")
@@ -136,7 +151,7 @@ class Settings(BaseSettings):
     gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
 
     def file_cache(self) -> Path:
-        """Where local copies of an object store's shard files are kept (checksums.verified_file)."""
+        """Where local copies of an object store's shard files are kept (filecache.verified_file)."""
         return self.home / "cache"
 
     def token(self) -> str | None:
@@ -156,8 +171,6 @@ class Settings(BaseSettings):
     @field_validator("crash_at")
     @classmethod
     def _known_point(cls, v: str | None) -> str | None:
-        from services.common.faults import CRASH_POINTS
-
         if v and v not in CRASH_POINTS:
             raise ValueError(f"unknown crash point {v!r}; known: {', '.join(CRASH_POINTS)}")
         return v or None

@@ -46,7 +46,6 @@ from services.common.errors import (
     Unauthenticated,
     http_status,
 )
-from services.common.filters import MAX_FILTER_CHARS
 from services.common.validate import (
     INT64_MAX,
     INT64_MIN,
@@ -66,6 +65,7 @@ from services.gateway.limits import (
     key_of,
     parse_keys,
 )
+from services.index.filters import MAX_FILTER_CHARS
 from services.searcher.client import RouterClient, batch_request, search_request
 from services.searcher.collections import parse_collections
 from services.searcher.feedback import MAX_FEEDBACK

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from services.common.checksums import verified_bytes
 from services.common.errors import Corrupt
-from services.common.filters import Column
 from services.common.store import Store
+from services.index.filters import Column
 from services.index.layout import version_key
 from services.index.manifest import Manifest, ShardEntry
 

@@ -1,7 +1,7 @@
 """The filterable fields of an index: which metadata columns, of what kind, and their values per shard.
 
 At build, a catalogue's manifest columns (the JSON `metadata` of each embedded row) become compact Columns
-(services.common.filters.Column) stored in each shard's docs file beside its ids and uris, so they are
+(services.index.filters.Column) stored in each shard's docs file beside its ids and uris, so they are
 versioned and checksummed with the shard and follow it through add and delete.
 """
 
@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from services.common.errors import InvalidInput
-from services.common.filters import Column, column, kind_of, kind_of_kinds, value_kind
+from services.index.filters import Column, column, kind_of, kind_of_kinds, value_kind
 
 AUTO = "*"
 MAX_STRING = 256  # longer strings are text (a description), not something to filter on by equality

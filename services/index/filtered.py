@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from services.common.filters import Node, canonical, matches
 from services.index import faiss_util
+from services.index.filters import Node, canonical, matches
 from services.index.merge import merge_topk
 from services.index.shards import LoadedShard
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from services.common.checksums import verified_bytes, verified_file
+from services.common.checksums import verified_bytes
 from services.common.errors import Corrupt, Incompatible, NotSupported
+from services.common.filecache import verified_file
 from services.common.store import Store
 from services.index import faiss_util, fields
 from services.index.docs import read_docs

@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from services.common.checksums import forget_cached, not_cached, sha256_bytes, verified_bytes, verified_file
+from services.common.checksums import sha256_bytes, verified_bytes
 from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.faults import crash_point
+from services.common.filecache import forget_cached, not_cached, verified_file
 from services.common.store import Store
 from services.index.layout import BUILDS, MANIFEST, POINTER_KEY, VERSIONS, manifest_key, version_key, version_prefix
 from services.index.manifest import Manifest, has_version, load_version

@@ -43,7 +43,7 @@ from services.index.manifest import Manifest, ShardEntry, has_version
 from services.index.projection import Projection, from_wire, to_wire
 from services.index.versions import check_new_version, read_pointer
 from services.index.writer import Step, finish_version, write_shard
-from services.indexer.build import (
+from services.indexer.driver import (
     BuildOptions,
     check_not_empty,
     choose_index_params,

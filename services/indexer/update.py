@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from services.common.checksums import forget_cached, not_cached
 from services.common.config import Settings, get_settings
 from services.common.errors import Conflict, Incompatible, InvalidInput, NotFound, NotSupported
+from services.common.filecache import forget_cached, not_cached
 from services.common.rayinit import start_ray
 from services.common.store import Store, open_store
 from services.embedder.embeddings import Embeddings, read_embeddings, read_meta
@@ -35,7 +35,8 @@ from services.index.projection import Projection, from_wire, load_projection, to
 from services.index.shards import LoadedShard, Shard, load_quantizer, load_shard, shard_files
 from services.index.versions import Pointer, check_new_version, load_current, load_published, read_pointer
 from services.index.writer import Step, finish_version, write_shard, write_version
-from services.indexer.build import choose_engine, dedupe
+from services.indexer.build import choose_engine
+from services.indexer.driver import dedupe
 from services.indexer.parallel import ShardRows, Sources, each_result, split_by_shard
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,13 @@ import numpy as np
 
 from services.common.config import Settings, get_settings
 from services.common.errors import Incompatible, InvalidInput, NotFound
-from services.common.filters import Node, check_fields, parse_filter
 from services.common.hits import Hit
 from services.common.images import decode_image
 from services.common.store import open_store
 from services.common.validate import check_k, check_qe
 from services.index import faiss_util
 from services.index.filtered import FilteredSearch
+from services.index.filters import Node, check_fields, parse_filter
 from services.index.merge import hit_lists, merge_topk
 from services.index.projection import load_projection, to_index_space
 from services.index.shards import LoadedShard, load_shard, shard_files, shared_quantizer

@@ -52,10 +52,10 @@ from services.common.errors import (
     Unavailable,
     from_status,
 )
-from services.common.filters import Node, canonical, parse_filter, to_json
 from services.common.store import open_store
 from services.common.validate import check_k, check_qe
 from services.index import faiss_util
+from services.index.filters import Node, canonical, parse_filter, to_json
 from services.index.manifest import Manifest, load_version
 from services.index.merge import merge_topk
 from services.index.projection import Projection, load_projection, to_index_space

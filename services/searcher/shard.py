@@ -14,12 +14,12 @@ import time
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common import metrics, server
-from services.common.checksums import forget_cached
 from services.common.config import Settings, get_settings
 from services.common.convert import pack_results, unpack_assign, unpack_queries
 from services.common.errors import Incompatible, InvalidInput, TooLarge
-from services.common.filters import parse_filter
+from services.common.filecache import forget_cached
 from services.common.store import open_store
+from services.index.filters import parse_filter
 from services.index.layout import POINTER_KEY
 from services.searcher.local import IndexSearcher
 from services.searcher.searchpool import SearchPool

@@ -18,8 +18,8 @@ import pytest
 
 from services.common.config import Settings
 from services.common.errors import InvalidInput
-from services.common.filters import parse_filter
 from services.common.store import LocalStore
+from services.index.filters import parse_filter
 from services.index.versions import load_current
 from services.indexer.build import build_index
 from services.indexer.update import add_to_index

@@ -165,7 +165,7 @@ def test_on_s3_a_shard_server_caches_only_the_versions_it_serves_and_writers_kee
     each version an `index add` loaded, each version a publish checked."""
     import asyncio
 
-    from services.common.checksums import cached_path
+    from services.common.filecache import cached_path
     from services.index.shards import shard_files
     from services.index.versions import rollback
     from services.indexer.update import add_to_index

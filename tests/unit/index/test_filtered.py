@@ -9,9 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from services.common.filters import column, parse_where
 from services.index import faiss_util
 from services.index.filtered import EXACT_MAX_ROWS, FilteredSearch, choose, widen
+from services.index.filters import column, parse_where
 from services.index.manifest import ShardEntry
 from services.index.merge import merge_topk
 from services.index.shards import LoadedShard, shared_quantizer

@@ -7,7 +7,8 @@ from services.common.errors import Corrupt, InvalidInput, NotFound, NotSupported
 from services.common.store import LocalStore
 from services.embedder.embeddings import id_from_sha256, read_embeddings
 from services.index.versions import load_current
-from services.indexer.build import build_index, choose_engine, first_rows
+from services.indexer.build import build_index, choose_engine
+from services.indexer.driver import first_rows
 from services.indexer.stages import nprobe_steps
 from services.searcher.local import IndexSearcher
 from tests.helpers import random_unit_vectors, write_fake_embeddings

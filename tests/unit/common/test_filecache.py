@@ -1,4 +1,4 @@
-"""The one checksum-verified read, as several processes sharing one cache folder run it."""
+"""The local copies of stored files, as several processes sharing one cache folder make and remove them."""
 
 import os
 import shutil
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common import checksums
-from services.common.checksums import cached_path, forget_cached, sha256_bytes, verified_file
+from services.common import filecache
+from services.common.checksums import sha256_bytes
 from services.common.errors import Corrupt, NoSpace
+from services.common.filecache import cached_path, forget_cached, verified_file
 from services.common.store import TMP_PREFIX, LocalStore
 
 
@@ -80,7 +81,7 @@ def test_a_download_without_room_on_the_disk_is_refused_before_it_starts(tmp_pat
     data = os.urandom(1 << 10)
     store.put_bytes("v1/shard-00000.faiss", data)
     free = 300 << 20
-    monkeypatch.setattr(checksums.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free))
+    monkeypatch.setattr(filecache.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 0, free))
     with pytest.raises(NoSpace, match=r"no room to download .*shard-00000.faiss \(100 MiB\) .*: 300 MiB free"):
         verified_file(store, "v1/shard-00000.faiss", sha256_bytes(data), tmp_path / "cache", size=100 << 20)
     assert store.calls == 0  # nothing downloaded
@@ -96,6 +97,6 @@ def test_forgetting_a_dropped_version_keeps_a_file_a_served_version_shares_and_r
     dead, running = cache / f"{TMP_PREFIX}dead", cache / f"{TMP_PREFIX}running"
     dead.write_bytes(b"y" * 5)
     running.write_bytes(b"z")
-    os.utime(dead, (time.time() - 2 * checksums.STALE_DOWNLOAD_S,) * 2)  # its process was killed long ago
+    os.utime(dead, (time.time() - 2 * filecache.STALE_DOWNLOAD_S,) * 2)  # its process was killed long ago
     assert forget_cached(cache, [old, shared], keep={new[1], shared[1]}) == 15
     assert sorted(p.name for p in cache.iterdir()) == sorted([f"{shared[1]}.faiss", f"{new[1]}.faiss", running.name])

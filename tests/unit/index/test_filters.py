@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidInput
-from services.common.filters import (
+from services.index.filters import (
     All,
     Cmp,
     In,
