@@ -35,8 +35,8 @@ from services.eval.synthetic import clustered_unit_vectors, write_embeddings
 from services.index import faiss_util
 from services.indexer.build import build_index
 from services.searcher.client import RouterClient, batch_request
+from services.searcher.localshards import load
 from services.searcher.searchpool import no_signal_checks
-from services.searcher.shard import load
 from services.stack.stack import Stack, StackSpec
 
 

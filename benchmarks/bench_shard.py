@@ -61,7 +61,7 @@ def main() -> None:
         m = build_index(str(tmp / "emb"), str(tmp / "idx"), shards=4, settings=settings, step=lambda s: None)
         store = open_store(str(tmp / "idx"), settings)
         quantizer = load_quantizer(store, load_current(store))
-        shard = Part.python("shard", "services.searcher.shard", ["--index", str(tmp / "idx"), "--shard", "0"],
+        shard = Part.python("shard", "services.searcher", ["shard", "--index", str(tmp / "idx"), "--shard", "0"],
                             env={"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_METRICS_PORT": "0"},
                             log=tmp / "shard.log").start()
         print(f"one shard server of {args.n:,} × 128 in 4 shards ({m.factory}, nprobe {m.nprobe})")

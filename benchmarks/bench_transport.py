@@ -155,8 +155,8 @@ def main() -> None:
 
 def streams_vs_unary(stack: Stack, root: Path, tmp: Path, queries: np.ndarray, args) -> None:
     """The stack's router (streams) and a second one with unary legs over the same shard servers, in turns."""
-    unary = Part.python("router-unary", "services.searcher.router", [
-        "--shards", shards_arg(stack.shards), "--index", str(root), "--host", "127.0.0.1"],
+    unary = Part.python("router-unary", "services.searcher", [
+        "router", "--shards", shards_arg(stack.shards), "--index", str(root), "--host", "127.0.0.1"],
         env={"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_SHARD_STREAMS": "false", "IMSEARCH_METRICS_PORT": "0"},
         log=tmp / "router-unary.log").start()
     try:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
 
     # --- embedding
-    # Lite1 over Lite0: +2 points of category mAP on real photos for 18 % of CPU ingestion speed (README "Backbones")
+    # Lite1 over Lite0: more category mAP on real photos for some ingestion speed (README Quality, "Backbones")
     model: str = "lite1-gem"
     model_weights: Path | None = Field(None, description="weights file for non-default backbones")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     memory_budget_gb: float = Field(8.0, gt=0)
     disk_rerank: bool = Field(True, description="index build: when not even SQ8 codes fit the memory budget, "
                               "re-rank IVF-PQ candidates from the full vectors on disk (memory-mapped by the "
-                              "searcher; recall@10 0.955 instead of 0.54 at 1M x 1,280 d) rather than use PQ "
-                              "codes alone")
+                              "searcher) rather than use PQ codes alone, which lose most of the recall at the "
+                              "models' width (README Performance, 'memory against recall')")
     flat_max: int = Field(20_000, ge=0, description="below this N, shards are exact Flat indexes")
     target_recall: float = Field(0.95, gt=0, le=1)
     pca_dim: int = Field(256, ge=0, description="index build: learn a mean-centred PCA of the catalogue to this "
@@ -106,13 +106,13 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="server private key (PEM), e.g. a mounted secret file")
     tls_ca: Path | None = Field(None, description="CA (PEM) clients verify servers with: when set, every client "
                                                   "channel (router, gateway, health checks, CLI) uses TLS")
-    # 1, measured (bench_transport's clients against two routers over the same 4 shard servers, 5 s runs taken
-    # in turn, 2 cores): 1,314 vs 875 single queries/s with 2 slots. Fewer slots, fuller shared fan-outs:
-    # each gRPC call costs ~0.2 ms of CPU a side, so calls per query decide the rate on a loaded host.
+    # 1: fewer slots, fuller shared fan-outs. Each gRPC call costs CPU on both sides, so on a loaded host the calls
+    # a query takes decide the rate (README Performance, the router rows: bench_transport compares slot counts).
     router_fanouts: int = Field(1, gt=0, description="fan-outs in flight at once; requests arriving while all "
                                                      "are busy share the next one")
-    # A fan-out's searches ride one long-lived gRPC stream per shard replica: a message costs a shard server
-    # 0.5–0.8 of a unary call's CPU (bench_shard). Off: a unary call each (always when tracing: a span a call).
+    # A fan-out's searches ride one long-lived gRPC stream per shard replica: a message costs a shard server less
+    # CPU than a unary call (README Performance, bench_shard's row). Off: a unary call each (always when tracing:
+    # a span a call).
     shard_streams: bool = Field(True, description="router-to-shard searches as messages on one stream per "
                                                   "replica instead of a unary call each")
     router_queue: int = Field(4096, gt=0, description="requests waiting for a fan-out before RESOURCE_EXHAUSTED")

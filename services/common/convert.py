@@ -20,7 +20,7 @@ def vectors_from_proto(vectors, dim: int | None = None) -> np.ndarray:
     if dim is not None and d != dim:
         raise InvalidInput(f"query vectors have dim {d}, the index takes {dim}-d vectors")
     # A Vector's wire form is its packed float32 values behind a tag+length header: joining those
-    # bytes is ~10x faster than converting each repeated field element by element.
+    # bytes is far faster than converting each repeated field element by element.
     raw = b"".join(v.SerializeToString()[-4 * d:] if d else b"" for v in vectors)
     return np.frombuffer(raw, dtype="<f4").reshape(len(vectors), d).copy()
 
@@ -31,7 +31,7 @@ def vectors_to_proto(x: np.ndarray) -> list[pb.Vector]:
 
 def add_hits(container, D: np.ndarray, I: np.ndarray, S: np.ndarray, U: np.ndarray | None) -> None:
     """Append one query's merged row (scores, ids, shards, uris) to a repeated Hit field, skipping
-    missing results. add() in place is ~3x faster than building Hit messages and copying them in."""
+    missing results. add() in place is faster than building Hit messages and copying them in."""
     uris = U.tolist() if U is not None else [""] * len(I)
     for d, i, s, u in zip(D.tolist(), I.tolist(), S.tolist(), uris):
         if i >= 0:

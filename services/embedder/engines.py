@@ -1,12 +1,11 @@
 """Where the embedding stages run: in this process, or as Ray Data `map_batches` stages on a cluster.
 
 Both yield the embedded batches in catalogue order. The choice (choose_engine) is the cluster's: a Ray address
-or several GPUs mean Ray; on one machine, Ray for catalogues big enough to repay its start-up. Measured here
-(README Performance, `python -m benchmarks.bench_embed --engines local,ray`): Ray starts in ~10 s (the instance,
-then the model actors) and then outruns the in-process engine on 2 cores, because each actor is a whole
-single-threaded pipeline (decode, then forward) and the actors overlap one another's decoding, where the
-in-process engine leaves a core idle while it decodes between two-threaded forwards: over a whole run of
-~1,000 images the two are even (Ray ÷ in-process 0.99 on thumbnails, 1.04 on 1.4-MP photos).
+or several GPUs mean Ray; on one machine, Ray for catalogues big enough to repay its start-up. Ray takes seconds
+to start (the instance, then the model actors) and then outruns the in-process engine, because each actor is a
+whole single-threaded pipeline (decode, then forward) and the actors overlap one another's decoding, where the
+in-process engine leaves a core idle while it decodes between multi-threaded forwards: over a run of about a
+thousand images the two are even (README Performance, `python -m benchmarks.bench_embed --engines local,ray`).
 """
 
 from __future__ import annotations

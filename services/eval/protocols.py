@@ -84,7 +84,7 @@ class Docs:
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Where each id is in self.ids (ids it lacks: any position; uris_of checks). A hash lookup (pandas'
-        Index, built once): at evaluation depth there are N² ids to place, 8x faster than binary search."""
+        Index, built once): at evaluation depth there are N² ids to place, and a binary search each is slower."""
         if self._index is None:
             import pandas as pd
 

@@ -1,5 +1,5 @@
-"""What the gateway knows of the catalogue: id <-> uri of the published version and of the recent versions
-answers came from, and thumbnails.
+"""What the gateway knows of the catalogue: id <-> uri of the published version (followed as every reader of an
+index follows it: index/follower.py) and of the recent versions answers came from, and thumbnails.
 
 A hit's thumbnail link names the version that answered, so a thumbnail always shows the image the hit
 was found in, even while the index moves on. Every method here reads storage in the calling thread: the
@@ -21,12 +21,13 @@ from services.common.images import thumbnail_jpeg
 from services.common.store import open_store, read_uri
 from services.common.validate import quote
 from services.index.docs import all_docs
+from services.index.follower import VersionFollower
 from services.index.manifest import load_version
-from services.index.versions import VERSION_NAME, load_current
+from services.index.versions import VERSION_NAME
 
 THUMB_SIDE = 256
 THUMB_CACHE = 1024
-VERSIONS_KEPT = 3
+OTHERS_KEPT = 1  # docs of versions neither published nor the one before, asked by name (the follower keeps 2)
 REFRESH_S = 2.0
 
 
@@ -34,6 +35,7 @@ REFRESH_S = 2.0
 class Docs:
     ids: np.ndarray  # sorted
     uris: np.ndarray
+    by_uri: dict[str, int] | None = None  # uri -> id, for the versions followed (searches by uri)
 
     def uri_of(self, id_: int) -> str | None:
         j = int(np.searchsorted(self.ids, id_))
@@ -43,14 +45,19 @@ class Docs:
 class Catalogue:
     def __init__(self, index_url: str, settings: Settings):
         self.url, self.settings = index_url, settings
-        self.version = ""  # the published version, as last seen
+        # The published version's docs and the one before it (hits of a router still pinned to it, a rollout)
+        self.follower: VersionFollower[Docs] = VersionFollower()
+        self.others: OrderedDict[str, Docs] = OrderedDict()  # other versions asked by name, most recently used last
         self.checked = 0.0
-        self.docs: OrderedDict[str, Docs] = OrderedDict()  # version -> docs, most recently used last
-        self.by_uri: dict[str, int] = {}  # of the published version
         self.thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.lock = threading.Lock()
         self.refreshing = threading.Lock()
         self.storage_error = ""  # the last storage failure, until a read succeeds again
+
+    @property
+    def version(self) -> str:
+        """The published version, as last seen."""
+        return self.follower.latest
 
     def _store(self):
         return open_store(self.url, self.settings)
@@ -78,27 +85,18 @@ class Catalogue:
             return
         try:
             self.checked = time.monotonic()
-            store = self._store()
-            manifest = self._remember(lambda: load_current(store))
-            if manifest.version != self.version:
-                docs = self._load(manifest)
-                with self.lock:
-                    self.by_uri = {u: int(i) for i, u in zip(docs.ids, docs.uris)}
-                    self.version = manifest.version
+            self._remember(lambda: self.follower.check(self._store(), self._followed))
         finally:
             self.refreshing.release()
 
-    def _load(self, manifest) -> Docs:
-        docs = Docs(*self._remember(lambda: all_docs(self._store(), manifest)))
-        with self.lock:
-            self.docs[manifest.version] = docs
-            self.docs.move_to_end(manifest.version)
-            while len(self.docs) > VERSIONS_KEPT:
-                self.docs.popitem(last=False)
-        return docs
+    def _followed(self, manifest) -> Docs:
+        """The docs of a version followed, with the uri -> id lookup of searches by uri."""
+        ids, uris = all_docs(self._store(), manifest)
+        return Docs(ids, uris, {u: int(i) for i, u in zip(ids, uris)})
 
     def docs_of(self, version: str | None) -> Docs:
-        """The docs of a version (the published one when None), loaded once and kept for a few versions."""
+        """The docs of a version (the published one when None): a version followed, else one asked by name, loaded
+        once and kept while few others are asked."""
         if not version:
             self.refresh()
             version = self.version
@@ -106,12 +104,20 @@ class Catalogue:
                 raise NotFound(f"no published index at {self.url} yet")
         if not VERSION_NAME.fullmatch(version):
             raise InvalidInput(f"version {quote(version)} is not a version name")
+        docs = self.follower.get(version)
+        if docs is not None:
+            return docs
         with self.lock:
-            if version in self.docs:
-                self.docs.move_to_end(version)
-                return self.docs[version]
+            if version in self.others:
+                self.others.move_to_end(version)
+                return self.others[version]
         manifest, _ = self._remember(lambda: load_version(self._store(), version))
-        return self._load(manifest)
+        docs = Docs(*self._remember(lambda: all_docs(self._store(), manifest)))
+        with self.lock:
+            self.others[version] = docs
+            while len(self.others) > OTHERS_KEPT:
+                self.others.popitem(last=False)
+        return docs
 
     def uri_of(self, id_: int, version: str | None = None) -> str:
         uri = self.docs_of(version).uri_of(id_)
@@ -124,14 +130,16 @@ class Catalogue:
 
     def known(self, uri: str) -> int | None:
         """The id of a uri of the loaded published version, without touching storage (None if unknown)."""
-        return self.by_uri.get(uri)
+        docs = self.follower.get()
+        return None if docs is None else docs.by_uri.get(uri)
 
     def id_of(self, uri: str) -> int:
-        if uri not in self.by_uri:
+        if self.known(uri) is None:
             self.refresh()
-        if uri not in self.by_uri:
+        found = self.known(uri)
+        if found is None:
             raise NotFound(f"{quote(uri, 200)} is not in the catalogue (only catalogue images can be searched by uri)")
-        return self.by_uri[uri]
+        return found
 
     def thumbnail(self, id_: int, version: str | None = None) -> bytes:
         if not version:

@@ -22,8 +22,8 @@ BLAS_MIN_QUERIES = 20
 
 def flat_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive search (e.g. IVF coarse assignment) through BLAS for batches, faiss's own path for
-    a few queries. Measured here: 100 queries x 4000 centroids 2.6x faster with BLAS, one query 3x
-    slower. faiss's switch is one process-wide variable, hence the lock."""
+    a few queries: BLAS wins for a batch against thousands of centroids and loses for one query (README
+    Performance, the router rows). faiss's switch is one process-wide variable, hence the lock."""
     with _BLAS_LOCK:
         big = len(queries) >= BLAS_MIN_QUERIES
         faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES if big else _FAISS_BLAS_THRESHOLD
@@ -170,7 +170,7 @@ def search_preassigned(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, Iq: np.
 
 def id_selector(ids: np.ndarray, all_ids: np.ndarray) -> tuple[object, list]:
     """A selector of ids among all_ids (both sorted): a batch of ids, or for broad filters the negation of the
-    few ids that do not match (faiss's IDSelectorBatch builds a hash set: 180 ms for 500k ids, measured)."""
+    few ids that do not match (faiss's IDSelectorBatch builds a hash set of its ids on every call)."""
     if len(ids) <= len(all_ids) // 2:
         return faiss.IDSelectorBatch(ids), [ids]
     others = np.setdiff1d(all_ids, ids, assume_unique=True)
@@ -191,9 +191,9 @@ def to_bytes(index: faiss.Index) -> bytes:
 def read_index(path: str, mmap: bool = False, map_refine: bool = False) -> faiss.Index:
     """Read a shard file; memory-mapped if asked and the index type allows it.
 
-    Mapped IVF lists cost ~4x per query here (measured), so RAM is the default; map when the
-    shards do not fit in memory. map_refine maps only flat-coded storage (a re-ranking stage's
-    full vectors: 8·k rows read a query, the IVF lists stay in RAM); the file must stay where it is.
+    Mapped IVF lists cost several times more per query (README Performance, the closing notes), so RAM is the
+    default; map when the shards do not fit in memory. map_refine maps only flat-coded storage (a re-ranking
+    stage's full vectors: 8·k rows read a query, the IVF lists stay in RAM); the file must stay where it is.
     """
     extra = faiss.IO_FLAG_MMAP_IFC if map_refine else 0
     try:

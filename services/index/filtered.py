@@ -8,10 +8,11 @@ bounded in bytes) are searched one of two ways, chosen from the share of rows th
   the unfiltered search, and nothing to miss);
 * ANN with faiss's id selector (`SearchParameters.sel`: non-matching ids never enter the heap), nprobe
   widened by 1 / share so the probed lists hold as many matching rows as the unfiltered search scans rows.
-  A narrower widening loses the known way filtered IVF/HNSW search does: with a category filter whose images
-  cluster away from the query, √(1 / share) kept recall@10 0.76 at 10 %, 1 / share 0.985 (measured, README
-  Performance). Probing lists by their count of matching rows per query reached the same recall and was
-  slower here (its full coarse ranking costs more than the lists it skips), so it is not used.
+  A narrower widening loses the known way filtered IVF/HNSW search does: a category filter whose images
+  cluster away from the query leaves too few matching rows in the lists probed (README Performance, the
+  filtered-search rows compare √(1 / share) with 1 / share). Probing lists by their count of matching rows
+  per query reached the same recall and was slower here (its full coarse ranking costs more than the lists it
+  skips), so it is not used.
 Plain-IVF shards stacked in one process (stacked.py) are searched as one: one selector over every shard's
 matching ids. IDMap-wrapped indexes (Flat, HNSW, IVF-PQ with refinement) are searched through their inner
 index with a bitmap of positions: IndexIDMap swaps a selector into the caller's parameters during a search,
@@ -36,7 +37,7 @@ from services.index.merge import merge_topk
 from services.index.shards import LoadedShard
 
 WIDEN_MIN = 2  # a filtered search probes at least this many times the lists (a broad filter drops candidates too)
-WIDEN_POWER = 1.0  # nprobe x (1 / share)^power: as many matching candidates as the unfiltered search (measured)
+WIDEN_POWER = 1.0  # nprobe x (1 / share)^power: as many matching candidates as the unfiltered search
 EXACT_MAX_ROWS = 50_000  # the exact path keeps the matching vectors in memory: bounded
 
 

@@ -360,6 +360,11 @@ def to_json(node: Node) -> dict:
 _OP_NAMES = {symbol: name for name, symbol in OPS.items()}
 
 
+def to_wire(node: Node | None) -> str:
+    """A parsed filter as a router sends it to its shards: the JSON language, compact ("" for none)."""
+    return "" if node is None else json.dumps(to_json(node), separators=(",", ":"))
+
+
 def parse_filter(text: str) -> Node:
     """A filter as text, either spelling: a JSON object (`{"in_stock": true}`) or a --where expression."""
     if len(text) > MAX_FILTER_CHARS:

@@ -29,27 +29,53 @@ def merge_topk(per_shard: list[tuple], k: int) -> tuple[np.ndarray, np.ndarray, 
     S = np.repeat(np.array([p[0] for p in per_shard], np.int32), widths)[None, :].repeat(len(I), 0)
     missing = I < 0
     D = np.where(missing, -np.inf, D)
-    order = rank_columns(D, np.where(missing, np.iinfo(np.int64).max, I))[:, :k]
+    order = rank_columns(D, tie_keys(I))[:, :k]
     U = _pick_uris([p[3] for p in per_shard], widths, order) if all(len(p) > 3 for p in per_shard) else None
     return (np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1), U)
 
 
-LEXSORT_MAX = 4096  # merged widths up to this order ties by id; deeper (evaluation) rankings by shard order
+LEXSORT_MAX = 4096  # rankings up to this wide order ties by id; deeper (evaluation) rankings keep them as found
 
 
 def rank_columns(D: np.ndarray, tie: np.ndarray) -> np.ndarray:
     """Columns by score, best first, equal scores by the smaller id. A stable sort of the shards' presorted
-    lists is a merge of runs (30x faster than lexsort); rows where two scores tie go through lexsort, so ties
+    lists is a merge of runs, far faster than lexsort; rows where two scores tie go through lexsort, so ties
     still break on the id — up to LEXSORT_MAX columns: in a ranking of the whole catalogue (evaluation)
     float32 ties are common and their order changes no metric, so they keep shard order there."""
     order = np.argsort(-D, axis=-1, kind="stable")
     if D.shape[1] > LEXSORT_MAX:
         return order
-    ranked = np.take_along_axis(D, order, 1)
-    tied = np.flatnonzero(((ranked[:, 1:] == ranked[:, :-1]) & np.isfinite(ranked[:, 1:])).any(axis=1))
+    tied = _tied_rows(np.take_along_axis(D, order, 1))
     if len(tied):
         order[tied] = np.lexsort((tie[tied], -D[tied]), axis=-1)
     return order
+
+
+def order_ties(D: np.ndarray, I: np.ndarray) -> np.ndarray:
+    """One search's result, each row by score already (one faiss heap over every shard: stacked.py), put in the
+    order merge_topk gives a merge of shards: missing results (id -1) scored -inf, equal scores by the smaller id
+    (the same rule as rank_columns, LEXSORT_MAX included). In place; returns where results are missing. I may hold
+    positions among sorted ids instead of ids: they order alike."""
+    missing = I < 0
+    D[missing] = -np.inf
+    if D.shape[1] > LEXSORT_MAX:
+        return missing
+    tied = _tied_rows(D)
+    if len(tied):
+        order = np.lexsort((tie_keys(I[tied]), -D[tied]), axis=-1)
+        D[tied], I[tied] = np.take_along_axis(D[tied], order, 1), np.take_along_axis(I[tied], order, 1)
+        missing[tied] = np.take_along_axis(missing[tied], order, 1)
+    return missing
+
+
+def tie_keys(I: np.ndarray) -> np.ndarray:
+    """What orders equal scores: the id, a missing result (-1) after every id."""
+    return np.where(I < 0, np.iinfo(np.int64).max, I)
+
+
+def _tied_rows(ranked: np.ndarray) -> np.ndarray:
+    """The rows of a by-score matrix where two finite scores are equal."""
+    return np.flatnonzero(((ranked[:, 1:] == ranked[:, :-1]) & np.isfinite(ranked[:, 1:])).any(axis=1))
 
 
 def _pick_uris(uris: list, widths: list[int], order: np.ndarray) -> np.ndarray:

@@ -1,19 +1,17 @@
 """The learned projection of an index: model vectors -> mean-centred PCA (optionally shrinkage-whitened)
 -> L2, trained on the catalogue at build time and stored with the version it belongs to.
 
-Why centred PCA to 256 without whitening by default: measured on the development photos (caltech101-dev,
-Lite0 + GeM, exact search; README Quality), it trades category retrieval against near-duplicate
-retrieval, and both are what image search is used for. Category mAP rises as dimensions fall (0.764 as the
-model gives them, 0.790 at 256, 0.803 at 128, 0.820 at 64) while copy detection falls (uAP 0.965, 0.952,
-0.927, 0.890); whitening moves each the other way (128 d, power 1: category 0.613). 256 keeps copy
-detection within 1.5 points, recall@1 unchanged, and makes vectors 5x smaller; a catalogue searched only
-for "more like this" should take --pca 128 with --dba / qe (README).
+Why centred PCA to 256 without whitening by default: it trades category retrieval against near-duplicate
+retrieval, and both are what image search is used for. On real photos category mAP rises as dimensions fall
+while copy detection falls, and whitening moves each the other way; 256 keeps copy detection close to the
+model's own, recall@1 unchanged, with vectors several times smaller (README Quality, "Post-processing", has the
+figures); a catalogue searched only for "more like this" should take --pca 128 with --dba / qe (README).
 
 faiss trains it (PCAMatrix: handles fewer rows than dimensions, eigenvalue power for whitening); the result
 is kept as a plain affine map (A, b) in an .npz. It is applied by faiss too (a LinearTransform), not by a numpy
 matmul: numpy's OpenBLAS keeps its pthreads spinning after a call, and on a small machine they take the cores
-faiss's OpenMP threads search on next — a batch of 100 queries then took 3x longer to search than to project
-and search with faiss's own BLAS (`python -m benchmarks.projection_cost --factory IVF256,Flat`).
+faiss's OpenMP threads search on next, and the search after a numpy projection ran several times slower than
+projecting with faiss's own BLAS (README Performance, `python -m benchmarks.projection_cost`).
 """
 
 from __future__ import annotations

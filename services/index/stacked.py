@@ -7,13 +7,13 @@ scanned by faiss's own threads, the global top-k kept in faiss's heap, at the sp
 The shards keep their ids, uris and fields; their stored vectors are read through the stack (LoadedShard.home).
 The moved lists hold positions among the stack's sorted ids instead of the ids: a hit's id, shard and uri are
 then one array read each, where a binary search over every id (a cache miss at each step after a scan of the
-lists) took ~10 % of the in-process router's samples at 1M (py-spy); a filter's selector is a bitmap of positions.
+lists) was a visible share of the in-process router's profile; a filter's selector is a bitmap of positions.
 This is faiss IndexShardsIVF's idea without its limits (IndexShardsIVF insists that every shard's own nprobe
-equals the search's, so per-call nprobe would mean mutating shared indexes). Measured (`python -m
-benchmarks.bench_search --n 200000`, 4 shards, arrays out as raw faiss gives them): the per-shard loop in
-Python with a merge in numpy ran at 0.28x of one raw faiss index for single queries and for batches of 100;
-faiss's HStackInvertedLists over the shards' lists (which copies a list's codes on every access) at 0.70x
-and 0.66x. Memory-mapped shards are stacked that way still (moving their lists would read them into RAM).
+equals the search's, so per-call nprobe would mean mutating shared indexes). The two ways tried before — a
+per-shard loop in Python with a merge in numpy, and faiss's HStackInvertedLists over the shards' lists (which
+copies a list's codes on every access) — both ran well below one raw faiss index (README Performance, "sharded
+in-process search ÷ raw faiss", `python -m benchmarks.bench_search`). Memory-mapped shards are stacked with
+HStackInvertedLists still (moving their lists would read them into RAM).
 
 Results are the merge's: ids with their shard and uri, -1 / -inf / "" where fewer than k, equal scores by the
 smaller id (within the k returned; which of several tied candidates at the k-th place is returned is faiss's
@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 from services.index import faiss_util
-from services.index.merge import rank_columns
+from services.index.merge import order_ties
 from services.index.shards import LoadedShard, cached_params
 
 
@@ -83,14 +83,7 @@ class StackedShards:
     def label(self, D: np.ndarray, I: np.ndarray, with_uris: bool = True, positions: bool = False):
         """faiss's (D, I) over the stacked shards -> (D, I, S, uris) as merge_topk gives them. I holds ids, or
         with positions, positions among self.ids (what search over renumbered lists returns)."""
-        missing = I < 0
-        D[missing] = -np.inf
-        # faiss returns each row by score; rows with equal scores are re-ordered by id, as the merge orders them
-        # (positions sort as their ids do)
-        tied = np.flatnonzero(((D[:, 1:] == D[:, :-1]) & ~missing[:, 1:]).any(axis=1))
-        if len(tied):
-            order = rank_columns(D[tied], np.where(missing[tied], np.iinfo(np.int64).max, I[tied]))
-            D[tied], I[tied] = np.take_along_axis(D[tied], order, 1), np.take_along_axis(I[tied], order, 1)
+        missing = order_ties(D, I)  # the merge's order, from the merge's own rule (positions sort as their ids do)
         if not len(self.ids):  # every shard empty
             return D, I, np.full(I.shape, -1, np.int32), (np.full(I.shape, "", dtype=object) if with_uris else None)
         if positions:

@@ -29,6 +29,7 @@ from services.common.store import Store, open_store
 from services.embedder.embeddings import Embeddings, read_embeddings, read_meta
 from services.index import descriptors, faiss_util, fields
 from services.index.layout import BUILDS, version_prefix
+from services.index.loaded import open_version
 from services.index.manifest import Manifest, ShardEntry
 from services.index.merge import merge_topk
 from services.index.projection import Projection, from_wire, load_projection, to_wire
@@ -54,11 +55,10 @@ def change_index(root: str, change: Change, settings: Settings, step: Step, vers
         cache = settings.file_cache()
         fresh = not_cached(cache, shard_files(manifest))
         try:
-            shards = [load_shard(store, manifest, e, cache) for e in manifest.shards]
-            projection = load_projection(store, manifest)  # carried over: every version holds all its files
-            parts, template, result = change(manifest, shards, projection, name)
-            quantizer = faiss_util.ivf_quantizer(shards[0].index)  # a manifest always has a shard
-            return (write_version(store, template, parts, quantizer, True, step, base, projection), *result)
+            loaded = open_version(store, manifest, cache)  # the projection carried over: a version holds all its files
+            parts, template, result = change(manifest, loaded.shards, loaded.projection, name)
+            return (write_version(store, template, parts, loaded.quantizer, True, step, base, loaded.projection),
+                    *result)
         finally:  # downloaded for this change only (loaded whole: the files are not needed once read)
             forget_cached(cache, fresh, set())
 

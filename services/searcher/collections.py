@@ -116,7 +116,7 @@ def collections_json(specs: list[CollectionSpec]) -> str:
 
 
 class Collections:
-    """name -> a running Router (services.searcher.router), kept in step with the collections file."""
+    """name -> a running Router (router.py), kept in step with the collections file."""
 
     def __init__(self, start: Callable[[CollectionSpec], Awaitable], path: Path | None = None):
         """start(spec) -> a started Router for one collection (awaited)."""

@@ -1,9 +1,8 @@
 """The router's searches of one shard replica as tagged messages on one long-lived gRPC stream.
 
-A unary call costs both sides more CPU than a message on an open stream (call set-up, metadata, status): a
-shard server spends 0.5–0.8 of a unary call's CPU on a search message (benchmarks/bench_shard.py), and the
-router's rate over 4 shard servers rose 1.15–1.23× (benchmarks/bench_transport.py, both in one run). A fan-out
-sends the same request to every shard, so a query pays for several legs.
+A unary call costs both sides more CPU than a message on an open stream (call set-up, metadata, status), and a
+fan-out sends the same request to every shard, so a query pays for several legs (README Performance: bench_shard's
+row for a shard server's CPU per message, the transport row for the router's rate).
 
 The stream carries no deadline of its own: the caller (ReplicaSet.ask) waits for an answer only until its
 deadline or a hedge wins, then forgets the tag — the replica may still answer it, and the answer is dropped.

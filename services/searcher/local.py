@@ -11,16 +11,20 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.common.hits import Hit
 from services.common.images import decode_image
-from services.common.store import open_store
+from services.common.store import open_store, read_uri
 from services.common.validate import check_k, check_qe
 from services.index import faiss_util
 from services.index.filtered import FilteredSearch
 from services.index.filters import Node, check_fields, parse_filter
+from services.index.loaded import open_version
+from services.index.manifest import Manifest
 from services.index.merge import hit_lists, merge_topk
-from services.index.projection import load_projection, to_index_space
-from services.index.shards import LoadedShard, load_shard, shard_files, shared_quantizer
+from services.index.projection import to_index_space
+from services.index.shards import LoadedShard, shard_files
 from services.index.stacked import stack_shards
 from services.index.versions import load_current
+from services.searcher.expansion import expand, found_ids
+from services.searcher.feedback import requery
 
 
 def check_assign(assign: tuple[np.ndarray, np.ndarray], nq: int, quantizer) -> tuple[np.ndarray, np.ndarray]:
@@ -37,24 +41,18 @@ def check_assign(assign: tuple[np.ndarray, np.ndarray], nq: int, quantizer) -> t
 class IndexSearcher:
     """Loads the published version of an index root and searches all its shards."""
 
-    def __init__(self, url: str, settings: Settings | None = None, only: list[int] | None = None):
-        """Load every shard of the published version, or `only` those numbers (a shard server)."""
+    def __init__(self, url: str, settings: Settings | None = None, only: list[int] | None = None,
+                 manifest: Manifest | None = None):
+        """Load every shard of the published version (or of `manifest`'s version: one a follower read), or `only`
+        those numbers (a shard server)."""
         self.settings = settings or get_settings()
         self.store = open_store(url, self.settings)
-        self.manifest = load_current(self.store)
-        self.cache = cache = self.settings.file_cache()
-        entries = self.manifest.shards
-        if only is not None:
-            known = {e.shard for e in entries}
-            if not set(only) <= known:
-                raise NotFound(f"index {self.store.url} has shards {sorted(known)}, not {sorted(set(only) - known)}")
-            entries = [e for e in entries if e.shard in only]
-        self.shards = [load_shard(self.store, self.manifest, e, cache, self.settings.mmap_index, serving=True)
-                       for e in entries]
+        self.manifest = manifest or load_current(self.store)
+        self.cache = self.settings.file_cache()
+        loaded = open_version(self.store, self.manifest, self.cache, only, self.settings.mmap_index, serving=True)
+        self.shards, self.projection, self.quantizer = loaded.shards, loaded.projection, loaded.quantizer
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)))
-        self.quantizer = shared_quantizer([s.index for s in self.shards])
         self.stacked = stack_shards(self.shards, self.quantizer)  # plain IVF: all shards as one faiss search
-        self.projection = load_projection(self.store, self.manifest)
         self.filtered = FilteredSearch(self.shards, self.stacked, self.manifest.k_factor, self.settings.filter_cache_mb)
 
     @property
@@ -176,10 +174,6 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
     """The stage behind `imsearch search`: the query image at a uri (file or s3://), embedded with the index's
     own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process, only
     among rows matching the filter `where` when given. Returns (index version, hits)."""
-    from services.common.store import read_uri
-    from services.searcher.expansion import expand, found_ids
-    from services.searcher.feedback import requery
-
     settings = settings or get_settings()
     check_k(k, settings.max_k)  # before the seconds spent loading the index and model
     check_qe(qe)

@@ -2,24 +2,23 @@
 
 faiss spreads one call over every core with OpenMP (its IVF search splits the queries between the threads), and
 concurrent calls would each start a team on the same cores: 2 calls of 2 threads on 2 cores preempt each other's
-threads, and an OpenMP region waits for its slowest one. One call at a time leaves the cores idle while the event
-loop turns the last answer into gRPC and collects the next batch (1.5 of 2 cores used under bench_router's load).
-So a search runs on one of `threads` workers with its share of the cores: all of them when it is the only search
-running, one each when every worker is busy (a single-threaded scan also spends less CPU per query than a
-2-thread region: 0.042 vs 0.055 ms at 1M x 128). OpenMP's thread count is per calling thread (libgomp keeps it in
-the thread's own ICVs), so each worker sets its own before it calls faiss.
+threads, and an OpenMP region waits for its slowest one. One call at a time leaves cores idle while the event
+loop turns the last answer into gRPC and collects the next batch. So a search runs on one of `threads` workers
+with its share of the cores: all of them when it is the only search running, one each when every worker is busy
+(a single-threaded scan also spends less CPU per query than a region of several threads). OpenMP's thread count
+is per calling thread (libgomp keeps it in the thread's own ICVs), so each worker sets its own before it calls
+faiss. README Performance, the one-host row (`bench_router --in-process`), has what this buys.
 
 A search of few queries runs on one thread even alone: a team's threads spin for a while after every parallel
-region (libgomp's default wait policy), ~0.5 ms of CPU a search, while splitting so few queries saves at most
-a few tenths of a millisecond (measured on 25k- and 250k-vector shards, 1–128 queries). A server of small
-searches (a shard server under a router's fan-outs, single queries in-process) spent more CPU spinning than
-searching; a process-wide passive wait policy would cost large batches their parallel speed instead.
+region (libgomp's default wait policy), which costs more CPU than splitting a handful of queries saves. A server
+of small searches (a shard server under a router's fan-outs, single queries in-process) spent more CPU spinning
+than searching; a process-wide passive wait policy would cost large batches their parallel speed instead.
 
 faiss's Python module installs an interrupt callback that a long search calls every few thousand vectors to
 ask Python whether Ctrl-C was pressed, taking the GIL to ask. On a worker thread it can never see a signal (Python
-handles them on the main thread only), and it waits for the GIL while the event loop holds it: two searching
-workers in the one-host router used 0.63 of a core each, 1.53 of 2 cores busy, 1.71 without the check (+20 %
-queries/s, bench_router --in-process). A pool's process does without it (see no_signal_checks).
+handles them on the main thread only), and it waits for the GIL while the event loop holds it, so the searching
+workers of the one-host router sat waiting on the loop mid-search. A pool's process does without it (see
+no_signal_checks).
 
 Hand-written: faiss has no scheduler of its own for concurrent calls, and a thread pool of faiss calls needs
 only the count of searches running.
@@ -56,8 +55,8 @@ class SearchPool:
     def __init__(self, threads: int | None = None, inline_small: bool = False):
         """threads: the cores searches may use (default: OpenMP's, which OMP_NUM_THREADS limits).
         inline_small: a search of few rows starting while no other runs runs on the caller's thread (the
-        event loop), on one OpenMP thread: handing it to a worker costs ~0.1 ms of CPU (a thread wake-up each
-        way), more than searching a few queries. For a server of small searches (a shard server); not for one
+        event loop), on one OpenMP thread: handing it to a worker costs a thread wake-up each way, more CPU than
+        searching a few queries. For a server of small searches (a shard server); not for one
         whose loop also has other work to overlap with its searches (the in-process router)."""
         self.threads = max(1, threads or faiss.omp_get_max_threads())
         no_signal_checks()

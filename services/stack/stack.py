@@ -134,8 +134,8 @@ class Stack:
                 group = []
                 for r in range(self.spec.replicas):
                     env = self._metrics_env()
-                    group.append(self._service(f"{name + '-' if name else ''}shard-{n}-{r}", "services.searcher.shard",
-                                               ["--index", index, "--shard", str(n)], port, env))
+                    group.append(self._service(f"{name + '-' if name else ''}shard-{n}-{r}", "services.searcher",
+                                               ["shard", "--index", index, "--shard", str(n)], port, env))
                     port = port + 1 if port else 0
                 groups.append(group)
             self.collection_shards[name] = groups
@@ -169,7 +169,7 @@ class Stack:
         env = {k: v for k, v in {"IMSEARCH_METRICS_PORT": None if spec.metrics_port is None else str(spec.metrics_port),
                                  "IMSEARCH_REDIS_URL": f"redis://{self.redis.address}/0" if self.redis else None
                                  }.items() if v is not None}
-        self.router = self._part(Part.python("router", "services.searcher.router", [*args, "--host", spec.host],
+        self.router = self._part(Part.python("router", "services.searcher", ["router", *args, "--host", spec.host],
                                              spec.router_port or free_port(), env={**env, **spec.router_env},
                                              python=spec.python))
 

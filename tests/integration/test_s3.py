@@ -169,7 +169,7 @@ def test_on_s3_a_shard_server_caches_only_the_versions_it_serves_and_writers_kee
     from services.index.shards import shard_files
     from services.index.versions import rollback
     from services.indexer.update import add_to_index
-    from services.searcher.shard import ShardService, load
+    from services.searcher.localshards import LocalShards, load
     from tests.helpers import random_unit_vectors, write_fake_embeddings
 
     root, store, cache = "s3://work/idx", open_store("s3://work/idx", settings), settings.home / "cache"
@@ -185,7 +185,7 @@ def test_on_s3_a_shard_server_caches_only_the_versions_it_serves_and_writers_kee
     build_index(str(tmp_path / "emb0"), root, shards=2, settings=settings)
     v1 = load_current(store)
     assert cached() == set()  # a build writes its files and downloads none
-    service = ShardService(load(root, 0, settings), root, 0, settings)
+    shards = LocalShards(load(root, 0, settings), root, 0, settings)
     assert cached() == shard_0(v1)
     versions = [v1]
     for n in (1, 2):
@@ -193,11 +193,11 @@ def test_on_s3_a_shard_server_caches_only_the_versions_it_serves_and_writers_kee
         add_to_index(root, str(tmp_path / f"emb{n}"), settings)
         assert cached() == before  # the add loaded both shards, and kept none of those it downloaded
         versions.append(load_current(store))
-        asyncio.run(service._follow(versions[-1].version))
-        assert set(service.versions) == {m.version for m in versions[-2:]}
+        asyncio.run(shards.follow())
+        assert set(shards.follower.held()) == {m.version for m in versions[-2:]}
         assert cached() == shard_0(versions[-2]) | shard_0(versions[-1])  # served: the newest and the one before
     assert len(shard_0(versions[0]) | shard_0(versions[1]) | shard_0(versions[2])) == 3  # every add changed it
     before = cached()
     assert rollback(store, cache).version == versions[1].version  # checks both of its shard files first
     assert cached() == before  # shard 1's, downloaded for the check, not kept
-    service.pool.shutdown()
+    shards.pool.shutdown()

@@ -51,7 +51,7 @@ def test_serve_answers_image_queries_and_stops_cleanly(real_index, mode):
             info = client.stub.Info(pb.InfoRequest(), timeout=10)
             assert (info.model.name, info.factory, info.count, len(info.shards)) == (DEFAULT_MODEL, "Flat", 8, 2)
             shard_servers = [p for p in psutil.Process(serve.pid).children(recursive=True)
-                             if "services.searcher.shard" in " ".join(p.cmdline())]
+                             if "services.searcher shard" in " ".join(p.cmdline())]
             assert len(shard_servers) == (2 if mode == "shard-servers" else 0)
         serve.proc.terminate()
         assert serve.proc.wait(30) == 0

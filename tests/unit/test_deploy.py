@@ -24,19 +24,29 @@ from services.searcher.collections import CollectionSpec, parse_collections, sha
 from tests.helpers import need
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-MODULES = {"services.searcher.shard", "services.searcher.router", "services.embedder", "services.gateway"}
+PROCESSES = {"services.searcher shard", "services.searcher router", "services.embedder", "services.gateway"}
 
 
-def parser_of(module: str):
-    mod = importlib.import_module(module if module != "services.embedder" else "services.embedder.__main__")
-    if module == "services.gateway":
-        mod = importlib.import_module("services.gateway.__main__")
-    return mod.build_parser()
+def process_of(words: list[str]) -> tuple[str, list[str]]:
+    """`python -m` arguments (module, [role], args) -> (the process they start, its own args): the searcher's module
+    starts a router or a shard server, named by its first argument."""
+    module, *rest = words
+    return (f"{module} {rest[0]}", rest[1:]) if module == "services.searcher" else (module, rest)
+
+
+def parse(process: str, args: list[str]):
+    """A process's args as its own parser (its package's __main__) reads them."""
+    module, _, role = process.partition(" ")
+    return importlib.import_module(f"{module}.__main__").build_parser().parse_args([role, *args] if role else args)
+
+
+def container_process(container: dict) -> str:
+    return process_of(container["command"][2:])[0]
 
 
 def parsed(container: dict):
     """A k8s container's args as its service's own parser reads them (the shard number $(SHARD) as 0)."""
-    return parser_of(container["command"][2]).parse_args([a.replace("$(SHARD)", "0") for a in container["args"]])
+    return parse(*process_of(container["command"][2:] + [a.replace("$(SHARD)", "0") for a in container["args"]]))
 
 
 def check_env(name: str, value: str | None) -> None:
@@ -75,20 +85,20 @@ def compose():
 
 
 def compose_commands(compose) -> dict[str, tuple[str, object]]:
-    """service -> (module, parsed args) of the `python -m <module>` services."""
+    """service -> (process, parsed args) of the `python -m <module>` services."""
     out = {}
     for name, svc in compose.items():
         if svc.get("entrypoint") == ["python", "-m"] and svc.get("command"):
-            module, *args = svc["command"]
-            assert module in MODULES, (name, module)
-            out[name] = (module, parser_of(module).parse_args(args))
+            process, args = process_of(svc["command"])
+            assert process in PROCESSES, (name, process)
+            out[name] = (process, parse(process, args))
     return out
 
 
 def test_compose_has_every_part(compose):
     assert {"minio", "redis", "ray-head", "ray-worker", "embedder", "shard-0", "shard-1", "router",
             "gateway"} <= set(compose)
-    assert {m for m, _ in compose_commands(compose).values()} == MODULES
+    assert {m for m, _ in compose_commands(compose).values()} == PROCESSES
 
 
 def test_compose_ports_probes_and_addresses_line_up(compose):
@@ -108,7 +118,7 @@ def test_compose_ports_probes_and_addresses_line_up(compose):
     assert ports[host] == port
     host, port = address(commands["gateway"][1].router)
     assert host == "router" and port == ports["router"]
-    shard_numbers = sorted(args.shard for name, (m, args) in commands.items() if m == "services.searcher.shard")
+    shard_numbers = sorted(args.shard for name, (m, args) in commands.items() if m == "services.searcher shard")
     assert shard_numbers == list(range(len(shard_numbers)))
     assert {args.index for _, args in commands.values() if hasattr(args, "index") and args.index} == \
         {"s3://imsearch/idx"}
@@ -149,7 +159,7 @@ def test_the_compose_collections_file_serves_two_collections(compose):
             for replica in group:
                 host, port = address(replica)
                 module, args = commands[host]
-                assert module == "services.searcher.shard" and args.port == port and args.index == spec.index
+                assert module == "services.searcher shard" and args.port == port and args.index == spec.index
         assert address(spec.embedder) == ("embedder", commands["embedder"][1].port)
     for name, svc in services.items():
         for key, value in (svc.get("environment") or {}).items():
@@ -192,12 +202,12 @@ def workloads(k8s):
 
 
 def shard_sets(k8s) -> list[dict]:
-    return [doc for kind, _, doc, c in workloads(k8s) if c["command"][2] == "services.searcher.shard"]
+    return [doc for kind, _, doc, c in workloads(k8s) if container_process(c) == "services.searcher shard"]
 
 
 def router_args(k8s):
     router = next(c for _, n, _, c in workloads(k8s) if n == "router")
-    return parser_of("services.searcher.router").parse_args(router["args"])
+    return parse("services.searcher router", router["args"])
 
 
 def test_every_layout_lists_every_file():
@@ -224,7 +234,7 @@ def test_k8s_has_every_part(k8s):
 def test_k8s_commands_ports_probes(k8s):
     services = {n: d for (k, n), d in k8s.items() if k == "Service"}
     for kind, name, doc, c in workloads(k8s):
-        assert c["command"][:2] == ["python", "-m"] and c["command"][2] in MODULES, name
+        assert c["command"][:2] == ["python", "-m"] and container_process(c) in PROCESSES, name
         args = parsed(c)
         container_ports = {p["containerPort"] for p in c["ports"]}
         assert args.port in container_ports and args.host == "0.0.0.0", name
@@ -287,7 +297,7 @@ def test_the_router_asks_every_replica_of_every_shard(k8s):
         assert address(spec.embedder) == ("embedder", 50051)
     assert served == {s["metadata"]["name"] for s in sets}, "a shard set no collection asks"
     gateway = next(c for _, n, _, c in workloads(k8s) if n == "gateway")
-    assert address(parser_of("services.gateway").parse_args(gateway["args"]).router) == ("router", 50050)
+    assert address(parse("services.gateway", gateway["args"]).router) == ("router", 50050)
     if router_args(k8s).collections:  # the gateway reads the same file (catalogues, thumbnails per collection)
         env = {e["name"]: e.get("value") for e in gateway["env"]}
         assert env["IMSEARCH_COLLECTIONS"] == str(router_args(k8s).collections)
@@ -354,9 +364,9 @@ def test_every_service_is_scraped_on_the_port_that_serves_metrics(k8s):
                             if d["spec"]["selector"]["matchLabels"].items() >= s["spec"]["selector"].items())
             c = workload["spec"]["template"]["spec"]["containers"][0]
             args = parsed(c)
-            assert port["targetPort"] == (args.port if c["command"][2] == "services.gateway" else metrics_port)
-            scraped.add(c["command"][2])
-    assert scraped == MODULES
+            assert port["targetPort"] == (args.port if container_process(c) == "services.gateway" else metrics_port)
+            scraped.add(container_process(c))
+    assert scraped == PROCESSES
 
 
 def test_the_prometheus_rule_is_rules_yml():

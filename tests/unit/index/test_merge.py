@@ -65,3 +65,21 @@ def test_one_shard_passes_through_with_missing_results_marked():
     d, i, s, u = merge_topk([(2, D, I, np.array([["a", "b", ""]], dtype=object))], 3)
     assert i.tolist() == [[5, 6, -1]] and s.tolist() == [[2, 2, 2]] and u.tolist() == [["a", "b", ""]]
     assert d[0, 2] == -np.inf and d[0, 0] == np.float32(0.8)
+
+
+def test_one_ranked_result_gets_the_order_a_merge_of_its_parts_gets():
+    """The stacked in-process search (one faiss heap over every shard) and the router's merge order equal scores
+    by one rule: by the smaller id, missing results last."""
+    from services.index.merge import order_ties
+
+    rng = np.random.default_rng(3)
+    D = -np.sort(-rng.integers(0, 4, (50, 8)).astype(np.float32), axis=1)  # few distinct scores: many ties
+    I = rng.permutation(1000)[:400].reshape(50, 8).astype(np.int64)
+    I[:5, -2:], D[:5, -2:] = -1, -np.inf  # fewer than k results
+    parts = [(0, D[:, 0::2], I[:, 0::2]), (1, D[:, 1::2], I[:, 1::2])]  # each part ranked, as a shard's is
+    want_D, want_I, _, _ = merge_topk(parts, 8)
+    got_D, got_I = D.copy(), I.copy()
+    missing = order_ties(got_D, got_I)
+    assert not np.array_equal(got_I, I)  # ties were out of id order, and are not now
+    assert np.array_equal(got_I, want_I) and np.array_equal(got_D, want_D)
+    assert np.array_equal(missing, want_I < 0)

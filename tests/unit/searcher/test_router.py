@@ -2,7 +2,7 @@ import pytest
 
 from services.common.errors import InvalidInput
 from services.searcher.collections import parse_shards
-from services.searcher.router import shard_budget
+from services.searcher.remote import shard_budget
 
 
 def test_parse_shards_groups_and_replicas():
@@ -38,7 +38,7 @@ def test_the_coarse_assignment_of_a_fan_out_runs_on_one_openmp_thread(tmp_path, 
     from protos.imsearch.v1 import imsearch_pb2 as pb
     from services.common.config import Settings
     from services.index import faiss_util
-    from services.searcher.router import Router
+    from services.searcher.remote import RemoteShards
 
     if faiss.omp_get_max_threads() < 2:
         pytest.skip("one core: every thread has one OpenMP thread")
@@ -53,13 +53,13 @@ def test_the_coarse_assignment_of_a_fan_out_runs_on_one_openmp_thread(tmp_path, 
     monkeypatch.setattr(faiss_util, "flat_search", recording)
 
     async def fan_out() -> pb.ShardSearchRequest:
-        router = Router([], Settings(home=tmp_path))
-        router.index_url, router.coarse["v1"] = str(tmp_path / "idx"), (quantizer, 2)
+        shards = RemoteShards([], Settings(home=tmp_path), None, str(tmp_path / "idx"))
+        shards.coarse["v1"] = (quantizer, 2)
         request = pb.ShardSearchRequest(k=3)
         try:
-            await router._fan_out(request, np.eye(8, dtype=np.float32)[:3], asyncio.get_running_loop().time() + 5, "v1")
+            await shards._fan_out(request, np.eye(8, dtype=np.float32)[:3], asyncio.get_running_loop().time() + 5, "v1")
         finally:
-            await router.close()
+            await shards.close()
         return request
 
     request = asyncio.run(fan_out())

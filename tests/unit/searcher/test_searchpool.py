@@ -17,8 +17,8 @@ from services.common.config import Settings
 from services.eval.synthetic import write_embeddings
 from services.indexer.build import build_index
 from services.searcher.collections import LOCAL, CollectionSpec
-from services.searcher.router import start_router
 from services.searcher.searchpool import TEAM_MIN_ROWS, SearchPool
+from services.searcher.service import start_router
 from tests.helpers import random_unit_vectors
 
 
@@ -98,7 +98,8 @@ def test_a_shard_server_searches_a_few_queries_on_one_thread_and_a_big_batch_on_
     router's fan-outs of a few queries each spent more of its CPU spinning than searching."""
     from protos.imsearch.v1 import imsearch_pb2 as pb
     from services.common.convert import pack_queries
-    from services.searcher.shard import ShardService, load
+    from services.searcher.localshards import LocalShards, load
+    from services.searcher.shard import ShardService
 
     settings = Settings(home=tmp_path / "home", flat_max=500)
     write_embeddings(tmp_path / "emb", random_unit_vectors(3000, 16, seed=1, clusters=20))
@@ -106,10 +107,11 @@ def test_a_shard_server_searches_a_few_queries_on_one_thread_and_a_big_batch_on_
     caller = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(4)  # the shard server's cores, whatever this machine has
     try:
-        service = ShardService(load(str(tmp_path / "idx"), 0, settings), str(tmp_path / "idx"), 0, settings)
+        service = ShardService(LocalShards(load(str(tmp_path / "idx"), 0, settings), str(tmp_path / "idx"), 0,
+                                           settings))
     finally:
         faiss.omp_set_num_threads(caller)
-    searcher, seen = service.pick(""), []
+    searcher, seen = service.shards.pick(""), []
     search_arrays = searcher.search_arrays
 
     def recording(*args, **kwargs):
@@ -125,7 +127,7 @@ def test_a_shard_server_searches_a_few_queries_on_one_thread_and_a_big_batch_on_
     try:
         replies = [asyncio.run(ask(n)) for n in (3, TEAM_MIN_ROWS + 8)]
     finally:
-        service.close()
+        service.shards.pool.shutdown()
     assert seen == [1, 4]
     assert [len(r.ids) // 8 for r in replies] == [3 * 5, (TEAM_MIN_ROWS + 8) * 5]
 
@@ -156,8 +158,8 @@ def test_the_in_process_router_runs_concurrent_searches_at_the_same_time(tmp_pat
     async def run():
         router = await start_router(CollectionSpec("default", LOCAL, str(tmp_path / "idx")), settings)
         try:
-            assert router.local.pool.threads == faiss.omp_get_max_threads()
-            searcher = router.local.pick(router.version)
+            assert router.shards.pool.threads == faiss.omp_get_max_threads()
+            searcher = router.shards.pick(router.version)
             alone = [await router.search(queries[i:i + 1], k) for i, k in ((0, 5), (1, 7))]
             search_arrays, both_inside = searcher.search_arrays, threading.Barrier(2, timeout=10)
 

@@ -1,0 +1,246 @@
+"""The Searcher API (gRPC) over the collections a router serves, each a Router (router.py): the query cache
+(Redis, keyed by index version, single-flight), relevance feedback, αQE rounds, filters, Info. `serve()` starts it
+and returns the running server; `python -m services.searcher router` is the process.
+
+    python -m services.searcher router --shards h:50061,h:50062 --index idx/
+    (replicas of one shard are separated by '|': h1:50061|h2:50061,h1:50062|h2:50062)
+
+On one host the shards need no servers of their own: `--shards local --index idx/` loads every shard into the
+router and searches them as one faiss search over their stacked lists (the same API, version following and
+pinning: the previous version stays loaded through a rollout), which spends the host's CPU on search instead of
+on a gRPC hop per shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from protos.imsearch.v1 import imsearch_pb2 as pb
+from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
+from services.common import metrics, server
+from services.common.config import Settings, get_settings
+from services.common.convert import add_hits, fill_columns, vectors_from_proto
+from services.common.errors import Incompatible, InvalidInput, NotSupported, TooLarge, Unavailable
+from services.common.validate import check_k, check_qe
+from services.index.filters import canonical, parse_filter, to_wire
+from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
+from services.searcher.collections import Collections, CollectionSpec, shard_groups
+from services.searcher.embedders import local_embedder, remote_embedder
+from services.searcher.expansion import check_same_space, expand, found_ids
+from services.searcher.feedback import check_counts, requery
+from services.searcher.localshards import LocalShards, load
+from services.searcher.remote import RemoteShards
+from services.searcher.router import Router
+from services.searcher.shardset import Answer
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Searcher"].full_name
+
+
+class SearcherService(pb_grpc.SearcherServicer):
+    """The Searcher API over the collections served (each a Router); a request names its collection."""
+
+    def __init__(self, collections: Collections, settings: Settings, cache: QueryCache | None = None):
+        self.collections, self.settings, self.cache = collections, settings, cache
+        self.flights = SingleFlight()
+        if cache is not None:  # every cache series exists from the start: the dashboard shows 0, not nothing
+            for result in ("hit", "miss"):
+                metrics.CACHE.labels(result)
+            for why in REJECTIONS:
+                metrics.CACHE_REJECTED.labels(why)
+
+    @staticmethod
+    async def _vectors(router: Router, queries: list[pb.Query]) -> np.ndarray:
+        kinds = {q.WhichOneof("query") for q in queries}
+        if None in kinds:
+            raise InvalidInput("a query needs an image, a vector or an id")
+        if kinds == {"vector"}:  # the router checks their width against the index when it has --index
+            return vectors_from_proto([q.vector for q in queries], None if router.index_url else router.dim)
+        if kinds == {"image"}:
+            if router.embed is None:
+                raise NotSupported("this router has no embedder: send vectors")
+            return await router.embed([q.image for q in queries])
+        if kinds == {"id"}:
+            return await router.fetch([q.id for q in queries])
+        raise InvalidInput("all queries of one batch must be of the same kind (images, vectors or ids)")
+
+    @staticmethod
+    def _stamp(reply, answer: Answer):
+        """Version and completeness, on a SearchResponse or a columnar SearchBatchResponse."""
+        reply.index_version, reply.coverage = answer.version, answer.coverage
+        reply.missing_shards.extend(answer.missing)
+        return reply
+
+    def _fill(self, reply: pb.SearchResponse, answer: Answer, q: int) -> pb.SearchResponse:
+        add_hits(reply.hits, answer.scores[q], answer.ids[q], answer.shards[q],
+                 None if answer.uris is None else answer.uris[q])
+        return self._stamp(reply, answer)
+
+    async def _search_one(self, router: Router, request: pb.SearchRequest, timeout: float | None,
+                          where: str = "") -> pb.SearchResponse:
+        vectors, version = await router.to_index_space(await self._vectors(router, [request.query]))
+        relevant, not_relevant = list(request.feedback.relevant), list(request.feedback.not_relevant)
+        if relevant or not_relevant:
+            check_counts(relevant, not_relevant)
+            marked = await router.fetch(relevant + not_relevant, timeout)
+            check_same_space(marked, vectors, "relevance feedback")
+            vectors = requery(vectors[0], marked, len(relevant), self.settings)
+        answer = await self._search(router, vectors[:1], request.k, request.nprobe, request.qe, timeout, version,
+                                    where)
+        return self._fill(pb.SearchResponse(), answer, 0)
+
+    @staticmethod
+    async def _search(router: Router, vectors: np.ndarray, k: int, nprobe: int, qe: int, timeout: float | None,
+                      version: str, where: str = "") -> Answer:
+        """One search, or with qe two: the first finds each query's qe nearest (matching the filter, as the
+        answer must), whose stored vectors (one Fetch fan-out) re-weight it for the second. A partial first
+        round makes the answer partial."""
+        check_qe(qe)
+        if not qe:
+            return await router.search_shared(vectors, k, nprobe, timeout, version, where)
+        first = await router.search_shared(vectors, qe, nprobe, timeout, version, where)
+        wanted = found_ids(first.ids)
+        fetched = await router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
+        check_same_space(fetched, vectors, "query expansion")
+        answer = await router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
+                                            timeout, version, where)
+        answer.coverage = min(answer.coverage, first.coverage)
+        answer.missing = sorted(set(answer.missing) | set(first.missing))
+        return answer
+
+    @server.rpc
+    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        check_k(request.k, self.settings.max_k)
+        name, router = self.collections.pick(request.collection)
+        node = parse_filter(request.filter) if request.filter else None  # a bad filter: INVALID_ARGUMENT here
+        where = to_wire(node)
+        if self.cache is None or not router.version:
+            return await self._search_one(router, request, context.time_remaining(), where)
+        # The collection, query, feedback and filter (normalised: one key however it is spelled), encoded
+        # together (one message: unambiguous bytes); each collection is its own namespace.
+        asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe,
+                                 filter=canonical(node) if node else "", collection=name).SerializeToString()
+        version = router.version
+        key = cache_key(version, request.k, request.nprobe, asked)
+
+        async def lookup_or_fetch() -> pb.SearchResponse:
+            # Inside the flight: concurrent identical requests share one Redis lookup and at most
+            # one fan-out, and the flight ends only after the answer is stored.
+            reply = self._cached(key, version, await self.cache.get(key))
+            metrics.CACHE.labels("hit" if reply else "miss").inc()
+            if reply:
+                return reply
+            reply = await self._search_one(router, request, context.time_remaining(), where)
+            if reply.coverage == 1.0 and reply.index_version == version:  # never cache partial answers
+                await self.cache.set(key, seal(key, version, reply.SerializeToString()))
+            return reply
+
+        return await self.flights.run(key, lookup_or_fetch)
+
+    @staticmethod
+    def _cached(key: str, version: str, value: bytes | None) -> pb.SearchResponse | None:
+        """The cached answer, or None for a miss: nothing there, or anything but a sealed answer to this key
+        at this version (counted, then overwritten by the fresh answer)."""
+        if value is None:
+            return None
+        answer, why = unseal(key, version, value)
+        if answer is None:
+            metrics.CACHE_REJECTED.labels(why).inc()
+            return None
+        try:
+            reply = pb.SearchResponse.FromString(answer)
+        except DecodeError:
+            metrics.CACHE_REJECTED.labels("parse").inc()
+            return None
+        reply.cached = True
+        return reply
+
+    @server.rpc
+    async def Info(self, request, context) -> pb.IndexInfo:
+        name, router = self.collections.pick(request.collection)
+        infos = await router.shard_infos()
+        answered = [i for i in infos if i is not None]
+        if not answered:
+            raise Unavailable("no shard is reachable")
+        version = Counter(i.index_version for i in answered).most_common(1)[0][0]
+        reply = pb.IndexInfo(index_version=version, count=sum(i.count for i in answered), shards=answered,
+                             model=pb.ModelInfo(dim=answered[0].dim, fingerprint=answered[0].model_fingerprint),
+                             metric="inner_product", collections=self.collections.names, collection=name)
+        m = await router.manifest(version)
+        if m is not None:  # the router reads the index: the manifest knows the rest
+            reply.factory, reply.nprobe, reply.created_at = m.factory, m.nprobe, m.created_at
+            reply.model.name, reply.model.image_size = m.model.get("name", ""), m.model.get("image_size", 0)
+            reply.fields.update(m.fields)
+        return reply
+
+    @server.rpc
+    async def SearchBatch(self, request: pb.SearchBatchRequest, context) -> pb.SearchBatchResponse:
+        if len(request.queries) > self.settings.max_batch:
+            raise TooLarge(f"{len(request.queries)} queries in one batch; the limit is {self.settings.max_batch}")
+        router = self.collections.get(request.collection)
+        where = to_wire(parse_filter(request.filter) if request.filter else None)
+        vectors, version = await router.to_index_space(await self._vectors(router, list(request.queries)))
+        answer = await self._search(router, vectors, request.k, request.nprobe, request.qe, context.time_remaining(),
+                                    version, where)
+        reply = pb.SearchBatchResponse()
+        if request.columnar:
+            fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
+            return self._stamp(reply, answer)
+        for q in range(len(vectors)):
+            self._fill(reply.results.add(), answer, q)
+        return self._stamp(reply, answer)  # the batch's version and coverage, as a columnar answer has
+
+
+async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
+    """One collection's Router over its shards (in this process for shards "local", else on shard servers); query
+    images are embedded by the Embedder service at spec.embedder, else in-process with the model of spec.index,
+    else refused (vectors and ids only)."""
+    loop = asyncio.get_running_loop()
+    embed, dim = await loop.run_in_executor(None, local_embedder, spec.index, settings) \
+        if spec.index and not spec.embedder else (None, None)
+    metadata = server.bearer_metadata(settings.token())
+    if spec.in_process:  # one host: the shards load here and follow the index's CURRENT here
+        searcher = await loop.run_in_executor(None, load, spec.index, None, settings)
+        shards = LocalShards(searcher, spec.index, None, settings)
+    else:
+        shards = RemoteShards(shard_groups(spec), settings, metadata, spec.index)
+    router = Router(shards, settings, embed, spec.index)
+    router.dim = dim
+    await router.start()
+    if spec.embedder:
+        router.embed, stub = remote_embedder(spec.embedder, settings, metadata)
+        model = await stub.Info(pb.InfoRequest(), timeout=30, metadata=metadata)
+        if router.fingerprint and model.fingerprint != router.fingerprint:
+            raise Incompatible(f"embedder {spec.embedder} runs model {model.name} ({model.fingerprint}); the index "
+                               f"was built with fingerprint {router.fingerprint}")
+    return router
+
+
+async def serve(default: CollectionSpec | None = None, port: int = 0, settings: Settings | None = None,
+                host: str = "127.0.0.1", collections: Path | None = None) -> tuple[server.Running, Collections]:
+    """The router over the collection `default` (router --shards), or over the collections of a collections file
+    (followed while serving), or both."""
+    settings = settings or get_settings()
+    # The metrics port first, before any outgoing connection: a port picked free by whoever started this
+    # process (IMSEARCH_METRICS_PORT) is in the ephemeral range, which the connections to shards draw from.
+    metrics.serve_metrics(settings.metrics_port, host)
+    path = collections or settings.collections
+    served = Collections(lambda spec: start_router(spec, settings), path)
+    if default is not None:
+        await served.add(default)
+    await served.load()
+    if not served.routers:
+        raise InvalidInput("nothing to serve: give --shards or --collections")
+    cache = QueryCache(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
+    service = SearcherService(served, settings, cache)
+    running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
+    if path is not None:
+        running.tasks.append(asyncio.get_running_loop().create_task(served.watch(settings.reload_interval_s)))
+    log.info("router serving on %s:%d: collection(s) %s", host, running.port, ", ".join(served.names))
+    return running, served
