@@ -36,6 +36,12 @@ class DynamicBatcher:
         self.depth = metrics.QUEUE_DEPTH.labels(name)
         self.name = name
         self.batches = 0  # batch calls made (for tests and metrics)
+        self.running = 0  # batches being called now
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch being called: stopping it now loses no caller."""
+        return self.queue.empty() and not self.running
 
     def start(self) -> None:
         """workers > 1 keeps several batches in flight (e.g. fan-outs waiting on the network)."""
@@ -81,6 +87,7 @@ class DynamicBatcher:
         while True:
             jobs, leftover = await self._collect(leftover)
             self.depth.set(self.queue.qsize())
+            self.running += 1
             try:
                 rows = np.concatenate([j.rows for j in jobs])
                 with tracing.for_batch([j.trace for j in jobs], f"{self.name} batch"):
@@ -98,6 +105,8 @@ class DynamicBatcher:
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(e)
+            finally:
+                self.running -= 1
 
     async def stop(self) -> None:
         for task in self.tasks:

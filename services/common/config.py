@@ -86,6 +86,9 @@ class Settings(BaseSettings):
                                        "many vectors build their shards in parallel on Ray (as does any build "
                                        "when IMSEARCH_RAY_ADDRESS is set)")
     max_k: int = Field(1000, gt=0)
+    max_nprobe: int = Field(1024, gt=0, description="the most inverted lists a request may ask each shard to probe "
+                                                    "(nprobe; 0 asks for the index's tuned value): any caller could "
+                                                    "otherwise make every search an exhaustive scan")
     # Rocchio relevance feedback weights: query, mean of relevant hits, mean of not relevant hits
     feedback_alpha: float = Field(1.0, ge=0)
     feedback_beta: float = Field(0.75, ge=0)
@@ -134,6 +137,10 @@ class Settings(BaseSettings):
     embed_timeout_s: float = Field(10.0, gt=0, description="router -> embedder call deadline")
     embed_queue: int = Field(64, gt=0, description="online embedder: requests queued before RESOURCE_EXHAUSTED")
     redis_url: str | None = Field(None, description="query cache, e.g. redis://localhost:6379/0")
+    cache_secret: SecretStr | None = Field(None, description="key of the query cache's seal (an HMAC of each "
+                                           "entry), the same for every router sharing a Redis: without it whoever "
+                                           "can write Redis could forge answers. Unset: a random key per router on "
+                                           "loopback; a router listening beyond loopback refuses to start")
     cache_ttl_s: int = Field(3600, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
     otlp_endpoint: str | None = Field(None, description="host:port of an OTLP/gRPC collector: traces are exported "
@@ -149,6 +156,13 @@ class Settings(BaseSettings):
     gateway_trusted_proxies: str = Field("", description="comma-separated addresses / networks of proxies (an "
                                                          "ingress) whose X-Forwarded-For is believed; empty: none")
     gateway_timeout_s: float = Field(10.0, gt=0, description="deadline of one search through the router")
+    gateway_limits_redis_url: str | None = Field(None, description="Redis of the gateways' rate-limit windows: an "
+                                                 "instance of its own whose maxmemory-policy is noeviction (cache "
+                                                 "pressure must not evict a window); unset: IMSEARCH_REDIS_URL's")
+
+    def limits_redis_url(self) -> str | None:
+        """Where the gateways count rate limits (IMSEARCH_GATEWAY_LIMITS_REDIS_URL, else the cache's Redis)."""
+        return self.gateway_limits_redis_url or self.redis_url
 
     def file_cache(self) -> Path:
         """Where local copies of an object store's shard files are kept (filecache.verified_file)."""
@@ -158,7 +172,7 @@ class Settings(BaseSettings):
         """The bearer token gRPC calls carry and servers demand (None: no auth)."""
         return self.auth_token.get_secret_value() if self.auth_token else None
 
-    @field_validator("auth_token", "gateway_api_keys", "tls_cert", "tls_key", "tls_ca", mode="before")
+    @field_validator("auth_token", "gateway_api_keys", "tls_cert", "tls_key", "tls_ca", "cache_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         """An empty variable (compose's ${VAR:-}) means unset, not the empty token or the current folder."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
 from services.common.config import Settings, get_settings
-from services.common.errors import Conflict, InvalidInput, NoSpace, NotFound, ReadOnly, Unavailable
+from services.common.errors import Conflict, InvalidInput, NoSpace, NotFound, NotSupported, ReadOnly, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -294,14 +294,39 @@ class S3Store:
     def _read(self, key: str) -> bytes:
         resp = self.client.get_object(self.bucket, self._key(key))
         try:
-            return resp.read()
+            return b"".join(self._chunks(resp))
         finally:
             resp.close()
             resp.release_conn()
 
+    def _chunks(self, resp):
+        """The body as it arrives, ended (Unavailable) once its operation's deadline passes: urllib3's read timeout
+        holds for each recv, so a server trickling a byte at a time would otherwise never be cut off."""
+        deadline = getattr(_budget, "deadline", None)
+        while True:
+            chunk = resp.read1(1 << 20)
+            if not chunk:
+                return
+            yield chunk
+            if deadline is not None and time.monotonic() > deadline:
+                error = Unavailable(f"S3 server {self.settings.s3_endpoint} sent too slowly: the object was not whole "
+                                    f"within IMSEARCH_S3_RETRY_S ({self.settings.s3_retry_s:g} s)")
+                error.retry = False
+                raise error
+
     def get_file(self, key: str, dest: Path) -> None:
         with write_errors(dest):
-            self._call(self.client.fget_object, self.bucket, self._key(key), str(dest))
+            self._call(self._download, key, dest)
+
+    def _download(self, key: str, dest: Path) -> None:
+        resp = self.client.get_object(self.bucket, self._key(key))
+        try:
+            with open(dest, "wb") as f:
+                for chunk in self._chunks(resp):
+                    f.write(chunk)
+        finally:
+            resp.close()
+            resp.release_conn()
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         """The bytes and their ETag (the token of put_if)."""
@@ -309,7 +334,7 @@ class S3Store:
         def read() -> tuple[bytes, str]:
             resp = self.client.get_object(self.bucket, self._key(key))
             try:
-                return resp.read(), (resp.headers.get("ETag") or "").strip('"')
+                return b"".join(self._chunks(resp)), (resp.headers.get("ETag") or "").strip('"')
             finally:
                 resp.close()
                 resp.release_conn()
@@ -321,8 +346,35 @@ class S3Store:
         the object changed meanwhile. minio's public put_object turns unknown headers into user metadata,
         so this one request goes through its _put_object, which sends the headers as given."""
         self._ensure_bucket()
+        self._check_conditional_writes()
         headers = {"If-Match": f'"{token}"'} if token else {"If-None-Match": "*"}
         self._call(self.client._put_object, self.bucket, self._key(key), data, headers)
+
+    def _check_conditional_writes(self) -> None:
+        """Once per process and server: a probe object written, then written again under conditions it does not
+        meet (If-None-Match: *, If-Match another ETag), both of which the server must refuse. A server (or a proxy
+        in front of it) that ignores the conditions would turn every compare-and-swap of CURRENT into
+        last-writer-wins, acknowledged changes silently lost: nothing is written to it."""
+        where = (self.settings.s3_endpoint, self.bucket)
+        if where in _conditional_ok:
+            return
+        probe = self._key(f".imsearch-conditional-probe-{uuid.uuid4().hex}")
+        self._call(self.client._put_object, self.bucket, probe, b"1", {"If-None-Match": "*"})
+        try:
+            ignored = []
+            for headers in ({"If-None-Match": "*"}, {"If-Match": '"00000000000000000000000000000000"'}):
+                try:
+                    self._call(self.client._put_object, self.bucket, probe, b"2", headers)
+                    ignored.append(next(iter(headers)))
+                except Conflict:
+                    pass
+        finally:
+            self._call(self.client.remove_object, self.bucket, probe)
+        if ignored:
+            raise NotSupported(f"the S3 server {self.settings.s3_endpoint} ignores conditional writes "
+                               f"({', '.join(ignored)}): concurrent index changes would overwrite each other unseen, "
+                               "so imsearch does not write there (a proxy in front of it may drop the headers)")
+        _conditional_ok.add(where)
 
     def modified(self, key: str) -> float:
         return self._call(self.client.stat_object, self.bucket, self._key(key)).last_modified.timestamp()
@@ -368,6 +420,7 @@ class S3Store:
 MIN_ATTEMPT_S = 0.05
 _budget = threading.local()  # the deadline of the S3 operation this thread is running (S3Store._call)
 _clients: dict[tuple, object] = {}
+_conditional_ok: set[tuple[str, str]] = set()  # (endpoint, bucket) seen to refuse a stale conditional write
 _clients_lock = threading.Lock()
 
 

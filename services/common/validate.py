@@ -27,6 +27,13 @@ def check_k(k: int, max_k: int) -> None:
         raise InvalidInput(f"k must be between 1 and {max_k}, got {quote(k)}")
 
 
+def check_nprobe(nprobe: int, max_nprobe: int) -> None:
+    """A request's nprobe: 0 (the index's tuned value) or 1..max_nprobe (IMSEARCH_MAX_NPROBE)."""
+    if not 0 <= nprobe <= max_nprobe:
+        raise InvalidInput(f"nprobe must be between 0 (the index's tuned value) and {max_nprobe} "
+                           f"(IMSEARCH_MAX_NPROBE), got {quote(nprobe)}")
+
+
 MAX_QE = 50  # αQE neighbours: each is a stored-vector lookup on every shard
 
 

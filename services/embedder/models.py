@@ -11,7 +11,14 @@ from torch.nn import functional as F
 
 from services.common.errors import Incompatible, InvalidInput
 from services.embedder.gem import GeM, l2n
-from services.embedder.spec import REGISTRY, ModelSpec, register, resolve_spec, weights_sha256  # noqa: F401
+from services.embedder.spec import (  # noqa: F401
+    REGISTRY,
+    ModelSpec,
+    load_weights,
+    register,
+    resolve_spec,
+    weights_sha256,
+)
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -25,7 +32,7 @@ def _load_backbone(spec: ModelSpec) -> nn.Module:
     import timm
 
     model = timm.create_model(spec.arch, pretrained=False, num_classes=0, global_pool="")
-    state = torch.load(spec.weights, map_location="cpu", weights_only=False)
+    state = load_weights(spec.weights)
     if isinstance(state, dict) and "backbone" in state:  # imsearch checkpoint
         model.load_state_dict(state["backbone"])
         return model

@@ -127,13 +127,29 @@ def resolve_spec(name: str, weights: str | Path | None = None) -> ModelSpec:
     if name.endswith((".pt", ".pth")):
         if not Path(name).is_file():
             raise NotFound(f"checkpoint not found: {name}")
-        import torch
-
-        meta = torch.load(name, map_location="cpu", weights_only=False).get("meta")
+        state = load_weights(name)
+        meta = state.get("meta") if isinstance(state, dict) else None
         if not meta:
             raise InvalidInput(f"{name} is not an imsearch checkpoint (no 'meta')")
         return ModelSpec(**{**meta, "weights": str(Path(name).resolve())})
     raise InvalidInput(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}, timm:<arch>, <checkpoint>.pt")
+
+
+def load_weights(path: str):
+    """A weights file or checkpoint as torch.load reads it with weights_only: tensors, numbers, strings and the
+    containers of them, never an arbitrary pickled object — loading one would run code the file carries, and a
+    manifest (or a collections file, an environment variable) can name any path. A file that holds more is refused,
+    saying how to save it."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InvalidInput(f"{path}: not loadable as weights only ({reason}); save the model's state_dict "
+                           "(torch.save(model.state_dict(), path)) and load that") from None
 
 
 def _timm_dim(arch: str) -> int:

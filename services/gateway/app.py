@@ -52,6 +52,7 @@ from services.common.validate import (
     UINT32_MAX,
     check_id,
     check_k,
+    check_nprobe,
     check_qe,
     check_range,
     quote,
@@ -61,11 +62,12 @@ from services.gateway.limits import (
     AUTH_FAILURE_BURST,
     AUTH_FAILURES_PER_S,
     RateLimit,
+    caller_id,
     check_collection,
     key_of,
     parse_keys,
 )
-from services.index.filters import MAX_FILTER_CHARS
+from services.index.filters import MAX_FILTER_CHARS, MAX_LIST, MAX_NODES
 from services.searcher.client import RouterClient, batch_request, search_request
 from services.searcher.collections import parse_collections
 from services.searcher.feedback import MAX_FEEDBACK
@@ -77,6 +79,7 @@ LATENCY = Histogram("imsearch_gateway_latency_seconds", "HTTP request latency", 
 ROUTER_CALLS = Counter("imsearch_gateway_router_calls_total", "requests that reached the router (a protobuf request "
                        "built from the HTTP one)", ["method"])
 STORAGE_THREADS = 8  # catalogue and thumbnail reads in flight at once
+MAX_VECTOR_DIM = 8192  # the widest query vector taken (the models here make 1,280 at most; ResNet-50 2,048)
 
 
 # Every number is checked against its protobuf field's range here: out of range is a 400 naming the field.
@@ -91,7 +94,7 @@ class Feedback(BaseModel):
 
 class Query(BaseModel):
     """One of: vector, id (catalogue id), uri (of a catalogue image), image_b64 (encoded image)."""
-    vector: list[float] | None = None
+    vector: list[float] | None = Field(None, max_length=MAX_VECTOR_DIM)
     id: Id | None = None
     uri: str | None = None
     image_b64: str | None = None
@@ -162,8 +165,8 @@ class Gateway:
     @classmethod
     def from_settings(cls, router_address: str, index_url: str, settings: Settings) -> "Gateway":
         return cls(settings, router_address, Catalogue(index_url, settings), parse_keys(settings.gateway_api_keys),
-                   RateLimit(settings.gateway_rate_per_s, settings.gateway_burst, settings.redis_url),
-                   RateLimit(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST, settings.redis_url),
+                   RateLimit(settings.gateway_rate_per_s, settings.gateway_burst, settings.limits_redis_url()),
+                   RateLimit(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST, settings.limits_redis_url()),
                    min(settings.max_image_bytes, settings.max_message_bytes - 64 * 1024))
 
     @property
@@ -172,20 +175,24 @@ class Gateway:
 
     async def guard(self, request: Request) -> None:
         """Keys, rate limit and upload size of a /v1 call, before any body is read. A failed key attempt is
-        charged to the caller's address (in the rate limit, and in a limit of its own). The address is the
-        forwarded one only behind a trusted proxy (IMSEARCH_GATEWAY_TRUSTED_PROXIES, applied by uvicorn)."""
+        charged to the caller's address (in the rate limit, and in a limit of its own), and an address past its
+        limit of failed attempts is refused whatever key it sends until its window passes: were the right key let
+        through, the answer would tell a guesser when it hit. The address is the forwarded one only behind a
+        trusted proxy (IMSEARCH_GATEWAY_TRUSTED_PROXIES, applied by uvicorn)."""
         address = request.client.host if request.client else "?"
+        if self.keys:
+            await self.failures.check(f"failed key from {address}")
         try:
             caller = key_of(request.headers, self.keys)
         except Unauthenticated:
             await self.failures.take(f"failed key from {address}")
-            await self.limit.take(f"address {address}")
+            await self.limit.take(caller_id(None, address))
             raise
         path = request.url.path
         if path.startswith(("/v1/search", "/v1/images/", "/v1/collections/")):  # /v1/index lists what a key may use
             check_collection(self.keys, caller, collection_of(path))
         request.state.api_key = caller  # for the routes (what /v1/index lists)
-        await self.limit.take(f"key {caller}" if caller else f"address {address}")
+        await self.limit.take(caller_id(caller, address))
         size = request.headers.get("content-length") or "0"
         if not size.isdigit():
             raise InvalidInput(f"content-length {quote(size)} is not a byte count")
@@ -234,7 +241,7 @@ class Gateway:
     async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0,
                      where: str = "", collection: str = "") -> dict:
         check_k(k, self.settings.max_k)
-        check_range("nprobe", nprobe, 0, UINT32_MAX)
+        check_nprobe(nprobe, self.settings.max_nprobe)
         check_qe(qe)
         start = time.perf_counter()
         request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe, where)
@@ -278,26 +285,59 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+class JsonShape:
+    """What a JSON search body may hold: the objects and arrays its queries and its filter can — a batch one object
+    and one vector per query (at most max_batch: IMSEARCH_MAX_BATCH), a filter two objects and an array per part
+    (filters.MAX_NODES) — and the values (commas) of a vector of at most MAX_VECTOR_DIM per query, an in-list and
+    feedback ids. More is refused before it is parsed, counted as the body arrives: a parser makes a Python object
+    of each, and a body of many tiny ones cost the gateway many times its size before anything could count its
+    queries. Brackets and commas inside strings count too: the bound is generous, never short."""
+
+    def __init__(self, path: str, max_batch: int):
+        self.queries = max_batch if path.endswith("/search/batch") else 1
+        self.allowed = {b"{": 2 + self.queries + 2 * MAX_NODES, b"[": 3 + self.queries + MAX_NODES,
+                        b",": 16 + self.queries * (MAX_VECTOR_DIM + 4) + MAX_LIST + 2 * MAX_FEEDBACK + 4 * MAX_NODES}
+        self.seen = dict.fromkeys(self.allowed, 0)
+
+    def add(self, chunk: bytes) -> None:
+        """Count a chunk of the body; TooLarge once a count goes past its bound."""
+        for mark, most in self.allowed.items():
+            self.seen[mark] += chunk.count(mark)
+            if self.seen[mark] > most:
+                raise TooLarge(f"a JSON search body holds at most {self.queries} quer"
+                               f"{'ies' if self.queries > 1 else 'y'} (IMSEARCH_MAX_BATCH) and one filter: this one "
+                               f"has over {most} '{mark.decode()}'")
+
+
 class BodyLimit:
     """ASGI middleware: a /v1 request body is read up to `limit` bytes, chunked or not, and answered 413
-    the moment it goes past — without reading the rest; a body within the limit is handed on whole."""
+    the moment it goes past — without reading the rest; so is a JSON search body the moment it holds more than its
+    queries and filter can (JsonShape). A body within the limits is handed on whole."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, max_batch: int):
+        self.app, self.limit, self.max_batch = app, limit, max_batch
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
+        json_search = scope["path"].endswith(("/search", "/search/batch")) and any(
+            name == b"content-type" and value.startswith(b"application/json") for name, value in scope["headers"])
+        shape = JsonShape(scope["path"], self.max_batch) if json_search else None
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
                 return
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                error = TooLarge(f"request body over the upload limit of {self.limit} bytes")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            try:
+                if size > self.limit:
+                    raise TooLarge(f"request body over the upload limit of {self.limit} bytes")
+                if shape is not None:
+                    shape.add(chunk)
+            except TooLarge as error:
                 return await error_response(error)(scope, receive, send)
-            chunks.append(message.get("body", b""))
+            chunks.append(chunk)
             if not message.get("more_body"):
                 break
         body, handed = b"".join(chunks), False
@@ -359,6 +399,7 @@ async def batch_endpoint(body: BatchBody, collection: str = "", gw: Gateway = De
     if not body.queries:
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
+    check_nprobe(body.nprobe, gw.settings.max_nprobe)
     check_qe(body.qe)
     queries = [await gw.query(q, collection) for q in body.queries]
     request = batch_request(queries, body.k, body.nprobe, qe=body.qe, where=body.filter_text())
@@ -386,12 +427,17 @@ async def image_endpoint(id_: Id, version: str | None = None, collection: str = 
 async def index_endpoint(request: Request, collection: str = "", gw: Gateway = Depends(gateway)) -> dict:
     info = await gw.client.call("Info", pb.InfoRequest(collection=collection))
     allowed = gw.keys.get(request.state.api_key or "") if gw.keys else None
+    names = [c for c in info.collections if allowed is None or c in allowed]
+    if allowed is not None and not collection:
+        # A key limited to collections reads each of them by name (/v1/collections/NAME), never the default one's
+        # version, size, fields or model unnamed: here it learns only which it may use.
+        return {"collections": names}
     return {"collection": info.collection, "index_version": info.index_version, "count": info.count,
             "factory": info.factory, "nprobe": info.nprobe, "metric": info.metric, "created_at": info.created_at,
             "model": {"name": info.model.name, "dim": info.model.dim, "fingerprint": info.model.fingerprint},
             "fields": dict(info.fields),
             "shards": [{"shard": s.shard, "count": s.count, "index_version": s.index_version} for s in info.shards],
-            "collections": [c for c in info.collections if allowed is None or c in allowed]}
+            "collections": names}
 
 
 @routes.get("/healthz", include_in_schema=False)
@@ -487,7 +533,8 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
     app = FastAPI(title="imsearch gateway", version="1", lifespan=lifespan,
                   description="Search a catalogue of images by image, vector or catalogue id.")
     app.state.gateway = gw = Gateway.from_settings(router_address, index_url, settings)
-    app.add_middleware(BodyLimit, limit=gw.max_body)  # innermost: after the guard's key and rate checks
+    # innermost: after the guard's key and rate checks
+    app.add_middleware(BodyLimit, limit=gw.max_body, max_batch=settings.max_batch)
     app.middleware("http")(guard)
     origins = [o.strip() for o in settings.gateway_cors_origins.split(",") if o.strip()]
     if origins:  # added last, so outermost: preflights and the guard's 401/429 answers get CORS headers

@@ -1,5 +1,5 @@
-"""What the gateway knows of the catalogue: id <-> uri of the published version (followed as every reader of an
-index follows it: index/follower.py) and of the recent versions answers came from, and thumbnails.
+"""What the gateway knows of the catalogue: id <-> uri of the published version and of the one before it (followed
+as every reader of an index follows them: index/follower.py), and thumbnails.
 
 A hit's thumbnail link names the version that answered, so a thumbnail always shows the image the hit
 was found in, even while the index moves on. Every method here reads storage in the calling thread: the
@@ -22,12 +22,10 @@ from services.common.store import open_store, read_uri
 from services.common.validate import quote
 from services.index.docs import all_docs
 from services.index.follower import VersionFollower
-from services.index.manifest import load_version
 from services.index.versions import VERSION_NAME
 
 THUMB_SIDE = 256
 THUMB_CACHE = 1024
-OTHERS_KEPT = 1  # docs of versions neither published nor the one before, asked by name (the follower keeps 2)
 REFRESH_S = 2.0
 
 
@@ -47,7 +45,6 @@ class Catalogue:
         self.url, self.settings = index_url, settings
         # The published version's docs and the one before it (hits of a router still pinned to it, a rollout)
         self.follower: VersionFollower[Docs] = VersionFollower()
-        self.others: OrderedDict[str, Docs] = OrderedDict()  # other versions asked by name, most recently used last
         self.checked = 0.0
         self.thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.lock = threading.Lock()
@@ -95,37 +92,37 @@ class Catalogue:
         return Docs(ids, uris, {u: int(i) for i, u in zip(ids, uris)})
 
     def docs_of(self, version: str | None) -> Docs:
-        """The docs of a version (the published one when None): a version followed, else one asked by name, loaded
-        once and kept while few others are asked."""
-        if not version:
-            self.refresh()
-            version = self.version
-            if not version:
-                raise NotFound(f"no published index at {self.url} yet")
+        """The docs of a version served: the published one (None), or the one before it (hits of a router still
+        pinned to it through a rollout). Any other version — older, staged, being removed — is NotFound: a takedown
+        (`index delete`) must not stay viewable by naming an earlier version, and naming versions must not make the
+        gateway download each one's docs."""
+        self.refresh()
+        if not self.version:
+            raise NotFound(f"no published index at {self.url} yet")
+        version = version or self.version
         if not VERSION_NAME.fullmatch(version):
             raise InvalidInput(f"version {quote(version)} is not a version name")
         docs = self.follower.get(version)
-        if docs is not None:
-            return docs
-        with self.lock:
-            if version in self.others:
-                self.others.move_to_end(version)
-                return self.others[version]
-        manifest, _ = self._remember(lambda: load_version(self._store(), version))
-        docs = Docs(*self._remember(lambda: all_docs(self._store(), manifest)))
-        with self.lock:
-            self.others[version] = docs
-            while len(self.others) > OTHERS_KEPT:
-                self.others.popitem(last=False)
+        if docs is None and version != self.version:  # perhaps published since the last look: look again now
+            self.checked = 0.0
+            self.refresh()
+            docs = self.follower.get(version)
+        if docs is None:
+            raise NotFound(f"version {quote(version)} is not served (the published version is {self.version})")
         return docs
 
     def uri_of(self, id_: int, version: str | None = None) -> str:
-        uri = self.docs_of(version).uri_of(id_)
+        """The uri of a catalogue id in a version served (the published one when None), while the published version
+        still holds the id: an image taken down is gone from every version's answers at once."""
+        docs = self.docs_of(version)
+        uri = docs.uri_of(id_)
         if uri is None and not version:  # an id of a newer version: look again (refresh is rate-limited)
             self.checked = 0.0
             uri = self.docs_of(None).uri_of(id_)
         if uri is None:
             raise NotFound(f"unknown catalogue id {id_}" + (f" in version {version}" if version else ""))
+        if version and version != self.version and self.docs_of(None).uri_of(id_) is None:
+            raise NotFound(f"catalogue id {id_} was removed from the catalogue")
         return uri
 
     def known(self, uri: str) -> int | None:
@@ -142,15 +139,12 @@ class Catalogue:
         return found
 
     def thumbnail(self, id_: int, version: str | None = None) -> bytes:
-        if not version:
-            self.refresh()
-            version = self.version
-        key = (version, id_)
+        uri = self.uri_of(id_, version)  # first: a version no longer served, or an id taken down, is not shown
+        key = (version or self.version, id_)
         with self.lock:
             if key in self.thumbs:
                 self.thumbs.move_to_end(key)
                 return self.thumbs[key]
-        uri = self.uri_of(id_, version)
         data = self._remember(lambda: read_uri(uri, self.settings))
         thumb = thumbnail_jpeg(data, THUMB_SIDE, self.settings.max_image_bytes, self.settings.max_image_pixels)
         with self.lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import math
@@ -36,6 +37,12 @@ def check_collection(keys: dict[str, frozenset[str] | None], caller: str | None,
     if collection is None:
         raise Forbidden(f"this API key may search only collection(s) {names}: use /v1/collections/NAME/...")
     raise Forbidden(f"this API key may not use collection {collection!r} (only {names})")
+
+
+def caller_id(key: str | None, address: str) -> str:
+    """Who a rate limit counts: an API key by a hash of it (limit windows live in Redis, whose key names must not
+    hand the keys to anyone who can list them), else the client's address."""
+    return f"key {hashlib.sha256(key.encode()).hexdigest()[:32]}" if key else f"address {address}"
 
 
 def key_of(headers, keys: dict[str, frozenset[str] | None]) -> str | None:
@@ -75,10 +82,18 @@ class RateLimit:
         self.limiter = MovingWindowRateLimiter(storage)
 
     async def take(self, caller: str) -> None:
-        if self.rate <= 0:
+        """Count a call of caller's; RateLimited when its window is full."""
+        await self._limit(caller, self.limiter.hit if self.rate > 0 else None)
+
+    async def check(self, caller: str) -> None:
+        """RateLimited when caller's window is full now, counting nothing."""
+        await self._limit(caller, self.limiter.test if self.rate > 0 else None)
+
+    async def _limit(self, caller: str, allows) -> None:
+        if allows is None:
             return
         try:
-            if await self.limiter.hit(self.item, caller):
+            if await allows(self.item, caller):
                 return
             stats = await self.limiter.get_window_stats(self.item, caller)
         except Exception as e:  # noqa: BLE001 - the limit store is down: serve rather than refuse

@@ -23,12 +23,15 @@ from typing import Union
 import numpy as np
 
 from services.common.errors import InvalidInput
+from services.common.validate import INT64_MAX, INT64_MIN, quote
 
 Value = Union[str, int, float, bool]
 OPS = {"eq": "==", "ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 _AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
-MAX_NODES = 256  # a filter is a few conditions; a huge one is an attack on the parser, not a query
-MAX_LIST = 10_000
+MAX_NODES = 256  # conditions, and/or/not: a filter is a few conditions; a huge one is an attack, not a query
+MAX_DEPTH = 32  # and/or/not nested: what the parsers (and every walk of the tree) may recurse through
+MAX_LIST = 10_000  # values of one in-list (not counted among the nodes)
+SHOWN = 200  # characters of the filter an error may repeat
 MAX_FILTER_CHARS = 65_536  # a filter's text: a few conditions, or an in-list of some thousand values
 
 
@@ -71,10 +74,26 @@ def parse_where(text: str) -> Node:
     try:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as e:
-        raise InvalidInput(f"filter is not an expression: {e.msg} at column {e.offset}") from None
-    if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
-        raise InvalidInput(f"filter has more than {MAX_NODES} parts")
+        raise InvalidInput(f"filter is not an expression: {quote(e.msg, SHOWN)} at column {e.offset}") from None
+    except (RecursionError, MemoryError, ValueError):  # nested past Python's own limits, or a number too long
+        raise InvalidInput(f"filter nests deeper than {MAX_DEPTH} levels or holds a number past 64 bits") from None
+    _check_shape(tree)
     return _from_ast(tree)
+
+
+def _check_shape(tree: ast.AST) -> None:
+    """At most MAX_NODES conditions and and/or/not, nested at most MAX_DEPTH deep (an in-list counts once: its
+    values are MAX_LIST's), walked without recursion: this runs before anything recurses through the tree."""
+    stack, nodes = [(tree, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise InvalidInput(f"filter has more than {MAX_NODES} parts")
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"filter nests deeper than {MAX_DEPTH} levels")
+        if not isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
 
 def _from_ast(node: ast.AST) -> Node:
@@ -91,17 +110,18 @@ def _from_ast(node: ast.AST) -> Node:
             conditions.append(_comparison(left, op, right))
             left = right
         return conditions[0] if len(conditions) == 1 else All(tuple(conditions))
-    raise InvalidInput(f"filter: {ast.unparse(node)!r} is not a condition (field, comparison, in, and/or/not)")
+    raise InvalidInput(f"filter: {quote(ast.unparse(node), SHOWN)} is not a condition (field, comparison, in, "
+                       "and/or/not)")
 
 
 def _comparison(left: ast.AST, op: ast.cmpop, right: ast.AST) -> Node:
     if isinstance(op, (ast.In, ast.NotIn)):
         if not isinstance(left, ast.Name):
-            raise InvalidInput(f"filter: the left of 'in' must be a field, not {ast.unparse(left)!r}")
+            raise InvalidInput(f"filter: the left of 'in' must be a field, not {quote(ast.unparse(left), SHOWN)}")
         if isinstance(right, ast.Constant):  # `category in ("shoes")`: Python reads a string, a user means a list
             right = ast.Tuple([right])
         if not isinstance(right, (ast.Tuple, ast.List, ast.Set)):
-            raise InvalidInput(f"filter: {left.id} in ... needs a list such as (\"a\", \"b\")")
+            raise InvalidInput(f"filter: {_cut(left.id)} in ... needs a list such as (\"a\", \"b\")")
         return In(left.id, _values(left.id, right.elts), isinstance(op, ast.NotIn))
     if type(op) not in _AST_OPS:
         raise InvalidInput(f"filter: unsupported comparison {type(op).__name__}")
@@ -112,50 +132,71 @@ def _comparison(left: ast.AST, op: ast.cmpop, right: ast.AST) -> Node:
     if isinstance(left, ast.Constant) and isinstance(right, ast.Name):  # 10 < price: price > 10
         flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}[symbol]
         return Cmp(right.id, flipped, _value(right.id, left))
-    raise InvalidInput(f"filter: compare a field with a value, not {ast.unparse(left)!r} with {ast.unparse(right)!r}")
+    raise InvalidInput(f"filter: compare a field with a value, not {quote(ast.unparse(left), SHOWN)} with "
+                       f"{quote(ast.unparse(right), SHOWN)}")
 
 
 def _literal(node: ast.AST) -> ast.AST:
-    """JSON's true/false read as Python's True/False."""
+    """JSON's true/false read as Python's True/False; a signed number (-1, +2.5) as the number."""
     if isinstance(node, ast.Name) and node.id in ("true", "false"):
         return ast.Constant(node.id == "true")
+    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float))
+            and not isinstance(node.operand.value, bool)):
+        return ast.Constant(-node.operand.value if isinstance(node.op, ast.USub) else node.operand.value)
     return node
 
 
 def _value(field: str, node: ast.AST) -> Value:
     node = _literal(node)
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool)):
-        if isinstance(node.value, float) and not np.isfinite(node.value):
-            raise InvalidInput(f"filter: {field} is compared with a number that is not finite")
-        return node.value
-    raise InvalidInput(f"filter: {field} is compared with {ast.unparse(node)!r}, not a string, number or true/false")
+        return _checked(field, node.value)
+    raise InvalidInput(f"filter: {_cut(field)} is compared with {quote(ast.unparse(node), SHOWN)}, not a "
+                       "string, number or true/false")
+
+
+def _cut(text: str) -> str:
+    """Text of the caller's an error may repeat: at most SHOWN characters of it."""
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}… ({len(text)} characters)"
+
+
+def _checked(field: str, value: Value) -> Value:
+    """A number a column can hold: finite, an integer within 64 bits."""
+    if isinstance(value, float) and not np.isfinite(value):
+        raise InvalidInput(f"filter: {_cut(field)} is compared with a number that is not finite")
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidInput(f"filter: {_cut(field)} is compared with an integer past 64 bits")
+    return value
 
 
 def _values(field: str, nodes: list[ast.AST]) -> tuple[Value, ...]:
     if not nodes or len(nodes) > MAX_LIST:
-        raise InvalidInput(f"filter: {field} in ... needs 1 to {MAX_LIST} values")
+        raise InvalidInput(f"filter: {_cut(field)} in ... needs 1 to {MAX_LIST} values")
     return tuple(_value(field, n) for n in nodes)
 
 
-def parse_json(obj: object) -> Node:
+def parse_json(obj: object, depth: int = 1) -> Node:
     """A JSON filter (already decoded) -> the filter tree."""
+    if depth > MAX_DEPTH:
+        raise InvalidInput(f"filter nests deeper than {MAX_DEPTH} levels")
     if not isinstance(obj, dict) or not obj:
         raise InvalidInput("filter must be a non-empty JSON object of field conditions")
+    if len(obj) > MAX_NODES:
+        raise InvalidInput(f"filter has more than {MAX_NODES} parts")
     parts = []
     for key, cond in obj.items():
         if key in ("and", "or"):
-            if not isinstance(cond, list) or not cond:
-                raise InvalidInput(f"filter: {key!r} takes a non-empty list of filters")
-            sub = tuple(parse_json(c) for c in cond)
+            if not isinstance(cond, list) or not cond or len(cond) > MAX_NODES:
+                raise InvalidInput(f"filter: {key!r} takes a list of 1 to {MAX_NODES} filters")
+            sub = tuple(parse_json(c, depth + 1) for c in cond)
             parts.append(All(sub) if key == "and" else Any_(sub))
         elif key == "not":
-            parts.append(Not(parse_json(cond)))
+            parts.append(Not(parse_json(cond, depth + 1)))
         else:
             parts.append(_field_condition(key, cond))
-    node = parts[0] if len(parts) == 1 else All(tuple(parts))
-    if _size(node) > MAX_NODES:
-        raise InvalidInput(f"filter has more than {MAX_NODES} parts")
-    return node
+        if sum(_size(p) for p in parts) > MAX_NODES:  # as it grows: a wide filter stops at the bound
+            raise InvalidInput(f"filter has more than {MAX_NODES} parts")
+    return parts[0] if len(parts) == 1 else All(tuple(parts))
 
 
 def _field_condition(field: str, cond: object) -> Node:
@@ -163,31 +204,33 @@ def _field_condition(field: str, cond: object) -> Node:
         return In(field, _json_values(field, cond))
     if isinstance(cond, dict):
         if not cond:
-            raise InvalidInput(f"filter: {field} has an empty condition")
+            raise InvalidInput(f"filter: {_cut(field)} has an empty condition")
         parts: list[Node] = []
         for op, value in cond.items():
             if op in ("in", "nin"):
                 if not isinstance(value, list):
-                    raise InvalidInput(f"filter: {field}.{op} takes a list")
+                    raise InvalidInput(f"filter: {_cut(field)}.{op} takes a list")
                 parts.append(In(field, _json_values(field, value), op == "nin"))
             elif op in OPS:
                 parts.append(Cmp(field, OPS[op], _json_value(field, value)))
             else:
                 known = ", ".join([*OPS, "in", "nin"])
-                raise InvalidInput(f"filter: {field} has unknown operator {op!r} (use {known})")
+                raise InvalidInput(f"filter: {_cut(field)} has unknown operator {quote(op, SHOWN)} (use "
+                                   f"{known})")
         return parts[0] if len(parts) == 1 else All(tuple(parts))
     return Cmp(field, "==", _json_value(field, cond))
 
 
 def _json_value(field: str, value: object) -> Value:
-    if isinstance(value, (str, bool, int)) or (isinstance(value, float) and np.isfinite(value)):
-        return value
-    raise InvalidInput(f"filter: {field} is compared with {json.dumps(value)}, not a string, number or true/false")
+    if isinstance(value, (str, bool, int, float)):
+        return _checked(field, value)
+    kind = "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else "null"
+    raise InvalidInput(f"filter: {_cut(field)} is compared with {kind}, not a string, number or true/false")
 
 
 def _json_values(field: str, values: list) -> tuple[Value, ...]:
     if not values or len(values) > MAX_LIST:
-        raise InvalidInput(f"filter: {field} in ... needs 1 to {MAX_LIST} values")
+        raise InvalidInput(f"filter: {_cut(field)} in ... needs 1 to {MAX_LIST} values")
     return tuple(_json_value(field, v) for v in values)
 
 
@@ -208,14 +251,16 @@ def check_fields(node: Node, kinds: dict[str, str]) -> None:
     for leaf in _leaves(node):
         if leaf.field not in kinds:
             known = ", ".join(sorted(kinds)) or "none"
-            raise InvalidInput(f"filter: unknown field {leaf.field!r} (filterable: {known})")
+            raise InvalidInput(f"filter: unknown field {quote(leaf.field, SHOWN)} (filterable: {known})")
         kind = kinds[leaf.field]
         values = leaf.values if isinstance(leaf, In) else (leaf.value,)
         for v in values:
             if not _fits(v, kind):
-                raise InvalidInput(f"filter: {leaf.field} holds {kind} values, not {json.dumps(v)}")
+                raise InvalidInput(f"filter: {_cut(leaf.field)} holds {kind} values, not "
+                                   f"{_cut(json.dumps(v))}")
         if isinstance(leaf, Cmp) and leaf.op not in ("==", "!=") and kind in ("str", "bool"):
-            raise InvalidInput(f"filter: {leaf.field} holds {kind} values: compare it with == or in, not {leaf.op}")
+            raise InvalidInput(f"filter: {_cut(leaf.field)} holds {kind} values: compare it with == or in, "
+                               f"not {leaf.op}")
 
 
 def _fits(value: Value, kind: str) -> bool:
@@ -374,6 +419,9 @@ def parse_filter(text: str) -> Node:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidInput(f"filter is not valid JSON: {e.msg} at column {e.colno}") from None
+        except (RecursionError, ValueError):  # nested past the decoder's limit, or a number too long to read
+            raise InvalidInput(f"filter nests deeper than {MAX_DEPTH} levels or holds a number past 64 bits") \
+                from None
         return parse_json(obj)
     return parse_where(text)
 

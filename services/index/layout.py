@@ -18,6 +18,7 @@ POINTER_KEY = "CURRENT"
 VERSIONS = "versions"
 BUILDS = "builds"
 MANIFEST = "manifest.json"
+RESERVED = "RESERVED"  # a version's name taken, atomically, by the writer about to write it
 QUANTIZER_FILE = "quantizer.faiss"
 PROJECTION_FILE = "projection.npz"
 

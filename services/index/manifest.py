@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ValidationError
 
 from services.common.checksums import verified_bytes
-from services.common.errors import Corrupt, InvalidInput, NotFound
+from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.store import Store
 from services.index.layout import POINTER_KEY, manifest_key
 
@@ -76,8 +76,15 @@ class Manifest(BaseModel):
 
 
 def write_manifest(store: Store, manifest: Manifest) -> bytes:
+    """Write a new version's manifest, only where none is (a conditional write): a version once written never
+    changes under its readers. Conflict when another writer wrote it first."""
     data = manifest.to_bytes()
-    store.put_bytes(manifest_key(manifest.version), data)
+    key = manifest_key(manifest.version)
+    try:
+        store.put_if(key, data, None)
+    except Conflict:
+        if store.get_bytes(key) != data:  # our own write, whose reply was lost and the PUT retried, is no conflict
+            raise Conflict(f"{store.uri(key)} was written by another writer meanwhile") from None
     return data
 
 

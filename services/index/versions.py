@@ -26,7 +26,16 @@ from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.faults import crash_point
 from services.common.filecache import forget_cached, not_cached, verified_file
 from services.common.store import Store
-from services.index.layout import BUILDS, MANIFEST, POINTER_KEY, VERSIONS, manifest_key, version_key, version_prefix
+from services.index.layout import (
+    BUILDS,
+    MANIFEST,
+    POINTER_KEY,
+    RESERVED,
+    VERSIONS,
+    manifest_key,
+    version_key,
+    version_prefix,
+)
 from services.index.manifest import Manifest, has_version, load_version
 
 HISTORY = 20  # earlier versions remembered in the pointer, for rollback
@@ -87,9 +96,10 @@ def load_current(store: Store) -> Manifest:
     return load_published(store)[1]
 
 
-def write_pointer(store: Store, new: Pointer, base: Pointer | None) -> Pointer:
+def write_pointer(store: Store, new: Pointer, base: Pointer | None, fresh: bool = False) -> Pointer:
     """CURRENT := new, only if it still is `base` (None: only if no index exists yet); else Conflict,
-    with the pointer that won as `.winner`."""
+    with the pointer that won as `.winner`. fresh: new.version was written by this writer, under a name it reserved
+    (no other writer can have published it)."""
     data = new.to_bytes()
     crash_point("index.before-flip")
     try:
@@ -98,6 +108,11 @@ def write_pointer(store: Store, new: Pointer, base: Pointer | None) -> Pointer:
         now = read_pointer(store)
         if now is not None and now.to_bytes() == data:  # our own write: its reply was lost and the PUT retried
             return now
+        if fresh and now is not None and new.version in now.history:
+            # Our write landed (its reply lost, the PUT retried) and another writer published on top of it since:
+            # a version only this writer could publish is in the history the winner built on, so the change
+            # stands. Refusing it here made the caller discard a version that was published, and redo its change.
+            return new
         error = Conflict(f"{store.url} changed while this ran: {now.describe() if now else 'nothing'} is "
                          f"published now, not {base.describe() if base else 'nothing'} as when it started")
         error.winner = now
@@ -107,7 +122,7 @@ def write_pointer(store: Store, new: Pointer, base: Pointer | None) -> Pointer:
 
 
 def advance(store: Store, base: Pointer | None, version: str, manifest_data: bytes,
-            history: list[str] | None = None) -> Pointer:
+            history: list[str] | None = None, fresh: bool = False) -> Pointer:
     """Move CURRENT from base to a written version (base goes into history unless a history is given)."""
     if base is not None and version in base.deleting:
         raise Conflict(f"{version} is being removed by `imsearch index gc`; it cannot be published")
@@ -115,7 +130,7 @@ def advance(store: Store, base: Pointer | None, version: str, manifest_data: byt
         history = [base.version, *base.history] if base else []
     new = Pointer(version, sha256_bytes(manifest_data), [v for v in history if v != version][:HISTORY],
                   (base.generation + 1) if base else 1, list(base.deleting) if base else [])
-    return write_pointer(store, new, base)
+    return write_pointer(store, new, base, fresh)
 
 
 def verify_version(store: Store, manifest: Manifest, cache: Path) -> None:
@@ -246,13 +261,29 @@ def new_version() -> str:
     return time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def check_new_version(store: Store, version: str | None) -> str:
-    """A fresh version name (given, or made from the time), not yet used under the root."""
+def check_new_version(store: Store, version: str | None, owner: str | None = None) -> str:
+    """A fresh version name (given, or made from the time), not yet used under the root, and reserved for this
+    writer: the reservation is one conditional write (If-None-Match / O_EXCL), so of two writers asking for one
+    name at once exactly one gets it — a check then a write let both through, and the second overwrote the first's
+    published files. owner: who asks (a build's key: the same build run again after a kill takes its reservation
+    back; None: a writer of its own)."""
     version = version or new_version()
     if not VERSION_NAME.fullmatch(version):
         raise InvalidInput(f"version name {version!r}: use letters, digits, '.', '_' and '-' only")
     if has_version(store, version):
         raise InvalidInput(f"{store.url} already has a version {version!r}")
+    owner = owner or uuid.uuid4().hex
+    try:
+        store.put_if(version_key(version, RESERVED), json.dumps({"owner": owner}).encode(), None)
+    except Conflict:
+        try:
+            held = json.loads(store.get_bytes(version_key(version, RESERVED))).get("owner")
+        except (NotFound, ValueError, AttributeError):
+            held = None
+        if held != owner:
+            raise InvalidInput(f"{store.url}: version name {version!r} is taken by another writer (a build or "
+                               "change running now, or one killed: `imsearch index gc` frees it after its grace)") \
+                from None
     return version
 
 

@@ -57,7 +57,7 @@ def finish_version(out: Store, template: Manifest, entries: list[ShardEntry], qu
     data = write_manifest(out, manifest)
     crash_point("index.manifest-written")
     if publish_it:
-        advance(out, base, manifest.version, data)
+        advance(out, base, manifest.version, data, fresh=True)  # its name reserved by this writer
         step(f"published {manifest.version} at {out.url}")
     else:
         step(f"wrote {manifest.version} at {out.url} (not published: `imsearch index publish`)")

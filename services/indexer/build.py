@@ -27,7 +27,7 @@ from services.indexer.driver import (
     subset,
     version_template,
 )
-from services.indexer.parallel import build_parallel
+from services.indexer.parallel import build_key, build_parallel
 from services.indexer.params import IndexParams
 from services.indexer.stages import Probe, ShardBuilder, plan_rows
 
@@ -119,7 +119,7 @@ def _build_local(emb_store: Store, out: Store, o: BuildOptions, dba: int | None,
     # The pointer as this build starts: a change published while it runs (a takedown delete) must not be
     # silently undone by publishing this build over it.
     base = read_pointer(out)
-    version = check_new_version(out, o.version)
+    version = check_new_version(out, o.version, build_key(read_meta(emb_store), o, settings))
     step(f"reading embeddings from {emb_store.url}")
     raw = read_embeddings(emb_store)
     n = len(raw.ids)

@@ -89,7 +89,8 @@ def build_parallel(emb_store: Store, meta: dict, out: Store, o: BuildOptions, se
     staging = f"{BUILDS}/{build_key(meta, o, settings)}"
     plan = load_plan(out, staging, step)
     if plan is None:
-        plan = make_plan(emb_store, meta, check_new_version(out, o.version), o, settings, step)
+        plan = make_plan(emb_store, meta, check_new_version(out, o.version, build_key(meta, o, settings)), o,
+                         settings, step)
         save_plan(out, staging, plan)
     markers = finished_shards(out, staging, plan, o.shards, step)
     if len(markers) < o.shards:

@@ -99,7 +99,7 @@ def _discard_unless_published(store: Store, version: str) -> None:
         pointer = read_pointer(store)
     except Exception:  # noqa: BLE001 - the attempt's own error is the one to raise
         return
-    if pointer is None or pointer.version != version:
+    if pointer is None or (pointer.version != version and version not in pointer.history):
         _discard(store, version)
 
 

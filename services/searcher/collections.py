@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 from services.common.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT = "default"
 LOCAL = "local"  # shards searched inside the router's process (one host): no shard servers
 CLOSE_GRACE_S = 30.0  # a removed collection's router is closed after its in-flight requests had this long
@@ -47,7 +47,7 @@ class CollectionSpec:
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):  # `$` would let "shoes\n" through
         raise InvalidInput(f"collection name {name!r}: use 1-63 lowercase letters, digits, '-' or '_'")
     return name
 

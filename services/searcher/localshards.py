@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -33,6 +34,7 @@ from services.searcher.searchpool import SearchPool
 from services.searcher.shardset import Answer
 
 log = logging.getLogger(__name__)
+MAX_RETRY_S = 300.0  # the longest wait before a version that failed to load is tried again
 
 
 def load(index: str, shard: int | None, settings: Settings, manifest: Manifest | None = None) -> IndexSearcher:
@@ -53,6 +55,7 @@ class LocalShards:
         # requests to overlap with the search (searchpool.py).
         self.pool = SearchPool(inline_small=shard is not None)
         self._watch: asyncio.Task | None = None
+        self.retry_at, self.backoff = 0.0, 0.0  # a version that failed to load is tried again after a back-off
         metrics.SHARD_LOAD_FAILURES.labels(self.label)  # 0 from the start: `increase` sees the first failure
 
     @property
@@ -102,13 +105,18 @@ class LocalShards:
             return
         if pointer is None:
             return
+        if pointer.version == follower.failed_version and time.monotonic() < self.retry_at:
+            return  # a damaged version is not downloaded again at every look, only after a growing back-off
         failed = (follower.failed_version, follower.failed_error)
         try:
             dropped = await loop.run_in_executor(None, follower.load, store, pointer, self._load)
         except Exception as e:  # noqa: BLE001 - a half-published or broken version: keep serving what we have
+            again = follower.failed_version == failed[0]
+            self.backoff = min(MAX_RETRY_S, self.backoff * 2) if again else self.settings.reload_interval_s
+            self.retry_at = time.monotonic() + self.backoff
             if (follower.failed_version, follower.failed_error) != failed:
-                log.error("shard %s: cannot load version %s (serving %s): %s", self.label, pointer.version,
-                          follower.latest, e)
+                log.error("shard %s: cannot load version %s (serving %s; next try in %.0f s): %s", self.label,
+                          pointer.version, follower.latest, self.backoff, e)
                 metrics.SHARD_LOAD_FAILURES.labels(self.label).inc()
             return
         log.info("shard %s now serves version %s", self.label, follower.latest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -62,6 +63,10 @@ class RemoteShards:
         self.coarse: dict[str, tuple | None] = {}  # version -> (quantizer, default nprobe) once loaded
         self.spaces: dict[str, tuple[Manifest, Projection | None]] = {}  # version -> its manifest and projection
         self.last_fanout = 0.0  # loop time of the last fan-out (answers teach the shards' newest version)
+        # Reads of a version's files (manifest, projection, quantizer): on threads of their own, never the default
+        # pool's that query images are embedded on, and one read a version however many requests want it.
+        self._storage = ThreadPoolExecutor(max_workers=2, thread_name_prefix="version-files")
+        self._space_loads: dict[str, asyncio.Task] = {}
         self._watch: asyncio.Task | None = None
         # The coarse assignment on one worker with one OpenMP thread: a team's threads spin on after so short a
         # search (searchpool.py), which at times doubled the router's CPU per query.
@@ -85,22 +90,23 @@ class RemoteShards:
         self._watch = asyncio.get_running_loop().create_task(self._follow(self.settings.reload_interval_s))
         return infos
 
-    async def _ask(self, shard: int, request, deadline: float, method: str = "Search"):
+    async def _ask(self, shard: int, request, deadline: float, method: str = "Search", own_deadline: bool = True):
         """One shard's answer to `method` from whichever replica answers first (hedged, with failover), or
-        None when none answered before the deadline."""
-        return await self.replicas[shard].ask(method, request, deadline)
+        None when none answered before the deadline (own_deadline: the router's own budget, not a caller's)."""
+        return await self.replicas[shard].ask(method, request, deadline, own_deadline)
 
     async def search(self, queries: np.ndarray, k: int, nprobe: int = 0, timeout: float | None = None,
                      version: str = "", where: str = "") -> Answer:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + shard_budget(timeout, self.settings.shard_timeout_s)
+        budget = shard_budget(timeout, self.settings.shard_timeout_s)
+        deadline, own = loop.time() + budget, budget >= self.settings.shard_timeout_s
         data, dim = pack_queries(queries)
         request = pb.ShardSearchRequest(queries=data, dim=dim, k=k, nprobe=nprobe, filter=where)
-        answered = await self._fan_out(request, queries, deadline, version)
+        answered = await self._fan_out(request, queries, deadline, version, own)
         if not answered and self.version and not version and loop.time() < deadline:
             # Every shard may have moved past our version (two publishes in a row): re-learn it once.
             if self.version != await self.refresh_version():
-                answered = await self._fan_out(request, queries, deadline)
+                answered = await self._fan_out(request, queries, deadline, "", own)
         if not answered:
             if loop.time() >= deadline:
                 raise DeadlineExceeded("no shard answered within the deadline")
@@ -115,8 +121,8 @@ class RemoteShards:
         self._follow_rollout(answered, version)
         return Answer(*merged, version, len(answered) / len(self.replicas), missing)
 
-    async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray,
-                       deadline: float, version: str = "") -> dict[int, pb.ShardSearchResponse]:
+    async def _fan_out(self, request: pb.ShardSearchRequest, queries: np.ndarray, deadline: float, version: str = "",
+                       own_deadline: bool = True) -> dict[int, pb.ShardSearchResponse]:
         request.index_version = version or self.version  # pinned: shards keep the previous version in a rollout
         request.ClearField("assign")
         request.ClearField("assign_scores")
@@ -131,7 +137,8 @@ class RemoteShards:
         metrics.FANOUTS.inc()
         self.last_fanout = asyncio.get_running_loop().time()
         out = Outgoing(request)  # one message for every shard's stream
-        replies = await asyncio.gather(*(self._ask(s, out, deadline) for s in range(len(self.replicas))))
+        replies = await asyncio.gather(*(self._ask(s, out, deadline, "Search", own_deadline)
+                                         for s in range(len(self.replicas))))
         return {s: r for s, r in enumerate(replies) if r is not None}
 
     def _follow_rollout(self, answered: dict[int, pb.ShardSearchResponse], version: str) -> None:
@@ -148,7 +155,7 @@ class RemoteShards:
             return None
         if version not in self.coarse:
             self.coarse[version] = None
-            asyncio.get_running_loop().run_in_executor(None, self._load_coarse, version)
+            asyncio.get_running_loop().run_in_executor(self._storage, self._load_coarse, version)
         return self.coarse[version]
 
     def _load_coarse(self, version: str) -> None:
@@ -171,14 +178,22 @@ class RemoteShards:
     async def space(self, version: str) -> tuple[Manifest, Projection | None] | None:
         if not self.index_url:
             return None
-        if version not in self.spaces:
-            loop = asyncio.get_running_loop()
-            manifest = await loop.run_in_executor(None, self._manifest, version)
-            loaded = await loop.run_in_executor(None, open_version, open_store(self.index_url, self.settings),
-                                                manifest, self.settings.file_cache(), [])
-            held = set(self.follower.held())
-            self.spaces = {v: s for v, s in self.spaces.items() if v in held} | {version: (manifest,
-                                                                                         loaded.projection)}
+        if version in self.spaces:
+            return self.spaces[version]
+        task = self._space_loads.get(version)
+        if task is None:  # the first request to want it reads it; the others wait on that read
+            task = asyncio.get_running_loop().create_task(self._load_space(version))
+            self._space_loads[version] = task
+            task.add_done_callback(lambda _: self._space_loads.pop(version, None))
+        return await asyncio.shield(task)
+
+    async def _load_space(self, version: str) -> tuple[Manifest, Projection | None]:
+        loop = asyncio.get_running_loop()
+        manifest = await loop.run_in_executor(self._storage, self._manifest, version)
+        loaded = await loop.run_in_executor(self._storage, open_version, open_store(self.index_url, self.settings),
+                                            manifest, self.settings.file_cache(), [])
+        held = set(self.follower.held())
+        self.spaces = {v: s for v, s in self.spaces.items() if v in held} | {version: (manifest, loaded.projection)}
         return self.spaces[version]
 
     async def infos(self, timeout: float = 2.0) -> list[pb.ShardInfo | None]:
@@ -201,10 +216,12 @@ class RemoteShards:
     async def fetch(self, ids: list[int], timeout: float | None = None) -> tuple[list, list[int]]:
         """(each id's stored vector from whichever shard server holds it, None where none did; the shards that
         did not answer)."""
-        deadline = asyncio.get_running_loop().time() + shard_budget(timeout, self.settings.shard_timeout_s)
+        budget = shard_budget(timeout, self.settings.shard_timeout_s)
+        deadline, own = asyncio.get_running_loop().time() + budget, budget >= self.settings.shard_timeout_s
         request = pb.FetchRequest(ids=ids)
         vectors: list = [None] * len(ids)
-        replies = await asyncio.gather(*(self._ask(n, request, deadline, "Fetch") for n in range(len(self.replicas))))
+        replies = await asyncio.gather(*(self._ask(n, request, deadline, "Fetch", own)
+                                         for n in range(len(self.replicas))))
         for reply in replies:
             for i, (found, v) in enumerate(zip(reply.found if reply else [], reply.vectors if reply else [])):
                 if found:
@@ -228,4 +245,5 @@ class RemoteShards:
         if self._watch is not None:
             self._watch.cancel()
         self._assigning.shutdown()
+        self._storage.shutdown(wait=False)
         await asyncio.gather(*(rs.close() for rs in self.replicas))

@@ -163,9 +163,12 @@ class ReplicaSet:
             r.retry_at = time.monotonic() + r.backoff
             self._schedule_probe(r)
 
-    async def ask(self, method: str, request, deadline: float):
+    async def ask(self, method: str, request, deadline: float, own_deadline: bool = True):
         """The first answer of the shard's replicas to `method`, hedged; None when none answered in time.
-        A request the replica refuses as wrong (INVALID_ARGUMENT…) is raised: every replica would say so."""
+        A request the replica refuses as wrong (INVALID_ARGUMENT…) is raised: every replica would say so.
+        own_deadline False: the deadline is a caller's, shorter than the router's own shard budget — a replica
+        that has not answered by then is no slower than it may be, and is not struck for it (else any client
+        sending 1 ms deadlines could eject every healthy replica)."""
         loop = asyncio.get_running_loop()
         candidates, pending = self.order(), {}
         self.paid_call()
@@ -179,6 +182,7 @@ class ReplicaSet:
         pending_started: list[Replica] = []
         launch()
         blame = True  # whether calls still pending at the end count against their replicas
+        won = False  # a replica answered: the ones still pending lost to it
         try:
             while pending:
                 remaining = deadline - loop.time()
@@ -206,20 +210,23 @@ class ReplicaSet:
                         if e.code() not in RETRYABLE:
                             blame = False
                             raise from_status(e.code(), e.details(), f"shard {self.shard}") from None
-                        self.failed(r, e.code().name)
+                        if own_deadline or e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                            self.failed(r, e.code().name)
                         log.warning("shard %d replica %s failed: %s %s", self.shard, r.address, e.code().name,
                                     e.details())
                         if len(pending_started) < len(candidates):  # fail over at once, no hedge budget needed
                             launch()
                         continue
                     self.answered(r, loop.time() - started)
+                    won = True
                     return reply
             return None
         finally:
             for task, (r, _) in pending.items():  # lost to a faster replica, or still silent at the deadline
                 task.cancel()
-                # A lost hedge counts once the shard's p95 is known: cold-start calls are all slow.
-                if blame and len(self.latencies) >= WARM:
+                # A lost hedge counts once the shard's p95 is known: cold-start calls are all slow. Silence until a
+                # caller's own (shorter) deadline does not.
+                if blame and len(self.latencies) >= WARM and (won or own_deadline):
                     self.failed(r, "slow calls")
 
     async def close(self) -> None:

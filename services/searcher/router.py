@@ -16,12 +16,16 @@ from protos.imsearch.v1 import imsearch_pb2 as pb
 from services.common.batching import DynamicBatcher
 from services.common.config import Settings
 from services.common.errors import NotFound, Unavailable
-from services.common.validate import check_k
+from services.common.validate import check_k, check_nprobe
 from services.index.manifest import Manifest
 from services.index.projection import to_index_space
 from services.searcher.shardset import Answer, ShardSet
 
 Embed = Callable[[list[bytes]], Awaitable[np.ndarray]]
+# Groups of alike requests (k, nprobe, width, version) with a batcher each, most recently used kept: k and nprobe are
+# the caller's to choose, so without a bound a loop over their values grew the router by a batcher and its tasks a
+# request. Past the bound an idle group's batcher is stopped; while every one is busy, a new shape searches alone.
+MAX_BATCHERS = 64
 
 
 class Router:
@@ -67,6 +71,7 @@ class Router:
         """version: the version the queries were projected for (pinned; "" = the router's current one);
         where: a filter in the JSON language (filters.to_wire), applied by every shard during its search."""
         check_k(k, self.settings.max_k)
+        check_nprobe(nprobe, self.settings.max_nprobe)
         return await self.shards.search(queries, k, nprobe, timeout, version, where)
 
     async def search_shared(self, queries: np.ndarray, k: int, nprobe: int = 0,
@@ -75,20 +80,35 @@ class Router:
         search for many requests (per-call cost dominates small requests). A caller whose deadline is tighter than
         the shard budget goes alone, with its own deadline."""
         check_k(k, self.settings.max_k)
+        check_nprobe(nprobe, self.settings.max_nprobe)  # before a batcher is made for it
         queries = np.asarray(queries, np.float32)
         # Filtered requests go alone: a batcher per distinct filter would grow without bound (and only requests
         # with the same filter could share a search).
         if where or (timeout is not None and timeout < self.settings.shard_timeout_s):
             return await self.search(queries, k, nprobe, timeout, version, where)
         key = (k, nprobe, queries.shape[1], version)  # only alike requests share a search
-        batcher = self.batchers.get(key)
+        batcher = self._batcher(key)
         if batcher is None:
+            return await self.search(queries, k, nprobe, timeout, version)
+        return await batcher.submit(queries)
+
+    def _batcher(self, key: tuple) -> DynamicBatcher | None:
+        """The batcher of a group of alike requests, made when new while fewer than MAX_BATCHERS exist or one is
+        idle (stopped to make room); None when every one is busy."""
+        batcher = self.batchers.pop(key, None)
+        if batcher is None:
+            if len(self.batchers) >= MAX_BATCHERS:
+                idle = next((k for k, b in self.batchers.items() if b.idle), None)  # the least recently used first
+                if idle is None:
+                    return None
+                asyncio.get_running_loop().create_task(self.batchers.pop(idle).stop())
+            k, nprobe, _, version = key
             batcher = DynamicBatcher(functools.partial(self.search, k=k, nprobe=nprobe, version=version),
                                      self.settings.max_batch, 0.0, self.settings.router_queue,
                                      workers=self.shards.fanouts, name="fanout")
             batcher.start()
-            self.batchers[key] = batcher
-        return await batcher.submit(queries)
+        self.batchers[key] = batcher  # the most recently used last
+        return batcher
 
     async def fetch(self, ids: list[int], timeout: float | None = None) -> np.ndarray:
         """Stored vectors of catalogue ids, asked of every shard at once (any sharding rule works); each id

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import Counter
 from pathlib import Path
 
@@ -129,27 +130,27 @@ class SearcherService(pb_grpc.SearcherServicer):
         version = router.version
         key = cache_key(version, request.k, request.nprobe, asked)
 
-        async def lookup_or_fetch() -> pb.SearchResponse:
+        async def lookup_or_fetch(timeout: float | None) -> pb.SearchResponse:
             # Inside the flight: concurrent identical requests share one Redis lookup and at most
             # one fan-out, and the flight ends only after the answer is stored.
             reply = self._cached(key, version, await self.cache.get(key))
             metrics.CACHE.labels("hit" if reply else "miss").inc()
             if reply:
                 return reply
-            reply = await self._search_one(router, request, context.time_remaining(), where)
+            reply = await self._search_one(router, request, timeout, where)
             if reply.coverage == 1.0 and reply.index_version == version:  # never cache partial answers
-                await self.cache.set(key, seal(key, version, reply.SerializeToString()))
+                await self.cache.set(key, seal(key, version, reply.SerializeToString(), self.cache.secret))
             return reply
 
-        return await self.flights.run(key, lookup_or_fetch)
+        return await self.flights.run(key, lookup_or_fetch, context.time_remaining(),
+                                      complete=lambda reply: reply.coverage == 1.0)
 
-    @staticmethod
-    def _cached(key: str, version: str, value: bytes | None) -> pb.SearchResponse | None:
+    def _cached(self, key: str, version: str, value: bytes | None) -> pb.SearchResponse | None:
         """The cached answer, or None for a miss: nothing there, or anything but a sealed answer to this key
         at this version (counted, then overwritten by the fresh answer)."""
         if value is None:
             return None
-        answer, why = unseal(key, version, value)
+        answer, why = unseal(key, version, value, self.cache.secret)
         if answer is None:
             metrics.CACHE_REJECTED.labels(why).inc()
             return None
@@ -222,6 +223,20 @@ async def start_router(spec: CollectionSpec, settings: Settings) -> Router:
     return router
 
 
+def cache_secret(settings: Settings, host: str) -> bytes:
+    """The key of the query cache's seal: IMSEARCH_CACHE_SECRET, shared by every router of a deployment. Without
+    one, a router on loopback (one host) makes a random key of its own — its entries are read by it alone, and
+    the next process misses them — and a router reachable from other hosts refuses to start: its Redis is shared
+    infrastructure, and an unkeyed seal would let whoever can write it forge answers."""
+    if settings.cache_secret is not None:
+        return settings.cache_secret.get_secret_value().encode()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise InvalidInput(f"IMSEARCH_REDIS_URL is set and the router listens on {host}: set IMSEARCH_CACHE_SECRET "
+                           "(the same for every router sharing that Redis) to key the cache's seal")
+    log.warning("no IMSEARCH_CACHE_SECRET: the query cache is sealed with a random key of this process's")
+    return secrets.token_bytes(32)
+
+
 async def serve(default: CollectionSpec | None = None, port: int = 0, settings: Settings | None = None,
                 host: str = "127.0.0.1", collections: Path | None = None) -> tuple[server.Running, Collections]:
     """The router over the collection `default` (router --shards), or over the collections of a collections file
@@ -237,7 +252,8 @@ async def serve(default: CollectionSpec | None = None, port: int = 0, settings: 
     await served.load()
     if not served.routers:
         raise InvalidInput("nothing to serve: give --shards or --collections")
-    cache = QueryCache(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
+    cache = QueryCache(settings.redis_url, cache_secret(settings, host), settings.cache_ttl_s) \
+        if settings.redis_url else None
     service = SearcherService(served, settings, cache)
     running = await server.start([(pb_grpc.add_SearcherServicer_to_server, service, SERVICE)], port, settings, host)
     if path is not None:

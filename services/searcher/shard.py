@@ -16,6 +16,7 @@ from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import pack_results, unpack_assign, unpack_queries
 from services.common.errors import InvalidInput, TooLarge
+from services.common.validate import check_nprobe
 from services.index.filters import parse_filter
 from services.searcher.localshards import LocalShards, load
 
@@ -83,6 +84,7 @@ class ShardService(pb_grpc.ShardServicer):
         searcher = self.shards.searcher(request.index_version)
         if request.k == 0:
             raise InvalidInput("k must be at least 1")
+        check_nprobe(request.nprobe, self.settings.max_nprobe)
         queries = unpack_queries(request.queries, request.dim)  # model or index vectors: search_arrays checks
         if len(queries) > self.settings.max_batch:
             raise TooLarge(f"{len(queries)} queries in one call; the limit is {self.settings.max_batch}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import tempfile
 import time
@@ -166,8 +167,11 @@ class Stack:
             args += ["--index", spec.index]
         if spec.embedder:
             args += ["--embedder", self.embedder.address if self.embedder else spec.embedder]
+        given = "IMSEARCH_CACHE_SECRET" in {**os.environ, **spec.env, **spec.router_env}
         env = {k: v for k, v in {"IMSEARCH_METRICS_PORT": None if spec.metrics_port is None else str(spec.metrics_port),
-                                 "IMSEARCH_REDIS_URL": f"redis://{self.redis.address}/0" if self.redis else None
+                                 "IMSEARCH_REDIS_URL": f"redis://{self.redis.address}/0" if self.redis else None,
+                                 # the stack's own Redis: a key of the stack's for its seal, whatever host it serves
+                                 "IMSEARCH_CACHE_SECRET": secrets.token_hex(32) if self.redis and not given else None,
                                  }.items() if v is not None}
         self.router = self._part(Part.python("router", "services.searcher", ["router", *args, "--host", spec.host],
                                              spec.router_port or free_port(), env={**env, **spec.router_env},

@@ -81,6 +81,69 @@ def test_200_concurrent_identical_queries_make_one_fan_out(cached_cluster):
     assert fanouts(metrics_port) == before + 1
 
 
+def test_a_cancelled_or_hurried_caller_does_not_fail_the_identical_queries_sharing_its_flight(tmp_path, start_stack):
+    """Before: the shared execution ran in the first caller's task with the first caller's deadline — a client that
+    cancelled failed every identical query waiting on it, one with a 50 ms deadline made them all partial."""
+    import os
+    import signal
+
+    from services.searcher.client import RouterClient, search_request
+
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(2000, DIM, seed=3, clusters=10))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), shards=2, settings=Settings(home=tmp_path / "h"))
+    stack = start_stack(tmp_path / "idx", redis=True, router_index=False,
+                        env={"IMSEARCH_HOME": str(tmp_path / "h"), "IMSEARCH_SHARD_TIMEOUT_S": "10"})
+    shard = stack.shards[0][0]
+
+    async def scenario(hurry: str, q: list[float]) -> list:
+        async with RouterClient(stack.router.address, timeout=20) as client:
+            await client.search(random_unit_vectors(1, DIM, seed=9)[0].tolist(), k=5)  # streams open, version known
+            os.kill(shard.pid, signal.SIGSTOP)  # from here the fan-out waits on shard 0
+            try:
+                timeout = 0.05 if hurry == "deadline" else None
+                leader = asyncio.ensure_future(client.call("Search", search_request(q, 5), timeout=timeout))
+                await asyncio.sleep(0.01)
+                followers = [asyncio.ensure_future(client.search(q, k=5)) for _ in range(5)]
+                await asyncio.sleep(0.3)  # every follower waits on the leader's flight
+                if hurry == "cancel":
+                    leader.cancel()
+                await asyncio.gather(leader, return_exceptions=True)  # cancelled, or answered within its 50 ms
+            finally:
+                os.kill(shard.pid, signal.SIGCONT)
+            return await asyncio.gather(*followers)
+
+    for n, hurry in enumerate(("cancel", "deadline")):
+        answers = asyncio.run(scenario(hurry, random_unit_vectors(1, DIM, seed=20 + n)[0].tolist()))
+        assert [(a.coverage, len(a.hits)) for a in answers] == [(1.0, 5)] * 5, hurry
+
+
+def test_an_answer_forged_by_whoever_can_write_redis_is_never_served(cached_cluster):
+    """Before: the seal was an unkeyed sha256 of key, version and answer, which anyone able to write Redis could
+    compute for any answer they liked."""
+    import hashlib
+
+    import redis
+
+    from services.searcher.cache import seal
+
+    router, rds, metrics_port = cached_cluster
+    q = random_unit_vectors(1, DIM, seed=31)[0]
+    with SearchClient(router.address) as client:
+        truth = client.search(q, k=5)
+        db = redis.Redis(port=rds.port)
+        (key,) = list(db.scan_iter("imsearch:q:*"))  # the one entry: this query's
+        version = truth.index_version.encode()
+        fake = pb.SearchResponse(hits=[pb.Hit(id=424242, score=1.0)], index_version=truth.index_version,
+                                 coverage=1.0).SerializeToString()
+        unkeyed = b"imsearch-cache/1\n" + version + b"\n" + hashlib.sha256(
+            key + b"|" + version + b"|" + fake).digest() + fake  # the old seal, for any answer
+        for forged in (unkeyed, seal(key.decode(), truth.index_version, fake, b"a guessed secret")):
+            for k in db.scan_iter("imsearch:q:*"):
+                db.set(k, forged)
+            again = client.search(q, k=5)
+            assert [h.id for h in again.hits] == [h.id for h in truth.hits] and not again.cached
+
+
 def test_redis_down_serves_uncached_and_recovers(cached_cluster):
     router, rds, _ = cached_cluster
     q = random_unit_vectors(1, DIM, seed=3)[0]
@@ -135,7 +198,7 @@ def test_poisoned_cache_values_are_misses_never_errors_or_wrong_hits(cached_clus
         values = [db.get(k) for k in keys]
         version = client.search(queries[0], k=5).index_version
         poison = [b"garbage", values[0][:40], values[1][:-3],  # garbage, truncated twice
-                  seal(keys[3].decode(), "v-another", values[3][-50:]),  # a well-formed answer of another version
+                  seal(keys[3].decode(), "v-another", values[3][-50:], b"any"),  # another version's answer
                   values[5]]  # another key's sealed answer: well-formed, the wrong hits
         for i, key in enumerate(keys):
             db.set(key, poison[i % len(poison)])

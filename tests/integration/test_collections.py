@@ -144,7 +144,7 @@ def test_the_gateway_serves_each_collection_and_keys_limited_to_one(two, start_s
     tmp, home, ids = two
     stack = start_stack(tmp / "idx-shoes", gateway=True,
                         collections={"shoes": str(tmp / "idx-shoes"), "bags": str(tmp / "idx-bags")},
-                        env={"IMSEARCH_HOME": str(home), "IMSEARCH_GATEWAY_API_KEYS": "admin,shop:shoes"})
+                        env={"IMSEARCH_HOME": str(home), "IMSEARCH_GATEWAY_API_KEYS": "admin,shop:shoes,bagger:bags"})
     body = {"vector": random_unit_vectors(1, DIM, seed=5)[0].tolist(), "k": K}
     with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
         admin, shop = {"X-API-Key": "admin"}, {"X-API-Key": "shop"}
@@ -158,6 +158,14 @@ def test_the_gateway_serves_each_collection_and_keys_limited_to_one(two, start_s
         assert {h["id"] for h in default} <= ids["shoes"]
         assert http.get("/v1/index", headers=admin).json()["collections"] == ["shoes", "bags"]
         assert http.get("/v1/index", headers=shop).json()["collections"] == ["shoes"]
+        # Before: /v1/index answered a key limited to bags with the default collection's (shoes') count, version,
+        # fields and model. Unnamed, a limited key learns only which collections it may use.
+        bagger = {"X-API-Key": "bagger"}
+        assert http.get("/v1/index", headers=bagger).json() == {"collections": ["bags"]}
+        assert http.get("/v1/collections/bags", headers=bagger).json()["count"] == len(ids["bags"])
+        shoe = next(iter(ids["shoes"]))
+        for path in (f"/v1/images/{shoe}", f"/v1/collections/shoes/images/{shoe}", "/v1/collections/shoes"):
+            assert http.get(path, headers=bagger).status_code == 403, path
         assert http.get("/v1/collections/bags", headers=admin).json()["collection"] == "bags"
         assert http.post("/v1/collections/shoes/search", json=body, headers=shop).status_code == 200
         assert http.get("/v1/collections/shoes", headers=shop).json()["collection"] == "shoes"

@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import re
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -251,6 +252,48 @@ def test_json_documents_to_the_gateway(stack, doc):
     running, _ = stack
     for path in ("/v1/search", "/v1/search/batch"):
         check_http(httpx.post(running.gateway.url + path, json=doc, timeout=10))
+
+
+FIELD = st.one_of(st.sampled_from(["a", "price", "category", "in_stock"]), st.text(max_size=20))
+VALUE = st.one_of(st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20), st.booleans(), st.none())
+LEAF = st.one_of(st.builds(lambda f, v: {f: v}, FIELD, st.one_of(VALUE, st.lists(VALUE, max_size=5))),
+                 st.builds(lambda f, op, v: {f: {op: v}}, FIELD,
+                           st.sampled_from(["eq", "ne", "lt", "lte", "gt", "gte", "in", "nin", "below", ""]),
+                           st.one_of(VALUE, st.lists(VALUE, max_size=5))))
+JSON_FILTERS = st.recursive(LEAF, lambda kids: st.one_of(st.builds(lambda ks: {"and": ks}, st.lists(kids, max_size=4)),
+                                                         st.builds(lambda ks: {"or": ks}, st.lists(kids, max_size=4)),
+                                                         st.builds(lambda k: {"not": k}, kids)), max_leaves=16)
+# The attacks of the adversarial review, at sizes around each limit, and free text.
+WHERE = st.one_of(
+    st.text(max_size=60), st.sampled_from(["price > -1", "a in (1, 2)", "not a", "a ==", "a == 1 and", ""]),
+    st.builds(lambda n: "not " * n + "a", st.integers(0, 6000)),
+    st.builds(lambda n: "(" * n + "a" + ")" * n, st.integers(0, 400)),
+    st.builds(lambda d: "a == " + "9" * d, st.integers(1, 6000)),
+    st.builds(lambda x: f"a > {x}", st.integers(-(2**70), 2**70)),
+    st.builds(lambda n: '{"not": ' * n + '{"a": 1}' + "}" * n, st.integers(0, 3000)),
+    st.builds(lambda n: "a in (" + ", ".join(["1"] * n) + ")", st.integers(0, 12_000)))
+
+
+@FUZZ
+@given(data=st.data())
+def test_filters_qe_and_collections_to_the_gateway_and_the_router(stack, data):
+    """Before: deeply nested or over-long filters (RecursionError, ValueError) and integers past 64 bits
+    (OverflowError on a shard) answered INTERNAL / HTTP 500."""
+    running, channel = stack
+    vector = np.eye(DIM, dtype=np.float32)[data.draw(st.integers(0, DIM - 1))].tolist()
+    chosen = data.draw(st.one_of(st.builds(lambda f: {"filter": f}, JSON_FILTERS),
+                                 st.builds(lambda w: {"where": w}, WHERE)))
+    body = {"vector": vector, "k": 3, "qe": data.draw(st.one_of(st.integers(0, 50), HTTP_NUMBERS)), **chosen}
+    name = data.draw(st.one_of(st.sampled_from(["", "", "default", "shoes\n", "..", "a/b", "%00"]),
+                               st.text(max_size=20)))
+    path = f"/v1/collections/{urllib.parse.quote(name, safe='')}/search" if name else "/v1/search"
+    check_http(httpx.post(running.gateway.url + path, content=json.dumps(body),
+                          headers={"content-type": "application/json"}, timeout=60), "schema")
+    text = chosen["where"] if "where" in chosen else json.dumps(chosen["filter"])
+    request = pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=vector)), k=3, filter=text,
+                               qe=body["qe"] % 2**32, collection=name)
+    code = grpc_status(lambda: raw(channel, "Search")(request.SerializeToString(), timeout=60), "schema")
+    assert code in ALLOWED_GRPC, (code, text[:200])
 
 
 def test_every_server_is_healthy_after_the_fuzzing_which_reached_protobuf_and_the_decoder(stack):

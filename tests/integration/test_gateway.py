@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import signal
+import time
 
 import httpx
 import pytest
 from PIL import Image
 
+from services.common.config import Settings
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
 from tests.helpers import DEFAULT_MODEL, encode
@@ -239,12 +241,29 @@ def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_sent(served):
     assert b"AAAA" not in body and len(body) < 1000, body[:200]  # nothing of the body echoed back
 
 
-def test_failed_key_guesses_are_rate_limited_per_address(served):
+def test_failed_key_guesses_are_rate_limited_per_address_whatever_key_comes_next(served):
+    """Before: once an address was limited, wrong keys got 429 and the right key 200 — an oracle telling the
+    guesser when it hit, at full speed."""
     gateway = served(IMSEARCH_GATEWAY_API_KEYS="right-key").gateway  # no request rate limit configured
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         codes = [http.get("/v1/index", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(14)]
         assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}, codes
-        assert http.get("/v1/index", headers={"X-API-Key": "right-key"}).status_code == 200  # the key still works
+        limited = http.get("/v1/index", headers={"X-API-Key": "right-key"})
+        assert limited.status_code == 429  # the right key tells nothing while the address is limited
+        time.sleep(int(limited.headers["retry-after"]) + 0.5)
+        assert http.get("/v1/index", headers={"X-API-Key": "right-key"}).status_code == 200  # the window passed
+
+
+def test_the_shared_rate_limit_names_a_key_in_redis_by_a_hash_never_by_the_key(served, redis_server):
+    """Before: `LIMITER/key <API key>/...`: anyone who could list Redis's keys read every API key."""
+    import redis
+
+    gateway = served(IMSEARCH_GATEWAY_API_KEYS="s3cret-key-1", IMSEARCH_GATEWAY_RATE_PER_S="5",
+                     IMSEARCH_REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0").gateway
+    assert httpx.get(gateway.url + "/v1/index", headers={"X-API-Key": "s3cret-key-1"}, timeout=10).status_code == 200
+    names = [k.decode() for k in redis.Redis(port=redis_server.port).keys("*")]
+    assert any("key " in n for n in names), names  # the window is there, under the key's hash
+    assert not any("s3cret" in n for n in names), names
 
 
 def test_a_batch_reports_its_version_and_coverage_like_a_single_search(stack):
@@ -296,3 +315,33 @@ def test_forwarded_addresses_count_only_behind_a_trusted_proxy(served, catalogue
         assert codes(plain, "10.0.0.3", 2) + codes(plain, "10.0.0.4", 1) == [200, 200, 429]
     finally:
         plain.stop()
+
+
+def test_a_thumbnail_is_served_only_from_a_version_served_and_never_after_its_takedown(catalogue, start_stack,
+                                                                                       tmp_path):
+    """Before: /v1/images/ID?version=<any version> read that version's docs: an image removed by `index delete`
+    stayed viewable by naming the version before, a staged version was readable, and naming versions made the
+    gateway download each one's docs."""
+    from services.indexer.build import build_index
+    from services.indexer.update import delete_from_index
+
+    root = tmp_path / "idx"
+    settings = Settings(home=catalogue / "home")
+    build_index(str(catalogue / "emb"), str(root), shards=2, settings=settings, version="v1")
+    ids = read_embeddings(LocalStore(catalogue / "emb")).ids.tolist()
+    gateway = start_stack(root, gateway=True, env={"IMSEARCH_HOME": str(catalogue / "home")}).gateway
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.get(f"/v1/images/{ids[0]}?version=v1").status_code == 200
+        delete_from_index(str(root), ids[:1], settings, version="v2")  # a takedown
+        build_index(str(catalogue / "emb"), f"{root}/staged", settings=settings, publish_it=False)
+        time.sleep(2.5)  # the gateway looks at CURRENT at most every 2 s
+        assert http.get(f"/v1/images/{ids[1]}").status_code == 200
+        assert http.get(f"/v1/images/{ids[1]}?version=v1").status_code == 200  # the version before: still served
+        for path in (f"/v1/images/{ids[0]}", f"/v1/images/{ids[0]}?version=v1", f"/v1/images/{ids[0]}?version=v2",
+                     f"/v1/images/{ids[1]}?version=staged"):
+            r = http.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND", (path, r.text)
+        delete_from_index(str(root), ids[2:3], settings, version="v3")  # v1 is now two versions back
+        time.sleep(2.5)
+        assert http.get(f"/v1/images/{ids[1]}?version=v1").status_code == 404
+        assert http.get(f"/v1/images/{ids[1]}?version=v2").status_code == 200

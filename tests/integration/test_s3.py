@@ -201,3 +201,68 @@ def test_on_s3_a_shard_server_caches_only_the_versions_it_serves_and_writers_kee
     assert rollback(store, cache).version == versions[1].version  # checks both of its shard files first
     assert cached() == before  # shard 1's, downloaded for the check, not kept
     shards.pool.shutdown()
+
+
+class StrippingProxy:
+    """An HTTP proxy in front of the S3 test server that drops If-Match and If-None-Match: what an S3-compatible
+    server without conditional writes, or a proxy that strips the headers, does to them."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        host, port = upstream.rsplit(":", 1)
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("if-match", "if-none-match")}
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                conn.request(self.command, self.path, body or None, headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for k, v in reply.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_writers_refuse_an_s3_server_that_ignores_conditional_writes(s3, tmp_path, monkeypatch):
+    """Before: the conditional PUTs of every compare-and-swap were sent and their effect assumed: behind a server
+    that ignores them, two concurrent changes both 'succeeded' and one was silently lost."""
+    from services.common.errors import NotSupported
+    from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(200, 8, seed=1))
+    proxy = StrippingProxy(s3.endpoint)
+    try:
+        monkeypatch.setenv("IMSEARCH_S3_ENDPOINT", proxy.endpoint)
+        get_settings.cache_clear()
+        with pytest.raises(NotSupported, match=f"S3 server {proxy.endpoint} ignores conditional writes"):
+            build_index(str(tmp_path / "emb"), "s3://strip/idx", settings=get_settings())
+        assert open_store("s3://strip/idx", get_settings()).list() == []  # nothing written, no probe left
+    finally:
+        proxy.close()
+    monkeypatch.setenv("IMSEARCH_S3_ENDPOINT", s3.endpoint)
+    get_settings.cache_clear()
+    build_index(str(tmp_path / "emb"), "s3://strip/idx", settings=get_settings())  # the server itself takes it
+    assert load_current(open_store("s3://strip/idx", get_settings())).count == 200

@@ -27,6 +27,13 @@ const base = () => ($("collection").value ? `/v1/collections/${encodeURIComponen
 async function loadIndex() {
   try {
     const info = await call($("collection").value ? base() : "/v1/index");
+    if (info.index_version === undefined && (info.collections || []).length) {
+      // a key limited to collections: only their names come unnamed; show the first of them
+      for (const name of info.collections) $("collection").append(new Option(name, name));
+      $("collection").value = info.collections[0];
+      $("collection-label").hidden = info.collections.length < 2;
+      return loadIndex();
+    }
     const fields = Object.keys(info.fields || {});
     $("index-info").textContent =
       `${info.collection ? "collection " + info.collection + " · " : ""}index ${info.index_version} · ` +

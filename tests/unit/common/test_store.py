@@ -61,3 +61,41 @@ def test_open_store_dispatch(tmp_path):
         open_store("s3://")
     with pytest.raises(InvalidInput, match="scheme"):
         open_store("gs://bucket/x")
+
+
+def test_an_s3_server_that_trickles_an_object_is_cut_off_at_the_operations_deadline():
+    """Before: urllib3's read timeout held for each recv, so a server sending a byte every 0.3 s was waited on for
+    as long as it liked (here 12 s for 40 bytes, past a 1.5 s budget)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.common.config import Settings
+    from services.common.errors import Unavailable
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "40")
+            self.send_header("ETag", '"abc"')
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = Settings(s3_endpoint=f"127.0.0.1:{server.server_address[1]}", s3_region="us-east-1",
+                        s3_retry_s=1.5, s3_timeout_s=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="sent too slowly"):
+            S3Store("bucket", "", settings).get_bytes("key")
+        assert time.monotonic() - started < 4.0
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -28,6 +28,29 @@ def test_mismatched_weights_are_refused(tmp_path):
         Embedder(resolve_spec("timm:resnet34", tmp_path / "r18.pth"), device="cpu")
 
 
+class _Payload:
+    """What a hostile weights file carries: an object whose unpickling runs a command."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch " + str(_Payload.marker),)
+
+
+def test_a_weights_file_or_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """Before: torch.load(weights_only=False) on any path a manifest or a model name could give: loading the file
+    ran whatever it carried."""
+    _Payload.marker = tmp_path / "ran"
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    torch.save({**state, "extra": _Payload()}, tmp_path / "evil.pth")
+    torch.save({"meta": {"name": "x"}, "backbone": state, "trap": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(InvalidInput, match="not loadable as weights only"):
+        Embedder(resolve_spec("timm:resnet18", tmp_path / "evil.pth"), device="cpu")
+    with pytest.raises(InvalidInput, match="not loadable as weights only"):
+        resolve_spec(str(tmp_path / "evil.pt"))
+    assert not _Payload.marker.exists()
+
+
 def test_fingerprint_follows_the_weights(tmp_path):
     for seed in (0, 1):
         torch.manual_seed(seed)

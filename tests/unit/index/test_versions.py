@@ -11,12 +11,13 @@ import time
 import pytest
 
 from services.common.config import Settings
-from services.common.errors import Conflict, Corrupt, NotFound
+from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
 from services.index.layout import version_prefix
 from services.index.versions import (
     advance,
+    check_new_version,
     current_pointer,
     gc,
     list_versions,
@@ -191,3 +192,61 @@ def test_publish_verifies_the_projection_too(tmp_path):
     with pytest.raises(Corrupt, match="projection.npz"):
         publish(LocalStore(tmp_path / "idx"), "v2", settings.home / "cache")
     assert load_current(LocalStore(tmp_path / "idx")).version == "v1"
+
+
+def test_two_builds_asking_for_one_version_name_at_once_one_is_refused_and_the_index_stays_readable(index):
+    """Before: the name was checked, then written: the second build went on, and whichever wrote last replaced
+    the published version's files and manifest under CURRENT — every reader then failed on a checksum."""
+    tmp, settings, ids = index
+    store = LocalStore(tmp / "idx")
+    write_fake_embeddings(tmp / "other", random_unit_vectors(100, 8, seed=9), first_row=5000)
+    refused = []
+
+    def step(msg: str) -> None:  # inside the first build's window: its name reserved, nothing written yet
+        if msg.startswith("adding") and not refused:
+            with pytest.raises(InvalidInput, match="'v2' is taken by another writer") as e:
+                build_index(str(tmp / "other"), str(tmp / "idx"), settings=settings, version="v2")
+            refused.append(e.value)
+
+    build_index(str(tmp / "emb"), str(tmp / "idx"), shards=2, settings=settings, version="v2", step=step)
+    assert refused and load_current(store).version == "v2"
+    assert held_ids(tmp / "idx", settings) == set(ids)  # the first build's vectors, readable
+
+
+def test_a_version_name_is_reserved_once_and_its_owner_may_take_it_again(index):
+    tmp, _, _ = index
+    store = LocalStore(tmp / "idx")
+    assert check_new_version(store, "v9", owner="build-a") == "v9"
+    assert check_new_version(store, "v9", owner="build-a") == "v9"  # the same build run again after a kill
+    with pytest.raises(InvalidInput, match="taken by another writer"):
+        check_new_version(store, "v9", owner="build-b")
+    with pytest.raises(InvalidInput, match="already has a version 'v1'"):
+        check_new_version(store, "v1")
+    assert "v9" not in list_versions(store)  # reserved, not written: not a version yet
+
+
+def test_a_publish_whose_reply_was_lost_while_another_writer_built_on_it_stands(index, monkeypatch):
+    """Before: the retried PUT of a flip that had landed was refused (CURRENT had moved on, built on it), so the
+    change deleted its own version — by then in the history the other writer published on — and redid itself."""
+    from services.index.layout import POINTER_KEY
+    from services.index.manifest import load_version
+
+    tmp, settings, ids = index
+    root, store = str(tmp / "idx"), LocalStore(tmp / "idx")
+    landed = LocalStore.put_if
+    armed = [True]
+
+    def reply_lost(self, key, data, token):
+        landed(self, key, data, token)
+        if key == POINTER_KEY and armed[0]:
+            armed[0] = False
+            delete_from_index(root, ids[5:6], settings)  # another writer publishes on top, before our reply
+            raise Conflict("precondition failed: the retried PUT of a write that had landed")
+
+    monkeypatch.setattr(LocalStore, "put_if", reply_lost)
+    ours, removed, _ = delete_from_index(root, ids[:1], settings)
+    pointer = current_pointer(store)
+    assert not armed[0] and removed == 1 and pointer.history[0] == ours.version
+    for version in [pointer.version, *pointer.history]:  # every version rollback may go back to is whole
+        load_version(store, version)
+    assert not held_ids(tmp / "idx", settings) & {ids[0], ids[5]}  # both changes stand

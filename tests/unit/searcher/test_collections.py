@@ -39,6 +39,7 @@ def test_a_collection_searched_inside_the_router_names_no_shard_servers():
     ('{"collections": {"shoes": {"index": "x"}}}', "'shoes' needs \"shards\""),
     ('{"collections": {"shoes": {"shards": "h:1", "nprob": 3}}}', "unknown keys ['nprob']"),
     ('{"collections": {"shoes": {"shards": "local"}}}', "'shoes': shards \"local\" .* needs its index"),
+    ('{"collections": {"shoes\\n": {"shards": "h:1"}}}', "collection name 'shoes\\\\n'"),  # before: accepted
 ])
 def test_a_bad_collections_file_says_what_is_wrong(text, words):
     with pytest.raises(InvalidInput, match=words.replace("[", r"\[").replace("]", r"\]")):

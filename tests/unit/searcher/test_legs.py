@@ -308,3 +308,31 @@ def test_a_stopping_shard_server_ends_its_idle_streams_at_once_instead_of_holdin
     stopped, call = asyncio.run(scenario())
     assert stopped < 2.0, f"the stop took {stopped:.1f} s: the open stream held it"
     assert call is None  # the router saw its stream end
+
+
+def test_a_callers_short_deadline_is_not_a_strike_against_healthy_replicas_and_the_routers_own_is():
+    """Before: a replica still answering when a client's 5 ms deadline passed took a strike, so a client sending
+    short deadlines could eject every healthy replica of a shard."""
+
+    async def scenario():
+        servers = [await _serve(FakeShard(name, delay=0.05)) for name in ("a", "b")]
+        settings = Settings(eject_after=3, hedge_budget=0.0)
+        replicas = ReplicaSet(0, [address for _, address in servers], settings, None)
+        loop = asyncio.get_running_loop()
+        try:
+            for k in range(25):  # warm: the shard's p95 is known (strikes for slowness count from here)
+                assert await replicas.ask("Search", _search(k), loop.time() + 5) is not None
+            for k in range(10):  # a client's deadline: the router's budget cut short
+                assert await replicas.ask("Search", _search(k), loop.time() + 0.005, own_deadline=False) is None
+            hurried = [(r.strikes, r.ejected) for r in replicas.replicas]
+            for k in range(10):  # the router's own deadline passing: the replicas are at fault
+                await replicas.ask("Search", _search(k), loop.time() + 0.005)
+            return hurried, [r.ejected for r in replicas.replicas]
+        finally:
+            await replicas.close()
+            for running, _ in servers:
+                await running.stop(0)
+
+    hurried, own = asyncio.run(scenario())
+    assert hurried == [(0, False), (0, False)]
+    assert any(own)

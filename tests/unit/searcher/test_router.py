@@ -65,3 +65,37 @@ def test_the_coarse_assignment_of_a_fan_out_runs_on_one_openmp_thread(tmp_path, 
     request = asyncio.run(fan_out())
     assert threads == [1]
     assert len(request.assign) > 0  # the assignment went out with the request
+
+
+def test_a_new_versions_files_are_read_once_however_many_requests_want_them_and_off_the_default_pool(tmp_path):
+    """Before: every request arriving before a version's projection was loaded read the manifest and projection
+    again, on the default thread pool that query images are embedded on."""
+    import asyncio
+    import threading
+
+    from services.common.config import Settings
+    from services.indexer.build import build_index
+    from services.searcher.remote import RemoteShards
+    from tests.helpers import random_unit_vectors, write_fake_embeddings
+
+    settings = Settings(home=tmp_path / "home")
+    write_fake_embeddings(tmp_path / "emb", random_unit_vectors(400, 8, seed=1))
+    manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), settings=settings, pca_dim=4)
+    shards = RemoteShards([], settings, None, str(tmp_path / "idx"))
+    reads, manifest_of = [], shards._manifest
+
+    def counted(version):
+        reads.append(threading.current_thread().name)
+        return manifest_of(version)
+
+    shards._manifest = counted
+
+    async def many():
+        try:
+            return await asyncio.gather(*(shards.space(manifest.version) for _ in range(20)))
+        finally:
+            await shards.close()
+
+    spaces = asyncio.run(many())
+    assert len(reads) == 1 and reads[0].startswith("version-files")
+    assert all(s[0].version == manifest.version and s[1] is not None for s in spaces)  # the projection came too
