@@ -65,6 +65,7 @@ from services.gateway.limits import (
     caller_id,
     check_collection,
     key_of,
+    nprobe_caps,
     parse_keys,
 )
 from services.index.filters import MAX_FILTER_CHARS, MAX_LIST, MAX_NODES
@@ -141,6 +142,7 @@ class Gateway:
     router_address: str
     catalogue: Catalogue  # the default collection's (the router's first)
     keys: dict[str, frozenset[str] | None]  # API key -> the collections it may use (None: all)
+    nprobe_caps: dict[str, int]  # API key -> the most nprobe it may ask, below IMSEARCH_MAX_NPROBE
     limit: RateLimit
     failures: RateLimit  # failed key attempts per address: guesses cannot run at line speed
     max_upload: int  # bytes: an upload travels on to the router in one gRPC message
@@ -165,6 +167,7 @@ class Gateway:
     @classmethod
     def from_settings(cls, router_address: str, index_url: str, settings: Settings) -> "Gateway":
         return cls(settings, router_address, Catalogue(index_url, settings), parse_keys(settings.gateway_api_keys),
+                   nprobe_caps(settings.gateway_api_keys),
                    RateLimit(settings.gateway_rate_per_s, settings.gateway_burst, settings.limits_redis_url()),
                    RateLimit(AUTH_FAILURES_PER_S, AUTH_FAILURE_BURST, settings.limits_redis_url()),
                    min(settings.max_image_bytes, settings.max_message_bytes - 64 * 1024))
@@ -238,10 +241,14 @@ class Gateway:
             return int(tail[1].split("?")[0])
         return self.catalogue_of(collection).id_of(uri)
 
+    def nprobe_cap(self, caller: str | None) -> int:
+        """The most nprobe this caller may ask: IMSEARCH_MAX_NPROBE, or its key's lower cap (`KEY:nprobe=N`)."""
+        return min(self.settings.max_nprobe, self.nprobe_caps.get(caller or "", self.settings.max_nprobe))
+
     async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0,
-                     where: str = "", collection: str = "") -> dict:
+                     where: str = "", collection: str = "", caller: str | None = None) -> dict:
         check_k(k, self.settings.max_k)
-        check_nprobe(nprobe, self.settings.max_nprobe)
+        check_nprobe(nprobe, self.nprobe_cap(caller))
         check_qe(qe)
         start = time.perf_counter()
         request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe, where)
@@ -380,26 +387,29 @@ async def search_endpoint(request: Request, collection: str = "", gw: Gateway = 
         k, nprobe, qe = (_int(name, form.get(name), default) for name, default in (("k", 10), ("nprobe", 0),
                                                                                      ("qe", 0)))
         where = filter_text(_text(form.get("filter")), _text(form.get("where")))
-        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe, where, collection)
+        return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe, where, collection,
+                               request.state.api_key)
     if kind.startswith("application/json"):
         try:
             body = SearchBody.model_validate_json(await request.body())
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
         query = await gw.query(body, collection)
-        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe, body.filter_text(), collection)
+        return await gw.search(query, body.k, body.nprobe, body.feedback, body.qe, body.filter_text(), collection,
+                               request.state.api_key)
     raise InvalidInput(f"content type {quote(kind) if kind else 'missing'}: send multipart/form-data "
                        "(field 'image') or JSON")
 
 
 @routes.post("/v1/search/batch", summary="Several JSON queries in one call")
 @routes.post("/v1/collections/{collection}/search/batch", summary="Several JSON queries in one named collection")
-async def batch_endpoint(body: BatchBody, collection: str = "", gw: Gateway = Depends(gateway)) -> dict:
+async def batch_endpoint(request: Request, body: BatchBody, collection: str = "",
+                         gw: Gateway = Depends(gateway)) -> dict:
     start = time.perf_counter()
     if not body.queries:
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
-    check_nprobe(body.nprobe, gw.settings.max_nprobe)
+    check_nprobe(body.nprobe, gw.nprobe_cap(request.state.api_key))
     check_qe(body.qe)
     queries = [await gw.query(q, collection) for q in body.queries]
     request = batch_request(queries, body.k, body.nprobe, qe=body.qe, where=body.filter_text())

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 
-from services.common.errors import Forbidden, RateLimited, Unauthenticated
+from services.common.errors import Forbidden, InvalidInput, RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)
 # Failed key attempts per client address, whatever the configured rate limit: 10 at once, then one a second.
@@ -16,15 +16,31 @@ AUTH_FAILURES_PER_S = 1.0
 AUTH_FAILURE_BURST = 10
 
 
+def _entries(secret):
+    """(key, its collections or None, its nprobe cap or None) of each entry of IMSEARCH_GATEWAY_API_KEYS."""
+    for entry in (secret.get_secret_value().split(",") if secret else []):
+        key, *options = entry.strip().split(":")
+        if not key.strip():
+            continue
+        caps = [o for o in options if o.strip().startswith("nprobe=")]
+        names = [o for o in options if o not in caps and o.strip()]
+        try:
+            cap = int(caps[-1].strip()[len("nprobe="):]) if caps else None
+        except ValueError:
+            raise InvalidInput(f"IMSEARCH_GATEWAY_API_KEYS: {caps[-1].strip()!r} is not nprobe=N") from None
+        yield key.strip(), frozenset(n.strip() for n in names[0].split("|") if n.strip()) if names else None, cap
+
+
 def parse_keys(secret) -> dict[str, frozenset[str] | None]:
     """IMSEARCH_GATEWAY_API_KEYS: comma-separated keys, each `KEY` (every collection) or `KEY:shoes|bags` (only
-    those collections) -> {key: its collections or None}."""
-    out: dict[str, frozenset[str] | None] = {}
-    for entry in (secret.get_secret_value().split(",") if secret else []):
-        key, _, names = entry.strip().partition(":")
-        if key.strip():
-            out[key.strip()] = frozenset(n.strip() for n in names.split("|") if n.strip()) if names else None
-    return out
+    those collections), either followed by `:nprobe=N` (nprobe_caps) -> {key: its collections or None}."""
+    return {key: names for key, names, _ in _entries(secret)}
+
+
+def nprobe_caps(secret) -> dict[str, int]:
+    """The keys given a lower nprobe cap than IMSEARCH_MAX_NPROBE (`KEY:nprobe=32`, `KEY:shoes:nprobe=32`): a cheap
+    key cannot ask every search to probe as many lists as the deployment allows its own."""
+    return {key: cap for key, _, cap in _entries(secret) if cap is not None}
 
 
 def check_collection(keys: dict[str, frozenset[str] | None], caller: str | None, collection: str | None) -> None:

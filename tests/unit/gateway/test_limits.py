@@ -1,7 +1,7 @@
 import pytest
 from pydantic import SecretStr
 
-from services.common.errors import Forbidden, RateLimited, Unauthenticated, http_status
+from services.common.errors import Forbidden, InvalidInput, RateLimited, Unauthenticated, http_status
 from services.gateway.limits import RateLimit, check_collection, key_of, parse_keys
 
 
@@ -45,3 +45,28 @@ def test_a_moving_window_per_caller_with_a_real_retry_after():
             await unlimited.take("x")
 
     asyncio.run(main())
+
+
+def test_a_key_may_carry_a_lower_nprobe_cap_beside_its_collections():
+    from services.gateway.limits import nprobe_caps
+
+    secret = SecretStr("admin, shop:shoes|bags:nprobe=16, cheap:nprobe=4")
+    assert parse_keys(secret) == {"admin": None, "shop": frozenset({"shoes", "bags"}), "cheap": None}
+    assert nprobe_caps(secret) == {"shop": 16, "cheap": 4}
+    with pytest.raises(InvalidInput, match="nprobe=many"):
+        nprobe_caps(SecretStr("k:nprobe=many"))
+
+
+def test_the_gateway_refuses_an_nprobe_past_the_callers_cap_before_calling_the_router():
+    """Before: nprobe was clamped only to the index's list count: any caller could make every search exhaustive."""
+    import asyncio
+
+    from services.common.config import Settings
+    from services.gateway.app import Feedback, Gateway
+
+    settings = Settings(gateway_api_keys=SecretStr("admin, cheap:nprobe=4"), max_nprobe=64)
+    gw = Gateway.from_settings("127.0.0.1:1", "/nonexistent", settings)  # no router: a refusal never calls it
+    for caller, nprobe in (("cheap", 5), ("admin", 65), (None, 65)):
+        with pytest.raises(InvalidInput, match="nprobe must be between 0"):
+            asyncio.run(gw.search(None, 10, nprobe, Feedback(), caller=caller))
+    assert (gw.nprobe_cap("cheap"), gw.nprobe_cap("admin"), gw.nprobe_cap(None)) == (4, 64, 64)
