@@ -112,8 +112,9 @@ class Catalogue:
         return docs
 
     def uri_of(self, id_: int, version: str | None = None) -> str:
-        """The uri of a catalogue id in a version served (the published one when None), while the published version
-        still holds the id: an image taken down is gone from every version's answers at once."""
+        """The uri of a catalogue id in a version served (the published one when None, or the one before it, whose
+        answers a router may still give through a rollout: an image taken down stays reachable by naming that
+        version until the next publish moves it out of reach)."""
         docs = self.docs_of(version)
         uri = docs.uri_of(id_)
         if uri is None and not version:  # an id of a newer version: look again (refresh is rate-limited)
@@ -121,8 +122,6 @@ class Catalogue:
             uri = self.docs_of(None).uri_of(id_)
         if uri is None:
             raise NotFound(f"unknown catalogue id {id_}" + (f" in version {version}" if version else ""))
-        if version and version != self.version and self.docs_of(None).uri_of(id_) is None:
-            raise NotFound(f"catalogue id {id_} was removed from the catalogue")
         return uri
 
     def known(self, uri: str) -> int | None:
@@ -139,7 +138,7 @@ class Catalogue:
         return found
 
     def thumbnail(self, id_: int, version: str | None = None) -> bytes:
-        uri = self.uri_of(id_, version)  # first: a version no longer served, or an id taken down, is not shown
+        uri = self.uri_of(id_, version)  # first: a version no longer served is not shown, even from the cache
         key = (version or self.version, id_)
         with self.lock:
             if key in self.thumbs:
