@@ -6,8 +6,11 @@ forward per engine, and Ray ÷ in-process when both engines run. A Ray run inclu
 (each run starts its own, as `imsearch embed` does); the Ray instance is started once by the warm-up, as the
 in-process engine's imports are.
 --photo-px: the long side of the generated JPEGs (320: catalogue thumbnails; 1400: ~1.4-megapixel photos).
+--runtime: what runs the model (IMSEARCH_RUNTIME: auto, onnxruntime, torch) in both the pipeline and its baseline;
+--compare-runtimes: first the model's forward on each runtime, the same decoded images, rounds alternating:
+img/s, the ratio to torch, and the largest difference of any descriptor component from torch's.
 Usage: python -m benchmarks.bench_embed [--images 256] [--batch 32] [--engines local[,ray]] [--rounds 3]
-       [--models lite0-gem,lite1-gem,lite2-gem] [--photo-px 640]
+       [--models lite0-gem,lite1-gem,lite2-gem] [--photo-px 640] [--runtime auto] [--compare-runtimes]
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from services.common.config import Settings
-from services.embedder.models import load_embedder
+from services.embedder.models import torch_embedder
 from services.embedder.pipeline import embed_catalogue
+from services.embedder.runtime import RuntimeEmbedder, embedder_for, exported
 from services.embedder.stages import decode_batch
 from services.eval.datasets import flatten, skimage_photos
 from services.eval.transforms import random_copy
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--engines", "--engine", default="local", help="comma-separated: local, ray")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--photo-px", type=int, default=640, help="long side of the generated JPEGs")
+    ap.add_argument("--runtime", default="auto", help="IMSEARCH_RUNTIME of the pipeline and its baseline")
+    ap.add_argument("--compare-runtimes", action="store_true", help="torch vs ONNX Runtime forward first")
     ap.add_argument("--models", default=Settings.model_fields["model"].default,
                     help="comma-separated; each is timed on the same images, and its speed given as a ratio to "
                          "the first")
@@ -67,6 +73,8 @@ def main() -> None:
         make_catalogue(tmp / "images", args.images, args.photo_px)
         first = None
         for model in args.models.split(","):
+            if args.compare_runtimes:
+                compare_runtimes(model, tmp, args)
             raw, pipes, size, device = run_model(model, tmp, args, engines)
             cores = os.cpu_count() or 1
             print(f"model {model}, {size}px, batch {args.batch}, device {device}, {args.images} JPEGs of "
@@ -85,10 +93,34 @@ def main() -> None:
                       f"{', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
 
 
+def compare_runtimes(model: str, tmp: Path, args) -> None:
+    """The model's forward on torch and on ONNX Runtime, the same decoded images, rounds alternating."""
+    settings = Settings(home=tmp / "home", batch_size=args.batch, model=model, device="cpu")
+    runners = {"torch": torch_embedder(model, device="cpu")}
+    spec = runners["torch"].spec
+    runners["onnxruntime"] = RuntimeEmbedder(spec, exported(spec, settings.model_cache()))
+    uris = np.array(sorted(str(p) for p in (tmp / "images").iterdir()), dtype=object)
+    pixels = decode_batch({"uri": uris}, spec.image_size, settings)["pixels"]
+    out = {name: r.embed(pixels[:args.batch]) for name, r in runners.items()}  # warm-up, and the outputs
+    speeds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            for i in range(0, len(pixels), args.batch):
+                runner.embed(pixels[i:i + args.batch])
+            speeds[name].append(len(pixels) / (time.perf_counter() - start))
+    diff = float(np.abs(out["onnxruntime"] - out["torch"]).max())
+    ratios = [o / t for o, t in zip(speeds["onnxruntime"], speeds["torch"])]
+    print(f"model {model} forward, {spec.image_size}px, batch {args.batch}, {len(pixels)} images, {args.rounds} "
+          f"alternating round(s): torch {np.median(speeds['torch']):.1f} img/s, onnxruntime fp32 "
+          f"{np.median(speeds['onnxruntime']):.1f} img/s = {np.median(ratios):.2f} x torch (rounds: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}); largest descriptor difference {diff:.1e}", flush=True)
+
+
 def run_model(model: str, tmp: Path, args, engines: list[str]) -> tuple[list[float], dict, int, str]:
-    embedder = load_embedder(model, device="auto")
+    settings = Settings(home=tmp / "home", batch_size=args.batch, model=model, runtime=args.runtime)
+    embedder = embedder_for(model, None, settings)
     size = embedder.spec.image_size
-    settings = Settings(home=tmp / "home", batch_size=args.batch, model=model)
     # The baseline: the same images, already decoded in memory (content changes the forward's
     # speed a little: random pixels run ~6% faster here than photos).
     uris = np.array(sorted(str(p) for p in (tmp / "images").iterdir()), dtype=object)
@@ -114,7 +146,7 @@ def run_model(model: str, tmp: Path, args, engines: list[str]) -> tuple[list[flo
             pipes[engine].append(summary.embedded / (time.perf_counter() - start))
             if summary.embedded != args.images:
                 raise SystemExit(f"catalogue not fully embedded: {summary.line()}")
-    return raws, pipes, size, str(embedder.device)
+    return raws, pipes, size, embedder.label()
 
 
 if __name__ == "__main__":

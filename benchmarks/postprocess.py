@@ -26,8 +26,8 @@ from services.common.config import Settings
 from services.common.images import decode_image
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
-from services.embedder.models import load_embedder
 from services.embedder.pipeline import embed_catalogue
+from services.embedder.runtime import load_embedder
 from services.eval.protocols import make_copy_queries
 from services.index import descriptors, projection
 

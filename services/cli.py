@@ -125,6 +125,34 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
         raise typer.Exit(1)
 
 
+model_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="The model as the inference runtime runs it.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("export")
+@cli_errors
+def model_export(
+    model: Optional[str] = typer.Option(None, help="registry name, timm:<arch>, or a checkpoint .pt (default: "
+                                                   "IMSEARCH_MODEL)"),
+    weights: Optional[str] = typer.Option(None, help="weights file for timm:<arch> models"),
+) -> None:
+    """Export the model for ONNX Runtime into IMSEARCH_HOME/models (checked against torch; needs torch once, the
+    machines that then embed with it do not)."""
+    import json as json_
+
+    from services.embedder.runtime import exported
+    from services.embedder.spec import resolve_spec
+
+    settings = _settings()
+    spec = resolve_spec(model or settings.model, weights or (str(settings.model_weights)
+                                                             if settings.model_weights else None))
+    path = exported(spec, settings.model_cache())
+    record = json_.loads(path.with_suffix(".json").read_text())
+    out.print(f"{spec.name} ({spec.fingerprint}) exported to {path}; largest difference from torch "
+              f"{record['max_abs_diff']:.1e}", highlight=False)
+
+
 index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Build an index and change it while it serves: versions under one root, CURRENT "
                              "flipped atomically.")

@@ -8,6 +8,22 @@ from services.common.config import Settings, get_settings
 from services.stack.part import free_port, wait_http
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_model_exports(tmp_path_factory):
+    """One folder of exported models for the whole run (every test's processes inherit it): a model is exported
+    for the inference runtime once, not once per test's IMSEARCH_HOME."""
+    import os
+
+    folder = tmp_path_factory.mktemp("model-exports")
+    before = os.environ.get("IMSEARCH_MODEL_CACHE_DIR")
+    os.environ["IMSEARCH_MODEL_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("IMSEARCH_MODEL_CACHE_DIR", None)
+    else:
+        os.environ["IMSEARCH_MODEL_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def isolated_settings(tmp_path, monkeypatch):
     """Each test gets its own IMSEARCH_HOME and a fresh settings cache."""

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     model: str = "lite1-gem"
     model_weights: Path | None = Field(None, description="weights file for non-default backbones")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    runtime: str = Field("auto", pattern="^(auto|onnxruntime|torch)$", description="what runs the model: auto "
+                         "(ONNX Runtime on the CPU when installed and the model exports, else torch; torch on a "
+                         "GPU), onnxruntime (refuse rather than fall back) or torch")
+    model_cache_dir: Path | None = Field(None, description="where models exported for the inference runtime are "
+                                                           "kept (default: IMSEARCH_HOME/models)")
     batch_size: int = Field(32, gt=0, le=4096)
     ray_address: str | None = None
     ray_min_images: int = Field(2000, ge=0, description="catalogues at least this big go through Ray")
@@ -163,6 +168,10 @@ class Settings(BaseSettings):
     def limits_redis_url(self) -> str | None:
         """Where the gateways count rate limits (IMSEARCH_GATEWAY_LIMITS_REDIS_URL, else the cache's Redis)."""
         return self.gateway_limits_redis_url or self.redis_url
+
+    def model_cache(self) -> Path:
+        """Where models exported for the inference runtime are kept (embedder/runtime.py)."""
+        return self.model_cache_dir or self.home / "models"
 
     def file_cache(self) -> Path:
         """Where local copies of an object store's shard files are kept (filecache.verified_file)."""

@@ -67,7 +67,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 def run_local(uris: list[str], model: str, weights: str | None, settings: Settings,
               before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
     size = resolve_spec(model, weights).image_size
-    stage = EmbedStage(model, weights, settings.device)
+    stage = EmbedStage(model, weights, settings)
     # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model); decoding runs
     # here, between forwards. Decoding in threads beside torch's own threads measured slower: every
     # intra-op barrier waits for the core a decode thread took.
@@ -141,7 +141,7 @@ def _ray_actors_cpu(uris: list[str], model: str, weights: str | None, settings: 
 
     actor = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_PipelineActor)
     n = model_actors(settings, gpus=False)
-    pool = ActorPool([actor.remote(model, weights, settings.device, 1, size, settings) for _ in range(n)])
+    pool = ActorPool([actor.remote(model, weights, 1, size, settings) for _ in range(n)])
     batches = [{"uri": np.array(c, dtype=object)} for c in _chunks(uris, settings.batch_size)]
     ahead = 2 * n
     for b in batches[:ahead]:
@@ -161,7 +161,7 @@ def _ray_data_gpu(uris: list[str], model: str, weights: str | None, settings: Se
     ds = ds.map_batches(decode_batch, batch_size=settings.batch_size, batch_format="numpy",
                         fn_kwargs={"size": size, "settings": settings, "defer_jpeg": True}, num_cpus=1)
     ds = ds.map_batches(EmbedStage, batch_size=settings.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"model": model, "weights": weights, "device": settings.device},
+                        fn_constructor_kwargs={"model": model, "weights": weights, "settings": settings},
                         compute=ray.data.ActorPoolStrategy(size=model_actors(settings, gpus=True)),
                         num_gpus=1, num_cpus=0)
     for batch in ds.iter_batches(batch_size=settings.batch_size, batch_format="numpy"):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
 def gem(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """(B, C, H, W) feature maps -> (B, C): (mean(x^p))^(1/p). p=1 is average, p->inf is max pooling."""
-    return F.avg_pool2d(x.clamp(min=eps).pow(p), (x.size(-2), x.size(-1))).pow(1.0 / p).flatten(1)
+    # A mean over the two spatial axes rather than avg_pool2d with a kernel read off x's size: the same value, and
+    # the graph exports (runtime.py) whatever the input size a multi-scale descriptor gives it.
+    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 def l2n(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -64,6 +64,16 @@ class Embedder(nn.Module):
         self.device = pick_device(device)
         self.to(self.device).eval()
 
+    runtime = "torch"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def label(self) -> str:
+        """The runtime, precision and device, as a run's first line says them."""
+        return f"torch fp32 on {'the GPU' if self.on_gpu else 'the CPU'}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
         if tuple(self.spec.scales) == (1.0,):
@@ -93,6 +103,13 @@ class Embedder(nn.Module):
 
 
 @lru_cache(maxsize=4)
-def load_embedder(name: str, weights: str | None = None, device: str = "auto") -> Embedder:
-    """Cached per process: model load costs seconds."""
+def torch_embedder(name: str, weights: str | None = None, device: str = "auto") -> Embedder:
+    """The model in PyTorch, cached per process (loading costs seconds). What embeds is runtime.load_embedder's
+    choice; this is torch's side of it (and what exports the graph)."""
     return Embedder(resolve_spec(name, weights), device)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads (None: torch's default, every core)."""
+    if threads:
+        torch.set_num_threads(threads)

@@ -20,14 +20,14 @@ from services.common.config import Settings, get_settings
 from services.common.convert import vectors_to_proto
 from services.common.errors import InvalidInput, TooLarge
 from services.common.images import decode_image
-from services.embedder.models import Embedder, load_embedder
+from services.embedder.runtime import embedder_for
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
-    def __init__(self, embedder: Embedder, batcher: DynamicBatcher, settings: Settings):
+    def __init__(self, embedder, batcher: DynamicBatcher, settings: Settings):
         self.embedder, self.batcher, self.settings = embedder, batcher, settings
 
     def _decode(self, images: list[bytes]) -> np.ndarray:
@@ -62,13 +62,12 @@ async def serve(port: int = 0, settings: Settings | None = None, model: str | No
     settings = settings or get_settings()
     name = model or settings.model
     weights = str(settings.model_weights) if settings.model_weights else None
-    embedder = await asyncio.get_running_loop().run_in_executor(
-        None, load_embedder, name, weights, settings.device)
+    embedder = await asyncio.get_running_loop().run_in_executor(None, embedder_for, name, weights, settings)
     batcher = DynamicBatcher(embedder.embed, settings.embed_batch, settings.embed_max_wait_ms / 1000,
                              settings.embed_queue, name="embed")
     batcher.start()
     service = EmbedderService(embedder, batcher, settings)
     running = await server.start([(pb_grpc.add_EmbedderServicer_to_server, service, SERVICE)], port, settings, host)
     metrics.serve_metrics(settings.metrics_port, host)
-    log.info("embedder %s (%s) serving on %s:%d", name, embedder.device, host, running.port)
+    log.info("embedder %s (%s) serving on %s:%d", name, embedder.label(), host, running.port)
     return running, batcher

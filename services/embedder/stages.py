@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.common.checksums import sha256_bytes
-from services.common.config import Settings
+from services.common.config import Settings, get_settings
 from services.common.errors import ImsearchError, Unavailable
 from services.common.images import decode_image, probe_image
 from services.common.store import read_uri
@@ -69,20 +69,17 @@ def decode_batch(batch: Batch, size: int, settings: Settings, defer_jpeg: bool =
 class EmbedStage:
     """Model stage (a Ray actor in the Ray path): embeds the rows that decoded."""
 
-    def __init__(self, model: str, weights: str | None = None, device: str = "auto", threads: int | None = None):
-        """threads: torch's intra-op threads (None: torch's default, every core). A Ray actor on CPU gets the
-        CPUs it reserved, set here rather than left to the OMP_NUM_THREADS Ray happens to export."""
-        import torch
+    def __init__(self, model: str, weights: str | None = None, settings: Settings | None = None,
+                 threads: int | None = None):
+        """threads: the model's intra-op threads (None: the runtime's default, every core). A Ray actor on CPU gets
+        the CPUs it reserved, set here rather than left to the OMP_NUM_THREADS Ray happens to export."""
+        from services.embedder.runtime import embedder_for  # the model's runtime: only where images get embedded
 
-        from services.embedder.models import load_embedder  # torch: only where images get embedded
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.embedder = load_embedder(model, weights, device)
+        self.embedder = embedder_for(model, weights, settings or get_settings(), threads)
 
     @property
     def on_gpu(self) -> bool:
-        return self.embedder.device.type == "cuda"
+        return self.embedder.on_gpu
 
     def __call__(self, batch: Batch) -> Batch:
         error = batch["error"].copy()
@@ -106,7 +103,7 @@ class EmbedStage:
 
         from services.embedder.gpu_decode import decode_on_device
 
-        size, device = batch["pixels"].shape[1], self.embedder.device
+        size, device = batch["pixels"].shape[1], self.embedder.device  # torch's model: on_gpu says it is
         pixels = torch.from_numpy(batch["pixels"]).to(device)
         try:  # one batched call (nvjpeg's fast path); it fails whole, so then row by row
             pixels[rows] = decode_on_device([jpeg[i] for i in rows], size, device)
@@ -123,9 +120,8 @@ class DecodeEmbedStage(EmbedStage):
     """Decode and model in one stage: a CPU actor of the Ray engine is a whole pipeline. (Separate decode
     tasks would wait for CPUs the actors hold: one actor per CPU is the fastest plan on CPUs.)"""
 
-    def __init__(self, model: str, weights: str | None, device: str, threads: int | None, size: int,
-                 settings: Settings):
-        super().__init__(model, weights, device, threads)
+    def __init__(self, model: str, weights: str | None, threads: int | None, size: int, settings: Settings):
+        super().__init__(model, weights, settings, threads)
         self.size, self.settings = size, settings
 
     def __call__(self, batch: Batch) -> Batch:

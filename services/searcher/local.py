@@ -146,7 +146,7 @@ class IndexSearcher:
 
     def embed_images(self, images: list[bytes], model: str | None = None) -> np.ndarray:
         """Embed query images with the index's own model (refusing any other model)."""
-        from services.embedder.models import load_embedder
+        from services.embedder.runtime import embedder_for  # the model's runtime: only where images get embedded
 
         spec = self.manifest.model
         if model is not None and model != spec["name"]:
@@ -155,7 +155,7 @@ class IndexSearcher:
         pixels = np.stack([decode_image(b, size, self.settings.max_image_bytes,
                                         self.settings.max_image_pixels).pixels for b in images])
         try:
-            embedder = load_embedder(spec["name"], spec.get("weights"), self.settings.device)
+            embedder = embedder_for(spec["name"], spec.get("weights"), self.settings)
         except (InvalidInput, NotFound) as e:
             raise Incompatible(f"index was built with model {spec['name']!r}, "
                                f"which cannot be loaded here: {e}") from None

@@ -16,8 +16,8 @@ def test_deferred_jpegs_embed_like_pillow_decoded_ones(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     batch = {"uri": np.array([str(tmp_path / n) for n in files], dtype=object)}
-    settings = Settings(home=tmp_path / "home")
-    stage = EmbedStage("lite0-gem", device="cpu")
+    settings = Settings(home=tmp_path / "home", device="cpu", runtime="torch")  # the GPU path runs torch's model
+    stage = EmbedStage("lite0-gem", settings=settings)
     plain = stage(decode_batch(batch, 224, settings))
     deferred_input = decode_batch(batch, 224, settings, defer_jpeg=True)
     assert [len(b) > 0 for b in deferred_input["jpeg"]] == [True, True, False, True]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from services.common.store import LocalStore
 from services.embedder.embeddings import read_embeddings
-from services.embedder.models import load_embedder, resolve_spec
+from services.embedder.models import resolve_spec, torch_embedder
 from services.embedder.pipeline import embed_catalogue
 from services.eval.datasets import skimage_photos
 from tests.helpers import encode, pattern
@@ -21,7 +21,7 @@ IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian 
 def test_lite_weights_load_in_order_and_classify_a_cat(name, size):
     """Our backbone + the package's own classifier must recognise scikit-image's cat (Chelsea), at the
     model's native input size."""
-    embedder = load_embedder(name, device="cpu")
+    embedder = torch_embedder(name, device="cpu")
     assert embedder.spec.image_size == size and embedder.spec.dim == 1280
     state = torch.load(embedder.spec.weights, map_location="cpu", weights_only=True)
     chelsea = next(i.path for i in skimage_photos() if i.label == "chelsea")
@@ -34,7 +34,7 @@ def test_lite_weights_load_in_order_and_classify_a_cat(name, size):
 
 
 def test_descriptors_are_unit_length_and_deterministic():
-    embedder = load_embedder("lite0-gem", device="cpu")
+    embedder = torch_embedder("lite0-gem", device="cpu")
     pixels = np.stack([np.asarray(pattern(224, 224, seed=s)) for s in range(3)])
     a, b = embedder.embed(pixels), embedder.embed(pixels)
     assert a.shape == (3, 1280) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-4)

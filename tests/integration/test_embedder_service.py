@@ -12,8 +12,8 @@ from PIL import Image
 from protos.imsearch.v1 import imsearch_pb2 as pb
 from protos.imsearch.v1 import imsearch_pb2_grpc as pb_grpc
 from services.common.config import Settings
-from services.embedder.models import load_embedder
 from services.embedder.pipeline import embed_catalogue
+from services.embedder.runtime import load_embedder
 from services.indexer.build import build_index
 from services.searcher.client import SearchClient
 from services.stack.part import Part

@@ -116,3 +116,26 @@ def test_a_manifest_beside_its_images_folder_names_them_relative_to_it(tmp_path)
     assert list_catalogue(str(tmp_path / "items.parquet"), images_root="s3://bucket/photos/").uris[:2] == \
         ["s3://bucket/photos/a.jpg", "s3://bucket/photos/sub/b.jpg"]
     assert list_catalogue(str(tmp_path / "items.parquet")).uris[0] == "a.jpg"  # without a root: as written
+
+
+def test_the_runs_first_line_says_which_runtime_runs_the_model_and_the_vectors_match_torchs(tmp_path):
+    from services.common.store import LocalStore
+    from services.embedder.embeddings import read_embeddings
+    from services.embedder.models import torch_embedder
+    from services.embedder.pipeline import embed_catalogue
+    from services.embedder.runtime import load_embedder
+
+    for i in range(3):
+        (tmp_path / "photos").mkdir(exist_ok=True)
+        (tmp_path / "photos" / f"{i}.jpg").write_bytes(encode(pattern(300, 200, seed=i), "JPEG"))
+    said = []
+    for runtime in ("auto", "torch"):
+        load_embedder.cache_clear()
+        settings = Settings(home=tmp_path / "home", runtime=runtime, device="cpu", model="lite0-gem")
+        embed_catalogue(str(tmp_path / "photos"), str(tmp_path / f"emb-{runtime}"), settings=settings,
+                        say=said.append)
+    assert "runtime onnxruntime (fp32 on the CPU" in said[0]
+    assert "runtime torch (as asked (IMSEARCH_RUNTIME=torch))" in said[1]
+    onnx, eager = (read_embeddings(LocalStore(tmp_path / f"emb-{r}")) for r in ("auto", "torch"))
+    assert np.abs(onnx.vectors - eager.vectors).max() <= 1e-5  # one vector space: runtimes may be mixed
+    assert torch_embedder("lite0-gem", device="cpu").spec.fingerprint == onnx.meta["model"]["fingerprint"]

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from services.common.errors import InvalidInput
-from services.embedder.models import load_embedder
+from services.embedder.runtime import load_embedder
 from services.embedder.spec import resolve_spec
 from services.embedder.train import LOSSES, TrainConfig, train
 from tests.helpers import pattern

@@ -1,0 +1,91 @@
+"""The model on the inference runtime: the same descriptors as torch on real photos, the export cached, verified
+and rebuilt when damaged, and torch (saying why) when the runtime or the export is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from services.common.errors import NotSupported
+from services.common.images import decode_image
+from services.embedder import runtime
+from services.embedder.models import Embedder, torch_embedder
+from services.embedder.runtime import RuntimeEmbedder, choose, exported, load_embedder, model_path, verified
+from services.embedder.spec import resolve_spec
+from services.eval.datasets import skimage_photos
+
+
+@pytest.fixture(autouse=True)
+def fresh_loads():
+    load_embedder.cache_clear()
+    yield
+    load_embedder.cache_clear()
+
+
+def photos(size: int) -> np.ndarray:
+    """scikit-image's photos (astronaut, coffee, chelsea, ...) decoded as the pipeline decodes them."""
+    return np.stack([decode_image(p.path.read_bytes(), size, 1 << 30, 1 << 30).pixels for p in skimage_photos()])
+
+
+def test_onnx_runtime_gives_torchs_descriptors_on_real_photos_within_1e5(tmp_path):
+    spec = resolve_spec("lite1-gem")  # the default model
+    onnx = RuntimeEmbedder(spec, exported(spec, tmp_path))
+    pixels = photos(spec.image_size)
+    assert len(pixels) >= 8
+    ours, theirs = onnx.embed(pixels), torch_embedder("lite1-gem", device="cpu").embed(pixels)
+    assert ours.shape == theirs.shape == (len(pixels), 1280) and ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() <= 1e-5
+    assert onnx.embed(pixels[:0]).shape == (0, 1280)
+
+
+def test_another_architecture_from_a_weights_file_exports_too(tmp_path):
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
+    spec = resolve_spec("timm:resnet18@size=128", tmp_path / "r18.pth")
+    pixels = photos(128)
+    ours = RuntimeEmbedder(spec, exported(spec, tmp_path / "models")).embed(pixels)
+    assert np.abs(ours - Embedder(spec, device="cpu").embed(pixels)).max() <= 1e-5
+
+
+def test_the_export_is_cached_verified_and_made_again_when_damaged(tmp_path, monkeypatch):
+    spec = resolve_spec("lite0-gem")
+    exports, export = [], runtime.export
+
+    def counted(spec, path):
+        exports.append(path)
+        return export(spec, path)
+
+    monkeypatch.setattr(runtime, "export", counted)
+    path = exported(spec, tmp_path)
+    assert path == model_path(spec, tmp_path) and verified(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted([
+        path.name, path.with_suffix(".json").name])  # written whole, nothing half-written left beside it
+    assert exported(spec, tmp_path) == path and len(exports) == 1  # cached
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
+    path.write_bytes(bytes(data))
+    assert not verified(path)
+    assert exported(spec, tmp_path) == path and len(exports) == 2 and verified(path)  # made again
+    path.with_suffix(".json").write_text("{")  # a damaged record is no proof either
+    assert exported(spec, tmp_path) == path and len(exports) == 3
+
+
+def test_without_the_runtime_torch_runs_the_model_and_the_choice_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "runtime_installed", lambda: False)
+    choice = choose("auto", "cpu")
+    assert choice.runtime == "torch" and "onnxruntime is not installed" in choice.why
+    model = load_embedder("lite0-gem", None, "cpu", "auto", str(tmp_path))
+    assert model.runtime == "torch" and not any(tmp_path.iterdir())
+    with pytest.raises(NotSupported, match="not installed"):
+        choose("onnxruntime", "cpu")
+    assert choose("torch", "cpu").runtime == "torch"
+
+
+def test_a_model_that_does_not_export_runs_on_torch_under_auto_and_is_refused_when_onnx_is_demanded(tmp_path):
+    """A multi-scale descriptor resizes with antialiasing, which the exporter lacks."""
+    model = load_embedder("lite0-gem@ms", None, "cpu", "auto", str(tmp_path))
+    assert model.runtime == "torch"
+    with pytest.raises(NotSupported, match="does not export to ONNX"):
+        load_embedder("lite0-gem@ms", None, "cpu", "onnxruntime", str(tmp_path / "other"))
+    assert choose("auto", "cpu").runtime == "onnxruntime"
