@@ -68,18 +68,27 @@ def run_local(uris: list[str], model: str, weights: str | None, settings: Settin
               before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
     size = resolve_spec(model, weights).image_size
     stage = EmbedStage(model, weights, settings)
-    # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model); decoding runs
-    # here, between forwards. Decoding in threads beside torch's own threads measured slower: every
-    # intra-op barrier waits for the core a decode thread took.
+    # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model). Under ONNX Runtime they decode
+    # them too, beside the model (both release the GIL): the pipeline kept up with the faster forward only so
+    # (README Performance, bench_embed's pipeline rows). Under torch decoding stays here, between forwards:
+    # decoding beside torch's own threads measured slower (every intra-op barrier waits for the core a decode
+    # thread took).
+    beside = stage.embedder.runtime == "onnxruntime"
+
+    def prepare(batch: Batch) -> Batch:
+        fetched = fetch_batch(batch, settings)
+        return decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu) if beside else fetched
+
     with ThreadPoolExecutor(max_workers=PREFETCH) as pool:  # one thread per batch in flight
         batches = [{"uri": np.array(c, dtype=object)} for c in _chunks(uris, settings.batch_size)]
-        futures = [pool.submit(fetch_batch, b, settings) for b in batches[:PREFETCH]]
+        futures = [pool.submit(prepare, b) for b in batches[:PREFETCH]]
         for i in range(len(batches)):
-            fetched = futures[i].result()
+            batch = futures[i].result()
             if i + PREFETCH < len(batches):
-                futures.append(pool.submit(fetch_batch, batches[i + PREFETCH], settings))
+                futures.append(pool.submit(prepare, batches[i + PREFETCH]))
             futures[i] = None  # free the bytes
-            batch = decode_batch(fetched, size, settings, defer_jpeg=stage.on_gpu)
+            if not beside:
+                batch = decode_batch(batch, size, settings, defer_jpeg=stage.on_gpu)
             if before_model:
                 before_model(batch)
             yield stage(batch)

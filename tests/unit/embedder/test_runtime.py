@@ -89,3 +89,25 @@ def test_a_model_that_does_not_export_runs_on_torch_under_auto_and_is_refused_wh
     with pytest.raises(NotSupported, match="does not export to ONNX"):
         load_embedder("lite0-gem@ms", None, "cpu", "onnxruntime", str(tmp_path / "other"))
     assert choose("auto", "cpu").runtime == "onnxruntime"
+
+
+def test_a_process_without_torch_embeds_with_the_exported_model(tmp_path):
+    """The inference install: onnxruntime, Pillow, numpy — the model exported beforehand (`imsearch model export`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = resolve_spec("lite0-gem")
+    exported(spec, tmp_path)
+    code = (
+        "import sys; sys.modules['torch'] = None  # as if torch were not installed: importing it fails\n"
+        "import numpy as np\n"
+        "from services.embedder.runtime import load_embedder\n"
+        f"model = load_embedder('lite0-gem', None, 'auto', 'auto', {str(tmp_path)!r})\n"
+        "vectors = model.embed(np.zeros((2, 224, 224, 3), np.uint8))\n"
+        "print(model.runtime, vectors.shape, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'timm', 'torchvision') and sys.modules[m] is not None))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "onnxruntime (2, 1280) []"
