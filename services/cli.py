@@ -441,7 +441,7 @@ def _serve(index_: str | None, settings, port: int = 50050, host: str = "127.0.0
     from services.common.store import open_store
     from services.index.versions import load_current
     from services.stack.part import binary, free_port
-    from services.stack.stack import Stack, StackSpec, wait_for_signal
+    from services.stack.stack import Stack, StackSpec, stop_signals, wait_for_signal
 
     collections = collections or {}
     index_ = index_ or next(iter(collections.values()))
@@ -453,7 +453,7 @@ def _serve(index_: str | None, settings, port: int = 50050, host: str = "127.0.0
     spec = StackSpec(index_, host=host, router_port=port, shard_port=shard_ports, gateway=http,
                      gateway_port=gateway_port, redis=cache, collections=collections, in_process=in_process)
     logs = settings.home / "serve"
-    with Stack(spec, logs, step=_step(False)).up() as stack:
+    with stop_signals(), Stack(spec, logs, step=_step(False)).up() as stack:
         where = (f"{len(stack.shards)} shard server(s) up: {', '.join(g[0].address for g in stack.shards)}"
                  if stack.shards else "the router searches every shard in its own process (--shard-servers: "
                                       "a process per shard)")

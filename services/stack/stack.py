@@ -12,6 +12,7 @@ ones already started and names itself with the end of its log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -262,19 +263,45 @@ def read_state(workdir: Path) -> list[Part]:
         raise NotFound(f"no cluster state in {workdir} (start one with imsearch cluster up)") from None
 
 
-def wait_for_signal(stack: Stack, step: Callable[[str], None] = lambda msg: None, poll: float = 1.0) -> None:
-    """Serve attached until SIGINT (Ctrl-C) or SIGTERM; say so once when a part exits on its own."""
-    import threading
+class Stopped(BaseException):
+    """SIGINT or SIGTERM to the command an attached stack belongs to: a BaseException, as KeyboardInterrupt is,
+    so that it unwinds whatever the command is doing — Stack.up stops the parts it had started."""
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+@contextlib.contextmanager
+def stop_signals():
+    """For an attached stack, from before its first part starts until its last has stopped: the first SIGINT or
+    SIGTERM raises Stopped wherever the command is (starting parts, or serving), later ones are ignored so that
+    the parts stop in order (a second Ctrl-C does not orphan them). A stop asked for is a clean exit: Stopped
+    ends here. Without this a SIGTERM before serving began killed the command and orphaned its parts."""
+    fired = False
+
+    def stop(*_):
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Stopped
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_for_signal(stack: Stack, step: Callable[[str], None] = lambda msg: None, poll: float = 1.0) -> None:
+    """Serve attached until SIGINT (Ctrl-C) or SIGTERM (under stop_signals); say so once when a part exits on its
+    own."""
     gone: set[str] = set()
     try:
-        while not stop.wait(poll):
+        while True:
+            time.sleep(poll)
             for p in stack.parts:
                 if p.name not in gone and not p.running():
                     gone.add(p.name)
                     step(f"{p.name} exited (code {p.proc.returncode if p.proc else '?'}); see {p.log}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    except Stopped:
+        return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import psutil
@@ -88,3 +89,27 @@ def test_serve_with_two_collections_answers_each_from_its_own_index(real_index):
     finally:
         serve.stop()
     assert "router serving collections shoes, bags" in (tmp / "serve.log").read_text()
+
+
+def test_a_sigterm_while_the_stack_comes_up_stops_every_part_started_and_exits_cleanly(real_index):
+    """The fault lands at a known point: the command has started the router and waits for it to be healthy
+    (its "waiting for router" line). Before, the signal killed the command there (-15) and orphaned the router."""
+    tmp = real_index
+    serve = Part.python("serve", "services.cli", ["serve", str(tmp / "idx"), "--http-port", str(free_port())],
+                        env={"IMSEARCH_HOME": str(tmp / "home")}, log=tmp / "serve.log")
+    try:
+        serve.spawn()
+        deadline = time.monotonic() + 60
+        while "waiting for router" not in (tmp / "serve.log").read_text():
+            assert time.monotonic() < deadline and serve.proc.poll() is None, (tmp / "serve.log").read_text()
+            time.sleep(0.02)
+        started = psutil.Process(serve.pid).children(recursive=True)
+        assert any("services.searcher router" in " ".join(p.cmdline()) for p in started)
+        assert "router serving" not in (tmp / "serve.log").read_text()  # the fault lands before serving began
+        serve.proc.terminate()
+        assert serve.proc.wait(30) == 0
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert alive == []
+    finally:
+        serve.stop()
+    assert "stopping router" in (tmp / "serve.log").read_text()
