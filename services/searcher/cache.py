@@ -177,9 +177,9 @@ class SingleFlight:
         except Exception:  # the shared execution failed: again, when this caller has more time than it had
             if not self._outlasts(deadline, flight):
                 raise
-            return await self._wait(self._again(key, fn, deadline, flight), deadline)
-        if complete(result) or not self._outlasts(deadline, flight):
-            return result
+        else:  # an incomplete answer: again likewise
+            if complete(result) or not self._outlasts(deadline, flight):
+                return result
         return await self._wait(self._again(key, fn, deadline, flight), deadline)
 
     def _again(self, key: str, fn: Callable[[float | None], Awaitable[T]], deadline: float | None,

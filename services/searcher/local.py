@@ -131,14 +131,19 @@ class IndexSearcher:
         """Model vectors projected as the index's were; index vectors (fetched by id) as they are."""
         return to_index_space(self.projection, vectors, self.manifest)
 
-    def fetch(self, ids: list[int]) -> np.ndarray:
-        """Stored vectors of catalogue ids from whichever shard holds them (NotFound for unknown ids)."""
+    def find(self, ids: list[int]) -> list[np.ndarray | None]:
+        """Stored vectors of ids from whichever of the shards holds each (None where none does)."""
         found: list[np.ndarray | None] = [None] * len(ids)
         for shard in self.shards:
             shard.enable_fetch()  # once: a CLI search by feedback; shard servers did it at load
             for i, v in enumerate(shard.fetch(ids)):
                 if v is not None:
                     found[i] = v
+        return found
+
+    def fetch(self, ids: list[int]) -> np.ndarray:
+        """Stored vectors of catalogue ids from whichever shard holds them (NotFound for unknown ids)."""
+        found = self.find(ids)
         unknown = [i for i, v in zip(ids, found) if v is None]
         if unknown:
             raise NotFound(f"unknown catalogue id(s): {', '.join(map(str, unknown[:5]))}")

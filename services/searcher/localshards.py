@@ -138,17 +138,7 @@ class LocalShards:
         return Answer(D, I, S, uris, searcher.version, 1.0, [])
 
     async def fetch(self, ids: list[int], timeout: float | None = None) -> tuple[list, list[int]]:
-        return self.fetch_from(self.pick(""), ids), []
-
-    @staticmethod
-    def fetch_from(searcher: IndexSearcher, ids: list[int]) -> list:
-        """Stored vectors of ids from whichever of the searcher's shards holds each (None: none does)."""
-        found: list = [None] * len(ids)
-        for shard in searcher.shards:
-            for i, v in enumerate(shard.fetch(ids)):
-                if v is not None:
-                    found[i] = v
-        return found
+        return self.pick("").find(ids), []
 
     async def infos(self, timeout: float = 2.0) -> list[pb.ShardInfo]:
         return self.infos_now()

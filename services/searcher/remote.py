@@ -47,9 +47,10 @@ def shard_budget(client_remaining: float | None, shard_timeout: float) -> float:
     return max(0.001, min(shard_timeout, client_remaining * 0.9 - 0.01))
 
 
-def majority_version(infos: list[pb.ShardInfo | None]) -> str:
-    """The version most of the shards that answered serve ("" when none answered)."""
-    versions = Counter(i.index_version for i in infos if i is not None)
+def majority_version(answers) -> str:
+    """The version most of the shards that answered serve, from their Infos or their replies (None: a shard that
+    did not answer; "" when none answered)."""
+    versions = Counter(a.index_version for a in answers if a is not None)
     return versions.most_common(1)[0][0] if versions else ""
 
 
@@ -112,7 +113,7 @@ class RemoteShards:
                 raise DeadlineExceeded("no shard answered within the deadline")
             raise Unavailable("no shard is reachable")
         # One version per answer: a shard that answered from another version counts as missing.
-        version = Counter(r.index_version for r in answered.values()).most_common(1)[0][0]
+        version = majority_version(answered.values())
         answered = {s: r for s, r in answered.items() if r.index_version == version}
         merged = merge_topk([(s, *unpack_results(r, len(queries))) for s, r in answered.items()], k)
         missing = sorted(set(range(len(self.replicas))) - set(answered))
@@ -160,7 +161,8 @@ class RemoteShards:
 
     def _load_coarse(self, version: str) -> None:
         try:
-            manifest = self._manifest(version)
+            space = self.spaces.get(version)  # a request projected for it read the manifest already
+            manifest = space[0] if space is not None else self._manifest(version)
             quantizer = load_quantizer(open_store(self.index_url, self.settings), manifest)
             if quantizer is None:
                 return

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from services.searcher.embedders import local_embedder, remote_embedder
 from services.searcher.expansion import check_same_space, expand, found_ids
 from services.searcher.feedback import check_counts, requery
 from services.searcher.localshards import LocalShards, load
-from services.searcher.remote import RemoteShards
+from services.searcher.remote import RemoteShards, majority_version
 from services.searcher.router import Router
 from services.searcher.shardset import Answer
 
@@ -169,7 +168,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         answered = [i for i in infos if i is not None]
         if not answered:
             raise Unavailable("no shard is reachable")
-        version = Counter(i.index_version for i in answered).most_common(1)[0][0]
+        version = majority_version(answered)
         reply = pb.IndexInfo(index_version=version, count=sum(i.count for i in answered), shards=answered,
                              model=pb.ModelInfo(dim=answered[0].dim, fingerprint=answered[0].model_fingerprint),
                              metric="inner_product", collections=self.collections.names, collection=name)

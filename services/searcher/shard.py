@@ -101,7 +101,7 @@ class ShardService(pb_grpc.ShardServicer):
         if len(request.ids) > self.settings.max_batch:
             raise TooLarge(f"{len(request.ids)} ids in one call; the limit is {self.settings.max_batch}")
         searcher = self.shards.searcher("")
-        found = self.shards.fetch_from(searcher, list(request.ids))
+        found = searcher.find(list(request.ids))
         return pb.FetchResponse(vectors=[pb.Vector(values=[] if v is None else v.tolist()) for v in found],
                                 found=[v is not None for v in found], index_version=searcher.version)
 
