@@ -27,7 +27,7 @@ import numpy as np
 from services.common.config import Settings
 from services.embedder.models import torch_embedder
 from services.embedder.pipeline import embed_catalogue
-from services.embedder.runtime import RuntimeEmbedder, embedder_for, exported
+from services.embedder.runtime import RUNNERS, embedder_for, exported, installed_runtimes
 from services.embedder.stages import decode_batch
 from services.eval.datasets import flatten, skimage_photos
 from services.eval.transforms import random_copy
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--photo-px", type=int, default=640, help="long side of the generated JPEGs")
     ap.add_argument("--runtime", default="auto", help="IMSEARCH_RUNTIME of the pipeline and its baseline")
-    ap.add_argument("--compare-runtimes", action="store_true", help="torch vs ONNX Runtime forward first")
+    ap.add_argument("--compare-runtimes", action="store_true", help="torch vs each inference runtime, forward first")
     ap.add_argument("--models", default=Settings.model_fields["model"].default,
                     help="comma-separated; each is timed on the same images, and its speed given as a ratio to "
                          "the first")
@@ -94,11 +94,13 @@ def main() -> None:
 
 
 def compare_runtimes(model: str, tmp: Path, args) -> None:
-    """The model's forward on torch and on ONNX Runtime, the same decoded images, rounds alternating."""
+    """The model's forward on torch and on each installed inference runtime, the same decoded images, rounds
+    alternating; each runtime as a ratio to torch measured in the same rounds."""
     settings = Settings(home=tmp / "home", batch_size=args.batch, model=model, device="cpu")
     runners = {"torch": torch_embedder(model, device="cpu")}
     spec = runners["torch"].spec
-    runners["onnxruntime"] = RuntimeEmbedder(spec, exported(spec, settings.model_cache()))
+    path = exported(spec, settings.model_cache())
+    runners.update({name: RUNNERS[name](spec, path) for name in installed_runtimes()})
     uris = np.array(sorted(str(p) for p in (tmp / "images").iterdir()), dtype=object)
     pixels = decode_batch({"uri": uris}, spec.image_size, settings)["pixels"]
     out = {name: r.embed(pixels[:args.batch]) for name, r in runners.items()}  # warm-up, and the outputs
@@ -109,12 +111,15 @@ def compare_runtimes(model: str, tmp: Path, args) -> None:
             for i in range(0, len(pixels), args.batch):
                 runner.embed(pixels[i:i + args.batch])
             speeds[name].append(len(pixels) / (time.perf_counter() - start))
-    diff = float(np.abs(out["onnxruntime"] - out["torch"]).max())
-    ratios = [o / t for o, t in zip(speeds["onnxruntime"], speeds["torch"])]
     print(f"model {model} forward, {spec.image_size}px, batch {args.batch}, {len(pixels)} images, {args.rounds} "
-          f"alternating round(s): torch {np.median(speeds['torch']):.1f} img/s, onnxruntime fp32 "
-          f"{np.median(speeds['onnxruntime']):.1f} img/s = {np.median(ratios):.2f} x torch (rounds: "
-          f"{', '.join(f'{x:.2f}' for x in ratios)}); largest descriptor difference {diff:.1e}", flush=True)
+          f"alternating round(s): torch {np.median(speeds['torch']):.1f} img/s", flush=True)
+    for name in runners:
+        if name == "torch":
+            continue
+        diff = float(np.abs(out[name] - out["torch"]).max())
+        ratios = [o / t for o, t in zip(speeds[name], speeds["torch"])]
+        print(f"  {name} fp32 {np.median(speeds[name]):.1f} img/s = {np.median(ratios):.2f} x torch (rounds: "
+              f"{', '.join(f'{x:.2f}' for x in ratios)}); largest descriptor difference {diff:.1e}", flush=True)
 
 
 def run_model(model: str, tmp: Path, args, engines: list[str]) -> tuple[list[float], dict, int, str]:

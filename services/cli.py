@@ -137,8 +137,8 @@ def model_export(
                                                    "IMSEARCH_MODEL)"),
     weights: Optional[str] = typer.Option(None, help="weights file for timm:<arch> models"),
 ) -> None:
-    """Export the model for ONNX Runtime into IMSEARCH_HOME/models (checked against torch; needs torch once, the
-    machines that then embed with it do not)."""
+    """Export the model for the inference runtimes (OpenVINO, ONNX Runtime) into IMSEARCH_HOME/models (checked
+    against torch; needs torch once, the machines that then embed with it do not)."""
     import json as json_
 
     from services.embedder.runtime import exported

@@ -52,9 +52,10 @@ class Settings(BaseSettings):
     model: str = "lite1-gem"
     model_weights: Path | None = Field(None, description="weights file for non-default backbones")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
-    runtime: str = Field("auto", pattern="^(auto|onnxruntime|torch)$", description="what runs the model: auto "
-                         "(ONNX Runtime on the CPU when installed and the model exports, else torch; torch on a "
-                         "GPU), onnxruntime (refuse rather than fall back) or torch")
+    runtime: str = Field("auto", pattern="^(auto|openvino|onnxruntime|torch)$", description="what runs the "
+                         "model: auto (on the CPU the faster of OpenVINO and ONNX Runtime as timed on the machine, "
+                         "when installed and the model exports, else torch; torch on a GPU), openvino or "
+                         "onnxruntime (refuse rather than fall back) or torch")
     model_cache_dir: Path | None = Field(None, description="where models exported for the inference runtime are "
                                                            "kept (default: IMSEARCH_HOME/models)")
     batch_size: int = Field(32, gt=0, le=4096)

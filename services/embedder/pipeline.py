@@ -23,6 +23,7 @@ from services.common.store import open_store, read_uri
 from services.embedder.embeddings import META_KEY, Finished, PartWriter, plan_chunks, resume_state
 from services.embedder.engines import Engine, choose_engine, run_local, run_ray
 from services.embedder.runtime import choose as choose_runtime
+from services.embedder.runtime import decide as decide_runtime
 from services.embedder.spec import resolve_spec
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,10 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
     writer = PartWriter(store, spec, settings.part_rows, plan=pending, done=done, part_seconds=settings.part_seconds)
     summary.resumed_embedded = writer.embedded
     run = run_ray if chosen.name == "ray" else run_local
-    runtime = choose_runtime(settings.runtime, settings.device)
+    runtime = (decide_runtime if todo else choose_runtime)(settings.runtime, settings.device, spec,
+                                                          settings.model_cache())
     first = (f"embedding {len(todo)} images with {spec.name} on the {chosen.name} engine ({chosen.why}) into {out}"
-             f"; runtime {runtime.runtime} ({runtime.why})"
+             f"; runtime {runtime}"
              + (f"; {summary.resumed} done by an earlier run" if summary.resumed else ""))
     log.info(first)
     if say:

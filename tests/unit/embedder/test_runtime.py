@@ -1,5 +1,6 @@
-"""The model on the inference runtime: the same descriptors as torch on real photos, the export cached, verified
-and rebuilt when damaged, and torch (saying why) when the runtime or the export is missing."""
+"""The model on the inference runtimes: the same descriptors as torch on real photos (OpenVINO and ONNX Runtime),
+the export cached, verified and rebuilt when damaged, the faster runtime timed once per machine and model, and
+torch (saying why) when the runtimes or the export are missing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from services.common.errors import NotSupported
 from services.common.images import decode_image
 from services.embedder import runtime
 from services.embedder.models import Embedder, torch_embedder
-from services.embedder.runtime import RuntimeEmbedder, choose, exported, load_embedder, model_path, verified
+from services.embedder.runtime import (
+    CPU_RUNTIMES,
+    MEASURE,
+    RUNNERS,
+    choose,
+    exported,
+    load_embedder,
+    model_path,
+    verified,
+)
 from services.embedder.spec import resolve_spec
 from services.eval.datasets import skimage_photos
 
@@ -29,23 +39,42 @@ def photos(size: int) -> np.ndarray:
     return np.stack([decode_image(p.path.read_bytes(), size, 1 << 30, 1 << 30).pixels for p in skimage_photos()])
 
 
-def test_onnx_runtime_gives_torchs_descriptors_on_real_photos_within_1e5(tmp_path):
+@pytest.mark.parametrize("name", CPU_RUNTIMES)
+def test_each_runtime_gives_torchs_descriptors_on_real_photos_within_1e5(tmp_path, name):
     spec = resolve_spec("lite1-gem")  # the default model
-    onnx = RuntimeEmbedder(spec, exported(spec, tmp_path))
+    model = RUNNERS[name](spec, exported(spec, tmp_path))
     pixels = photos(spec.image_size)
     assert len(pixels) >= 8
-    ours, theirs = onnx.embed(pixels), torch_embedder("lite1-gem", device="cpu").embed(pixels)
+    ours, theirs = model.embed(pixels), torch_embedder("lite1-gem", device="cpu").embed(pixels)
     assert ours.shape == theirs.shape == (len(pixels), 1280) and ours.dtype == np.float32
     assert np.abs(ours - theirs).max() <= 1e-5
-    assert onnx.embed(pixels[:0]).shape == (0, 1280)
+    assert np.array_equal(model.embed(pixels[:3]), ours[:3])  # a later call does not overwrite an earlier answer
+    assert model.embed(pixels[:0]).shape == (0, 1280)
+
+
+def test_concurrent_callers_each_get_their_own_descriptors(tmp_path):
+    """A router embeds query images on several threads at once; an OpenVINO infer request serves one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = resolve_spec("lite0-gem")
+    pixels = photos(spec.image_size)
+    for name in CPU_RUNTIMES:
+        model = RUNNERS[name](spec, exported(spec, tmp_path))
+        alone = [model.embed(pixels[i:i + 1]) for i in range(len(pixels))]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda i: model.embed(pixels[i:i + 1]), list(range(len(pixels))) * 3))
+        for i, v in enumerate(together):
+            assert np.abs(v - alone[i % len(pixels)]).max() <= 1e-6, name
 
 
 def test_another_architecture_from_a_weights_file_exports_too(tmp_path):
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pth")
     spec = resolve_spec("timm:resnet18@size=128", tmp_path / "r18.pth")
     pixels = photos(128)
-    ours = RuntimeEmbedder(spec, exported(spec, tmp_path / "models")).embed(pixels)
-    assert np.abs(ours - Embedder(spec, device="cpu").embed(pixels)).max() <= 1e-5
+    theirs = Embedder(spec, device="cpu").embed(pixels)
+    for name in CPU_RUNTIMES:
+        ours = RUNNERS[name](spec, exported(spec, tmp_path / "models")).embed(pixels)
+        assert np.abs(ours - theirs).max() <= 1e-5, name
 
 
 def test_the_export_is_cached_verified_and_made_again_when_damaged(tmp_path, monkeypatch):
@@ -71,24 +100,63 @@ def test_the_export_is_cached_verified_and_made_again_when_damaged(tmp_path, mon
     assert exported(spec, tmp_path) == path and len(exports) == 3
 
 
-def test_without_the_runtime_torch_runs_the_model_and_the_choice_says_why(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "runtime_installed", lambda: False)
+def test_without_the_runtimes_torch_runs_the_model_and_the_choice_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "installed_runtimes", lambda: ())
     choice = choose("auto", "cpu")
-    assert choice.runtime == "torch" and "onnxruntime is not installed" in choice.why
+    assert choice.runtime == "torch" and "neither openvino nor onnxruntime is installed" in choice.why
     model = load_embedder("lite0-gem", None, "cpu", "auto", str(tmp_path))
     assert model.runtime == "torch" and not any(tmp_path.iterdir())
-    with pytest.raises(NotSupported, match="not installed"):
-        choose("onnxruntime", "cpu")
+    for name in CPU_RUNTIMES:
+        with pytest.raises(NotSupported, match="not installed"):
+            choose(name, "cpu")
     assert choose("torch", "cpu").runtime == "torch"
+    monkeypatch.setattr(runtime, "installed_runtimes", lambda: ("onnxruntime",))
+    assert choose("auto", "cpu").runtime == "onnxruntime"
+    load_embedder.cache_clear()
+    assert load_embedder("lite0-gem", None, "cpu", "auto", str(tmp_path)).runtime == "onnxruntime"
+    with pytest.raises(NotSupported, match="openvino is not installed"):
+        choose("openvino", "cpu")
+
+
+def test_the_faster_runtime_is_timed_once_per_machine_and_model_and_then_named_before_loading(tmp_path,
+                                                                                             monkeypatch):
+    timings = []
+
+    def timed(spec, path, runtimes, threads=None):
+        timings.append(runtimes)
+        return {"openvino": 50.0, "onnxruntime": 80.0}  # this machine: ONNX Runtime the faster
+
+    monkeypatch.setattr(runtime, "measure", timed)
+    spec = resolve_spec("lite0-gem")
+    first = choose("auto", "cpu", spec, tmp_path)
+    assert first.runtime == MEASURE and "openvino or onnxruntime" in str(first)
+    assert load_embedder("lite0-gem", None, "cpu", "auto", str(tmp_path)).runtime == "onnxruntime"
+    assert timings == [("openvino", "onnxruntime")]
+    load_embedder.cache_clear()  # another process of the machine
+    assert load_embedder("lite0-gem", None, "cpu", "auto", str(tmp_path)).runtime == "onnxruntime"
+    assert len(timings) == 1  # read back, not timed again
+    said = choose("auto", "cpu", spec, tmp_path)
+    assert said.runtime == "onnxruntime" and "openvino 50, onnxruntime 80 img/s" in str(said)
+    assert choose("auto", "cpu", resolve_spec("lite1-gem"), tmp_path).runtime == MEASURE  # another model
+    assert load_embedder("lite0-gem", None, "cpu", "openvino", str(tmp_path)).runtime == "openvino"  # as asked
+    monkeypatch.setattr(runtime, "machine", lambda: "another CPU x64")
+    assert choose("auto", "cpu", spec, tmp_path).runtime == MEASURE  # another machine sharing the cache
+
+
+def test_the_real_timing_names_a_runtime_with_its_speed(tmp_path):
+    spec = resolve_spec("lite0-gem")
+    speeds = runtime.measure(spec, exported(spec, tmp_path), CPU_RUNTIMES, batch=2, rounds=1)
+    assert set(speeds) == set(CPU_RUNTIMES) and all(v > 0 for v in speeds.values())
 
 
 def test_a_model_that_does_not_export_runs_on_torch_under_auto_and_is_refused_when_onnx_is_demanded(tmp_path):
     """A multi-scale descriptor resizes with antialiasing, which the exporter lacks."""
     model = load_embedder("lite0-gem@ms", None, "cpu", "auto", str(tmp_path))
     assert model.runtime == "torch"
-    with pytest.raises(NotSupported, match="does not export to ONNX"):
-        load_embedder("lite0-gem@ms", None, "cpu", "onnxruntime", str(tmp_path / "other"))
-    assert choose("auto", "cpu").runtime == "onnxruntime"
+    for name in CPU_RUNTIMES:
+        with pytest.raises(NotSupported, match="does not export to ONNX"):
+            load_embedder("lite0-gem@ms", None, "cpu", name, str(tmp_path / "other"))
+    assert choose("auto", "cpu").runtime in (*CPU_RUNTIMES, MEASURE)
 
 
 def test_a_process_without_torch_embeds_with_the_exported_model(tmp_path):
@@ -110,4 +178,5 @@ def test_a_process_without_torch_embeds_with_the_exported_model(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "onnxruntime (2, 1280) []"
+    name, shape = run.stdout.split(" ", 1)
+    assert name in CPU_RUNTIMES and shape.strip() == "(2, 1280) []"
