@@ -235,8 +235,10 @@ class OpenVinoEmbedder(ExportedEmbedder):
 
         super().__init__(spec, path)
         # LATENCY: one request uses every thread (a throughput hint splits the CPU into streams that only
-        # concurrent requests fill); f32: the same descriptors as torch on CPUs that have bf16 too.
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # concurrent requests fill); f32: the same descriptors as torch on CPUs that have bf16 too; no pinning:
+        # OpenVINO would pin each process's threads from the first core on, so two single-threaded Ray actors
+        # shared one core (measured: 24 img/s each instead of 47).
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
@@ -278,8 +280,10 @@ def measured(spec: ModelSpec, cache: Path) -> dict[str, float] | None:
 
 
 def measure(spec: ModelSpec, path: Path, runtimes: tuple[str, ...], threads: int | None = None,
-            batch: int = 8, rounds: int = 3) -> dict[str, float]:
-    """img/s of each runtime on the exported graph: a warm-up batch, then `rounds` batches, runtimes in turn."""
+            batch: int = 32, rounds: int = 3) -> dict[str, float]:
+    """img/s of each runtime on the exported graph: a warm-up batch, then `rounds` batches, runtimes in turn.
+    Batches of 32, the default IMSEARCH_BATCH_SIZE: runtimes rank differently on small batches (measured here:
+    8 images put ONNX Runtime ahead, 32 OpenVINO; README Performance)."""
     pixels = np.random.default_rng(0).integers(0, 256, (batch, spec.image_size, spec.image_size, 3), np.uint8)
     runners = {r: RUNNERS[r](spec, path, threads) for r in runtimes}
     spent = dict.fromkeys(runtimes, 0.0)
@@ -333,11 +337,18 @@ def load_embedder(name: str, weights: str | None = None, device: str = "auto", r
     """The model `name` on the runtime IMSEARCH_RUNTIME chooses (cached per process: loading costs seconds). A
     model that does not export falls back to torch under `auto`, logging why."""
     spec = resolve_spec(name, weights)
-    choice = choose(runtime, device, spec, Path(cache))
+    model = _load(spec, name, weights, device, runtime, Path(cache), threads)
+    log.info("model %s loaded: %s", spec.name, model.label())
+    return model
+
+
+def _load(spec: ModelSpec, name: str, weights: str | None, device: str, runtime: str, cache: Path,
+          threads: int | None):
+    choice = choose(runtime, device, spec, cache)
     if choice.runtime != "torch":
         try:
-            path = exported(spec, Path(cache))
-            chosen = fastest(spec, path, Path(cache), threads) if choice.runtime == MEASURE else choice.runtime
+            path = exported(spec, cache)
+            chosen = fastest(spec, path, cache, threads) if choice.runtime == MEASURE else choice.runtime
             return RUNNERS[chosen](spec, path, threads)
         except NotSupported as e:
             if runtime != "auto":

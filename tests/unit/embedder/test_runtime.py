@@ -52,6 +52,14 @@ def test_each_runtime_gives_torchs_descriptors_on_real_photos_within_1e5(tmp_pat
     assert model.embed(pixels[:0]).shape == (0, 1280)
 
 
+def test_openvino_leaves_its_threads_unpinned_so_that_processes_sharing_a_machine_use_every_core(tmp_path):
+    """Pinned, two single-threaded Ray actors ran on the same first core, each at half speed."""
+    spec = resolve_spec("lite0-gem")
+    model = RUNNERS["openvino"](spec, exported(spec, tmp_path), threads=1)
+    assert model.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert model.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
 def test_concurrent_callers_each_get_their_own_descriptors(tmp_path):
     """A router embeds query images on several threads at once; an OpenVINO infer request serves one at a time."""
     from concurrent.futures import ThreadPoolExecutor
