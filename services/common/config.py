@@ -216,9 +216,12 @@ class Settings(BaseSettings):
         return self
 
 
+SECRETS_DIR = "IMSEARCH_SECRETS_DIR"  # not a setting itself: the folder the settings' secret files are read from
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Settings read and validated once per process (tests call get_settings.cache_clear()). Secrets may
     also come as files in IMSEARCH_SECRETS_DIR, one per setting (e.g. imsearch_auth_token), as mounted
     Kubernetes/Docker secrets are."""
-    return Settings(_secrets_dir=os.environ.get("IMSEARCH_SECRETS_DIR") or None)
+    return Settings(_secrets_dir=os.environ.get(SECRETS_DIR) or None)

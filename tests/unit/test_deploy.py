@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from scripts import gen_k8s_observability
 from services.cli import app
-from services.common.config import Settings
+from services.common.config import SECRETS_DIR, Settings
 from services.searcher.collections import CollectionSpec, parse_collections, shard_groups
 from tests.helpers import need
 
@@ -52,6 +52,8 @@ def parsed(container: dict):
 def check_env(name: str, value: str | None) -> None:
     """An IMSEARCH_* variable must be a setting, and a literal value must validate."""
     assert name.startswith("IMSEARCH_"), name
+    if name == SECRETS_DIR:
+        return
     field = name[len("IMSEARCH_"):].lower()
     assert field in Settings.model_fields, f"{name} is not a setting the code reads"
     if value is not None:
@@ -124,7 +126,59 @@ def test_compose_ports_probes_and_addresses_line_up(compose):
         {"s3://imsearch/idx"}
     env = {**compose["router"]["environment"]}
     assert env["IMSEARCH_REDIS_URL"].startswith("redis://redis:")
-    assert compose["minio"]["ports"][0].startswith(env["IMSEARCH_S3_ENDPOINT"].split(":")[1])
+    assert env["IMSEARCH_S3_ENDPOINT"] == "minio:9000"  # MinIO's API port, on the compose network
+
+
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.collections.yml"]
+
+
+def test_compose_publishes_only_the_gateway(compose):
+    """The router's published port let anyone on the host past the API keys, collection limits, rate and body
+    limits; Ray's dashboard (its Jobs API runs any code) and MinIO were published on every interface."""
+    for file in COMPOSE_FILES:
+        services = yaml.safe_load((DEPLOY / file).read_text())["services"]
+        published = {name for name, svc in services.items() if svc.get("ports")}
+        assert published <= {"gateway"}, (file, published)
+    assert compose["gateway"]["ports"] == ["8080:8080"]
+    head = compose["ray-head"]["entrypoint"]
+    assert head[head.index("--dashboard-host") + 1] == "127.0.0.1"
+
+
+def test_the_debug_file_publishes_on_the_loopback_only():
+    services = yaml.safe_load((DEPLOY / "docker-compose.debug.yml").read_text())["services"]
+    ports = [p for svc in services.values() for p in svc.get("ports", [])]
+    assert {"127.0.0.1:50050:50050", "127.0.0.1:8265:8265", "127.0.0.1:9000:9000"} <= set(ports)
+    assert all(p.startswith("127.0.0.1:") for p in ports), ports
+
+
+def test_compose_credentials_have_no_defaults_and_the_token_comes_from_a_secret_file(compose):
+    """`${VAR:-minioadmin}` and `${IMSEARCH_AUTH_TOKEN:-}` started a stack with well-known MinIO credentials and
+    an open router: now compose refuses to start without each, naming it."""
+    for file in COMPOSE_FILES:
+        text = (DEPLOY / file).read_text()
+        assert "minioadmin" not in text and "IMSEARCH_AUTH_TOKEN:" not in text, file
+        for credential in ("IMSEARCH_S3_ACCESS_KEY", "IMSEARCH_S3_SECRET_KEY", "IMSEARCH_CACHE_SECRET",
+                           "IMSEARCH_AUTH_TOKEN_FILE"):
+            uses = re.findall(r"\$\{" + credential + r"(:?[-?])", text)
+            assert set(uses) <= {":?"}, (file, credential, uses)
+    secrets = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["secrets"]
+    assert secrets["imsearch_auth_token"]["file"].startswith("${IMSEARCH_AUTH_TOKEN_FILE:?")
+    for name, (process, _) in compose_commands(compose).items():
+        assert "imsearch_auth_token" in compose[name]["secrets"], name
+        assert compose[name]["environment"]["IMSEARCH_SECRETS_DIR"] == "/run/secrets", name
+
+
+def test_the_secret_file_compose_mounts_is_the_token_the_services_read(tmp_path, monkeypatch):
+    from services.common.config import get_settings
+
+    (tmp_path / "imsearch_auth_token").write_text("s3cret-token-from-a-file\n")
+    monkeypatch.setenv("IMSEARCH_SECRETS_DIR", str(tmp_path))
+    monkeypatch.delenv("IMSEARCH_AUTH_TOKEN", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().token() == "s3cret-token-from-a-file"
+    finally:
+        get_settings.cache_clear()
 
 
 def test_compose_env_is_settings(compose):
