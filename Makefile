@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # on aarch64 use TORCH="torch==2.9.1 torchvision==0.24.1".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARCH := $(shell uname -m)
-LOCKED = requirements/dev.lock requirements/serve.lock requirements/embed.lock
+LOCKED = requirements/dev.lock requirements/serve.lock requirements/embed.lock requirements/infer.lock
 
 .PHONY: demo test install protos observability lock clean
 
@@ -38,11 +38,13 @@ protos: install
 observability: install
 	$(PY) scripts/gen_k8s_observability.py
 
-# dev: everything, for the tests and `make demo`; serve: the slim serving image; embed: the embedder image.
+# dev: everything, for the tests and `make demo`; serve: the slim serving image; embed: the embedder image;
+# infer: serve + the inference runtimes + the weights, no torch (embeds with a model exported beforehand).
 # Needs uv in the venv (the dev extra has it).
 lock:
 	printf 'torch==2.14.1\ntorchvision==0.29.1\n' > requirements/torch.txt
-	for set in "dev:--extra all --extra dev" "serve:--extra serve" "embed:--extra embed --extra ray"; do \
+	for set in "dev:--extra all --extra dev" "serve:--extra serve" "embed:--extra embed --extra ray" \
+	           "infer:--extra serve --extra infer --extra models"; do \
 	  $(VENV)/bin/uv pip compile pyproject.toml $${set#*:} -c requirements/torch.txt --python-version 3.11 \
 	    --python-platform x86_64-manylinux_2_28 --no-header -q -o requirements/$${set%%:*}.lock || exit 1; \
 	done

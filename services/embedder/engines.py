@@ -52,10 +52,13 @@ def choose_engine(n: int, settings: Settings, engine: str = "auto", gpus: int | 
 
 
 def local_gpus(settings: Settings) -> int:
+    """CUDA devices here; none where torch is not installed (the torch-free install embeds on the CPU)."""
     if settings.device == "cpu":
         return 0
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        return 0
     return torch.cuda.device_count()
 
 

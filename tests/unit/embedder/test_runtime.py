@@ -188,3 +188,29 @@ def test_a_process_without_torch_embeds_with_the_exported_model(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     name, shape = run.stdout.split(" ", 1)
     assert name in CPU_RUNTIMES and shape.strip() == "(2, 1280) []"
+
+
+def test_a_process_without_torch_embeds_a_catalogue_and_indexes_it(tmp_path):
+    """The torch-free install ingests too: `imsearch embed` (the engine chosen by itself, which asked torch how
+    many GPUs there are) and `imsearch index build`, with the model exported beforehand."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from services.common.config import Settings
+    from tests.helpers import write_photos
+
+    write_photos(tmp_path / "photos", 3)
+    exported(resolve_spec("lite0-gem"), Settings().model_cache())
+    env = {**os.environ, "IMSEARCH_MODEL": "lite0-gem", "IMSEARCH_HOME": str(tmp_path / "home")}
+    said = ""
+    for argv in (["embed", str(tmp_path / "photos"), "--out", str(tmp_path / "emb")],
+                 ["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]):
+        code = f"import sys; sys.modules['torch'] = None; sys.argv = {['imsearch', *argv]!r}\n" \
+               "from services.cli import main; main()"
+        run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-2000:]
+        said += run.stdout
+    assert "3 embedded" in said and "indexed 3 vectors" in said, said
