@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARCH := $(shell uname -m)
 LOCKED = requirements/dev.lock requirements/serve.lock requirements/embed.lock requirements/infer.lock
 
-.PHONY: demo test install protos observability lock clean
+.PHONY: demo test install protos observability lock clean images compose-test
 
 $(VENV)/.installed: pyproject.toml requirements/dev.lock
 	python3 -m venv $(VENV)
@@ -48,6 +48,17 @@ lock:
 	  $(VENV)/bin/uv pip compile pyproject.toml $${set#*:} -c requirements/torch.txt --python-version 3.11 \
 	    --python-platform x86_64-manylinux_2_28 --no-header -q -o requirements/$${set%%:*}.lock || exit 1; \
 	done
+
+# The compose stack in real containers on this machine's podman (root): images built first (what is missing;
+# wheelhouses kept while the locks are unchanged), then tests/compose against the running containers.
+images: install
+	command -v podman >/dev/null && command -v debootstrap >/dev/null && command -v runc >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null)
+	command -v $(VENV)/bin/podman-compose >/dev/null || $(PY) -m pip install -q podman-compose==1.6.0
+	PY=$(PY) deploy/podman/images.sh
+
+compose-test: images
+	IMSEARCH_COMPOSE_TEST=1 PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -ra -p no:cacheprovider tests/compose
 
 clean:
 	rm -rf .imsearch test-artifacts
