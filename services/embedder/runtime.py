@@ -71,7 +71,8 @@ def installed_runtimes() -> tuple[str, ...]:
 
 
 def cuda_wanted(device: str) -> bool:
-    """Whether the model runs on a GPU: the one device check (models.pick_device) when torch is here."""
+    """Whether the model runs on a GPU: as asked (IMSEARCH_DEVICE=cuda — a Ray driver on a CPU-only head asks for
+    its GPU workers), else the one device check (models.pick_device) when torch is here."""
     if device == "cpu":
         return False
     try:
@@ -80,7 +81,7 @@ def cuda_wanted(device: str) -> bool:
         if device == "cuda":
             raise InvalidInput("IMSEARCH_DEVICE=cuda needs torch (the embed extra)") from None
         return False
-    return pick_device(device).type == "cuda"
+    return device == "cuda" or pick_device(device).type == "cuda"
 
 
 def choose(runtime: str, device: str, spec: ModelSpec | None = None, cache: Path | None = None) -> Choice:

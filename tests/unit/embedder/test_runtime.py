@@ -214,3 +214,12 @@ def test_a_process_without_torch_embeds_a_catalogue_and_indexes_it(tmp_path):
         assert run.returncode == 0, (run.stdout + run.stderr)[-2000:]
         said += run.stdout
     assert "3 embedded" in said and "indexed 3 vectors" in said, said
+
+
+def test_a_driver_without_a_gpu_that_asks_for_cuda_names_torch_for_its_gpu_workers():
+    """A Ray driver on a CPU-only head (KubeRay) with IMSEARCH_DEVICE=cuda: its first line names torch on the GPU
+    instead of failing the run because the driver itself has no CUDA device."""
+    choice = choose("auto", "cuda")
+    assert choice.runtime == "torch" and "GPU" in choice.why
+    with pytest.raises(NotSupported, match="runs on the CPU here"):
+        choose("onnxruntime", "cuda")
