@@ -61,9 +61,9 @@ class Compose:
         assert not check or done.returncode == 0, (args, done.stderr[-2000:])
         return done
 
-    def serve(self) -> None:
+    def serve(self, *more: str) -> None:
         """The serving services up, once the index is in S3; until the gateway is ready."""
-        self("up", "-d", *SERVING)
+        self("up", "-d", *SERVING, *more)
         wait(lambda: httpx.get(f"{self.gateway}/readyz", timeout=5).status_code == 200, "the gateway ready", 300)
 
     def container(self, service: str) -> str:
@@ -109,9 +109,7 @@ def stack(tmp_path_factory):
         wait(lambda: images.list("") is not None, "the S3 container answering")
         c.photos = tuxpaint_stamps()[:PHOTOS]
         for i, item in enumerate(c.photos):
-            buf = io.BytesIO()
-            flatten(item.path).save(buf, "JPEG", quality=90)
-            images.put_bytes(f"{i:03d}.jpg", buf.getvalue())
+            images.put_bytes(f"{i:03d}.jpg", jpeg(item.path))
         c("run", "--rm", "--no-deps", "ingest", timeout=900, profile="jobs")
         c.gateway = "http://127.0.0.1:8080"
         c.serve()
@@ -127,16 +125,20 @@ def stack(tmp_path_factory):
         assert left.stdout.strip() == "" and volumes.stdout.strip() == "", (left.stdout, volumes.stdout)
 
 
+def jpeg(path: Path, side: int | None = None, quality: int = 90) -> bytes:
+    img = flatten(path)
+    buf = io.BytesIO()
+    (img.resize((side, side)) if side else img).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def search_image(c: Compose, data: bytes, **form) -> httpx.Response:
     return httpx.post(f"{c.gateway}/v1/search", files={"image": ("q.jpg", data)},
                       data={"k": "5", **{k: str(v) for k, v in form.items()}}, timeout=60)
 
 
 def test_the_gateway_answers_image_and_id_searches_over_the_ingested_photos(stack):
-    item = stack.photos[7]
-    buf = io.BytesIO()
-    flatten(item.path).resize((150, 150)).save(buf, "JPEG", quality=60)
-    answer = search_image(stack, buf.getvalue())
+    answer = search_image(stack, jpeg(stack.photos[7].path, 150, 60))
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["results"][0]["uri"] == "s3://imsearch/images/007.jpg" and body["coverage"] == 1.0, body
@@ -161,10 +163,7 @@ def test_a_killed_shard_costs_flagged_partial_answers_and_its_restart_full_cover
     def load():
         rng = random.Random(0)
         while not stop.is_set():  # every query new: a repeated one would be answered from the query cache
-            buf = io.BytesIO()
-            flatten(rng.choice(stack.photos).path).resize((rng.randint(96, 224),) * 2).save(
-                buf, "JPEG", quality=rng.randint(40, 95))
-            r = search_image(stack, buf.getvalue())
+            r = search_image(stack, jpeg(rng.choice(stack.photos).path, rng.randint(96, 224), rng.randint(40, 95)))
             answers.append((r.status_code, r.json().get("coverage") if r.status_code == 200 else None))
 
     worker = threading.Thread(target=load)
@@ -194,7 +193,27 @@ def test_down_then_up_serves_the_same_index_version_from_the_volumes(stack):
     index = stack.store("idx")
     wait(lambda: index.exists("CURRENT"), "the index back in S3")
     stack.serve()
-    buf = io.BytesIO()
-    flatten(stack.photos[11].path).resize((160, 160)).save(buf, "JPEG", quality=70)
-    body = search_image(stack, buf.getvalue()).json()
+    body = search_image(stack, jpeg(stack.photos[11].path, 160, 70)).json()
     assert body["index_version"] == stack.version and body["results"][0]["uri"] == "s3://imsearch/images/011.jpg"
+
+
+def test_the_collections_override_serves_a_second_collection_beside_the_first(stack):
+    """deploy/docker-compose.collections.yml added (its podman counterpart too): a `bags` collection with its own
+    shard server and ingest job, the router and gateway following the collections file. Runs last."""
+    stack("down", timeout=300)
+    stack.files[1:1] = ["deploy/docker-compose.collections.yml"]
+    stack.files.insert(3, "deploy/podman/compose.podman.collections.yml")
+    stack("up", "-d", "minio", "redis", "redis-limits")
+    wait(lambda: stack.store("idx").exists("CURRENT"), "the first collection back in S3")
+    bags = tuxpaint_stamps()[PHOTOS:PHOTOS + 12]
+    store = stack.store("images-bags")
+    for i, item in enumerate(bags):
+        store.put_bytes(f"{i:03d}.jpg", jpeg(item.path))
+    stack("run", "--rm", "--no-deps", "ingest-bags", timeout=900, profile="jobs")
+    stack.serve("shard-bags-0")
+    answer = httpx.post(f"{stack.gateway}/v1/collections/bags/search", files={"image": ("q.jpg", jpeg(
+        bags[5].path, 150, 60))}, data={"k": "3"}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["results"][0]["uri"] == "s3://imsearch/images-bags/005.jpg", \
+        answer.text
+    first = search_image(stack, jpeg(stack.photos[7].path, 150, 60)).json()  # the default collection, as before
+    assert first["results"][0]["uri"] == "s3://imsearch/images/007.jpg" and first["index_version"] == stack.version

@@ -206,7 +206,7 @@ def test_the_compose_collections_file_serves_two_collections(compose):
     assert str(router.collections) == target and router.shards is None
     assert services["gateway"]["environment"]["IMSEARCH_COLLECTIONS"] == target
     assert [c["target"] for c in services["gateway"]["configs"]] == [target]
-    specs = parse_collections(doc["configs"]["collections"]["content"])
+    specs = parse_collections((DEPLOY / doc["configs"]["collections"]["file"]).read_text())
     assert [s.name for s in specs] == ["products", "bags"]
     for spec in specs:
         for group in shard_groups(spec):
