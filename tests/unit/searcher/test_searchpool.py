@@ -240,21 +240,33 @@ def signal_handled_after(index: faiss.Index, queries: np.ndarray) -> tuple[float
 
 
 def test_once_a_search_pool_exists_faiss_stops_taking_the_gil_mid_search_to_check_for_signals():
-    """The check took the GIL in every search; pool workers waited on the event loop for it (searchpool.py)."""
+    """The check took the GIL in every search; pool workers waited on the event loop for it (searchpool.py).
+    In a process of its own: the test puts faiss's process-wide check back and takes it away again, which faiss
+    does without a lock — a search another test left running on a thread raced with that once (a segfault of
+    the whole run in CI), as no server ever does (its first pool takes the check away before any search)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "from tests.unit.searcher.test_searchpool import signal_checks_then_none; signal_checks_then_none()"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "checked", run.stdout
+
+
+def signal_checks_then_none() -> None:
     rng = np.random.default_rng(0)
     data, queries = rng.random((60_000, 32), np.float32), rng.random((2_000, 32), np.float32)
     index = faiss.index_factory(32, "IVF32,Flat")
     index.train(data[:5_000])
     index.add(data)
     index.nprobe = 32
-    threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # the check asks Python from the calling thread: this one, the main thread
     faiss.PythonInterruptCallback.reset()  # faiss as imported: checking
-    try:
-        handled, remaining = signal_handled_after(index, queries)
-        assert handled < remaining / 2  # the fault lands: faiss asked Python mid-search
-        SearchPool(threads=1).shutdown()
-        handled, remaining = signal_handled_after(index, queries)
-        assert handled >= remaining * 0.95  # not until the search returned
-    finally:
-        faiss.omp_set_num_threads(threads)
+    handled, remaining = signal_handled_after(index, queries)
+    assert handled < remaining / 2, (handled, remaining)  # the fault lands: faiss asked Python mid-search
+    SearchPool(threads=1).shutdown()
+    handled, remaining = signal_handled_after(index, queries)
+    assert handled >= remaining * 0.95, (handled, remaining)  # not until the search returned
+    print("checked")
