@@ -71,12 +71,12 @@ def run_local(uris: list[str], model: str, weights: str | None, settings: Settin
               before_model: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
     size = resolve_spec(model, weights).image_size
     stage = EmbedStage(model, weights, settings)
-    # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model). Under ONNX Runtime they decode
-    # them too, beside the model (both release the GIL): the pipeline kept up with the faster forward only so
-    # (README Performance, bench_embed's pipeline rows). Under torch decoding stays here, between forwards:
-    # decoding beside torch's own threads measured slower (every intra-op barrier waits for the core a decode
-    # thread took).
-    beside = stage.embedder.runtime == "onnxruntime"
+    # Threads fetch the next batches' bytes (I/O: S3 latency hides behind the model). Under an inference runtime
+    # they decode them too, beside the model (both release the GIL): the pipeline kept up with the faster forward
+    # only so (README Performance, bench_embed's pipeline rows). Under torch decoding stays here, between
+    # forwards: decoding beside torch's own threads measured slower (every intra-op barrier waits for the core a
+    # decode thread took).
+    beside = stage.embedder.runtime != "torch"
 
     def prepare(batch: Batch) -> Batch:
         fetched = fetch_batch(batch, settings)
