@@ -155,14 +155,13 @@ def export(spec: ModelSpec, path: Path) -> Path:
                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
     finally:
         tmp.unlink(missing_ok=True)
-    diff = 0.0
-    for name in installed_runtimes():  # each runtime that will run it computes the same descriptors
-        atomic_write(tmp, data)
-        try:
-            ours = RUNNERS[name](spec, tmp).embed(probe)
-        finally:
-            tmp.unlink(missing_ok=True)
-        diff = max(diff, float(np.abs(ours - embedder.embed(probe)).max()))
+    theirs, diff = embedder.embed(probe), 0.0
+    atomic_write(tmp, data)
+    try:
+        for name in installed_runtimes():  # each runtime that will run it computes the same descriptors
+            diff = max(diff, float(np.abs(RUNNERS[name](spec, tmp).embed(probe) - theirs).max()))
+    finally:
+        tmp.unlink(missing_ok=True)
     if not diff <= PARITY:
         raise NotSupported(f"{spec.name} exported to ONNX gives other descriptors than torch (max difference "
                            f"{diff:.2g})")
