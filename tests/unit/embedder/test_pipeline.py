@@ -143,3 +143,31 @@ def test_the_runs_first_line_says_which_runtime_runs_the_model_and_the_vectors_m
     onnx, eager = (read_embeddings(LocalStore(tmp_path / f"emb-{r}")) for r in ("auto", "torch"))
     assert np.abs(onnx.vectors - eager.vectors).max() <= 1e-5  # one vector space: runtimes may be mixed
     assert torch_embedder("lite0-gem", device="cpu").spec.fingerprint == onnx.meta["model"]["fingerprint"]
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime", "torch"])
+def test_in_process_embedding_decodes_beside_the_model_under_every_inference_runtime(tmp_path, monkeypatch, runtime):
+    """Under an inference runtime the prefetch threads decode (the pipeline keeps up only so); under torch decoding
+    stays between forwards. It had been decided by ONNX Runtime's name, so OpenVINO decoded between forwards."""
+    import threading
+
+    from services.embedder import engines
+    from services.embedder.runtime import load_embedder
+
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(encode(pattern(300, 200, seed=i), "JPEG"))
+    decoded_on, decode = [], engines.decode_batch
+
+    def recorded(*args, **kwargs):
+        decoded_on.append(threading.current_thread() is threading.main_thread())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "decode_batch", recorded)
+    load_embedder.cache_clear()
+    settings = Settings(home=tmp_path / "home", runtime=runtime, device="cpu", batch_size=2)
+    try:
+        batches = list(engines.run_local(sorted(str(p) for p in tmp_path.glob("*.jpg")), "lite0-gem", None, settings))
+    finally:
+        load_embedder.cache_clear()
+    assert sum(len(b["uri"]) for b in batches) == 3
+    assert decoded_on == [runtime == "torch"] * 2
