@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from services.common.config import Settings
+from services.common.transforms import random_copy
 from services.embedder.models import torch_embedder
 from services.embedder.pipeline import embed_catalogue
 from services.embedder.runtime import RUNNERS, embedder_for, exported, installed_runtimes
 from services.embedder.stages import decode_batch
 from services.eval.datasets import flatten, skimage_photos
-from services.eval.transforms import random_copy
 
 
 def make_catalogue(folder: Path, n: int, long_side: int = 640) -> None:

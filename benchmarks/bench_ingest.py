@@ -29,8 +29,8 @@ def make_catalogue(folder: Path, n: int) -> None:
     """n small JPEGs: variants of scikit-image's photos (kept small so 50k fit on disk quickly)."""
     import numpy as np
 
+    from services.common.transforms import random_copy
     from services.eval.datasets import flatten, skimage_photos
-    from services.eval.transforms import random_copy
 
     rng = np.random.default_rng(0)
     photos = [flatten(p.path).resize((160, 120)) for p in skimage_photos()]

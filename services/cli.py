@@ -118,7 +118,8 @@ def _embed(source: str, out_url: str, settings, as_json: bool = False, **options
                           "skipped": summary.skipped, "reasons": dict(summary.reasons), "engine": summary.engine,
                           "resumed": summary.resumed, "embedded_this_run": summary.embedded_now,
                           "duplicates": summary.duplicates, "redone": summary.redone,
-                          "seconds": round(summary.seconds, 2), "nodes": dict(summary.nodes)}))
+                          "seconds": round(summary.seconds, 2), "nodes": dict(summary.nodes),
+                          "gate_sample": summary.gate_sample}))
     else:
         out.print(summary.line(), highlight=False)
     if summary.embedded == 0:
@@ -319,8 +320,9 @@ def search(
     nprobe: Optional[int] = typer.Option(None, help="lists probed per shard (default: the index's tuned value)"),
     feedback: list[str] = typer.Option([], help="Rocchio re-query: +ID relevant, -ID not relevant "
                                                 "(e.g. --feedback +12 +40 -7)"),
-    qe: int = typer.Option(0, help="query expansion (αQE): search again with the query re-weighted by its top "
-                                   "QE hits (0: off)"),
+    qe: Optional[int] = typer.Option(None, help="query expansion (αQE): search again with the query re-weighted "
+                                             "by its top QE hits; 0 never; default: IMSEARCH_QE_NEIGHBOURS, only "
+                                             "when the best hit scores below the index's gate τ"),
     where: Optional[str] = typer.Option(None, help="only rows matching this filter, e.g. 'in_stock and category "
                                                    "in (\"shoes\", \"bags\") and price < 120' (or a JSON filter)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -330,18 +332,19 @@ def search(
 
 
 def _search(index_: str, query: str, settings, k: int = 10, nprobe: int | None = None, feedback: list[str] = (),
-            as_json: bool = False, qe: int = 0, where: str | None = None) -> None:
+            as_json: bool = False, qe: int | None = None, where: str | None = None) -> None:
     from services.searcher.feedback import parse_marks
     from services.searcher.local import search_uri
 
     relevant, not_relevant = parse_marks(feedback)
-    version, hits = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings, _step(as_json), qe,
-                               where)
+    version, hits, expanded = search_uri(index_, query, k, nprobe, relevant, not_relevant, settings,
+                                         _step(as_json), qe, where)
     if as_json:
-        print(json.dumps({"query": query, "index_version": version, "k": k, "where": where,
+        print(json.dumps({"query": query, "index_version": version, "k": k, "where": where, "expanded": expanded,
                           "results": [h.as_dict() for h in hits]}))
         return
-    title = f"top {len(hits)} for {query}" + (f" where {where}" if where else "")
+    title = (f"top {len(hits)} for {query}" + (f" where {where}" if where else "")
+             + (" (query expanded)" if expanded else ""))
     table = Table(title=f"{title}  (index {version})")
     for col in ("rank", "score", "id", "shard", "uri"):
         table.add_column(col)
@@ -492,7 +495,8 @@ def eval_(
     seed: int = typer.Option(0, help="seed of the copy transforms"),
     predictions: int = typer.Option(1, help="copydetect: results per query pooled into uAP (1..10)"),
     score_norm: str = typer.Option("none", help="copydetect: none | margin (minus the query's 10th score)"),
-    qe: int = typer.Option(0, help="query-side αQE with N neighbours (0: off)"),
+    qe: Optional[int] = typer.Option(None, help="query-side αQE with N neighbours for every query; 0: off; "
+                                             "default: gated, as a search is (IMSEARCH_QE_NEIGHBOURS below τ)"),
     dba: Optional[int] = typer.Option(None, help="database-side augmentation (N neighbours) of the index built "
                                                  "from --data, 0: off [default: IMSEARCH_DBA]"),
     plots: bool = typer.Option(False, "--plots", help="classes: also draw t-SNE and UMAP maps of the vectors "

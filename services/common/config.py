@@ -95,6 +95,16 @@ class Settings(BaseSettings):
     max_nprobe: int = Field(1024, gt=0, description="the most inverted lists a request may ask each shard to probe "
                                                     "(nprobe; 0 asks for the index's tuned value): any caller could "
                                                     "otherwise make every search an exhaustive scan")
+    # Gated αQE (README Quality, "Query expansion, gated"): a query whose best hit scores below the index's τ is
+    # searched again re-weighted by its top neighbours; a copy's best hit is itself, so it stays above τ and plain.
+    qe_neighbours: int = Field(10, ge=0, le=50, description="αQE neighbours of a search that does not say `qe` "
+                               "(0: no expansion unless a request asks for it)")
+    qe_gate: float | None = Field(None, ge=-1, le=2, description="expand a query only when its best hit scores "
+                                  "below this (cosine); unset: the τ each index version learned at build from "
+                                  "synthetic copies of its catalogue; -1 never, 2 always")
+    qe_gate_sample: int = Field(256, ge=0, le=10_000, description="embed: catalogue images copied (crop, JPEG, "
+                                "rotation, colour, blur, ...) and embedded to learn the expansion gate τ from "
+                                "(0: none; the index then expands only when IMSEARCH_QE_GATE says)")
     # Rocchio relevance feedback weights: query, mean of relevant hits, mean of not relevant hits
     feedback_alpha: float = Field(1.0, ge=0)
     feedback_beta: float = Field(0.75, ge=0)

@@ -20,10 +20,12 @@ from services.common.config import Settings, get_settings
 from services.common.errors import Incompatible, InvalidInput, NotFound
 from services.common.folders import IMAGE_EXTENSIONS, is_image_name
 from services.common.store import open_store, read_uri
+from services.embedder import gatesample
 from services.embedder.embeddings import META_KEY, Finished, PartWriter, plan_chunks, resume_state
 from services.embedder.engines import Engine, choose_engine, run_local, run_ray
 from services.embedder.runtime import choose as choose_runtime
 from services.embedder.runtime import decide as decide_runtime
+from services.embedder.runtime import embedder_for
 from services.embedder.spec import resolve_spec
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,7 @@ class EmbedSummary:
     duplicates: int = 0
     redone: list[str] = field(default_factory=list)  # chunks of an earlier run that failed verification
     nodes: Counter = field(default_factory=Counter)  # Ray node id -> images it embedded in this run
+    gate_sample: int = 0  # catalogue images the expansion gate sample holds (gatesample.py; 0: none)
     seconds: float = 0.0  # from the first embedded batch to the last (after the engine's start-up), this run
 
     def per_node(self) -> str:
@@ -214,10 +217,29 @@ def embed_catalogue(source: str | Iterable[str], out: str, model: str | None = N
             if progress:
                 progress(writer.rows, summary.total, writer.errors)
         summary.seconds = time.monotonic() - start if start else 0.0
+    summary.gate_sample = ensure_gate_sample(store, catalogue.uris, spec, model, weights, settings)
     stats = writer.close(source if isinstance(source, str) else "<list>")
     summary.embedded, summary.reasons = stats["embedded"], Counter(stats["reasons"])
     summary.duplicates = stats["duplicates"]
     return summary
+
+
+def ensure_gate_sample(store, uris: list[str], spec, model: str, weights: str | None, settings: Settings) -> int:
+    """The sample an index build learns its query-expansion gate from (gatesample.py), made before the run is
+    marked finished, unless an earlier run of the same model made it; returns its size (0: none made)."""
+    n = settings.qe_gate_sample
+    rec = gatesample.record(store)
+    if rec is not None and rec.get("model") == spec.fingerprint:
+        return int(rec["count"])
+    if n == 0 or not uris:
+        return 0
+    chosen = gatesample.choose(uris, n)
+    log.info("query-expansion gate sample: %d catalogue images and a synthetic copy of each", len(chosen))
+    embedder = embedder_for(model, weights, settings)  # the in-process engine's, cached: no second load
+    originals, copies = gatesample.make(chosen, embedder.embed, spec.image_size, settings)
+    if len(copies):
+        gatesample.write(store, originals, copies, spec.fingerprint)
+    return len(copies)
 
 
 def _check_same_model(store, spec, done: dict[int, Finished]) -> None:

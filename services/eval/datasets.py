@@ -11,7 +11,7 @@ from PIL import Image
 from services.common.errors import NotFound
 from services.common.folders import LabelledImage
 from services.common.images import BACKGROUND
-from services.eval.transforms import crop, flip, grayscale, random_copy
+from services.common.transforms import crop, flip, grayscale, random_copy
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 # Synthetic patterns, and the right half of a stereo pair (a near-copy of motorcycle_left).

@@ -19,10 +19,10 @@ from services.common.config import get_settings
 from services.common.errors import ImsearchError, InvalidInput
 from services.common.folders import LabelledImage
 from services.common.images import decode_image
+from services.common.transforms import ALL_EDITS, random_copy
 from services.eval import metrics as m
 from services.eval.datasets import flatten
-from services.eval.transforms import ALL_EDITS, random_copy
-from services.searcher.expansion import expand, found_ids
+from services.searcher.expansion import QePlan, expand, found_ids, gate, plan, to_expand
 from services.searcher.local import IndexSearcher
 
 Progress = Callable[[int], None]
@@ -142,14 +142,40 @@ def rank_index(searcher: IndexSearcher, vectors: np.ndarray, depth: int, exclude
     return out
 
 
-def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, n: int, exclude: np.ndarray | None = None,
-                   docs: Docs | None = None) -> np.ndarray:
-    """αQE: each query re-weighted with its top n results' stored vectors (the query itself excluded)."""
-    first = rank_index(searcher, vectors, n, exclude, docs)
-    if any(len(ids) < n for ids in first.ids):
-        raise InvalidInput(f"query expansion with {n} neighbours needs an index of more than {n} vectors")
-    ids = np.stack(first.ids)
-    return expand(vectors, ids, np.stack(first.scores), searcher.fetch(found_ids(ids)))
+def expansion_plan(searcher: IndexSearcher, qe: int | None) -> QePlan | None:
+    """What `--qe` asks, as a search would read it (None: the gated default with the index's τ)."""
+    return plan(qe, gate(searcher.manifest, searcher.settings)[0], searcher.settings)
+
+
+def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, qe: QePlan, exclude: np.ndarray | None = None,
+                   docs: Docs | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """αQE as a search runs it: the queries whose best hit (the query itself excluded) scores below τ re-weighted
+    with their top hits' stored vectors; (queries, expanded per query)."""
+    first = rank_index(searcher, vectors, qe.neighbours, exclude, docs)
+    if any(len(ids) < qe.neighbours for ids in first.ids):
+        raise InvalidInput(f"query expansion with {qe.neighbours} neighbours needs an index of more than "
+                           f"{qe.neighbours} vectors")
+    ids, scores = np.stack(first.ids), np.stack(first.scores)
+    expanded = to_expand(ids, scores, qe.tau)
+    rows = np.flatnonzero(expanded)
+    out = vectors.copy()
+    if len(rows):
+        out[rows] = expand(vectors[rows], ids[rows], scores[rows], searcher.fetch(found_ids(ids[rows])))
+    return out, expanded
+
+
+def rescore_expanded(searcher: IndexSearcher, ranked: Ranked, vectors: np.ndarray, expanded: np.ndarray) -> None:
+    """An expanded query's results scored by the query itself, as a search answers them (expansion.rescore)."""
+    for q in np.flatnonzero(expanded):
+        if len(ranked.ids[q]):
+            ranked.scores[q] = (searcher.fetch(ranked.ids[q].tolist()) @ vectors[q]).astype(np.float32)
+
+
+def expansion_figures(qe: QePlan | None, expanded: np.ndarray) -> dict:
+    if qe is None:
+        return {"qe": 0, "qe_gate": None, "expanded_share": 0.0}
+    return {"qe": qe.neighbours, "qe_gate": qe.tau if np.isfinite(qe.tau) else None,
+            "expanded_share": float(np.mean(expanded)) if len(expanded) else 0.0}
 
 
 def exact_relevance(vectors: np.ndarray, labels: list[str], batch: int = 512) -> list[np.ndarray]:
@@ -203,12 +229,13 @@ def relevance(ranked: Ranked, labels: list[str], label_of: dict[str, str], batch
 
 def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int | None = None,
                  progress: Progress | None = None, exact: bool = True,
-                 vectors: np.ndarray | None = None, qe: int = 0,
+                 vectors: np.ndarray | None = None, qe: int | None = None,
                  step: Callable[[str], None] = lambda msg: None) -> ClassesResult:
     """Every labelled image queries the index; relevant = same label, the query itself excluded.
 
     vectors: the images' embeddings when already at hand (else they are embedded here).
-    qe: αQE with that many neighbours (0: off); the exact baseline then stays plain."""
+    qe: αQE with that many neighbours for every query (0: off; None: gated, as a search is); the exact
+    baseline stays plain."""
     uris = [norm_uri(str(it.path)) for it in items]
     labels = [it.label for it in items]
     label_of = dict(zip(uris, labels))
@@ -218,16 +245,19 @@ def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int
         vectors = embed_files(searcher, [it.path.read_bytes() for it in items], progress)
     vectors = searcher.to_index_space(vectors)  # as the index holds them: QE and the exact baseline need that
     depth = min(depth or searcher.manifest.count, searcher.manifest.count)
-    if qe:
-        step(f"query expansion (αQE) with {qe} neighbours per query")
     docs = Docs.of_index(searcher)
     own = docs.ids_of(uris)
-    queries = expand_queries(searcher, vectors, qe, own, docs) if qe else vectors
+    qe_plan = expansion_plan(searcher, qe)
+    queries, expanded = expand_queries(searcher, vectors, qe_plan, own, docs) if qe_plan else (vectors, [])
+    if qe_plan:
+        step(f"query expansion (αQE) with {qe_plan.neighbours} neighbours: {int(np.sum(expanded))} of "
+             f"{len(vectors)} queries expanded")
     step(f"ranking the index for {len(items)} queries (depth {depth})")
-    ranked = rank_index(searcher, queries, depth, own, docs)
+    ranked = rank_index(searcher, queries, depth, own, docs)  # (mAP reads the order alone: no rescore)
     rels = relevance(ranked, labels, label_of)
     ap = per_query_ap(rels, n_rel)
-    metrics = summarise(rels, n_rel, ap) | {"depth": depth, "index_vectors": searcher.manifest.count}
+    metrics = (summarise(rels, n_rel, ap) | {"depth": depth, "index_vectors": searcher.manifest.count}
+               | expansion_figures(qe_plan, np.asarray(expanded, bool)))
     exact_metrics = None
     if exact and len(items) <= EXACT_MAX:
         step("ranking the same embeddings by exact search, for comparison")
@@ -298,7 +328,7 @@ SCORE_NORMS = ("none", "margin")
 
 
 def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 10, predictions: int = 1,
-                    score_norm: str = "none", progress: Progress | None = None, qe: int = 0,
+                    score_norm: str = "none", progress: Progress | None = None, qe: int | None = None,
                     step: Callable[[str], None] = lambda msg: None) -> CopyResult:
     """μAP over the first `predictions` results of every query pooled by score, recall@1 and @k.
 
@@ -310,10 +340,11 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
     if score_norm not in SCORE_NORMS or not 1 <= predictions <= k:
         raise InvalidInput(f"score normalisation must be one of {SCORE_NORMS} and predictions within 1..{k}")
     vectors = searcher.to_index_space(embed_files(searcher, [q.image for q in queries], progress))
-    if qe:
-        vectors = expand_queries(searcher, vectors, qe)
-    step(f"ranking the index for {len(queries)} copy queries")
-    ranked = rank_index(searcher, vectors, k)
+    qe_plan = expansion_plan(searcher, qe)
+    searched, expanded = expand_queries(searcher, vectors, qe_plan) if qe_plan else (vectors, np.zeros(0, bool))
+    step(f"ranking the index for {len(queries)} copy queries ({int(np.sum(expanded))} expanded)")
+    ranked = rank_index(searcher, searched, k)
+    rescore_expanded(searcher, ranked, vectors, expanded)
     norm = (lambda sc: sc - sc[-1]) if score_norm == "margin" else (lambda sc: sc)
     scores = np.concatenate([norm(sc)[:predictions] for sc in ranked.scores])
     correct = np.concatenate([(r == q.source)[:predictions] for r, q in zip(ranked.uris, queries)])
@@ -327,7 +358,9 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
                "uAP": m.micro_ap(scores, correct, len(copies)), "predictions_per_query": predictions,
                "score_norm": score_norm, "recall@1": float(np.mean(top1)),
                f"recall@{k}": float(np.mean([q.source in r for q, r in copies])),
-               "index_vectors": searcher.manifest.count}
+               "index_vectors": searcher.manifest.count} | expansion_figures(qe_plan, expanded)
+    if len(expanded):
+        metrics["copies_expanded_share"] = float(np.mean([e for e, q in zip(expanded, queries) if q.source]))
     return CopyResult(metrics, queries, ranked, {e: float(np.mean(v)) for e, v in sorted(by_edit.items())})
 
 

@@ -42,7 +42,7 @@ class EvalOptions:
     model: str | None = None
     predictions: int = 1
     score_norm: str = "none"
-    qe: int = 0  # αQE neighbours (0: off)
+    qe: int | None = None  # αQE neighbours for every query (0: off; None: gated, as searches are)
     dba: int | None = None  # DBA neighbours of the index built from --data (None: the build's default)
     plots: bool = False  # t-SNE and UMAP maps of the vectors (minutes on thousands of images)
 

@@ -114,7 +114,7 @@ class Filtered(BaseModel):
 class SearchBody(Query, Filtered):
     k: UInt32 = 10
     nprobe: UInt32 = 0
-    qe: UInt32 = 0  # αQE neighbours (0: off)
+    qe: UInt32 | None = None  # αQE neighbours (unset: gated, the index's default; 0: off; N: always)
     feedback: Feedback = Field(default_factory=Feedback)
 
 
@@ -122,7 +122,7 @@ class BatchBody(Filtered):
     queries: list[Query]
     k: UInt32 = 10
     nprobe: UInt32 = 0
-    qe: UInt32 = 0
+    qe: UInt32 | None = None
 
 
 def filter_text(obj: dict | str | None, where: str | None) -> str:
@@ -245,11 +245,12 @@ class Gateway:
         """The most nprobe this caller may ask: IMSEARCH_MAX_NPROBE, or its key's lower cap (`KEY:nprobe=N`)."""
         return min(self.settings.max_nprobe, self.nprobe_caps.get(caller or "", self.settings.max_nprobe))
 
-    async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int = 0,
+    async def search(self, query: pb.Query, k: int, nprobe: int, feedback: Feedback, qe: int | None = None,
                      where: str = "", collection: str = "", caller: str | None = None) -> dict:
         check_k(k, self.settings.max_k)
         check_nprobe(nprobe, self.nprobe_cap(caller))
-        check_qe(qe)
+        if qe is not None:
+            check_qe(qe)
         start = time.perf_counter()
         request = search_request(query, k, nprobe, feedback.relevant, feedback.not_relevant, qe, where)
         request.collection = collection
@@ -268,7 +269,8 @@ def answer(reply: pb.SearchResponse, k: int, start: float, collection: str = "")
     return {"k": k, "index_version": version, "coverage": reply.coverage, **({"collection": collection}
                                                                           if collection else {}),
             "partial": reply.coverage < 1.0, "missing_shards": list(reply.missing_shards),
-            "cached": reply.cached, "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+            "cached": reply.cached, "expanded": reply.expanded,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             # id_str: 64-bit ids lose digits as JavaScript numbers; a thumbnail comes from the version that answered
             "results": [{**h.as_dict(), "id_str": str(h.id), "thumbnail": thumbnail_link(h.id, version, collection)}
                         for h in hits]}
@@ -385,7 +387,7 @@ async def search_endpoint(request: Request, collection: str = "", gw: Gateway = 
         except ValidationError as e:
             raise InvalidInput(field_error(e.errors())) from None
         k, nprobe, qe = (_int(name, form.get(name), default) for name, default in (("k", 10), ("nprobe", 0),
-                                                                                     ("qe", 0)))
+                                                                                     ("qe", None)))
         where = filter_text(_text(form.get("filter")), _text(form.get("where")))
         return await gw.search(pb.Query(image=data), k, nprobe, feedback, qe, where, collection,
                                request.state.api_key)
@@ -410,7 +412,8 @@ async def batch_endpoint(request: Request, body: BatchBody, collection: str = ""
         raise InvalidInput("a batch needs at least one query")
     check_k(body.k, gw.settings.max_k)
     check_nprobe(body.nprobe, gw.nprobe_cap(request.state.api_key))
-    check_qe(body.qe)
+    if body.qe is not None:
+        check_qe(body.qe)
     queries = [await gw.query(q, collection) for q in body.queries]
     request = batch_request(queries, body.k, body.nprobe, qe=body.qe, where=body.filter_text())
     request.collection = collection
@@ -418,7 +421,8 @@ async def batch_endpoint(request: Request, body: BatchBody, collection: str = ""
     reply = await gw.client.call("SearchBatch", request)
     return {"index_version": reply.index_version, "coverage": reply.coverage, "partial": reply.coverage < 1.0,
             "missing_shards": list(reply.missing_shards), "latency_ms": round((time.perf_counter() - start) * 1000, 2),
-            "results": [answer(r, body.k, start, collection)["results"] for r in reply.results]}
+            "results": [answer(r, body.k, start, collection)["results"] for r in reply.results],
+            "expanded": [r.expanded for r in reply.results]}
 
 
 @routes.get("/v1/images/{id_}", summary="Thumbnail of a catalogue image (JPEG, at most 256 px), of the published "
@@ -446,6 +450,9 @@ async def index_endpoint(request: Request, collection: str = "", gw: Gateway = D
             "factory": info.factory, "nprobe": info.nprobe, "metric": info.metric, "created_at": info.created_at,
             "model": {"name": info.model.name, "dim": info.model.dim, "fingerprint": info.model.fingerprint},
             "fields": dict(info.fields),
+            # A search without qe expands with qe_neighbours when its best hit scores below tau (null: never)
+            "query_expansion": {"neighbours": info.qe_neighbours, "tau": info.qe_gate if info.has_qe_gate else None,
+                                "tau_from": info.qe_gate_from},
             "shards": [{"shard": s.shard, "count": s.count, "index_version": s.index_version} for s in info.shards],
             "collections": names}
 
@@ -561,7 +568,7 @@ def create_app(router_address: str, index_url: str, settings: Settings) -> FastA
     return app
 
 
-def _int(name: str, value, default: int) -> int:
+def _int(name: str, value, default: int | None) -> int | None:
     """A form field as a 32-bit unsigned integer (the protobuf field it goes into)."""
     if value in (None, ""):
         return default

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ValidationError
 from services.common.checksums import verified_bytes
 from services.common.errors import Conflict, Corrupt, InvalidInput, NotFound
 from services.common.store import Store
+from services.index.gate import QeGate
 from services.index.layout import POINTER_KEY, manifest_key
 
 FORMAT = 1
@@ -49,6 +50,7 @@ class Manifest(BaseModel):
     quantizer: FileEntry | None = None  # plain IVF: the coarse quantizer alone, for routers
     projection: FileEntry | None = None  # model vectors -> index vectors (projection.py); None: used as they are
     fields: dict[str, str] = {}  # filterable metadata fields and their kinds (str, int, float, bool): fields.py
+    qe_gate: QeGate | None = None  # the query-expansion gate learned at build (gate.py); None: none learned
 
     @property
     def model_dim(self) -> int:

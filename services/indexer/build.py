@@ -22,6 +22,7 @@ from services.indexer.driver import (
     check_not_empty,
     choose_index_params,
     first_rows,
+    learn_gate,
     learn_projection,
     publish_build,
     subset,
@@ -148,7 +149,8 @@ def _build_local(emb_store: Store, out: Store, o: BuildOptions, dba: int | None,
     step(f"adding {len(emb.ids)} vectors to {o.shards} shard(s)")
     parts, probes = split_shards(trained, emb, o.shards, columns, emb.vectors[queries], params)
     template = version_template(version, emb.meta, emb_store.url, dim, params, o, dba, projection, kinds,
-                                n - len(emb.ids), probes, emb.ids[queries], len(emb.ids), settings, step)
+                                n - len(emb.ids), probes, emb.ids[queries], len(emb.ids), settings, step,
+                                learn_gate(emb_store, projection, emb.meta["model"]["fingerprint"], step))
     return publish_build(lambda: write_version(out, template, parts, faiss_util.ivf_quantizer(trained), o.publish_it,
                                                step, base, projection), out, version)
 

@@ -14,7 +14,9 @@ import numpy as np
 from services.common.config import Settings
 from services.common.errors import Conflict, InvalidInput
 from services.common.store import Store
+from services.embedder import gatesample
 from services.embedder.embeddings import Embeddings
+from services.index import gate
 from services.index.manifest import Manifest
 from services.index.projection import Projection, check_options, skip_reason
 from services.index.projection import train as train_projection
@@ -83,6 +85,26 @@ def learn_projection(n: int, dim: int, read: Callable[[np.ndarray], np.ndarray],
 
 
 
+def learn_gate(emb_store: Store, projection: Projection | None, model: str, step: Step) -> gate.QeGate | None:
+    """The query-expansion gate of the new version, from the sample of synthetic copies `imsearch embed` made
+    beside the embeddings (gatesample.py), projected as the index's vectors are; None (said) without one."""
+    sample = gatesample.read(emb_store)
+    if sample is None or sample.model != model:
+        step("query expansion: no gate sample beside these embeddings (made by `imsearch embed` since it learns "
+             "one; IMSEARCH_QE_GATE_SAMPLE=0 makes none): searches expand only when IMSEARCH_QE_GATE or a "
+             "request's qe asks")
+        return None
+    space = projection.apply if projection is not None else (lambda v: v)
+    learned = gate.learn(space(sample.originals), space(sample.copies))
+    if learned is None:
+        step(f"query expansion: {len(sample.copies)} synthetic copies are too few to learn a gate from "
+             f"(at least {gate.MIN_COPIES}): searches expand only when IMSEARCH_QE_GATE or a request's qe asks")
+        return None
+    step(f"query expansion gate: τ {learned.tau:.3f}, below the scores of {1 - learned.quantile:.0%} of "
+         f"{learned.copies} synthetic copies with their originals: a search whose best hit scores below it expands")
+    return learned
+
+
 def check_not_empty(n: int, meta: dict, url: str) -> None:
     if n == 0:
         raise InvalidInput(f"{url} has no embedded images ({meta.get('errors', 0)} error rows): nothing to index")
@@ -95,7 +117,8 @@ def choose_index_params(n: int, dim: int, factory: str | None, settings: Setting
 
 def version_template(version: str, meta: dict, emb_url: str, dim: int, params: IndexParams, o: BuildOptions,
                      dba: int, projection: Projection | None, kinds: dict, dropped: int, probes: list[Probe],
-                     qids: np.ndarray, count: int, settings: Settings, step: Step) -> Manifest:
+                     qids: np.ndarray, count: int, settings: Settings, step: Step,
+                     qe_gate: gate.QeGate | None = None) -> Manifest:
     """The new version's manifest before its files are written: parameters, tuned nprobe, where it came from."""
     tuned, tuning = tune(probes, qids, count, params, settings.target_recall)
     step(f"nprobe {tuned}: recall@10 {tuning['recall_at_10']:.3f} vs exact search on {tuning['queries']} queries")
@@ -109,7 +132,7 @@ def version_template(version: str, meta: dict, emb_url: str, dim: int, params: I
     return Manifest(
         version=version, created_at="", model=meta["model"], dim=dim, factory=params.factory,
         params=params.as_dict() | ({"dba": dba} if dba else {}) | learned, nprobe=o.nprobe or tuned,
-        k_factor=params.k_factor, count=0, fields=kinds,
+        k_factor=params.k_factor, count=0, fields=kinds, qe_gate=qe_gate,
         duplicates_dropped=dropped + int(meta.get("reasons", {}).get("duplicate", 0)), tuning=tuning, shards=[],
         source={"embeddings": emb_url, "embeddings_created_at": meta.get("created_at"),
                 "error_rows": int(meta.get("errors", 0))})

@@ -48,6 +48,7 @@ from services.indexer.driver import (
     check_not_empty,
     choose_index_params,
     first_rows,
+    learn_gate,
     learn_projection,
     publish_build,
     version_template,
@@ -101,7 +102,8 @@ def build_parallel(emb_store: Store, meta: dict, out: Store, o: BuildOptions, se
     probes = [Probe.from_json(markers[s]["probe"]) for s in range(o.shards)]
     count = sum(e.count for e in entries)
     template = version_template(plan.version, meta, emb_store.url, plan.dim, plan.params, o, 0, plan.projection,
-                                plan.kinds, plan.n - count, probes, plan.qids, count, settings, step)
+                                plan.kinds, plan.n - count, probes, plan.qids, count, settings, step,
+                                learn_gate(emb_store, plan.projection, meta["model"]["fingerprint"], step))
     trained = clone(plan.trained)
     manifest = publish_build(lambda: finish_version(out, template, entries, faiss_util.ivf_quantizer(trained),
                                                     o.publish_it, step, base, plan.projection), out, plan.version)

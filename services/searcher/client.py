@@ -26,6 +26,7 @@ class Result:
     coverage: float
     missing_shards: list[int]
     cached: bool = False
+    expanded: bool = False  # the search expanded the query (αQE)
 
     @property
     def partial(self) -> bool:
@@ -34,7 +35,7 @@ class Result:
     @classmethod
     def from_proto(cls, r: pb.SearchResponse) -> "Result":
         return cls(hits_from_proto(pb.HitList(hits=r.hits)), r.index_version, r.coverage, list(r.missing_shards),
-                   r.cached)
+                   r.cached, r.expanded)
 
 
 @dataclass
@@ -47,11 +48,12 @@ class Columns:
     index_version: str
     coverage: float
     missing_shards: list[int]
+    expanded: np.ndarray  # (nq,) bool: which queries the search expanded (αQE)
 
     @classmethod
     def from_proto(cls, reply: pb.SearchBatchResponse) -> "Columns":
         return cls(*columns_from_proto(reply.columns), reply.index_version, reply.coverage,
-                   list(reply.missing_shards))
+                   list(reply.missing_shards), np.array(reply.expanded, bool))
 
 
 def to_query(item: Query) -> pb.Query:
@@ -65,17 +67,17 @@ def to_query(item: Query) -> pb.Query:
 
 
 def search_request(query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-                   not_relevant: list[int] = (), qe: int = 0, where: str = "",
+                   not_relevant: list[int] = (), qe: int | None = None, where: str = "",
                    collection: str = "") -> pb.SearchRequest:
-    """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE
-    neighbours (0: off); where: a filter (JSON text or an expression, "" none); collection: a named
-    collection ("" the router's default)."""
+    """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE neighbours
+    (None: the gated default, 0: off, N: always); where: a filter (JSON text or an expression, "" none);
+    collection: a named collection ("" the router's default)."""
     return pb.SearchRequest(query=to_query(query), k=k, nprobe=nprobe, qe=qe, filter=where, collection=collection,
                             feedback=pb.Feedback(relevant=relevant, not_relevant=not_relevant))
 
 
 def batch_request(queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False,
-                  qe: int = 0, where: str = "", collection: str = "") -> pb.SearchBatchRequest:
+                  qe: int | None = None, where: str = "", collection: str = "") -> pb.SearchBatchRequest:
     return pb.SearchBatchRequest(queries=[to_query(q) for q in queries], k=k, nprobe=nprobe, columnar=columnar,
                                  qe=qe, filter=where, collection=collection)
 
@@ -111,13 +113,13 @@ class RouterClient(_Client):
         return await getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
 
     async def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-                     not_relevant: list[int] = (), qe: int = 0, where: str = "",
+                     not_relevant: list[int] = (), qe: int | None = None, where: str = "",
                      collection: str = "") -> pb.SearchResponse:
         return await self.call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe, where,
                                                         collection))
 
-    async def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False, qe: int = 0,
-                           where: str = "", collection: str = "") -> pb.SearchBatchResponse:
+    async def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, columnar: bool = False,
+                           qe: int | None = None, where: str = "", collection: str = "") -> pb.SearchBatchResponse:
         return await self.call("SearchBatch", batch_request(queries, k, nprobe, columnar, qe, where, collection))
 
     async def info(self, timeout: float | None = None) -> pb.IndexInfo:
@@ -140,19 +142,19 @@ class SearchClient(_Client):
         return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
 
     def search(self, query: Query, k: int = 10, nprobe: int = 0, relevant: list[int] = (),
-               not_relevant: list[int] = (), qe: int = 0, where: str = "", collection: str = "") -> Result:
+               not_relevant: list[int] = (), qe: int | None = None, where: str = "", collection: str = "") -> Result:
         """relevant / not_relevant: catalogue ids for a Rocchio re-query (relevance feedback); qe: αQE; where:
         a filter (a JSON filter as text, or an expression such as 'in_stock and price < 120'); collection: a
         named collection ("" the router's default)."""
         return Result.from_proto(self._call("Search", search_request(query, k, nprobe, relevant, not_relevant, qe,
                                                                      where, collection)))
 
-    def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0,
+    def search_batch(self, queries: list, k: int = 10, nprobe: int = 0, qe: int | None = None,
                      where: str = "", collection: str = "") -> list[Result]:
         request = batch_request(queries, k, nprobe, qe=qe, where=where, collection=collection)
         return [Result.from_proto(r) for r in self._call("SearchBatch", request).results]
 
-    def search_columns(self, queries: list, k: int = 10, nprobe: int = 0, qe: int = 0) -> Columns:
+    def search_columns(self, queries: list, k: int = 10, nprobe: int = 0, qe: int | None = None) -> Columns:
         """Like search_batch, answered as arrays: the cheap form for bulk work."""
         return Columns.from_proto(self._call("SearchBatch", batch_request(queries, k, nprobe, True, qe)))
 

@@ -1,13 +1,60 @@
 """αQE in serving: a query searched once, re-weighted by the stored vectors of its top hits
-(descriptors.alpha_qe, similarity^3 weights), and searched again. The router and `imsearch search` run the
-rounds (each with its own fan-out and fetch); this module is what they share."""
+(descriptors.alpha_qe, similarity^3 weights), and searched again — by default only a query whose best hit scores
+below the index's gate τ (index/gate.py: a copy's best hit is its original, so copies stay plain). An expanded
+query's hits are ranked by the expanded query and scored by the query's own similarity with each, so a score
+means the same whether a search expanded or not (a threshold on it keeps working, and a distractor that expanded
+does not score higher for it). The router and `imsearch search` run the rounds (each with its own fan-out and
+fetch); this module is what they share."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
+from services.common.config import Settings
 from services.common.errors import NotSupported
+from services.common.validate import check_qe
 from services.index.descriptors import alpha_qe
+from services.index.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class QePlan:
+    neighbours: int  # the top hits a query is re-weighted with
+    tau: float  # a query expands when its best hit scores below this (inf: every query)
+
+
+def gate(manifest: Manifest | None, settings: Settings) -> tuple[float | None, str]:
+    """(τ, where it comes from): IMSEARCH_QE_GATE, else the one the version learned at build, else none."""
+    if settings.qe_gate is not None:
+        return settings.qe_gate, "IMSEARCH_QE_GATE"
+    if manifest is not None and manifest.qe_gate is not None:
+        return manifest.qe_gate.tau, f"learned at build from {manifest.qe_gate.copies} synthetic copies"
+    return None, ""
+
+
+def plan(asked: int | None, tau: float | None, settings: Settings) -> QePlan | None:
+    """What a request's qe means: unset, the gated default (none without a τ); 0, no expansion; N, every query
+    with N neighbours."""
+    if asked is None:
+        n = settings.qe_neighbours
+        return QePlan(n, tau) if n and tau is not None else None
+    check_qe(asked)
+    return QePlan(asked, math.inf) if asked else None
+
+
+def to_expand(ids: np.ndarray, scores: np.ndarray, tau: float, own: np.ndarray | None = None) -> np.ndarray:
+    """Per query of a first round (nq, >= 2): expand it? Read from its best hit, or for a query by catalogue id
+    (own: the ids, -1 for none) its best hit but itself — "more like this" of a catalogue image is a category
+    search, and its first hit, itself, says nothing. A query without a hit is not expanded."""
+    first = np.zeros(len(ids), np.int64)
+    if own is not None:
+        first[(ids[:, 0] == own) & (own >= 0)] = 1
+    rows = np.arange(len(ids))
+    best = np.where(first < ids.shape[1], first, 0)
+    return (ids[rows, best] >= 0) & (first < ids.shape[1]) & (scores[rows, best] < tau)
 
 
 def check_same_space(stored: np.ndarray, queries: np.ndarray, what: str) -> None:
@@ -29,3 +76,18 @@ def expand(queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, fetched: np
     stored = np.zeros((*ids.shape, queries.shape[1]), np.float32)
     stored[found] = fetched
     return alpha_qe(queries, stored, np.where(found, scores, 0.0).astype(np.float32))
+
+
+def unknown(ids: np.ndarray, known: dict[int, np.ndarray]) -> list[int]:
+    """The hits whose stored vectors are still to fetch for rescore (each once)."""
+    return sorted({int(i) for i in found_ids(ids)} - known.keys())
+
+
+def rescore(queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, known: dict[int, np.ndarray]) -> np.ndarray:
+    """The expanded round's hits scored by the (unexpanded) queries' own similarity; no hit (-1) keeps its score."""
+    out = scores.copy()
+    for q, row in enumerate(ids):
+        for j, i in enumerate(row):
+            if i >= 0:
+                out[q, j] = float(queries[q] @ known[int(i)])
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -23,7 +24,7 @@ from services.index.projection import to_index_space
 from services.index.shards import LoadedShard, shard_files
 from services.index.stacked import stack_shards
 from services.index.versions import load_current
-from services.searcher.expansion import expand, found_ids
+from services.searcher.expansion import QePlan, expand, found_ids, gate, plan, rescore, to_expand, unknown
 from services.searcher.feedback import requery
 
 
@@ -175,13 +176,16 @@ class IndexSearcher:
 
 def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, relevant: list[int] = (),
                not_relevant: list[int] = (), settings: Settings | None = None,
-               step=lambda msg: None, qe: int = 0, where: str | None = None) -> tuple[str, list[Hit]]:
+               step=lambda msg: None, qe: int | None = None,
+               where: str | None = None) -> tuple[str, list[Hit], bool]:
     """The stage behind `imsearch search`: the query image at a uri (file or s3://), embedded with the index's
     own model, re-queried with relevance feedback when ids are marked, searched on every shard in-process, only
-    among rows matching the filter `where` when given. Returns (index version, hits)."""
+    among rows matching the filter `where` when given; expanded (αQE) as the router does (qe None: gated by the
+    index's τ). Returns (index version, hits, whether it expanded)."""
     settings = settings or get_settings()
     check_k(k, settings.max_k)  # before the seconds spent loading the index and model
-    check_qe(qe)
+    if qe is not None:
+        check_qe(qe)
     node = parse_filter(where) if where else None  # a typo is reported before the index loads
     data = read_uri(query, settings)
     step(f"loading the index at {index}")
@@ -193,10 +197,33 @@ def search_uri(index: str, query: str, k: int = 10, nprobe: int | None = None, r
         vector = searcher.to_index_space(searcher.embed_images([data]))
         if relevant or not_relevant:
             vector = requery(vector[0], searcher.fetch(list(relevant) + list(not_relevant)), len(relevant), settings)
-        if qe:
-            step(f"query expansion with the top {qe} hits")
-            D, I, _, _ = searcher.search_arrays(vector, qe, nprobe, where=node)
-            vector = expand(vector, I, D, searcher.fetch(found_ids(I)))
-        return searcher.version, searcher.search(vector, k, nprobe, node)[0]
+        qe_plan = plan(qe, gate(m, settings)[0], settings)
+        hits, expanded = gated_search(searcher, vector, k, nprobe, qe_plan, node)
+        if expanded[0]:
+            step(f"query expansion with the top {qe_plan.neighbours} hits (best hit below τ {qe_plan.tau:.3f})"
+                 if math.isfinite(qe_plan.tau) else f"query expansion with the top {qe_plan.neighbours} hits")
+        return searcher.version, hits[0], bool(expanded[0])
     finally:
         searcher.close()
+
+
+def gated_search(searcher: IndexSearcher, vectors: np.ndarray, k: int, nprobe: int | None, qe: QePlan | None,
+                 where: Node | None = None) -> tuple[list[list[Hit]], np.ndarray]:
+    """The router's search (service.Searcher._search) in this process: the queries whose best hit scores below
+    the plan's τ searched again expanded, their hits scored by the query itself; (hits, expanded per query)."""
+    if qe is None:
+        return searcher.search(vectors, k, nprobe, where), np.zeros(len(vectors), bool)
+    D, I, S, U = searcher.search_arrays(vectors, max(k, qe.neighbours), nprobe, where=where)
+    expanded = to_expand(I, D, qe.tau)
+    rows = np.flatnonzero(expanded)
+    ids, scores = I[rows, :qe.neighbours], D[rows, :qe.neighbours]
+    D, I, S, U = (a[:, :k].copy() for a in (D, I, S, U))
+    if len(rows):
+        wanted = found_ids(ids)
+        fetched = searcher.fetch(wanted)
+        known = dict(zip(wanted, fetched))
+        D2, I2, S2, U2 = searcher.search_arrays(expand(vectors[rows], ids, scores, fetched), k, nprobe, where=where)
+        more = unknown(I2, known)
+        known.update(zip(more, searcher.fetch(more) if more else []))
+        D[rows], I[rows], S[rows], U[rows] = rescore(vectors[rows], I2, D2, known), I2, S2, U2
+    return hit_lists(D, I, S, U), expanded

@@ -27,12 +27,22 @@ from services.common import metrics, server
 from services.common.config import Settings, get_settings
 from services.common.convert import add_hits, fill_columns, vectors_from_proto
 from services.common.errors import Incompatible, InvalidInput, NotSupported, TooLarge, Unavailable
-from services.common.validate import check_k, check_qe
+from services.common.validate import check_k
 from services.index.filters import canonical, parse_filter, to_wire
 from services.searcher.cache import REJECTIONS, QueryCache, SingleFlight, cache_key, seal, unseal
 from services.searcher.collections import Collections, CollectionSpec, shard_groups
 from services.searcher.embedders import local_embedder, remote_embedder
-from services.searcher.expansion import check_same_space, expand, found_ids
+from services.searcher.expansion import (
+    QePlan,
+    check_same_space,
+    expand,
+    found_ids,
+    gate,
+    plan,
+    rescore,
+    to_expand,
+    unknown,
+)
 from services.searcher.feedback import check_counts, requery
 from services.searcher.localshards import LocalShards, load
 from services.searcher.remote import RemoteShards, majority_version
@@ -80,6 +90,7 @@ class SearcherService(pb_grpc.SearcherServicer):
     def _fill(self, reply: pb.SearchResponse, answer: Answer, q: int) -> pb.SearchResponse:
         add_hits(reply.hits, answer.scores[q], answer.ids[q], answer.shards[q],
                  None if answer.uris is None else answer.uris[q])
+        reply.expanded = answer.expanded is not None and bool(answer.expanded[q])
         return self._stamp(reply, answer)
 
     async def _search_one(self, router: Router, request: pb.SearchRequest, timeout: float | None,
@@ -91,27 +102,46 @@ class SearcherService(pb_grpc.SearcherServicer):
             marked = await router.fetch(relevant + not_relevant, timeout)
             check_same_space(marked, vectors, "relevance feedback")
             vectors = requery(vectors[0], marked, len(relevant), self.settings)
-        answer = await self._search(router, vectors[:1], request.k, request.nprobe, request.qe, timeout, version,
-                                    where)
+        own = np.array([request.query.id if request.query.WhichOneof("query") == "id" else -1], np.int64)
+        answer = await self._search(router, vectors[:1], request.k, request.nprobe,
+                                    await self._plan(router, request, version), timeout, version, where, own)
         return self._fill(pb.SearchResponse(), answer, 0)
 
+    async def _plan(self, router: Router, request, version: str) -> QePlan | None:
+        """What the request's qe asks (unset: the gated default), with the τ of the version it is pinned to."""
+        asked = request.qe if request.HasField("qe") else None
+        if asked is None and self.settings.qe_neighbours == 0:
+            return None
+        tau, _ = gate(await router.manifest(version or router.version) if router.index_url else None, self.settings)
+        return plan(asked, tau, self.settings)
+
     @staticmethod
-    async def _search(router: Router, vectors: np.ndarray, k: int, nprobe: int, qe: int, timeout: float | None,
-                      version: str, where: str = "") -> Answer:
-        """One search, or with qe two: the first finds each query's qe nearest (matching the filter, as the
-        answer must), whose stored vectors (one Fetch fan-out) re-weight it for the second. A partial first
-        round makes the answer partial."""
-        check_qe(qe)
-        if not qe:
+    async def _search(router: Router, vectors: np.ndarray, k: int, nprobe: int, qe: QePlan | None,
+                      timeout: float | None, version: str, where: str = "", own: np.ndarray | None = None) -> Answer:
+        """One search, or, for the queries whose best hit scores below the plan's τ, two: the first round finds
+        each query's max(k, qe) nearest (matching the filter, as the answer must) — the answer of the queries that
+        stay plain — and its top qe hits' stored vectors (one Fetch fan-out) re-weight the others for the second,
+        whose hits are then scored by the query itself (a second Fetch, of the hits not fetched already). A
+        partial round makes the answer partial."""
+        if qe is None:
             return await router.search_shared(vectors, k, nprobe, timeout, version, where)
-        first = await router.search_shared(vectors, qe, nprobe, timeout, version, where)
-        wanted = found_ids(first.ids)
-        fetched = await router.fetch(wanted, timeout) if wanted else np.zeros((0, vectors.shape[1]), np.float32)
+        first = await router.search_shared(vectors, max(k, qe.neighbours, 2), nprobe, timeout, version, where)
+        answer = first.top(k)
+        answer.expanded = to_expand(first.ids, first.scores, qe.tau, own)
+        rows = np.flatnonzero(answer.expanded)
+        if not len(rows):
+            return answer
+        ids, scores = first.ids[rows, :qe.neighbours], first.scores[rows, :qe.neighbours]
+        wanted = found_ids(ids)
+        fetched = await router.fetch(wanted, timeout)
         check_same_space(fetched, vectors, "query expansion")
-        answer = await router.search_shared(expand(vectors, first.ids, first.scores, fetched), k, nprobe,
-                                            timeout, version, where)
-        answer.coverage = min(answer.coverage, first.coverage)
-        answer.missing = sorted(set(answer.missing) | set(first.missing))
+        second = await router.search_shared(expand(vectors[rows], ids, scores, fetched), k, nprobe, timeout,
+                                            version, where)
+        known = dict(zip(wanted, fetched))
+        more = unknown(second.ids, known)
+        known.update(zip(more, await router.fetch(more, timeout) if more else []))
+        second.scores = rescore(vectors[rows], second.ids, second.scores, known)
+        answer.replace(rows, second)
         return answer
 
     @server.rpc
@@ -124,9 +154,12 @@ class SearcherService(pb_grpc.SearcherServicer):
             return await self._search_one(router, request, context.time_remaining(), where)
         # The collection, query, feedback and filter (normalised: one key however it is spelled), encoded
         # together (one message: unambiguous bytes); each collection is its own namespace.
-        asked = pb.SearchRequest(query=request.query, feedback=request.feedback, qe=request.qe,
+        asked = pb.SearchRequest(query=request.query, feedback=request.feedback,
+                                 qe=request.qe if request.HasField("qe") else None,  # unset (gated) is not 0 (off)
                                  filter=canonical(node) if node else "", collection=name).SerializeToString()
         version = router.version
+        # The process's expansion settings too: routers sharing one Redis may expand differently.
+        asked += f"|qe {self.settings.qe_neighbours} {self.settings.qe_gate}".encode()
         key = cache_key(version, request.k, request.nprobe, asked)
 
         async def lookup_or_fetch(timeout: float | None) -> pb.SearchResponse:
@@ -177,6 +210,10 @@ class SearcherService(pb_grpc.SearcherServicer):
             reply.factory, reply.nprobe, reply.created_at = m.factory, m.nprobe, m.created_at
             reply.model.name, reply.model.image_size = m.model.get("name", ""), m.model.get("image_size", 0)
             reply.fields.update(m.fields)
+        tau, source = gate(m, self.settings)
+        reply.qe_neighbours = self.settings.qe_neighbours
+        if tau is not None:
+            reply.has_qe_gate, reply.qe_gate, reply.qe_gate_from = True, tau, source
         return reply
 
     @server.rpc
@@ -186,11 +223,14 @@ class SearcherService(pb_grpc.SearcherServicer):
         router = self.collections.get(request.collection)
         where = to_wire(parse_filter(request.filter) if request.filter else None)
         vectors, version = await router.to_index_space(await self._vectors(router, list(request.queries)))
-        answer = await self._search(router, vectors, request.k, request.nprobe, request.qe, context.time_remaining(),
-                                    version, where)
+        own = np.array([q.id if q.WhichOneof("query") == "id" else -1 for q in request.queries], np.int64)
+        answer = await self._search(router, vectors, request.k, request.nprobe,
+                                    await self._plan(router, request, version), context.time_remaining(), version,
+                                    where, own)
         reply = pb.SearchBatchResponse()
         if request.columnar:
             fill_columns(reply.columns, answer.scores, answer.ids, answer.shards, answer.uris)
+            reply.expanded.extend(np.zeros(len(vectors), bool) if answer.expanded is None else answer.expanded)
             return self._stamp(reply, answer)
         for q in range(len(vectors)):
             self._fill(reply.results.add(), answer, q)

@@ -29,11 +29,28 @@ class Answer:
     version: str
     coverage: float
     missing: list[int]
+    expanded: np.ndarray | None = None  # (nq,) bool: the query was expanded (αQE, expansion.py); None: none was
 
     def __getitem__(self, rows: slice) -> "Answer":
         """The answer of some queries (a DynamicBatcher hands each caller its own rows)."""
         return Answer(self.scores[rows], self.ids[rows], self.shards[rows],
-                      None if self.uris is None else self.uris[rows], self.version, self.coverage, self.missing)
+                      None if self.uris is None else self.uris[rows], self.version, self.coverage, self.missing,
+                      None if self.expanded is None else self.expanded[rows])
+
+    def top(self, k: int) -> "Answer":
+        """The first k hits of every query (a search asked for more, e.g. the neighbours αQE needs)."""
+        return Answer(self.scores[:, :k], self.ids[:, :k], self.shards[:, :k],
+                      None if self.uris is None else self.uris[:, :k], self.version, self.coverage, self.missing,
+                      self.expanded)
+
+    def replace(self, rows: np.ndarray, other: "Answer") -> None:
+        """Put other's answers (same k) in place of these rows; the whole is as complete as the less of both."""
+        for mine, theirs in ((self.scores, other.scores), (self.ids, other.ids), (self.shards, other.shards)):
+            mine[rows] = theirs
+        if self.uris is not None and other.uris is not None:
+            self.uris[rows] = other.uris
+        self.coverage = min(self.coverage, other.coverage)
+        self.missing = sorted(set(self.missing) | set(other.missing))
 
 
 class ShardSet(Protocol):

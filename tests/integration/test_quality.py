@@ -15,10 +15,10 @@ import pytest
 
 from services.common.config import Settings
 from services.common.store import LocalStore
+from services.common.transforms import random_copy
 from services.embedder.embeddings import read_embeddings
 from services.embedder.pipeline import embed_catalogue
 from services.eval.datasets import flatten, skimage_photos, tuxpaint_stamps
-from services.eval.transforms import random_copy
 from services.indexer.build import build_index
 from services.searcher.local import IndexSearcher
 

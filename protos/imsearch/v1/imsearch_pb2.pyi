@@ -199,18 +199,20 @@ class SearchRequest(_message.Message):
     def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ..., qe: _Optional[int] = ..., filter: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "index_version", "coverage", "missing_shards", "cached")
+    __slots__ = ("hits", "index_version", "coverage", "missing_shards", "cached", "expanded")
     HITS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
     MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    EXPANDED_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     index_version: str
     coverage: float
     missing_shards: _containers.RepeatedScalarFieldContainer[int]
     cached: bool
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    expanded: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., cached: _Optional[bool] = ..., expanded: _Optional[bool] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
     __slots__ = ("queries", "k", "nprobe", "columnar", "qe", "filter", "collection")
@@ -245,21 +247,23 @@ class HitColumns(_message.Message):
     def __init__(self, k: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., uris: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchBatchResponse(_message.Message):
-    __slots__ = ("results", "columns", "index_version", "coverage", "missing_shards")
+    __slots__ = ("results", "columns", "index_version", "coverage", "missing_shards", "expanded")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
     MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    EXPANDED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchResponse]
     columns: HitColumns
     index_version: str
     coverage: float
     missing_shards: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ..., columns: _Optional[_Union[HitColumns, _Mapping]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
+    expanded: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ..., columns: _Optional[_Union[HitColumns, _Mapping]] = ..., index_version: _Optional[str] = ..., coverage: _Optional[float] = ..., missing_shards: _Optional[_Iterable[int]] = ..., expanded: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("index_version", "model", "metric", "factory", "count", "nprobe", "shards", "created_at", "collection", "collections", "fields")
+    __slots__ = ("index_version", "model", "metric", "factory", "count", "nprobe", "shards", "created_at", "collection", "collections", "fields", "has_qe_gate", "qe_gate", "qe_neighbours", "qe_gate_from")
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +282,10 @@ class IndexInfo(_message.Message):
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
+    HAS_QE_GATE_FIELD_NUMBER: _ClassVar[int]
+    QE_GATE_FIELD_NUMBER: _ClassVar[int]
+    QE_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    QE_GATE_FROM_FIELD_NUMBER: _ClassVar[int]
     index_version: str
     model: ModelInfo
     metric: str
@@ -289,4 +297,8 @@ class IndexInfo(_message.Message):
     collection: str
     collections: _containers.RepeatedScalarFieldContainer[str]
     fields: _containers.ScalarMap[str, str]
-    def __init__(self, index_version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., nprobe: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[str] = ..., collection: _Optional[str] = ..., collections: _Optional[_Iterable[str]] = ..., fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    has_qe_gate: bool
+    qe_gate: float
+    qe_neighbours: int
+    qe_gate_from: str
+    def __init__(self, index_version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., count: _Optional[int] = ..., nprobe: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., created_at: _Optional[str] = ..., collection: _Optional[str] = ..., collections: _Optional[_Iterable[str]] = ..., fields: _Optional[_Mapping[str, str]] = ..., has_qe_gate: _Optional[bool] = ..., qe_gate: _Optional[float] = ..., qe_neighbours: _Optional[int] = ..., qe_gate_from: _Optional[str] = ...) -> None: ...

@@ -38,7 +38,9 @@ async function loadIndex() {
     $("index-info").textContent =
       `${info.collection ? "collection " + info.collection + " · " : ""}index ${info.index_version} · ` +
       `${info.count.toLocaleString()} images · ${info.shards.length} shard(s) · ${info.model.name}` +
-      (fields.length ? ` · filterable: ${fields.join(", ")}` : "");
+      (fields.length ? ` · filterable: ${fields.join(", ")}` : "") +
+      (info.query_expansion && info.query_expansion.tau !== null
+        ? ` · query expansion below τ ${info.query_expansion.tau.toFixed(3)}` : "");
     const names = info.collections || [];
     if (names.length > 1 && !$("collection").options.length) {  // a picker only when there is a choice
       for (const name of names) $("collection").append(new Option(name, name));
@@ -102,7 +104,8 @@ function show(answer, withFeedback) {
   if (answer.query) setQueryImage(answer.query.thumbnail);
   const coverage = Math.round(answer.coverage * 100);
   $("status").textContent = `${answer.results.length} results · ${answer.latency_ms} ms · index ${answer.index_version}` +
-    ` · coverage ${coverage}%` + (answer.cached ? " · cached" : "") + (withFeedback ? " · with feedback" : "");
+    ` · coverage ${coverage}%` + (answer.cached ? " · cached" : "") + (withFeedback ? " · with feedback" : "") +
+    (answer.expanded ? " · query expanded" : "");
   $("partial").hidden = !answer.partial;
   $("partial").textContent = answer.partial
     ? `Partial answer: shard(s) ${answer.missing_shards.join(", ")} did not reply (coverage ${coverage}%).` : "";
