@@ -20,7 +20,8 @@ from services.embedder.embeddings import read_embeddings
 from services.embedder.pipeline import embed_catalogue
 from services.eval.datasets import flatten, skimage_photos, tuxpaint_stamps
 from services.indexer.build import build_index
-from services.searcher.local import IndexSearcher
+from services.searcher.expansion import plan, to_expand
+from services.searcher.local import IndexSearcher, gated_search
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STAMPS = 400
@@ -86,3 +87,24 @@ def test_catalogue_images_find_themselves_first(real_set):
     emb = read_embeddings(LocalStore(real_set["tmp"] / "emb"))
     hits = real_set["ivf"].search(emb.vectors[:50], k=1)
     assert [h[0].id for h in hits] == emb.ids[:50].tolist()
+
+
+def test_the_gate_learned_from_the_catalogue_keeps_its_edited_copies_plain_and_expands_more_like_this(real_set):
+    """The gate on real photos: τ learned at build from the embed run's synthetic copies (the copy-detection
+    protocol's edits); the test's copies are others (two of crop, rescale, JPEG, rotation, colour, another seed).
+    A catalogue photo's "more like this" — its best hit but itself — is what should expand."""
+    exact = real_set["exact"]
+    gate = exact.manifest.qe_gate
+    assert gate is not None and gate.copies == 256, exact.manifest.qe_gate
+    qe = plan(None, gate.tau, exact.settings)
+    _, copies_expanded = gated_search(exact, exact.to_index_space(real_set["vectors"]), 10, None, qe)
+    emb = read_embeddings(LocalStore(real_set["tmp"] / "emb"))
+    D, I, _, _ = exact.search_arrays(exact.to_index_space(emb.vectors), 2)
+    more_like_this = to_expand(I, D, gate.tau, emb.ids)
+    _, itself = gated_search(exact, exact.to_index_space(emb.vectors[:50]), 10, None, qe)  # the photo as uploaded
+    figures = {"tau": gate.tau, "copies_expanded": round(float(np.mean(copies_expanded)), 4),
+               "more_like_this_expanded": round(float(np.mean(more_like_this)), 4)}
+    print(figures)
+    assert not itself.any()  # an exact copy: its best hit is itself
+    assert np.mean(copies_expanded) <= 0.10, figures  # the rule lets 5 % of its own copies below τ
+    assert np.mean(more_like_this) >= 0.25, figures
