@@ -8,7 +8,8 @@ servers and a router, and prints:
     columnar answer (bulk callers) and the per-query Hit messages;
   * single-query latency p50/p99 with C concurrent clients, and the cache-hit p50 with Redis.
 Everything (load client, router, shard servers) shares this machine's cores, as raw faiss does.
-  * single-query latency with αQE (--qe) against plain search, 1 and C clients.
+  * single-query latency with αQE (--qe) against plain search, 1 and C clients: every query expanded, and gated
+    (the default: τ put at the median best score of the queries, so half of them expand).
 With --in-process the router searches every shard in its own process (`--shards local`, what `imsearch serve`
 runs on one host) instead of over shard servers.
 Usage: python -m benchmarks.bench_router [--n 1000000] [--shards 4] [--clients 32] [--concurrency 8] [--qe 10]
@@ -93,7 +94,7 @@ def searches_alone(idx_root: Path, settings: Settings, batches: list, k: int, np
 
 async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: int, concurrency: int,
                      seconds: float = 5.0, columnar: bool = False) -> float:
-    requests = [batch_request(list(b), k, nprobe, columnar) for b in batches]
+    requests = [batch_request(list(b), k, nprobe, columnar, qe=0) for b in batches]  # plain, as raw faiss
     async with RouterClient(address, timeout=30) as client:
         done, start = 0, time.perf_counter()
 
@@ -110,7 +111,7 @@ async def router_qps(address: str, batches: list[np.ndarray], k: int, nprobe: in
 
 
 async def latencies(address: str, queries: np.ndarray, k: int, clients: int, per_client: int,
-                    repeat: bool = False, qe: int = 0) -> np.ndarray:
+                    repeat: bool = False, qe: int | None = 0) -> np.ndarray:
     async with RouterClient(address, timeout=30) as client:
         out: list[float] = []
 
@@ -170,7 +171,12 @@ def main() -> None:
             qps = timed_qps(lambda b, p=nprobe: faiss_util.search(raw, b, k, p), batches, 2.0)
             print(f"  nprobe {nprobe:>3}: recall@10 {recall(to_rows(I), truth):.4f}  {qps:8.0f} QPS")
 
-        env = {"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_ROUTER_FANOUTS": str(args.fanouts)}
+        # The gated rows: τ at the median best score of their queries, so half of them expand (these synthetic
+        # vectors have no gate sample to learn one from); every other row asks qe=0 (plain) or qe=N.
+        best, _ = faiss_util.search(raw, queries[1000:], 1, m.nprobe)
+        tau = float(np.median(best[:, 0]))
+        env = {"IMSEARCH_HOME": str(tmp / "home"), "IMSEARCH_ROUTER_FANOUTS": str(args.fanouts),
+               "IMSEARCH_QE_GATE": f"{tau:.6f}", "IMSEARCH_QE_NEIGHBOURS": str(args.qe)}
         if not args.in_process or "SHARD_OMP" in os.environ:  # shard servers: one faiss thread each
             env["OMP_NUM_THREADS"] = os.environ.get("SHARD_OMP", "1")
         print("router searching every shard in its own process" if args.in_process else
@@ -189,7 +195,7 @@ def main() -> None:
                 async with RouterClient(router.address, timeout=30) as client:
                     out = []
                     for b in batches:
-                        reply = await client.search_batch(list(b), k)
+                        reply = await client.search_batch(list(b), k, qe=0)
                         out += [[h.id for h in r.hits] for r in reply.results]
                     return np.array(out)
 
@@ -214,9 +220,11 @@ def main() -> None:
             for clients in (1, args.clients):  # αQE: a first round of qe, a Fetch, the expanded search
                 plain = asyncio.run(latencies(router.address, queries[1000:], k, clients, 200 // clients))
                 qe = asyncio.run(latencies(router.address, queries[1000:], k, clients, 200 // clients, qe=args.qe))
-                print(f"αQE {args.qe}, {clients} client(s): p50 {np.percentile(qe, 50):.2f} ms vs plain "
-                      f"{np.percentile(plain, 50):.2f} ms (x{np.percentile(qe, 50) / np.percentile(plain, 50):.2f}), "
-                      f"p99 {np.percentile(qe, 99):.2f} vs {np.percentile(plain, 99):.2f} ms")
+                gated = asyncio.run(latencies(router.address, queries[1000:], k, clients, 200 // clients, qe=None))
+                for name, lat_ in ((f"αQE {args.qe}, every query", qe), ("gated αQE, half the queries below τ", gated)):
+                    p50, base = np.percentile(lat_, 50), np.percentile(plain, 50)
+                    print(f"{name}, {clients} client(s): p50 {p50:.2f} ms vs plain {base:.2f} ms (x{p50 / base:.2f}), "
+                          f"p99 {np.percentile(lat_, 99):.2f} vs {np.percentile(plain, 99):.2f} ms")
             asyncio.run(latencies(router.address, queries, k, 1, 2, repeat=True))  # fill the cache
             hit = asyncio.run(latencies(router.address, queries, k, 1, 200, repeat=True))
             print(f"cache hit, 1 client: p50 {np.percentile(hit, 50):.2f} ms, p99 {np.percentile(hit, 99):.2f} ms")

@@ -78,16 +78,28 @@ def expand(queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, fetched: np
     return alpha_qe(queries, stored, np.where(found, scores, 0.0).astype(np.float32))
 
 
-def unknown(ids: np.ndarray, known: dict[int, np.ndarray]) -> list[int]:
-    """The hits whose stored vectors are still to fetch for rescore (each once)."""
-    return sorted({int(i) for i in found_ids(ids)} - known.keys())
+def first_depth(k: int, qe: QePlan) -> int:
+    """How deep the first round of a gated search ranks: its k answers, the qe neighbours, and more of the
+    neighbourhood the expanded round re-ranks — so most of its hits come with the query's own scores already
+    (deeper costs a shard little; a Fetch round trip costs the query most)."""
+    return max(2 * k, qe.neighbours, 2)
 
 
-def rescore(queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, known: dict[int, np.ndarray]) -> np.ndarray:
-    """The expanded round's hits scored by the (unexpanded) queries' own similarity; no hit (-1) keeps its score."""
+def unknown(ids: np.ndarray, known: dict[int, np.ndarray], first_ids: np.ndarray) -> list[int]:
+    """The expanded round's hits whose score by the query is still unknown: in neither its first round nor
+    among the stored vectors fetched (each once)."""
+    return sorted({int(i) for row, seen in zip(ids, first_ids) for i in row
+                   if i >= 0 and i not in known and i not in set(seen.tolist())})
+
+
+def rescore(queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, known: dict[int, np.ndarray],
+            first_ids: np.ndarray, first_scores: np.ndarray) -> np.ndarray:
+    """The expanded round's hits scored by the (unexpanded) queries: their first-round score where the first
+    round found them, else the query's inner product with the stored vector; no hit (-1) keeps its score."""
     out = scores.copy()
     for q, row in enumerate(ids):
-        for j, i in enumerate(row):
+        seen = dict(zip(first_ids[q].tolist(), first_scores[q].tolist()))
+        for j, i in enumerate(row.tolist()):
             if i >= 0:
-                out[q, j] = float(queries[q] @ known[int(i)])
+                out[q, j] = seen[i] if i in seen else float(queries[q] @ known[i])
     return out

@@ -24,7 +24,7 @@ from services.index.projection import to_index_space
 from services.index.shards import LoadedShard, shard_files
 from services.index.stacked import stack_shards
 from services.index.versions import load_current
-from services.searcher.expansion import QePlan, expand, found_ids, gate, plan, rescore, to_expand, unknown
+from services.searcher.expansion import QePlan, expand, first_depth, found_ids, gate, plan, rescore, to_expand, unknown
 from services.searcher.feedback import requery
 
 
@@ -213,17 +213,17 @@ def gated_search(searcher: IndexSearcher, vectors: np.ndarray, k: int, nprobe: i
     the plan's τ searched again expanded, their hits scored by the query itself; (hits, expanded per query)."""
     if qe is None:
         return searcher.search(vectors, k, nprobe, where), np.zeros(len(vectors), bool)
-    D, I, S, U = searcher.search_arrays(vectors, max(k, qe.neighbours), nprobe, where=where)
-    expanded = to_expand(I, D, qe.tau)
+    D0, I0, S, U = searcher.search_arrays(vectors, first_depth(k, qe), nprobe, where=where)
+    expanded = to_expand(I0, D0, qe.tau)
     rows = np.flatnonzero(expanded)
-    ids, scores = I[rows, :qe.neighbours], D[rows, :qe.neighbours]
-    D, I, S, U = (a[:, :k].copy() for a in (D, I, S, U))
+    ids, scores = I0[rows, :qe.neighbours], D0[rows, :qe.neighbours]
+    D, I, S, U = (a[:, :k].copy() for a in (D0, I0, S, U))
     if len(rows):
         wanted = found_ids(ids)
         fetched = searcher.fetch(wanted)
         known = dict(zip(wanted, fetched))
         D2, I2, S2, U2 = searcher.search_arrays(expand(vectors[rows], ids, scores, fetched), k, nprobe, where=where)
-        more = unknown(I2, known)
+        more = unknown(I2, known, I0[rows])
         known.update(zip(more, searcher.fetch(more) if more else []))
-        D[rows], I[rows], S[rows], U[rows] = rescore(vectors[rows], I2, D2, known), I2, S2, U2
+        D[rows], I[rows], S[rows], U[rows] = rescore(vectors[rows], I2, D2, known, I0[rows], D0[rows]), I2, S2, U2
     return hit_lists(D, I, S, U), expanded

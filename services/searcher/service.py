@@ -36,6 +36,7 @@ from services.searcher.expansion import (
     QePlan,
     check_same_space,
     expand,
+    first_depth,
     found_ids,
     gate,
     plan,
@@ -119,13 +120,13 @@ class SearcherService(pb_grpc.SearcherServicer):
     async def _search(router: Router, vectors: np.ndarray, k: int, nprobe: int, qe: QePlan | None,
                       timeout: float | None, version: str, where: str = "", own: np.ndarray | None = None) -> Answer:
         """One search, or, for the queries whose best hit scores below the plan's τ, two: the first round finds
-        each query's max(k, qe) nearest (matching the filter, as the answer must) — the answer of the queries that
-        stay plain — and its top qe hits' stored vectors (one Fetch fan-out) re-weight the others for the second,
-        whose hits are then scored by the query itself (a second Fetch, of the hits not fetched already). A
-        partial round makes the answer partial."""
+        each query's nearest (expansion.first_depth; matching the filter, as the answer must) — the answer of the
+        queries that stay plain — and its top qe hits' stored vectors (one Fetch fan-out) re-weight the others for
+        the second, whose hits are then scored by the query itself (the first round's scores; a second Fetch only
+        for hits it had not ranked). A partial round makes the answer partial."""
         if qe is None:
             return await router.search_shared(vectors, k, nprobe, timeout, version, where)
-        first = await router.search_shared(vectors, max(k, qe.neighbours, 2), nprobe, timeout, version, where)
+        first = await router.search_shared(vectors, first_depth(k, qe), nprobe, timeout, version, where)
         answer = first.top(k)
         answer.expanded = to_expand(first.ids, first.scores, qe.tau, own)
         rows = np.flatnonzero(answer.expanded)
@@ -138,9 +139,9 @@ class SearcherService(pb_grpc.SearcherServicer):
         second = await router.search_shared(expand(vectors[rows], ids, scores, fetched), k, nprobe, timeout,
                                             version, where)
         known = dict(zip(wanted, fetched))
-        more = unknown(second.ids, known)
+        more = unknown(second.ids, known, first.ids[rows])
         known.update(zip(more, await router.fetch(more, timeout) if more else []))
-        second.scores = rescore(vectors[rows], second.ids, second.scores, known)
+        second.scores = rescore(vectors[rows], second.ids, second.scores, known, first.ids[rows], first.scores[rows])
         answer.replace(rows, second)
         return answer
 

@@ -81,10 +81,12 @@ def test_imsearch_qe_gate_overrides_the_tau_a_version_learned():
     assert gate(m.model_copy(update={"qe_gate": None}), Settings()) == (None, "")
 
 
-def test_an_expanded_querys_hits_are_scored_by_the_query_itself():
+def test_an_expanded_querys_hits_are_scored_by_the_query_itself_from_its_first_round_or_the_stored_vector():
     q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     known = {3: np.array([0.6, 0.8], np.float32), 5: np.array([1.0, 0.0], np.float32)}
+    first_ids, first_scores = np.array([[5, 7], [7, 8]]), np.array([[0.93, 0.5], [0.4, 0.3]], np.float32)
     ids = np.array([[3, 5], [5, -1]])
     scores = np.array([[0.99, 0.98], [0.97, -np.inf]], np.float32)  # the expanded query's own scores
-    assert unknown(np.array([[3, 9], [9, -1]]), known) == [9]
-    np.testing.assert_allclose(rescore(q, ids, scores, known), [[0.6, 1.0], [0.0, -np.inf]])
+    assert unknown(np.array([[3, 7, 9], [7, 9, -1]]), known, first_ids) == [9]  # 7: the first round has it
+    # 5 in query 0's first round: its score there (the index's, as a plain answer gives it); the rest by vector
+    np.testing.assert_allclose(rescore(q, ids, scores, known, first_ids, first_scores), [[0.6, 0.93], [0.0, -np.inf]])
