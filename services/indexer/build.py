@@ -150,7 +150,7 @@ def _build_local(emb_store: Store, out: Store, o: BuildOptions, dba: int | None,
     parts, probes = split_shards(trained, emb, o.shards, columns, emb.vectors[queries], params)
     template = version_template(version, emb.meta, emb_store.url, dim, params, o, dba, projection, kinds,
                                 n - len(emb.ids), probes, emb.ids[queries], len(emb.ids), settings, step,
-                                learn_gate(emb_store, projection, emb.meta["model"]["fingerprint"], step))
+                                learn_gate(emb_store, projection, trained, emb.meta["model"]["fingerprint"], step))
     return publish_build(lambda: write_version(out, template, parts, faiss_util.ivf_quantizer(trained), o.publish_it,
                                                step, base, projection), out, version)
 

@@ -85,9 +85,11 @@ def learn_projection(n: int, dim: int, read: Callable[[np.ndarray], np.ndarray],
 
 
 
-def learn_gate(emb_store: Store, projection: Projection | None, model: str, step: Step) -> gate.QeGate | None:
+def learn_gate(emb_store: Store, projection: Projection | None, trained, model: str,
+               step: Step) -> gate.QeGate | None:
     """The query-expansion gate of the new version, from the sample of synthetic copies `imsearch embed` made
-    beside the embeddings (gatesample.py), projected as the index's vectors are; None (said) without one."""
+    beside the embeddings (gatesample.py), projected as the index's vectors are and the originals coded as the
+    trained index codes them; None (said) without one."""
     sample = gatesample.read(emb_store)
     if sample is None or sample.model != model:
         step("query expansion: no gate sample beside these embeddings (made by `imsearch embed` since it learns "
@@ -95,7 +97,7 @@ def learn_gate(emb_store: Store, projection: Projection | None, model: str, step
              "request's qe asks")
         return None
     space = projection.apply if projection is not None else (lambda v: v)
-    learned = gate.learn(space(sample.originals), space(sample.copies))
+    learned = gate.learn(gate.as_indexed(trained, space(sample.originals)), space(sample.copies))
     if learned is None:
         step(f"query expansion: {len(sample.copies)} synthetic copies are too few to learn a gate from "
              f"(at least {gate.MIN_COPIES}): searches expand only when IMSEARCH_QE_GATE or a request's qe asks")

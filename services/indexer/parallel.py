@@ -101,10 +101,11 @@ def build_parallel(emb_store: Store, meta: dict, out: Store, o: BuildOptions, se
     entries = [ShardEntry(**markers[s]["entry"]) for s in range(o.shards)]
     probes = [Probe.from_json(markers[s]["probe"]) for s in range(o.shards)]
     count = sum(e.count for e in entries)
+    trained = clone(plan.trained)
     template = version_template(plan.version, meta, emb_store.url, plan.dim, plan.params, o, 0, plan.projection,
                                 plan.kinds, plan.n - count, probes, plan.qids, count, settings, step,
-                                learn_gate(emb_store, plan.projection, meta["model"]["fingerprint"], step))
-    trained = clone(plan.trained)
+                                learn_gate(emb_store, plan.projection, trained, meta["model"]["fingerprint"],
+                                           step))
     manifest = publish_build(lambda: finish_version(out, template, entries, faiss_util.ivf_quantizer(trained),
                                                     o.publish_it, step, base, plan.projection), out, plan.version)
     out.delete_prefix(staging)
