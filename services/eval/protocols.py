@@ -147,10 +147,25 @@ def expansion_plan(searcher: IndexSearcher, qe: int | None) -> QePlan | None:
     return plan(qe, gate(searcher.manifest, searcher.settings)[0], searcher.settings)
 
 
+@dataclass
+class Expanded:
+    queries: np.ndarray  # the searched queries: expanded where `expanded`, else as they were
+    expanded: np.ndarray  # (nq,) bool
+    best: Ranked  # the first round (each query's qe nearest)
+
+    def keep_best_first(self, ranked: Ranked) -> None:
+        """An expanded query's ranking with its first round's best hit first, as a search answers it."""
+        for q in np.flatnonzero(self.expanded):
+            b, ids = self.best.ids[q][0], ranked.ids[q]
+            rest = np.flatnonzero(ids != b)[:max(len(ids) - 1, 0)]
+            ranked.ids[q] = np.concatenate([[b], ids[rest]]).astype(ids.dtype)
+            ranked.scores[q] = np.concatenate([[self.best.scores[q][0]], ranked.scores[q][rest]]).astype(np.float32)
+
+
 def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, qe: QePlan, exclude: np.ndarray | None = None,
-                   docs: Docs | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   docs: Docs | None = None) -> Expanded:
     """αQE as a search runs it: the queries whose best hit (the query itself excluded) scores below τ re-weighted
-    with their top hits' stored vectors; (queries, expanded per query)."""
+    with their top hits' stored vectors."""
     first = rank_index(searcher, vectors, qe.neighbours, exclude, docs)
     if any(len(ids) < qe.neighbours for ids in first.ids):
         raise InvalidInput(f"query expansion with {qe.neighbours} neighbours needs an index of more than "
@@ -161,7 +176,7 @@ def expand_queries(searcher: IndexSearcher, vectors: np.ndarray, qe: QePlan, exc
     out = vectors.copy()
     if len(rows):
         out[rows] = expand(vectors[rows], ids[rows], scores[rows], searcher.fetch(found_ids(ids[rows])))
-    return out, expanded
+    return Expanded(out, expanded, first)
 
 
 def rescore_expanded(searcher: IndexSearcher, ranked: Ranked, vectors: np.ndarray, expanded: np.ndarray) -> None:
@@ -248,16 +263,19 @@ def classes_eval(searcher: IndexSearcher, items: list[LabelledImage], depth: int
     docs = Docs.of_index(searcher)
     own = docs.ids_of(uris)
     qe_plan = expansion_plan(searcher, qe)
-    queries, expanded = expand_queries(searcher, vectors, qe_plan, own, docs) if qe_plan else (vectors, [])
-    if qe_plan:
-        step(f"query expansion (αQE) with {qe_plan.neighbours} neighbours: {int(np.sum(expanded))} of "
+    ex = expand_queries(searcher, vectors, qe_plan, own, docs) if qe_plan else None
+    if ex is not None:
+        step(f"query expansion (αQE) with {qe_plan.neighbours} neighbours: {int(np.sum(ex.expanded))} of "
              f"{len(vectors)} queries expanded")
     step(f"ranking the index for {len(items)} queries (depth {depth})")
-    ranked = rank_index(searcher, queries, depth, own, docs)  # (mAP reads the order alone: no rescore)
+    ranked = rank_index(searcher, vectors if ex is None else ex.queries, depth, own, docs)
+    if ex is not None:
+        ex.keep_best_first(ranked)  # (mAP reads the order alone: no rescore)
+    expanded = np.zeros(0, bool) if ex is None else ex.expanded
     rels = relevance(ranked, labels, label_of)
     ap = per_query_ap(rels, n_rel)
     metrics = (summarise(rels, n_rel, ap) | {"depth": depth, "index_vectors": searcher.manifest.count}
-               | expansion_figures(qe_plan, np.asarray(expanded, bool)))
+               | expansion_figures(qe_plan, expanded))
     exact_metrics = None
     if exact and len(items) <= EXACT_MAX:
         step("ranking the same embeddings by exact search, for comparison")
@@ -341,10 +359,13 @@ def copydetect_eval(searcher: IndexSearcher, queries: list[CopyQuery], k: int = 
         raise InvalidInput(f"score normalisation must be one of {SCORE_NORMS} and predictions within 1..{k}")
     vectors = searcher.to_index_space(embed_files(searcher, [q.image for q in queries], progress))
     qe_plan = expansion_plan(searcher, qe)
-    searched, expanded = expand_queries(searcher, vectors, qe_plan) if qe_plan else (vectors, np.zeros(0, bool))
+    ex = expand_queries(searcher, vectors, qe_plan) if qe_plan else None
+    expanded = np.zeros(0, bool) if ex is None else ex.expanded
     step(f"ranking the index for {len(queries)} copy queries ({int(np.sum(expanded))} expanded)")
-    ranked = rank_index(searcher, searched, k)
-    rescore_expanded(searcher, ranked, vectors, expanded)
+    ranked = rank_index(searcher, vectors if ex is None else ex.queries, k)
+    if ex is not None:
+        rescore_expanded(searcher, ranked, vectors, expanded)
+        ex.keep_best_first(ranked)
     norm = (lambda sc: sc - sc[-1]) if score_norm == "margin" else (lambda sc: sc)
     scores = np.concatenate([norm(sc)[:predictions] for sc in ranked.scores])
     correct = np.concatenate([(r == q.source)[:predictions] for r, q in zip(ranked.uris, queries)])

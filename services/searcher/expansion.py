@@ -1,10 +1,11 @@
 """αQE in serving: a query searched once, re-weighted by the stored vectors of its top hits
 (descriptors.alpha_qe, similarity^3 weights), and searched again — by default only a query whose best hit scores
 below the index's gate τ (index/gate.py: a copy's best hit is its original, so copies stay plain). An expanded
-query's hits are ranked by the expanded query and scored by the query's own similarity with each, so a score
-means the same whether a search expanded or not (a threshold on it keeps working, and a distractor that expanded
-does not score higher for it). The router and `imsearch search` run the rounds (each with its own fan-out and
-fetch); this module is what they share."""
+query keeps its first round's best hit first — expansion re-ranks the neighbourhood, never the nearest match, so
+a copy that did expand still finds its original first — and the rest is ranked by the expanded query; every hit
+is scored by the query's own similarity with it, so a score means the same whether a search expanded or not (a
+threshold on it keeps working, and a distractor that expanded does not score higher for it). The router and
+`imsearch search` run the rounds (each with its own fan-out and fetch); this module is what they share."""
 
 from __future__ import annotations
 
@@ -102,4 +103,17 @@ def rescore(queries: np.ndarray, ids: np.ndarray, scores: np.ndarray, known: dic
         for j, i in enumerate(row.tolist()):
             if i >= 0:
                 out[q, j] = seen[i] if i in seen else float(queries[q] @ known[i])
+    return out
+
+
+def keep_best_first(first: list[np.ndarray], second: list[np.ndarray]) -> list[np.ndarray]:
+    """The expanded round's columns (scores, ids, then any others such as shards and uris; (nq, k) each) with
+    each query's first-round best hit put first and the rest in the expanded round's order, that hit not twice.
+    first: the first round's columns, the same kinds, at least one wide."""
+    out = [c.copy() for c in second]
+    best, ids = first[1][:, 0], second[1]
+    for q in np.flatnonzero(best >= 0):
+        rest = np.flatnonzero(ids[q] != best[q])[:ids.shape[1] - 1]
+        for o, f, c in zip(out, first, second):
+            o[q, 0], o[q, 1:1 + len(rest)] = f[q, 0], c[q, rest]
     return out

@@ -24,7 +24,18 @@ from services.index.projection import to_index_space
 from services.index.shards import LoadedShard, shard_files
 from services.index.stacked import stack_shards
 from services.index.versions import load_current
-from services.searcher.expansion import QePlan, expand, first_depth, found_ids, gate, plan, rescore, to_expand, unknown
+from services.searcher.expansion import (
+    QePlan,
+    expand,
+    first_depth,
+    found_ids,
+    gate,
+    keep_best_first,
+    plan,
+    rescore,
+    to_expand,
+    unknown,
+)
 from services.searcher.feedback import requery
 
 
@@ -225,5 +236,6 @@ def gated_search(searcher: IndexSearcher, vectors: np.ndarray, k: int, nprobe: i
         D2, I2, S2, U2 = searcher.search_arrays(expand(vectors[rows], ids, scores, fetched), k, nprobe, where=where)
         more = unknown(I2, known, I0[rows])
         known.update(zip(more, searcher.fetch(more) if more else []))
-        D[rows], I[rows], S[rows], U[rows] = rescore(vectors[rows], I2, D2, known, I0[rows], D0[rows]), I2, S2, U2
+        D2 = rescore(vectors[rows], I2, D2, known, I0[rows], D0[rows])
+        D[rows], I[rows], S[rows], U[rows] = keep_best_first([D0[rows], I0[rows], S[rows], U[rows]], [D2, I2, S2, U2])
     return hit_lists(D, I, S, U), expanded

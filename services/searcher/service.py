@@ -39,6 +39,7 @@ from services.searcher.expansion import (
     first_depth,
     found_ids,
     gate,
+    keep_best_first,
     plan,
     rescore,
     to_expand,
@@ -142,6 +143,11 @@ class SearcherService(pb_grpc.SearcherServicer):
         more = unknown(second.ids, known, first.ids[rows])
         known.update(zip(more, await router.fetch(more, timeout) if more else []))
         second.scores = rescore(vectors[rows], second.ids, second.scores, known, first.ids[rows], first.scores[rows])
+        columns = [second.scores, second.ids, second.shards] + ([second.uris] if second.uris is not None else [])
+        mine = [first.scores, first.ids, first.shards] + ([first.uris] if second.uris is not None else [])
+        kept = keep_best_first([c[rows] for c in mine], columns)
+        second.scores, second.ids, second.shards = kept[:3]
+        second.uris = kept[3] if len(kept) > 3 else second.uris
         answer.replace(rows, second)
         return answer
 

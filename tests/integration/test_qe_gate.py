@@ -120,8 +120,8 @@ def test_by_default_a_copy_is_searched_plain_and_a_query_far_from_its_best_hit_i
     assert not any(r.expanded for r in off) and all(r.expanded for r in forced)
     for d, o, f, q in zip(default, off, forced, (*near, *far)):
         ids = [h.id for h in d.hits]
-        if d.expanded:  # ranked as qe=10 ranks, scored by the query itself
-            assert ids == [h.id for h in f.hits]
+        if d.expanded:  # ranked as qe=10 ranks, the plain answer's best hit kept first, scored by the query
+            assert ids == [h.id for h in f.hits] and ids[0] == o.hits[0].id and d.hits[0].score == o.hits[0].score
             stored = db[[row[i] for i in ids]]
             np.testing.assert_allclose([h.score for h in d.hits], stored @ space(q[None])[0], atol=1e-5)
         else:  # exactly the plain answer

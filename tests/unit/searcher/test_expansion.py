@@ -15,6 +15,7 @@ from services.searcher.expansion import (
     expand,
     found_ids,
     gate,
+    keep_best_first,
     plan,
     rescore,
     to_expand,
@@ -90,3 +91,13 @@ def test_an_expanded_querys_hits_are_scored_by_the_query_itself_from_its_first_r
     assert unknown(np.array([[3, 7, 9], [7, 9, -1]]), known, first_ids) == [9]  # 7: the first round has it
     # 5 in query 0's first round: its score there (the index's, as a plain answer gives it); the rest by vector
     np.testing.assert_allclose(rescore(q, ids, scores, known, first_ids, first_scores), [[0.6, 0.93], [0.0, -np.inf]])
+
+
+def test_an_expanded_answer_keeps_the_first_rounds_best_hit_first_and_not_twice():
+    first = [np.array([[0.9, 0.5], [0.8, 0.7]], np.float32), np.array([[4, 5], [6, 7]]), np.array([[0, 1], [1, 0]])]
+    second = [np.array([[0.5, 0.9, 0.4], [0.3, 0.2, 0.1]], np.float32), np.array([[5, 4, 8], [9, 3, 2]]),
+              np.array([[1, 0, 1], [0, 0, 1]])]
+    scores, ids, shards = keep_best_first(first, second)
+    assert ids.tolist() == [[4, 5, 8], [6, 9, 3]]  # 4 moved first (once); 6 was not in the expanded round: it leads
+    np.testing.assert_allclose(scores, [[0.9, 0.5, 0.4], [0.8, 0.3, 0.2]])
+    assert shards.tolist() == [[0, 1, 1], [1, 0, 0]]
