@@ -106,5 +106,5 @@ def test_the_gate_learned_from_the_catalogue_keeps_its_edited_copies_plain_and_e
                "more_like_this_expanded": round(float(np.mean(more_like_this)), 4)}
     print(figures)
     assert not itself.any()  # an exact copy: its best hit is itself
-    assert np.mean(copies_expanded) <= 0.10, figures  # the rule lets 5 % of its own copies below τ
+    assert np.mean(copies_expanded) <= 0.20, figures  # the rule lets 10 % of its own copies below τ
     assert np.mean(more_like_this) >= 0.25, figures
