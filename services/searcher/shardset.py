@@ -38,10 +38,11 @@ class Answer:
                       None if self.expanded is None else self.expanded[rows])
 
     def top(self, k: int) -> "Answer":
-        """The first k hits of every query (a search asked for more, e.g. the neighbours αQE needs)."""
-        return Answer(self.scores[:, :k], self.ids[:, :k], self.shards[:, :k],
-                      None if self.uris is None else self.uris[:, :k], self.version, self.coverage, self.missing,
-                      self.expanded)
+        """The first k hits of every query (a search asked for more, e.g. the neighbours αQE needs), as arrays of
+        its own: a merge may hand out read-only views of a shard's reply buffer, and an expansion writes rows."""
+        return Answer(self.scores[:, :k].copy(), self.ids[:, :k].copy(), self.shards[:, :k].copy(),
+                      None if self.uris is None else self.uris[:, :k].copy(), self.version, self.coverage,
+                      list(self.missing), self.expanded)
 
     def replace(self, rows: np.ndarray, other: "Answer") -> None:
         """Put other's answers (same k) in place of these rows; the whole is as complete as the less of both."""

@@ -155,3 +155,23 @@ def test_imsearch_qe_gate_overrides_the_learned_tau(catalogue, start_stack):
         assert client.search(far[0], k=K, qe=5).expanded  # a request may still ask
         info = client.info()
     assert info.qe_gate == -1 and info.qe_gate_from == "IMSEARCH_QE_GATE"
+
+
+def test_a_shard_killed_under_gated_expansion_costs_flagged_partial_answers_not_errors(catalogue, start_stack):
+    """With one shard left, a merge hands out the survivor's reply buffers (read-only): the expansion once wrote
+    into them and every expanded query failed with a plain INTERNAL (a 500 at the gateway)."""
+    tmp, x, m, space, _ = catalogue
+    far, near = far_and_near(x, space, m.qe_gate.tau)
+    stack = start_stack(tmp / "idx", gateway=True, env={"IMSEARCH_HOME": str(tmp / "h"),
+                                                         "IMSEARCH_SHARD_TIMEOUT_S": "1"})
+    with SearchClient(stack.router.address) as client:
+        assert client.search(far[0], k=K).coverage == 1.0
+        stack.shards[1][0].kill()
+        answers = [client.search(q, k=K) for q in (*far[1:], *near[1:])]
+        batch = client.search_batch(list(far), k=K)
+    assert [(r.coverage, r.expanded) for r in answers] == [(0.5, True)] * 5 + [(0.5, False)] * 5
+    assert all(len(r.hits) == K and all(h.shard == 0 for h in r.hits) for r in answers)
+    assert all(r.coverage == 0.5 and r.expanded for r in batch)
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        reply = http.post("/v1/search", json={"vector": far[0].tolist(), "k": K})
+    assert reply.status_code == 200 and reply.json()["partial"] and reply.json()["expanded"], reply.text
