@@ -120,9 +120,9 @@ def _decode(data: bytes, size: int, max_bytes: int, max_pixels: int) -> Decoded:
         raise InvalidInput(f"corrupt image: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def thumbnail_jpeg(data: bytes, side: int, max_bytes: int, max_pixels: int) -> bytes:
-    """A JPEG at most side x side (aspect kept): oriented by EXIF, alpha flattened; the same checks as
-    decode_image (empty, corrupt, bombs)."""
+def thumbnail(data: bytes, side: int, max_bytes: int, max_pixels: int) -> Image.Image:
+    """The image at most side x side (aspect kept), as the model sees it before resizing: oriented by EXIF,
+    alpha flattened; the same checks as decode_image (empty, corrupt, bombs)."""
     img = _open(data, max_bytes, max_pixels)
     try:
         img.seek(0)
@@ -131,8 +131,13 @@ def thumbnail_jpeg(data: bytes, side: int, max_bytes: int, max_pixels: int) -> b
         img.load()
         img = _to_rgb(ImageOps.exif_transpose(img))
         img.thumbnail((side, side), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        return buf.getvalue()
+        return img
     except Exception as e:  # noqa: BLE001 - untrusted bytes
         raise InvalidInput(f"corrupt image: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def thumbnail_jpeg(data: bytes, side: int, max_bytes: int, max_pixels: int) -> bytes:
+    """thumbnail() as a JPEG."""
+    buf = io.BytesIO()
+    thumbnail(data, side, max_bytes, max_pixels).save(buf, "JPEG", quality=85)
+    return buf.getvalue()

@@ -15,12 +15,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from services.common.checksums import read_sealed_json, sealed_json, sha256_bytes
 from services.common.config import Settings
 from services.common.errors import Corrupt, ImsearchError, NotFound
-from services.common.images import decode_image
+from services.common.images import decode_image, thumbnail
 from services.common.store import Store, read_uri
 from services.common.transforms import ALL_EDITS, random_copy
 
@@ -45,11 +44,10 @@ def choose(uris: list[str], n: int) -> list[str]:
     return [uris[i] for i in rows]
 
 
-def copy_of(data: bytes, rng: np.random.Generator) -> bytes:
-    """One synthetic copy of an image, as JPEG q90 (as copies reach a search: re-encoded)."""
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    img = img.convert("RGB")
-    img.thumbnail((MAX_SIDE, MAX_SIDE))
+def copy_of(data: bytes, rng: np.random.Generator, settings: Settings) -> bytes:
+    """One synthetic copy of an image as the embedder sees it (oriented, transparency on the same background),
+    as JPEG q90 (as copies reach a search: re-encoded)."""
+    img = thumbnail(data, MAX_SIDE, settings.max_image_bytes, settings.max_image_pixels)
     edited, _ = random_copy(img, rng, ALL_EDITS, 2)
     buf = io.BytesIO()
     edited.convert("RGB").save(buf, "JPEG", quality=90)
@@ -65,7 +63,7 @@ def make(uris: list[str], embed, size: int, settings: Settings) -> tuple[np.ndar
         try:
             data = read_uri(uri, settings)
             original = decode_image(data, size, settings.max_image_bytes, settings.max_image_pixels).pixels
-            copy = decode_image(copy_of(data, rng), size, settings.max_image_bytes, settings.max_image_pixels)
+            copy = decode_image(copy_of(data, rng, settings), size, settings.max_image_bytes, settings.max_image_pixels)
         except (ImsearchError, OSError, ValueError) as e:
             log.debug("gate sample: %s left out: %s", uri, e)
             continue

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 # (benchmarks/qe_gate.py, Lite1 and Lite2) 10 % left every copy figure as it was — 20 % did not for Lite1 — and
 # took two thirds of what expanding every query gains on category search.
 QUANTILE = 0.10
-MIN_COPIES = 20  # fewer copies than this give no usable 5th percentile: no τ is learned
+MIN_COPIES = 20  # fewer copies than this give no usable 10th percentile: no τ is learned
 
 
 class QeGate(BaseModel):

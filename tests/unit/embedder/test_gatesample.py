@@ -67,3 +67,23 @@ def test_a_damaged_record_is_made_again_and_damaged_vectors_are_refused_by_name(
     npz.write_bytes(npz.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(Corrupt, match="gate-sample.npz does not match the checksum"):
         gatesample.read(LocalStore(photos / "emb"))
+
+
+def test_a_transparent_photos_copy_is_made_as_the_embedder_sees_the_photo_on_its_background():
+    """The copy was once made from the bytes with the alpha channel dropped: transparent pixels turned black,
+    while the embedder composites them on white — a copy of a cut-out was another picture than its photo."""
+    import io
+
+    from PIL import Image
+
+    from services.common.images import BACKGROUND
+
+    img = Image.new("RGBA", (100, 80), (0, 0, 0, 0))
+    img.paste((200, 30, 30, 255), (30, 20, 70, 60))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    for seed in range(5):
+        copy = np.asarray(Image.open(io.BytesIO(gatesample.copy_of(buf.getvalue(), np.random.default_rng(seed),
+                                                                      Settings()))).convert("RGB"), np.float32)
+        corners = np.stack([copy[1, 1], copy[1, -2], copy[-2, 1], copy[-2, -2]])
+        assert (np.abs(corners - np.array(BACKGROUND)) < 60).all(axis=1).sum() >= 3, (seed, corners)
