@@ -7,7 +7,7 @@ learned on the whole collection as a build learns it):
 * copies: 800 photos as the catalogue, 200 as distractors, each query an edited copy (two edits of the
   copy-detection protocol, seed 0); μAP of the pooled top-1 scores, recall@1. An expanded query keeps its
   first round's best hit first and its hits are scored by the query itself, as searches answer them
-  (expansion.keep_best_first, rescore); the last column shows the copy figures had they not.
+  (expansion.answer_expanded); the last column shows the copy figures had they not.
 * repeats: 200 of the catalogue photos held three times (the photo and two edited copies, seeds 1 and 2), each
   queried with its seed-0 copy: the share of its three in the top 3 — what the gate protects now that a copy's
   first hit survives expansion.
@@ -34,7 +34,7 @@ from services.embedder.pipeline import embed_catalogue
 from services.embedder.runtime import load_embedder
 from services.eval.protocols import make_copy_queries
 from services.index import gate, projection
-from services.searcher.expansion import expand, keep_best_first, rescore, to_expand
+from services.searcher.expansion import answer_expanded, expand, keep_best_first, to_expand
 
 ROOT = Path(__file__).resolve().parents[1]
 TAUS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
@@ -79,11 +79,10 @@ def copy_figures(cdb: np.ndarray, copies: np.ndarray, truth: np.ndarray, tau: fl
     queries, expanded, first_ids, first_scores = gated(copies, cdb, tau, n)
     ids, scores = top(queries, cdb, 10)
     known = {int(i): cdb[i] for i in np.unique(ids)}
-    own_scores = rescore(copies, ids, scores, known, first_ids, first_scores)
     rows = np.flatnonzero(expanded)
-    kept = keep_best_first([first_scores[rows], first_ids[rows]], [own_scores[rows], ids[rows]])
-    served_scores, served_ids = own_scores.copy(), ids.copy()
-    served_scores[rows], served_ids[rows] = kept
+    served_scores, served_ids = scores.copy(), ids.copy()
+    served_scores[rows], served_ids[rows] = answer_expanded(copies[rows], [first_scores[rows], first_ids[rows]],
+                                                            [scores[rows], ids[rows]], known)
     n_copies = int((truth >= 0).sum())
 
     def micro_ap(first: np.ndarray, correct: np.ndarray) -> float:

@@ -117,3 +117,12 @@ def keep_best_first(first: list[np.ndarray], second: list[np.ndarray]) -> list[n
         for o, f, c in zip(out, first, second):
             o[q, 0], o[q, 1:1 + len(rest)] = f[q, 0], c[q, rest]
     return out
+
+
+def answer_expanded(queries: np.ndarray, first: list[np.ndarray], second: list[np.ndarray],
+                    known: dict[int, np.ndarray]) -> list[np.ndarray]:
+    """The expanded round's columns (scores, ids, then any others) as a search answers them: every hit scored by
+    the query itself (rescore: first holds the first round's columns, as deep as it ranked), the first round's
+    best hit first (keep_best_first)."""
+    scored = [rescore(queries, second[1], second[0], known, first[1], first[0]), *second[1:]]
+    return keep_best_first(first, scored)

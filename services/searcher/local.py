@@ -26,13 +26,12 @@ from services.index.stacked import stack_shards
 from services.index.versions import load_current
 from services.searcher.expansion import (
     QePlan,
+    answer_expanded,
     expand,
     first_depth,
     found_ids,
     gate,
-    keep_best_first,
     plan,
-    rescore,
     to_expand,
     unknown,
 )
@@ -224,11 +223,12 @@ def gated_search(searcher: IndexSearcher, vectors: np.ndarray, k: int, nprobe: i
     the plan's τ searched again expanded, their hits scored by the query itself; (hits, expanded per query)."""
     if qe is None:
         return searcher.search(vectors, k, nprobe, where), np.zeros(len(vectors), bool)
-    D0, I0, S, U = searcher.search_arrays(vectors, first_depth(k, qe), nprobe, where=where)
+    first = searcher.search_arrays(vectors, first_depth(k, qe), nprobe, where=where)
+    D0, I0 = first[:2]
     expanded = to_expand(I0, D0, qe.tau)
     rows = np.flatnonzero(expanded)
     ids, scores = I0[rows, :qe.neighbours], D0[rows, :qe.neighbours]
-    D, I, S, U = (a[:, :k].copy() for a in (D0, I0, S, U))
+    D, I, S, U = (a[:, :k].copy() for a in first)
     if len(rows):
         wanted = found_ids(ids)
         fetched = searcher.fetch(wanted)
@@ -236,6 +236,6 @@ def gated_search(searcher: IndexSearcher, vectors: np.ndarray, k: int, nprobe: i
         D2, I2, S2, U2 = searcher.search_arrays(expand(vectors[rows], ids, scores, fetched), k, nprobe, where=where)
         more = unknown(I2, known, I0[rows])
         known.update(zip(more, searcher.fetch(more) if more else []))
-        D2 = rescore(vectors[rows], I2, D2, known, I0[rows], D0[rows])
-        D[rows], I[rows], S[rows], U[rows] = keep_best_first([D0[rows], I0[rows], S[rows], U[rows]], [D2, I2, S2, U2])
+        D[rows], I[rows], S[rows], U[rows] = answer_expanded(vectors[rows], [a[rows] for a in first],
+                                                             [D2, I2, S2, U2], known)
     return hit_lists(D, I, S, U), expanded

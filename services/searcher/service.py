@@ -34,14 +34,13 @@ from services.searcher.collections import Collections, CollectionSpec, shard_gro
 from services.searcher.embedders import local_embedder, remote_embedder
 from services.searcher.expansion import (
     QePlan,
+    answer_expanded,
     check_same_space,
     expand,
     first_depth,
     found_ids,
     gate,
-    keep_best_first,
     plan,
-    rescore,
     to_expand,
     unknown,
 )
@@ -142,13 +141,7 @@ class SearcherService(pb_grpc.SearcherServicer):
         known = dict(zip(wanted, fetched))
         more = unknown(second.ids, known, first.ids[rows])
         known.update(zip(more, await router.fetch(more, timeout) if more else []))
-        second.scores = rescore(vectors[rows], second.ids, second.scores, known, first.ids[rows], first.scores[rows])
-        columns = [second.scores, second.ids, second.shards] + ([second.uris] if second.uris is not None else [])
-        mine = [first.scores, first.ids, first.shards] + ([first.uris] if second.uris is not None else [])
-        kept = keep_best_first([c[rows] for c in mine], columns)
-        second.scores, second.ids, second.shards = kept[:3]
-        second.uris = kept[3] if len(kept) > 3 else second.uris
-        answer.replace(rows, second)
+        answer.replace(rows, answer_expanded(vectors[rows], first.columns(rows), second.columns(), known), second)
         return answer
 
     @server.rpc

@@ -44,12 +44,15 @@ class Answer:
                       None if self.uris is None else self.uris[:, :k].copy(), self.version, self.coverage,
                       list(self.missing), self.expanded)
 
-    def replace(self, rows: np.ndarray, other: "Answer") -> None:
-        """Put other's answers (same k) in place of these rows; the whole is as complete as the less of both."""
-        for mine, theirs in ((self.scores, other.scores), (self.ids, other.ids), (self.shards, other.shards)):
+    def columns(self, rows=slice(None)) -> list[np.ndarray]:
+        """scores, ids, shards (and uris when known) of these rows (all: views of the answer's own arrays)."""
+        return [c[rows] for c in (self.scores, self.ids, self.shards, self.uris) if c is not None]
+
+    def replace(self, rows: np.ndarray, columns: list[np.ndarray], other: "Answer") -> None:
+        """Put columns (as columns() gives them, same k) in place of these rows, from the round `other` answered;
+        the whole is as complete as the less of both."""
+        for mine, theirs in zip(self.columns(), columns):
             mine[rows] = theirs
-        if self.uris is not None and other.uris is not None:
-            self.uris[rows] = other.uris
         self.coverage = min(self.coverage, other.coverage)
         self.missing = sorted(set(self.missing) | set(other.missing))
 
