@@ -111,8 +111,6 @@ class SearcherService(pb_grpc.SearcherServicer):
     async def _plan(self, router: Router, request, version: str) -> QePlan | None:
         """What the request's qe asks (unset: the gated default), with the τ of the version it is pinned to."""
         asked = request.qe if request.HasField("qe") else None
-        if asked is None and self.settings.qe_neighbours == 0:
-            return None
         tau, _ = gate(await router.manifest(version or router.version) if router.index_url else None, self.settings)
         return plan(asked, tau, self.settings)
 
